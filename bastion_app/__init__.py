@@ -1,0 +1,45 @@
+"""The bastion's Flask application."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from flask import Flask
+
+from bastion_app import config as configmod
+
+
+def create_app(cfg: configmod.Config | None = None, test_config: dict | None = None) -> Flask:
+    """Build the app. Without ``cfg`` the configuration is loaded from LAB_BASTION_DATA_DIR (as
+    gunicorn workers do); every worker builds its own app and store connections."""
+    from bastion_app import auth, errors, metrics
+    from bastion_app.routes import api, boot, ops
+    from bastion_app.store import Store
+
+    if cfg is None:
+        cfg = configmod.load(os.environ.get(configmod.DATA_DIR_ENV))
+    app = Flask(__name__)
+    app.config.update(
+        LAB=cfg,
+        LAB_TOKEN=auth.ensure_token(cfg.token_path),
+        MAX_CONTENT_LENGTH=cfg.max_body_bytes,
+        JSON_SORT_KEYS=False,
+    )
+    if test_config:
+        app.config.update(test_config)
+    app.extensions["lab_store"] = Store(cfg.db_path, synchronous=cfg.db_synchronous)
+    app.json.sort_keys = False
+    errors.register(app)
+    metrics.init_app(app)
+    app.register_blueprint(boot.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(ops.bp)
+    logging.getLogger("bastion_app").setLevel(logging.INFO)
+    return app
+
+
+def get_store():
+    from flask import current_app
+
+    return current_app.extensions["lab_store"]

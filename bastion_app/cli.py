@@ -1,0 +1,128 @@
+"""`lab-bastion`: run and administer a standalone bastion.
+
+Every command takes --data-dir (default: $LAB_BASTION_DATA_DIR).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+import pydantic
+
+from bastion_app import config as configmod
+
+data_dir_option = click.option(
+    "--data-dir",
+    envvar=configmod.DATA_DIR_ENV,
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The bastion's data directory (state.db, token, bastion.yaml, images). Env: LAB_BASTION_DATA_DIR.",
+)
+
+
+def _load(data_dir: Path, detect: bool = False, **overrides) -> configmod.Config:
+    try:
+        return configmod.load(data_dir, overrides=overrides, detect=detect)
+    except configmod.ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Run and administer a lab-platform bastion (PXE provisioning server)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@main.command()
+@data_dir_option
+@click.option("--listen", metavar="HOST:PORT", help="HTTP address (default 0.0.0.0:8080).")
+@click.option("--workers", type=int, help="gunicorn worker processes (default 4).")
+@click.option("--syslog-port", type=int, help="UDP port of the installer syslog listener (default 5514).")
+@click.option("--no-dnsmasq", is_flag=True, help="Do not start dnsmasq (DHCP/TFTP is provided elsewhere).")
+@click.option("--interface", metavar="IFACE", help="Provisioning interface for dnsmasq (default: auto-detected).")
+@click.option("--dhcp-mode", type=click.Choice(["proxy", "full"]), help="proxy-DHCP beside the LAN's DHCP server (default), or full DHCP.")
+@click.option("--dhcp-range", metavar="START,END", help="Address range for --dhcp-mode full.")
+@click.option("--public-url", metavar="URL", help="URL machines use to reach this bastion (default http://<interface address>:<port>).")
+def serve(data_dir, listen, workers, syslog_port, no_dnsmasq, interface, dhcp_mode, dhcp_range, public_url):
+    """Run the bastion: gunicorn (the API and boot scripts), the syslog listener and dnsmasq."""
+    from bastion_app.supervisor import Supervisor, children
+
+    overrides = dict(listen=listen, workers=workers, syslog_port=syslog_port, interface=interface,
+                     dhcp_mode=dhcp_mode, dhcp_range=dhcp_range, public_url=public_url)
+    if no_dnsmasq:
+        overrides["dnsmasq"] = False
+    cfg = _load(data_dir, detect=True, **overrides)
+    if cfg.dhcp_mode == "full" and cfg.dnsmasq and not cfg.dhcp_range:
+        raise click.ClickException("--dhcp-mode full needs --dhcp-range START,END")
+    click.echo(f"lab-bastion: serving {cfg.data_path} on {cfg.listen} (machines use {cfg.base_url()})", err=True)
+    sys.exit(Supervisor(cfg, children(cfg)).run())
+
+
+@main.command()
+@data_dir_option
+def token(data_dir):
+    """Print the operator token (created on first use, file mode 0600)."""
+    from bastion_app.auth import ensure_token
+
+    cfg = _load(data_dir)
+    click.echo(ensure_token(cfg.token_path))
+
+
+@main.command("export")
+@data_dir_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to FILE instead of stdout.")
+def export_cmd(data_dir, output):
+    """Write the state as the seed's state.json (discovered / install_queue / installed / debug)."""
+    from bastion_app.store import Store
+
+    cfg = _load(data_dir)
+    doc = json.dumps(Store(cfg.db_path).export_state(), indent=2, sort_keys=True) + "\n"
+    if output:
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_text(doc)
+        tmp.replace(output)
+    else:
+        click.echo(doc, nl=False)
+
+
+@main.command("import")
+@data_dir_option
+@click.argument("source", type=click.File("r"))
+@click.option("--replace", is_flag=True, help="Overwrite machines that are already in the store.")
+def import_cmd(data_dir, source, replace):
+    """Load a state.json (seed shape). All or nothing: a bad entry changes nothing."""
+    from bastion_app.stateio import validate_state_doc
+    from bastion_app.store import Store, StoreError
+
+    cfg = _load(data_dir)
+    try:
+        doc = validate_state_doc(json.load(source))
+        n = Store(cfg.db_path).import_state(doc, actor="lab-bastion import", replace=replace)
+    except json.JSONDecodeError as exc:
+        raise click.ClickException(f"{source.name}: not valid JSON: {exc}") from None
+    except (pydantic.ValidationError, ValueError, StoreError) as exc:
+        raise click.ClickException(f"{source.name}: {exc}") from None
+    click.echo(f"imported {n} machine(s)")
+
+
+@main.command("config")
+@data_dir_option
+def show_config(data_dir):
+    """Print the effective configuration (file, environment and auto-detected network)."""
+    import yaml
+
+    cfg = _load(data_dir, detect=True)
+    click.echo(yaml.safe_dump({**cfg.as_dict(), "base_url": cfg.base_url()}, sort_keys=True), nl=False)
+
+
+@main.group()
+def images() -> None:
+    """Boot artefacts: installer kernels and initrds, the discovery environment."""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""gunicorn settings for `lab-bastion serve` (read from the environment the supervisor sets)."""
+
+import os
+
+bind = os.environ.get("LAB_BASTION_LISTEN", "0.0.0.0:8080")
+workers = int(os.environ.get("LAB_BASTION_WORKERS", "4"))
+# gthread: each worker serves many connections with a thread pool, so a slow or long-lived client
+# (a follower, a machine on a bad link) holds a thread, not a whole worker process.
+worker_class = "gthread"
+threads = int(os.environ.get("LAB_BASTION_THREADS", "16"))
+timeout = 60
+graceful_timeout = 10
+keepalive = 5
+# Bounded request line and headers (the body is bounded by the app's MAX_CONTENT_LENGTH).
+limit_request_line = 4094
+limit_request_fields = 50
+limit_request_field_size = 8190
+accesslog = os.environ.get("LAB_BASTION_ACCESS_LOG") or None
+errorlog = "-"
+loglevel = os.environ.get("LAB_BASTION_LOG_LEVEL", "info")
+proc_name = "lab-bastion"
+
+
+def child_exit(server, worker):
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -1,0 +1,544 @@
+"""Build the discovery environment: a small Linux kernel + initramfs made from Debian's packages.
+
+A machine that PXE-boots and is unknown to the bastion boots this image. Its /init (a busybox shell
+script under ``discovery/``) brings up the network, collects the hardware inventory and POSTs it to
+``<lab.url>/api/discover``, then powers off. See docs/discovery.md.
+
+The build:
+
+1. resolves ``linux-image-amd64`` to the concrete kernel package (``linux-image-6.x-amd64``) and
+   ``busybox-static`` to their candidate versions with ``apt-cache`` (no network);
+2. hashes its inputs (package versions, every file under ``discovery/``, the module list, the build
+   format); when ``<cache>/<hash>/`` exists, that is the result (a second build is instant);
+3. otherwise fetches both packages with ``apt-get download`` (nothing is installed on the host),
+   unpacks them with ``dpkg-deb -x`` into a scratch directory, takes vmlinuz, busybox and the wanted
+   modules plus their dependencies (read from each module's ``.modinfo`` ELF section: Debian's
+   package ships no ``modules.dep``, it is made by ``depmod`` at install time), and writes a gzip'd
+   newc cpio archive itself (device nodes need no root);
+4. copies (hard-links when it can) ``vmlinuz``, ``initrd.img`` and ``manifest.json`` into ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import re
+import shutil
+import stat
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Bumped when the layout of the image changes in a way the other inputs do not capture.
+BUILD_FORMAT = 3
+
+KERNEL_META_PACKAGE = "linux-image-amd64"
+BUSYBOX_PACKAGE = "busybox-static"
+
+#: Directory with the init script, the udhcpc script and the shell library (package data).
+SOURCE_DIR = Path(__file__).with_name("discovery")
+
+#: Modules the image loads, by name (``-`` and ``_`` are the same). Dependencies are added.
+#: Built-in modules (af_packet on Debian) are accepted and skipped.
+MODULES: tuple[str, ...] = (
+    # virtual machines
+    "virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi", "vmxnet3",
+    # common server and desktop NICs (firmware-less paths; see docs/discovery.md)
+    "e1000", "e1000e", "igb", "igc", "ixgbe", "i40e", "r8169", "tg3", "bnx2",
+    # storage
+    "nvme", "ahci", "ata_piix", "sd_mod", "sr_mod",
+    # USB keyboards and removable disks
+    "xhci_pci", "ehci_pci", "usb_storage", "uas",
+    # packet sockets for udhcpc (built in on Debian)
+    "af_packet",
+)
+
+#: Kernel command-line arguments /init understands (documented in docs/discovery.md).
+CMDLINE_ARGS = {
+    "BOOTIF": "01-aa-bb-cc-dd-ee-ff: the NIC that PXE-booted (iPXE: BOOTIF=01-${netX/mac:hexhyp})",
+    "lab.url": "http://BASTION:PORT: where to POST /api/discover (an IP address: no DNS lookups)",
+    "lab.action": "poweroff (default) | reboot | shell: what to do after the inventory was accepted",
+    "lab.retries": "how many times to try the POST before giving up (default 8)",
+    "lab.debug": "1: trace the init script (set -x)",
+}
+
+
+class DiscoveryBuildError(RuntimeError):
+    """The discovery image could not be built; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class DiscoveryImage:
+    kernel: Path
+    initrd: Path
+    manifest: Path
+    size_bytes: int
+    inputs_hash: str
+    kernel_version: str
+    cached: bool = False
+    modules: tuple[str, ...] = field(default_factory=tuple)
+
+
+# --------------------------------------------------------------------------------------------------
+# cache location and inputs
+
+
+def default_cache_dir() -> Path:
+    """``/var/cache/lab-platform/discovery`` for root, else ``$XDG_CACHE_HOME/lab-platform/discovery``."""
+    if os.geteuid() == 0:
+        return Path("/var/cache/lab-platform/discovery")
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lab-platform" / "discovery"
+
+
+def _run(cmd: list[str], *, cwd: Path | None = None) -> str:
+    env = dict(os.environ, LC_ALL="C", LANG="C")
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise DiscoveryBuildError(f"`{cmd[0]}` not found: the build needs apt and dpkg (Debian)") from exc
+    if proc.returncode != 0:
+        raise DiscoveryBuildError(f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
+    return proc.stdout
+
+
+def _apt_show(package: str) -> dict[str, str]:
+    """The candidate version's control fields for ``package`` (from the local apt lists)."""
+    out = _run(["apt-cache", "show", "--no-all-versions", package])
+    fields: dict[str, str] = {}
+    for line in out.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        if line[0].isspace():
+            continue
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    if "Version" not in fields:
+        raise DiscoveryBuildError(
+            f"apt knows no candidate for {package}: run `apt-get update` (as root) and try again"
+        )
+    return fields
+
+
+def resolve_packages(kernel_package: str | None = None) -> dict[str, tuple[str, str]]:
+    """``{"kernel": (name, version), "busybox": (name, version)}`` for the packages to use.
+
+    ``kernel_package`` pins a concrete ``linux-image-*`` package; by default the dependency of
+    ``linux-image-amd64`` that is a ``linux-image-<abi>-amd64`` package.
+    """
+    if kernel_package is None:
+        meta = _apt_show(KERNEL_META_PACKAGE)
+        deps = re.split(r"\s*[,|]\s*", meta.get("Depends", ""))
+        names = [d.split()[0] for d in deps if d.startswith("linux-image-")]
+        if not names:
+            raise DiscoveryBuildError(f"{KERNEL_META_PACKAGE} depends on no linux-image-* package: {deps}")
+        kernel_package = names[0]
+    kernel = _apt_show(kernel_package)
+    busybox = _apt_show(BUSYBOX_PACKAGE)
+    return {
+        "kernel": (kernel_package, kernel["Version"]),
+        "busybox": (BUSYBOX_PACKAGE, busybox["Version"]),
+    }
+
+
+def _source_files() -> list[Path]:
+    files = sorted(p for p in SOURCE_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    if not (SOURCE_DIR / "init").is_file():
+        raise DiscoveryBuildError(f"{SOURCE_DIR}/init is missing: the package is incomplete")
+    return files
+
+
+def inputs_hash(packages: dict[str, tuple[str, str]], modules: Iterable[str] = MODULES) -> str:
+    """A short hash of everything that goes into the image."""
+    h = hashlib.sha256()
+    h.update(f"format={BUILD_FORMAT}\n".encode())
+    for key in sorted(packages):
+        name, version = packages[key]
+        h.update(f"{key}={name}={version}\n".encode())
+    h.update(("modules=" + ",".join(sorted(_norm(m) for m in modules)) + "\n").encode())
+    for path in _source_files():
+        data = path.read_bytes()
+        h.update(f"file={path.relative_to(SOURCE_DIR).as_posix()}:{len(data)}:{oct(path.stat().st_mode & 0o111)}\n".encode())
+        h.update(data)
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# kernel modules: names, .modinfo, dependency resolution
+
+
+def _norm(name: str) -> str:
+    return name.strip().replace("-", "_")
+
+
+def _module_name(path: str | Path) -> str:
+    base = Path(path).name
+    for suffix in (".xz", ".zst", ".gz"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+    if base.endswith(".ko"):
+        base = base[:-3]
+    return _norm(base)
+
+
+def _module_bytes(path: Path) -> bytes:
+    """The uncompressed ELF of a module file (.ko, .ko.xz, .ko.gz, .ko.zst)."""
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".gz"):
+        return gzip.decompress(data)
+    if path.name.endswith(".zst"):
+        proc = subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True)
+        return proc.stdout
+    return data
+
+
+def modinfo(elf: bytes) -> dict[str, list[str]]:
+    """The ``key=value`` strings of an ELF64 module's ``.modinfo`` section, as lists per key."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        raise DiscoveryBuildError("not a little-endian ELF64 kernel module")
+    e_shoff = struct.unpack_from("<Q", elf, 0x28)[0]
+    e_shentsize, e_shnum, e_shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
+
+    def section(index: int) -> tuple[int, int, int]:
+        off = e_shoff + index * e_shentsize
+        name, _type = struct.unpack_from("<II", elf, off)
+        offset, size = struct.unpack_from("<QQ", elf, off + 24)
+        return name, offset, size
+
+    _, str_off, str_size = section(e_shstrndx)
+    names = elf[str_off : str_off + str_size]
+    info: dict[str, list[str]] = {}
+    for i in range(e_shnum):
+        name_off, offset, size = section(i)
+        end = names.index(b"\0", name_off)
+        if names[name_off:end] != b".modinfo":
+            continue
+        for entry in elf[offset : offset + size].split(b"\0"):
+            if b"=" in entry:
+                key, _, value = entry.decode("utf-8", "replace").partition("=")
+                info.setdefault(key, []).append(value)
+    return info
+
+
+def _softdeps(values: list[str]) -> tuple[list[str], list[str]]:
+    pre: list[str] = []
+    post: list[str] = []
+    for value in values:
+        current = None
+        for word in value.split():
+            if word == "pre:":
+                current = pre
+            elif word == "post:":
+                current = post
+            elif current is not None:
+                current.append(_norm(word))
+    return pre, post
+
+
+@dataclass
+class ModuleSet:
+    """The result of resolving the wanted modules against one kernel's module tree."""
+
+    order: list[str]  # load order: every module after its dependencies
+    files: dict[str, Path]  # name -> file in the unpacked package
+    builtin: list[str]  # wanted but built into the kernel
+    firmware: dict[str, list[str]]  # name -> firmware files it may ask for (not included)
+    depends: dict[str, list[str]]  # name -> hard dependencies (for modules.dep)
+
+
+def resolve_modules(moddir: Path, wanted: Iterable[str]) -> ModuleSet:
+    """Resolve ``wanted`` modules and their dependencies in an unpacked ``/lib/modules/<kver>``.
+
+    Hard dependencies come from ``depends=``; ``softdep=`` pre/post modules are added when the
+    kernel has them (r8169 wants the realtek PHY driver). Unknown modules raise; built-ins are noted.
+    """
+    index: dict[str, Path] = {}
+    for path in moddir.joinpath("kernel").rglob("*.ko*"):
+        index[_module_name(path)] = path
+    builtin_file = moddir / "modules.builtin"
+    builtin = {_module_name(line) for line in builtin_file.read_text().split()} if builtin_file.exists() else set()
+
+    order: list[str] = []
+    files: dict[str, Path] = {}
+    depends: dict[str, list[str]] = {}
+    firmware: dict[str, list[str]] = {}
+    builtins: list[str] = []
+    state: dict[str, str] = {}  # name -> "visiting" | "done"
+    missing: list[str] = []
+
+    def visit(name: str, chain: tuple[str, ...], optional: bool) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            raise DiscoveryBuildError(f"module dependency cycle: {' -> '.join(chain + (name,))}")
+        if name not in index:
+            if name in builtin:
+                state[name] = "done"
+                if not chain:
+                    builtins.append(name)
+            elif not optional:
+                missing.append(" -> ".join(chain + (name,)))
+            return
+        state[name] = "visiting"
+        info = modinfo(_module_bytes(index[name]))
+        hard = [_norm(d) for v in info.get("depends", []) for d in v.split(",") if d.strip()]
+        pre, post = _softdeps(info.get("softdep", []))
+        for dep in hard:
+            visit(dep, chain + (name,), optional=False)
+        for dep in pre:
+            visit(dep, chain + (name,), optional=True)
+        state[name] = "done"
+        order.append(name)
+        files[name] = index[name]
+        depends[name] = hard
+        if info.get("firmware"):
+            firmware[name] = sorted(set(info["firmware"]))
+        for dep in post:
+            visit(dep, chain + (name,), optional=True)
+
+    for name in wanted:
+        visit(_norm(name), (), optional=False)
+    if missing:
+        raise DiscoveryBuildError(f"modules not found in {moddir}: {', '.join(missing)}")
+    return ModuleSet(order=order, files=files, builtin=builtins, firmware=firmware, depends=depends)
+
+
+# --------------------------------------------------------------------------------------------------
+# cpio (newc) writer
+
+
+class CpioWriter:
+    """A minimal newc ("070701") archive writer: what the kernel's initramfs unpacker reads."""
+
+    def __init__(self, fh: io.BufferedIOBase, mtime: int = 0):
+        self._fh = fh
+        self._ino = 1
+        self._mtime = mtime
+        self._seen: set[str] = set()
+
+    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        name = name.strip("/")
+        if name in self._seen:
+            raise ValueError(f"duplicate cpio entry {name}")
+        self._seen.add(name)
+        encoded = name.encode() + b"\0"
+        nlink = 2 if stat.S_ISDIR(mode) else 1
+        fields = (self._ino, mode, 0, 0, nlink, self._mtime, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
+        header = b"070701" + b"".join(b"%08X" % v for v in fields)
+        self._ino += 1
+        self._fh.write(header + encoded)
+        self._fh.write(b"\0" * (-(110 + len(encoded)) % 4))
+        self._fh.write(data)
+        self._fh.write(b"\0" * (-len(data) % 4))
+
+    def dir(self, name: str, perm: int = 0o755) -> None:
+        self._entry(name, stat.S_IFDIR | perm)
+
+    def file(self, name: str, data: bytes, perm: int = 0o644) -> None:
+        self._entry(name, stat.S_IFREG | perm, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def chardev(self, name: str, major: int, minor: int, perm: int = 0o600) -> None:
+        self._entry(name, stat.S_IFCHR | perm, rdev=(major, minor))
+
+    def close(self) -> None:
+        self._entry("TRAILER!!!", 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# the build
+
+
+def _download(name: str, version: str, debs: Path, progress: Callable[[str], object]) -> Path:
+    quoted = version.replace(":", "%3a")
+    found = sorted(debs.glob(f"{name}_{quoted}_*.deb"))
+    if found:
+        return found[0]
+    progress(f"discovery: apt-get download {name}={version}")
+    with tempfile.TemporaryDirectory(dir=debs, prefix=".dl-") as tmp:
+        cmd = ["apt-get", "download", "-q", f"{name}={version}"]
+        if os.geteuid() == 0:
+            cmd[1:1] = ["-o", "APT::Sandbox::User=root"]
+        _run(cmd, cwd=Path(tmp))
+        got = sorted(Path(tmp).glob(f"{name}_*.deb"))
+        if not got:
+            raise DiscoveryBuildError(f"apt-get download {name}={version} produced no .deb")
+        target = debs / got[0].name
+        os.replace(got[0], target)
+    return target
+
+
+def _extract(deb: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    _run(["dpkg-deb", "-x", str(deb), str(dest)])
+
+
+def _build_into(work: Path, packages: dict[str, tuple[str, str]], modules: tuple[str, ...],
+                debs: Path, digest: str, progress: Callable[[str], object]) -> dict:
+    kname, kversion = packages["kernel"]
+    bname, bversion = packages["busybox"]
+    kdeb = _download(kname, kversion, debs, progress)
+    bdeb = _download(bname, bversion, debs, progress)
+
+    with tempfile.TemporaryDirectory(dir=work.parent, prefix=".unpack-") as scratch_s:
+        scratch = Path(scratch_s)
+        progress(f"discovery: unpacking {kdeb.name}")
+        _extract(kdeb, scratch / "kernel")
+        _extract(bdeb, scratch / "busybox")
+
+        vmlinuz = sorted((scratch / "kernel" / "boot").glob("vmlinuz-*"))
+        if not vmlinuz:
+            raise DiscoveryBuildError(f"{kdeb.name} has no boot/vmlinuz-*")
+        kver = vmlinuz[0].name[len("vmlinuz-"):]
+        moddir = None
+        for base in ("lib/modules", "usr/lib/modules"):
+            candidate = scratch / "kernel" / base / kver
+            if candidate.is_dir():
+                moddir = candidate
+                break
+        if moddir is None:
+            raise DiscoveryBuildError(f"{kdeb.name} has no lib/modules/{kver}")
+        busybox = scratch / "busybox" / "bin" / "busybox"
+        if not busybox.is_file():
+            raise DiscoveryBuildError(f"{bdeb.name} has no bin/busybox")
+
+        resolved = resolve_modules(moddir, modules)
+        progress(f"discovery: kernel {kver}, {len(resolved.order)} modules "
+                 f"({len(modules)} wanted, built in: {', '.join(resolved.builtin) or 'none'})")
+
+        raw = io.BytesIO()
+        cpio = CpioWriter(raw)
+        for d in ("bin", "dev", "etc", "etc/lab", "lib", "lib/modules", f"lib/modules/{kver}", "proc",
+                  "root", "run", "sbin", "sys", "tmp", "usr", "usr/bin", "usr/sbin", "var", "var/run"):
+            cpio.dir(d, 0o1777 if d == "tmp" else 0o755)
+        cpio.chardev("dev/console", 5, 1)
+        cpio.chardev("dev/null", 1, 3, 0o666)
+        cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
+        cpio.symlink("bin/sh", "busybox")
+        for src in _source_files():
+            rel = src.relative_to(SOURCE_DIR).as_posix()
+            perm = 0o755 if os.access(src, os.X_OK) or rel == "init" or rel.endswith(".script") else 0o644
+            target = "init" if rel == "init" else f"etc/lab/{rel}"
+            cpio.file(target, src.read_bytes(), perm)
+        dep_lines = []
+        module_sizes = {}
+        for name in resolved.order:
+            data = _module_bytes(resolved.files[name])
+            module_sizes[name] = len(data)
+            cpio.file(f"lib/modules/{kver}/{name}.ko", data)
+            deps = " ".join(f"{d}.ko" for d in resolved.depends[name] if d in resolved.files)
+            dep_lines.append(f"{name}.ko: {deps}".rstrip())
+        cpio.file(f"lib/modules/{kver}/modules.dep", ("\n".join(dep_lines) + "\n").encode())
+        cpio.file("etc/lab/modules.load", ("\n".join(resolved.order) + "\n").encode())
+        cpio.file("etc/lab/build.json", json.dumps({
+            "inputs_hash": digest, "kernel_version": kver, "kernel_package": f"{kname}={kversion}",
+            "busybox_package": f"{bname}={bversion}",
+        }, sort_keys=True).encode())
+        cpio.close()
+
+        progress(f"discovery: compressing initramfs ({raw.tell() / 1e6:.1f} MB cpio)")
+        initrd_bytes = gzip.compress(raw.getvalue(), compresslevel=9, mtime=0)
+        (work / "initrd.img").write_bytes(initrd_bytes)
+        shutil.copyfile(vmlinuz[0], work / "vmlinuz")
+
+    sizes = {n: (work / n).stat().st_size for n in ("vmlinuz", "initrd.img")}
+    return {
+        "format": BUILD_FORMAT,
+        "inputs_hash": digest,
+        "kernel_version": kver,
+        "packages": {k: {"name": n, "version": v} for k, (n, v) in packages.items()},
+        "files": {
+            name: {"size_bytes": sizes[name],
+                   "sha256": hashlib.sha256((work / name).read_bytes()).hexdigest()}
+            for name in ("vmlinuz", "initrd.img")
+        },
+        "size_bytes": sum(sizes.values()),
+        "initramfs_uncompressed_bytes": raw.tell(),
+        "modules": resolved.order,
+        "modules_builtin": resolved.builtin,
+        "module_firmware_not_included": resolved.firmware,
+        "cmdline_args": CMDLINE_ARGS,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _publish(src: Path, dest: Path) -> None:
+    """Put ``src`` at ``dest`` atomically: a hard link when on the same filesystem, else a copy."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, dest)
+
+
+def build_discovery(cache_dir: Path | None, out_dir: Path, *, progress: Callable[[str], object] = print,
+                    kernel_package: str | None = None, modules: Iterable[str] = MODULES,
+                    force: bool = False) -> DiscoveryImage:
+    """Build (or take from the cache) the discovery kernel + initramfs and publish it in ``out_dir``.
+
+    ``cache_dir``: where downloaded packages and built images live (``None``: :func:`default_cache_dir`);
+    images are at ``<cache_dir>/<inputs hash>/``. ``out_dir`` (the bastion's ``images/discovery``)
+    receives ``vmlinuz``, ``initrd.img`` and ``manifest.json``. Raises :class:`DiscoveryBuildError`.
+    """
+    started = time.monotonic()
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    out = Path(out_dir)
+    modules = tuple(modules)
+    packages = resolve_packages(kernel_package)
+    digest = inputs_hash(packages, modules)
+    final = cache / digest
+    debs = cache / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    with open(cache / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cached = (final / "manifest.json").is_file() and not force
+        if cached:
+            progress(f"discovery: cached image {digest} ({final})")
+        else:
+            work = Path(tempfile.mkdtemp(dir=cache, prefix=f".build-{digest}-"))
+            try:
+                manifest = _build_into(work, packages, modules, debs, digest, progress)
+                manifest["build_seconds"] = round(time.monotonic() - started, 1)
+                (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(work, final)
+            finally:
+                if work.exists():
+                    shutil.rmtree(work, ignore_errors=True)
+        manifest = json.loads((final / "manifest.json").read_text())
+        for name in ("vmlinuz", "initrd.img", "manifest.json"):
+            _publish(final / name, out / name)
+
+    progress(f"discovery: {out}/vmlinuz + initrd.img, {manifest['size_bytes'] / 1e6:.1f} MB, "
+             f"kernel {manifest['kernel_version']}, hash {digest}, {time.monotonic() - started:.1f} s")
+    return DiscoveryImage(
+        kernel=out / "vmlinuz",
+        initrd=out / "initrd.img",
+        manifest=out / "manifest.json",
+        size_bytes=int(manifest["size_bytes"]),
+        inputs_hash=digest,
+        kernel_version=manifest["kernel_version"],
+        cached=cached,
+        modules=tuple(manifest["modules"]),
+    )

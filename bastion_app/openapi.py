@@ -1,0 +1,28 @@
+"""The OpenAPI document: paths from openapi.yaml, schemas generated from labcore.schemas."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import yaml
+from pydantic.json_schema import models_json_schema
+
+from labcore import schemas
+
+SPEC = Path(__file__).with_name("openapi.yaml")
+
+MODELS = [
+    schemas.DiscoverRequest, schemas.InstallRequest, schemas.ReprovisionRequest, schemas.ProgressRequest,
+    schemas.LogRequest, schemas.DebugRequest, schemas.ReasonRequest,
+    schemas.ErrorBody, schemas.MachineView, schemas.MachineList, schemas.MachineDetail, schemas.EventView,
+    schemas.EventList, schemas.StateReply,
+]
+
+
+@functools.cache
+def document() -> dict:
+    doc = yaml.safe_load(SPEC.read_text())
+    _, top = models_json_schema([(m, "validation") for m in MODELS], ref_template="#/components/schemas/{model}")
+    doc.setdefault("components", {}).setdefault("schemas", {}).update(top.get("$defs", {}))
+    return doc

@@ -1,0 +1,101 @@
+"""HTTP routes, one blueprint per area: boot (machine-facing scripts), api (JSON), ops."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from flask import current_app, request
+
+from bastion_app.errors import ApiError
+from labcore import validate
+
+_HOST = re.compile(r"(?:[A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}(?::\d{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](?::\d{1,5})?")
+
+
+def cfg():
+    return current_app.config["LAB"]
+
+
+def json_body(model):
+    """Parse the request body as JSON into a pydantic model (400 for bad JSON, 422 for bad fields)."""
+    raw = request.get_data(cache=True)
+    if not raw:
+        raise ApiError(400, "empty body", "send a JSON object")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "body is not valid JSON", str(exc)[:200]) from None
+    if not isinstance(doc, dict):
+        raise ApiError(400, "body must be a JSON object")
+    return model.model_validate(doc)
+
+
+def mac_arg(value: str | None, field: str = "mac") -> str:
+    if value is None or value == "":
+        raise ApiError(400, f"missing {field}", f"pass ?{field}=aa:bb:cc:dd:ee:ff")
+    try:
+        return validate.mac(value, field)
+    except validate.ValidationError as exc:
+        raise ApiError(400, exc.message, {"field": field}) from None
+
+
+def int_arg(name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise ApiError(400, f"{name} must be a whole number from {lo} to {hi}")
+    return int(raw)
+
+
+def base_url() -> str:
+    """The URL a machine uses to reach us: the configured public_url, else the (strictly
+    validated) Host the machine asked for, else the detected address."""
+    c = cfg()
+    if c.public_url:
+        return c.public_url.rstrip("/")
+    host = request.host
+    if host and _HOST.fullmatch(host):
+        return f"{request.scheme}://{host}"
+    return c.base_url()
+
+
+def machine_view(m: dict[str, Any]) -> dict[str, Any]:
+    """A machine as the API shows it (never its install token)."""
+    from datetime import UTC, datetime
+
+    def iso(ts):
+        return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z") if ts else None
+
+    return {
+        "mac": m["mac"],
+        "state": m["state"],
+        "hostname": m["hostname"],
+        "role": m["role"],
+        "os": m["os"],
+        "disk": m["disk"],
+        "ssh_keys": m["ssh_keys"],
+        "ip": m["ip"],
+        "hardware": m["hardware"],
+        "stage": m["stage"],
+        "percent": m["percent"],
+        "message": m["message"],
+        "failure": m["failure"],
+        "stalled": m["failure"] == "stalled",
+        "debug": m["debug_mode"],
+        "created_at": iso(m["created_at"]),
+        "updated_at": iso(m["updated_at"]),
+        "state_changed_at": iso(m["state_changed_at"]),
+        "last_seen_at": iso(m["last_seen_at"]),
+        "install_started_at": iso(m["install_started_at"]),
+        "last_progress_at": iso(m["last_progress_at"]),
+        "installed_at": iso(m["installed_at"]),
+    }
+
+
+def event_view(e: dict[str, Any]) -> dict[str, Any]:
+    from datetime import UTC, datetime
+
+    return {**e, "ts": datetime.fromtimestamp(e["ts"], UTC).isoformat().replace("+00:00", "Z")}

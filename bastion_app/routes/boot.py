@@ -1,0 +1,58 @@
+"""Machine-facing boot scripts: GET /dispatch?mac= picks the iPXE script for a machine."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, request
+
+from bastion_app import get_store
+from bastion_app.render import render
+from bastion_app.routes import base_url, cfg, mac_arg
+from labcore.lifecycle import BootMode, boot_mode
+
+bp = Blueprint("boot", __name__)
+
+#: The OS whose installer provides the rescue and kickstart-discovery environments.
+RESCUE_OS = "fedora-43"
+
+
+def ipxe_response(text: str) -> Response:
+    return Response(text, mimetype="text/plain", headers={"Cache-Control": "no-store"})
+
+
+def discovery_method() -> str:
+    c = cfg()
+    if c.discovery == "image" and (c.images_path / "discovery" / "vmlinuz").exists():
+        return "image"
+    if (c.images_path / RESCUE_OS / "vmlinuz").exists():
+        return "kickstart"
+    return "none"
+
+
+@bp.get("/dispatch")
+def dispatch():
+    mac = mac_arg(request.args.get("mac"))
+    store = get_store()
+    ip = request.remote_addr
+    machine = store.get(mac)
+    debug = store.take_debug(mac) if machine and machine["debug_mode"] else None
+    mode = boot_mode(machine["state"] if machine else None, debug)
+    base = base_url()
+    if mode == BootMode.INSTALL:
+        machine = store.start_install(mac, ip=ip)
+        text = render("ipxe/install.ipxe.j2", base=base, mac=mac, token=machine["install_token"],
+                      os=machine["os"], role=machine["role"], hostname=machine["hostname"])
+    elif mode == BootMode.LOCAL:
+        store.seen(mac, ip)
+        efi = cfg().images_path / "local-boot" / "grubx64.efi"
+        text = render("ipxe/local-boot.ipxe.j2", base=base, mac=mac, hostname=machine["hostname"],
+                      efi_chain=f"{base}/images/local-boot/grubx64.efi" if efi.exists() else "")
+    elif mode == BootMode.DEBUG:
+        text = render("ipxe/debug.ipxe.j2", base=base, mac=mac, installer_os=RESCUE_OS)
+    elif mode == BootMode.PXE_DEBUG:
+        text = render("ipxe/pxe-debug.ipxe.j2", base=base, mac=mac)
+    else:
+        if machine:
+            store.seen(mac, ip)
+        text = render("ipxe/discover.ipxe.j2", base=base, mac=mac, method=discovery_method(),
+                      action=cfg().discovery_action, installer_os=RESCUE_OS)
+    return ipxe_response(text)

@@ -1,0 +1,493 @@
+"""The bastion's state store: SQLite in the data directory.
+
+One module owns the database. Every change is one IMMEDIATE transaction that reads the machine,
+asks :mod:`labcore.lifecycle` whether the action is allowed, writes the row and records an event
+(who, when, from, to, why). WAL mode and a busy timeout make it safe for several gunicorn workers
+and the syslog listener at once: no state lives in a process that another one needs.
+
+This class is the one storage interface; labd (later) implements the same methods on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from labcore.lifecycle import INSTALL_TOKEN_STATES, Action, IllegalTransition, State, transition
+
+SCHEMA_VERSION = 1
+
+#: Each migration is a list of statements, applied in one transaction; user_version counts them.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE machines (
+            mac TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            hostname TEXT,
+            role TEXT,
+            os TEXT,
+            disk TEXT NOT NULL DEFAULT '',
+            ssh_keys TEXT NOT NULL DEFAULT '[]',
+            ip TEXT,
+            hardware TEXT NOT NULL DEFAULT '{}',
+            install_token TEXT,
+            debug_mode TEXT,
+            stage TEXT,
+            percent INTEGER,
+            message TEXT,
+            failure TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            state_changed_at REAL NOT NULL,
+            last_seen_at REAL,
+            install_started_at REAL,
+            last_progress_at REAL,
+            installed_at REAL,
+            version INTEGER NOT NULL DEFAULT 1
+        )""",
+        "CREATE UNIQUE INDEX machines_hostname ON machines(hostname) WHERE hostname IS NOT NULL",
+        "CREATE INDEX machines_state ON machines(state)",
+        """CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            mac TEXT NOT NULL,
+            ts REAL NOT NULL,
+            actor TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            from_state TEXT,
+            to_state TEXT,
+            reason TEXT NOT NULL DEFAULT '',
+            data TEXT NOT NULL DEFAULT '{}'
+        )""",
+        "CREATE INDEX events_mac ON events(mac, id)",
+    ],
+]
+
+_JSON_COLUMNS = ("ssh_keys", "hardware")
+_INSTALL_FIELDS = ("hostname", "role", "os", "disk", "ssh_keys")
+
+
+class StoreError(Exception):
+    """Base of the errors the API turns into 4xx answers."""
+
+    status = 400
+    code = "bad_request"
+
+
+class NotFound(StoreError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(StoreError):
+    status = 409
+    code = "conflict"
+
+
+class Forbidden(StoreError):
+    status = 403
+    code = "forbidden"
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+class Store:
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL", busy_timeout_s: float = 30.0):
+        self.path = Path(path)
+        self.synchronous = synchronous.upper()
+        if self.synchronous not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
+        self.busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.migrate()
+
+    # -- connections -------------------------------------------------------------------------
+    def conn(self) -> sqlite3.Connection:
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            c = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
+            c.row_factory = sqlite3.Row
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute(f"PRAGMA synchronous={self.synchronous}")
+            c.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = c
+        return c
+
+    def close(self) -> None:
+        c = getattr(self._local, "conn", None)
+        if c is not None:
+            c.close()
+            self._local.conn = None
+
+    @contextmanager
+    def tx(self):
+        """One write transaction (BEGIN IMMEDIATE: the write lock is taken up front, so two
+        writers never deadlock on a lock upgrade and the busy timeout always applies)."""
+        c = self.conn()
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            yield c
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        else:
+            c.execute("COMMIT")
+
+    def migrate(self) -> int:
+        with self.tx() as c:
+            current = c.execute("PRAGMA user_version").fetchone()[0]
+            if current > len(MIGRATIONS):
+                raise RuntimeError(
+                    f"{self.path} has schema version {current}, newer than this bastion ({len(MIGRATIONS)}): upgrade lab-platform"
+                )
+            for version in range(current, len(MIGRATIONS)):
+                for stmt in MIGRATIONS[version]:
+                    c.execute(stmt)
+                c.execute(f"PRAGMA user_version={version + 1}")
+            return len(MIGRATIONS)
+
+    def schema_version(self) -> int:
+        return self.conn().execute("PRAGMA user_version").fetchone()[0]
+
+    def integrity_check(self) -> str:
+        return self.conn().execute("PRAGMA integrity_check").fetchone()[0]
+
+    # -- reads -------------------------------------------------------------------------------
+    @staticmethod
+    def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
+        if row is None:
+            return None
+        d = dict(row)
+        for k in _JSON_COLUMNS:
+            d[k] = json.loads(d[k]) if d[k] else ([] if k == "ssh_keys" else {})
+        return d
+
+    def get(self, mac: str) -> dict[str, Any] | None:
+        return self._row(self.conn().execute("SELECT * FROM machines WHERE mac=?", (mac,)).fetchone())
+
+    def require(self, mac: str) -> dict[str, Any]:
+        m = self.get(mac)
+        if m is None:
+            raise NotFound(f"no machine with MAC {mac}")
+        return m
+
+    def list(self, *, state: str | None = None, role: str | None = None, os: str | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM machines", []
+        where = []
+        for col, val in (("state", state), ("role", role), ("os", os)):
+            if val is not None:
+                where.append(f"{col}=?")
+                args.append(val)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY hostname IS NULL, hostname, mac"
+        return [self._row(r) for r in self.conn().execute(sql, args)]  # type: ignore[misc]
+
+    def count_by_state(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self.conn().execute("SELECT state, count(*) FROM machines GROUP BY state")}
+
+    def events(self, mac: str | None = None, *, since: int = 0, limit: int = 500) -> list[dict[str, Any]]:
+        if mac is None:
+            rows = self.conn().execute("SELECT * FROM events WHERE id>? ORDER BY id LIMIT ?", (since, limit))
+        else:
+            rows = self.conn().execute(
+                "SELECT * FROM events WHERE mac=? AND id>? ORDER BY id LIMIT ?", (mac, since, limit)
+            )
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["data"] = json.loads(d["data"])
+            out.append(d)
+        return out
+
+    # -- the one path for changes ------------------------------------------------------------
+    def _event(self, c, mac, actor, kind, from_state, to_state, reason="", data=None, now=None) -> int:
+        cur = c.execute(
+            "INSERT INTO events(mac, ts, actor, kind, from_state, to_state, reason, data) VALUES (?,?,?,?,?,?,?,?)",
+            (mac, now or time.time(), actor, kind, from_state, to_state, reason, json.dumps(data or {})),
+        )
+        return cur.lastrowid
+
+    def _apply(
+        self,
+        mac: str,
+        action: Action,
+        *,
+        actor: str,
+        reason: str = "",
+        changes: Callable[[dict[str, Any] | None, State], dict[str, Any]] | None = None,
+        data: dict[str, Any] | None = None,
+        check: Callable[[dict[str, Any] | None], None] | None = None,
+    ) -> dict[str, Any] | None:
+        """Read, check the lifecycle table, write the row and its event: one transaction."""
+        now = time.time()
+        with self.tx() as c:
+            row = self._row(c.execute("SELECT * FROM machines WHERE mac=?", (mac,)).fetchone())
+            current = State(row["state"]) if row else State.UNKNOWN
+            if row is None and action != Action.DISCOVER:
+                raise NotFound(f"no machine with MAC {mac}")
+            if check:
+                check(row)
+            new_state = transition(current, action)
+            values = changes(row, new_state) if changes else {}
+            if new_state == State.REMOVED:
+                c.execute("DELETE FROM machines WHERE mac=?", (mac,))
+            else:
+                values = {**values, "state": new_state.value, "updated_at": now}
+                if new_state != current:
+                    values["state_changed_at"] = now
+                for k in _JSON_COLUMNS:
+                    if k in values:
+                        values[k] = json.dumps(values[k])
+                if row is None:
+                    values.update(mac=mac, created_at=now)
+                    cols = ", ".join(values)
+                    c.execute(f"INSERT INTO machines({cols}) VALUES ({', '.join('?' * len(values))})", list(values.values()))
+                else:
+                    sets = ", ".join(f"{k}=?" for k in values)
+                    try:
+                        c.execute(f"UPDATE machines SET {sets}, version=version+1 WHERE mac=?", [*values.values(), mac])
+                    except sqlite3.IntegrityError:
+                        raise Conflict(f"host name {values.get('hostname')!r} is already used by another machine") from None
+            self._event(c, mac, actor, action.value, current.value, new_state.value, reason, data, now)
+            return self._row(c.execute("SELECT * FROM machines WHERE mac=?", (mac,)).fetchone())
+
+    def _check_hostname_free(self, c, mac: str, hostname: str) -> None:
+        other = c.execute("SELECT mac FROM machines WHERE hostname=? AND mac<>?", (hostname, mac)).fetchone()
+        if other:
+            raise Conflict(f"host name {hostname!r} is already used by {other[0]}")
+
+    # -- machine-facing ----------------------------------------------------------------------
+    def discover(self, mac: str, hardware: dict[str, Any], *, ip: str | None, actor: str = "machine") -> dict[str, Any]:
+        """Record a discovery report: a new machine becomes discovered; a known one only has its
+        hardware and address refreshed (its state does not change)."""
+        now = time.time()
+        with self.tx() as c:
+            row = c.execute("SELECT state FROM machines WHERE mac=?", (mac,)).fetchone()
+            if row is not None:
+                c.execute(
+                    "UPDATE machines SET hardware=?, ip=COALESCE(?, ip), last_seen_at=?, updated_at=?, version=version+1 WHERE mac=?",
+                    (json.dumps(hardware), ip, now, now, mac),
+                )
+                self._event(c, mac, actor, "hardware", row[0], row[0], "discovery report", {"ip": ip}, now)
+                return self._row(c.execute("SELECT * FROM machines WHERE mac=?", (mac,)).fetchone())  # type: ignore[return-value]
+        return self._apply(  # type: ignore[return-value]
+            mac,
+            Action.DISCOVER,
+            actor=actor,
+            reason="discovery report",
+            changes=lambda row, st: {"hardware": hardware, "ip": ip, "last_seen_at": now},
+            data={"ip": ip},
+        )
+
+    def seen(self, mac: str, ip: str | None) -> None:
+        """A known machine asked for its boot script: remember when and from where (no event)."""
+        now = time.time()
+        with self.tx() as c:
+            c.execute("UPDATE machines SET last_seen_at=?, ip=COALESCE(?, ip) WHERE mac=?", (now, ip, mac))
+
+    def start_install(self, mac: str, *, ip: str | None) -> dict[str, Any]:
+        """The machine fetched its install boot script: install_queued -> installing."""
+        now = time.time()
+
+        def changes(row, st):
+            out = {"last_seen_at": now, "ip": ip or row["ip"], "stage": "pxe", "percent": 0, "message": "install boot script served", "last_progress_at": now}
+            if row["state"] == State.INSTALL_QUEUED:
+                out["install_started_at"] = now
+            return out
+
+        return self._apply(mac, Action.START, actor="machine", reason="install boot script served", changes=changes, data={"ip": ip})  # type: ignore[return-value]
+
+    def check_install_token(self, row: dict[str, Any] | None, token: str) -> None:
+        if row is None:
+            raise NotFound("no such machine")
+        if State(row["state"]) not in INSTALL_TOKEN_STATES or not row["install_token"]:
+            raise Conflict(f"machine {row['mac']} has no install in progress (state {row['state']})")
+        if not secrets.compare_digest(row["install_token"], token):
+            raise Forbidden("install token does not match this machine's install")
+
+    def progress(self, mac: str, *, token: str, stage: str, percent: int | None, message: str, ip: str | None) -> dict[str, Any]:
+        """A progress report from the installer; 'complete' and 'failed' end the install."""
+        now = time.time()
+        action = {"complete": Action.COMPLETE, "failed": Action.FAIL, "error": Action.FAIL}.get(stage, Action.PROGRESS)
+
+        def changes(row, st):
+            out: dict[str, Any] = {
+                "stage": stage,
+                "message": message,
+                "last_progress_at": now,
+                "last_seen_at": now,
+                "ip": ip or row["ip"],
+            }
+            if percent is not None:
+                out["percent"] = percent
+            if row["install_started_at"] is None:
+                out["install_started_at"] = now
+            if action == Action.COMPLETE:
+                out.update(percent=100, installed_at=now, install_token=None, failure=None)
+            elif action == Action.FAIL:
+                out.update(failure=message or "installer reported failure", install_token=None)
+            return out
+
+        return self._apply(  # type: ignore[return-value]
+            mac,
+            action,
+            actor="machine",
+            reason=message[:200],
+            changes=changes,
+            data={"stage": stage, "percent": percent, "message": message, "ip": ip},
+            check=lambda row: self.check_install_token(row, token),
+        )
+
+    def take_debug(self, mac: str) -> str | None:
+        """Atomically read and clear a pending one-shot debug boot."""
+        with self.tx() as c:
+            row = c.execute("SELECT debug_mode, state FROM machines WHERE mac=?", (mac,)).fetchone()
+            if row is None or row["debug_mode"] is None:
+                return None
+            c.execute("UPDATE machines SET debug_mode=NULL, updated_at=?, version=version+1 WHERE mac=?", (time.time(), mac))
+            self._event(c, mac, "machine", "debug_served", row["state"], row["state"], "one-shot debug boot served", {"mode": row["debug_mode"]})
+            return row["debug_mode"]
+
+    # -- operator ----------------------------------------------------------------------------
+    def queue_install(self, mac: str, params: dict[str, Any], *, actor: str, reason: str = "") -> dict[str, Any]:
+        def changes(row, st):
+            return {
+                **{k: params[k] for k in _INSTALL_FIELDS},
+                "install_token": new_token(),
+                "stage": "queued",
+                "percent": 0,
+                "message": "",
+                "failure": None,
+                "install_started_at": None,
+                "last_progress_at": None,
+            }
+
+        def check(row):
+            self._check_hostname_free(self.conn(), mac, params["hostname"])
+
+        return self._apply(mac, Action.INSTALL, actor=actor, reason=reason or "install queued", changes=changes, check=check,
+                           data={k: params[k] for k in ("hostname", "role", "os", "disk")})  # type: ignore[return-value]
+
+    def reprovision(self, mac: str, overrides: dict[str, Any], *, actor: str, reason: str = "") -> dict[str, Any]:
+        def changes(row, st):
+            params = {k: (overrides[k] if overrides.get(k) is not None else row[k]) for k in _INSTALL_FIELDS}
+            if not params["hostname"] or not params["role"] or not params["os"]:
+                raise Conflict("machine has no previous install parameters; use install instead")
+            return {**params, "install_token": new_token(), "stage": "queued", "percent": 0, "message": "",
+                    "failure": None, "install_started_at": None, "last_progress_at": None}
+
+        def check(row):
+            if overrides.get("hostname"):
+                self._check_hostname_free(self.conn(), mac, overrides["hostname"])
+
+        return self._apply(mac, Action.REPROVISION, actor=actor, reason=reason or "reprovision", changes=changes, check=check,
+                           data={k: v for k, v in overrides.items() if v is not None and k != "ssh_keys"})  # type: ignore[return-value]
+
+    def cancel(self, mac: str, *, actor: str, reason: str = "") -> dict[str, Any]:
+        return self._apply(mac, Action.CANCEL, actor=actor, reason=reason or "install cancelled",  # type: ignore[return-value]
+                           changes=lambda row, st: {"install_token": None, "stage": None, "percent": None, "message": None})
+
+    def forget(self, mac: str, *, actor: str, reason: str = "") -> None:
+        self._apply(mac, Action.FORGET, actor=actor, reason=reason or "forgotten")
+
+    def request_debug(self, mac: str, mode: str, *, actor: str, reason: str = "") -> dict[str, Any]:
+        with self.tx() as c:
+            row = c.execute("SELECT state FROM machines WHERE mac=?", (mac,)).fetchone()
+            if row is None:
+                raise NotFound(f"no machine with MAC {mac}")
+            c.execute("UPDATE machines SET debug_mode=?, updated_at=?, version=version+1 WHERE mac=?", (mode, time.time(), mac))
+            self._event(c, mac, actor, "debug_requested", row[0], row[0], reason or f"one-shot {mode} boot requested", {"mode": mode})
+        return self.require(mac)
+
+    def mark_stalled(self, timeout_s: float, *, now: float | None = None) -> list[str]:
+        """installing machines silent for longer than timeout_s become failed (reason: stalled)."""
+        now = now or time.time()
+        cutoff = now - timeout_s
+        rows = self.conn().execute(
+            "SELECT mac FROM machines WHERE state=? AND COALESCE(last_progress_at, install_started_at, state_changed_at) < ?",
+            (State.INSTALLING.value, cutoff),
+        ).fetchall()
+        stalled = []
+        for (mac,) in rows:
+            def check(row):
+                last = row["last_progress_at"] or row["install_started_at"] or row["state_changed_at"]
+                if last >= cutoff:
+                    raise Conflict("progress arrived meanwhile")
+            try:
+                self._apply(mac, Action.STALL, actor="bastion", reason=f"no progress for more than {int(timeout_s)} s",
+                            changes=lambda row, st: {"failure": "stalled", "install_token": None, "stage": "stalled"},
+                            check=check)
+                stalled.append(mac)
+            except (Conflict, NotFound, IllegalTransition):
+                pass
+        return stalled
+
+    # -- export / import of the seed's state.json shape --------------------------------------
+    def export_state(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {"discovered": {}, "install_queue": {}, "installed": {}, "debug": {}}
+        for m in self.list():
+            common = {"hardware": m["hardware"], "ip": m["ip"], "first_seen": m["created_at"]}
+            install = {k: m[k] for k in _INSTALL_FIELDS}
+            if m["state"] == State.DISCOVERED:
+                out["discovered"][m["mac"]] = common
+            elif m["state"] in (State.INSTALL_QUEUED, State.INSTALLING, State.FAILED):
+                out["install_queue"][m["mac"]] = {**common, **install, "status": m["state"], "token": m["install_token"],
+                                                  "stage": m["stage"], "percent": m["percent"], "failure": m["failure"]}
+            elif m["state"] == State.INSTALLED:
+                out["installed"][m["mac"]] = {**common, **install, "installed_at": m["installed_at"]}
+            if m["debug_mode"]:
+                out["debug"][m["mac"]] = {"mode": m["debug_mode"]}
+        return out
+
+    def import_state(self, doc: dict[str, Any], *, actor: str, replace: bool = False) -> int:
+        """Load a state.json document (already validated) in one transaction. Existing machines
+        are an error unless replace=True. Returns the number of machines imported."""
+        now = time.time()
+        rows: dict[str, dict[str, Any]] = {}
+        for section, default_state in (("discovered", State.DISCOVERED), ("install_queue", State.INSTALL_QUEUED), ("installed", State.INSTALLED)):
+            for mac, entry in (doc.get(section) or {}).items():
+                if mac in rows:
+                    raise Conflict(f"{mac} appears in more than one section")
+                state = State(entry.get("status") or default_state)
+                row = {"mac": mac, "state": state.value, "hardware": entry.get("hardware") or {}, "ip": entry.get("ip"),
+                       "created_at": entry.get("first_seen") or now, "updated_at": now, "state_changed_at": now}
+                if section != "discovered":
+                    row.update({k: entry.get(k) for k in _INSTALL_FIELDS})
+                    row["disk"] = row["disk"] or ""
+                    row["ssh_keys"] = row["ssh_keys"] or []
+                if section == "install_queue":
+                    row.update(install_token=entry.get("token") or (new_token() if state != State.FAILED else None),
+                               stage=entry.get("stage") or "queued", percent=entry.get("percent") or 0, failure=entry.get("failure"))
+                if section == "installed":
+                    row["installed_at"] = entry.get("installed_at") or now
+                rows[mac] = row
+        for mac, entry in (doc.get("debug") or {}).items():
+            if mac not in rows:
+                raise Conflict(f"debug entry for {mac}, which is in no other section")
+            rows[mac]["debug_mode"] = entry.get("mode") or "rescue"
+        with self.tx() as c:
+            for mac, row in rows.items():
+                exists = c.execute("SELECT 1 FROM machines WHERE mac=?", (mac,)).fetchone()
+                if exists and not replace:
+                    raise Conflict(f"{mac} is already in the store (use --replace to overwrite)")
+                if exists:
+                    c.execute("DELETE FROM machines WHERE mac=?", (mac,))
+                vals = {k: (json.dumps(v) if k in _JSON_COLUMNS else v) for k, v in row.items()}
+                try:
+                    c.execute(f"INSERT INTO machines({', '.join(vals)}) VALUES ({', '.join('?' * len(vals))})", list(vals.values()))
+                except sqlite3.IntegrityError as exc:
+                    raise Conflict(f"{mac}: {exc}") from None
+                self._event(c, mac, actor, "import", None, row["state"], "imported from state.json", {}, now)
+        return len(rows)
+
+

@@ -1,0 +1,140 @@
+"""`lab-bastion serve`: one small supervisor process that starts and watches its children:
+gunicorn (the Flask app, several workers), the syslog listener and dnsmasq, restarting any that
+dies, and stopping all of them on SIGTERM/SIGINT. It also marks silent installs as stalled."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from bastion_app.config import Config
+from bastion_app.store import Store
+
+log = logging.getLogger("lab-bastion")
+
+
+@dataclass
+class ChildSpec:
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    #: a child that cannot start (say, dnsmasq without its port) is retried with backoff
+    critical: bool = True
+
+
+@dataclass
+class _Running:
+    spec: ChildSpec
+    proc: subprocess.Popen
+    started: float
+    restarts: int = 0
+
+
+def child_env(cfg: Config) -> dict[str, str]:
+    """The environment every child gets: the data dir and every effective setting, so that each
+    gunicorn worker loads exactly the configuration the supervisor resolved."""
+    env = dict(os.environ)
+    env["LAB_BASTION_DATA_DIR"] = str(cfg.data_path)
+    for k, v in cfg.as_dict().items():
+        if k in ("data_dir", "extra"):
+            continue
+        env["LAB_BASTION_" + k.upper()] = str(v).lower() if isinstance(v, bool) else str(v)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(cfg.run_path / "prometheus")
+    return env
+
+
+def children(cfg: Config) -> list[ChildSpec]:
+    """What `serve` runs. Other parts of the bastion add their processes here."""
+    specs = [
+        ChildSpec("gunicorn", [sys.executable, "-m", "gunicorn", "-c", "python:bastion_app.gunicorn_conf", "bastion_app.wsgi:app"]),
+    ]
+    return specs
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, specs: list[ChildSpec]):
+        self.cfg = cfg
+        self.specs = specs
+        self.running: dict[str, _Running] = {}
+        self.stopping = threading.Event()
+        self.env = child_env(cfg)
+
+    def prepare(self) -> None:
+        from bastion_app.auth import ensure_token
+
+        self.cfg.data_path.mkdir(parents=True, exist_ok=True)
+        ensure_token(self.cfg.token_path)
+        Store(self.cfg.db_path, synchronous=self.cfg.db_synchronous).migrate()
+        prom = self.cfg.run_path / "prometheus"
+        shutil.rmtree(prom, ignore_errors=True)
+        prom.mkdir(parents=True, exist_ok=True)
+
+    def _start(self, spec: ChildSpec, restarts: int = 0) -> None:
+        env = {**self.env, **spec.env}
+        proc = subprocess.Popen(spec.argv, env=env, start_new_session=True)
+        self.running[spec.name] = _Running(spec, proc, time.monotonic(), restarts)
+        log.info("started %s (pid %d)", spec.name, proc.pid)
+
+    def _stall_loop(self) -> None:
+        store = Store(self.cfg.db_path, synchronous=self.cfg.db_synchronous)
+        interval = max(1.0, min(30.0, self.cfg.stall_timeout / 4))
+        while not self.stopping.wait(interval):
+            try:
+                for mac in store.mark_stalled(self.cfg.stall_timeout):
+                    log.warning("install on %s stalled: no progress for %d s", mac, self.cfg.stall_timeout)
+            except Exception:  # noqa: BLE001 - keep supervising; the next round retries
+                log.exception("stall check failed")
+
+    def stop(self, *_args) -> None:
+        self.stopping.set()
+
+    def run(self) -> int:
+        self.prepare()
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        for spec in self.specs:
+            self._start(spec)
+        threading.Thread(target=self._stall_loop, name="stall-check", daemon=True).start()
+        rc = 0
+        while not self.stopping.wait(0.5):
+            for name, r in list(self.running.items()):
+                code = r.proc.poll()
+                if code is None:
+                    continue
+                uptime = time.monotonic() - r.started
+                restarts = 0 if uptime > 60 else r.restarts + 1
+                if restarts > 5:
+                    log.error("%s keeps exiting (code %s); giving up", name, code)
+                    rc = 1
+                    self.stopping.set()
+                    break
+                delay = min(30.0, 0.5 * 2**restarts)
+                log.warning("%s exited with code %s; restarting in %.1f s", name, code, delay)
+                if self.stopping.wait(delay):
+                    break
+                self._start(r.spec, restarts)
+        self.shutdown()
+        return rc
+
+    def shutdown(self) -> None:
+        for r in self.running.values():
+            if r.proc.poll() is None:
+                try:
+                    os.killpg(r.proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 15
+        for r in self.running.values():
+            try:
+                r.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(r.proc.pid, signal.SIGKILL)
+                r.proc.wait()
+        log.info("stopped")

@@ -1,0 +1,183 @@
+"""API request and response schemas (pydantic). The OpenAPI document is generated from these.
+
+Field validators call :mod:`labcore.validate`, so the API, labctl and tests share one set of rules.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from labcore import validate as v
+
+Mac = Annotated[str, AfterValidator(v.mac), Field(description="MAC address, any common form; normalised to aa:bb:cc:dd:ee:ff", examples=["52:54:00:12:34:56"])]
+Hostname = Annotated[str, AfterValidator(v.hostname), Field(description="RFC 1123 host name", examples=["node1"])]
+Role = Literal["vanilla", "worker", "infra", "labcontroller"]
+OsName = Literal["fedora-43", "ubuntu-26.04"]
+Disk = Annotated[str, AfterValidator(v.disk), Field(description="'' = auto-detect (NVMe first), else /dev/...")]
+SshKey = Annotated[str, AfterValidator(v.ssh_key)]
+Token = Annotated[str, AfterValidator(v.token), Field(description="the install's own token, from its boot script")]
+Stage = Annotated[str, AfterValidator(v.stage), Field(examples=["partitioning", "packages", "post-install", "complete", "failed"])]
+# Free text shown to people, never templated: bounded and free of control characters.
+Text = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
+Message = Annotated[str, StringConstraints(max_length=2048, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_max_length=20000)
+
+
+class Cpu(Strict):
+    model: Text = ""
+    cores: int = Field(0, ge=0, le=65536)
+    threads: int = Field(0, ge=0, le=65536)
+    arch: Text = ""
+
+
+class DiskInfo(Strict):
+    name: Text
+    size_bytes: int = Field(0, ge=0)
+    model: Text = ""
+    serial: Text = ""
+    rotational: bool = False
+    removable: bool = False
+    transport: Text = "unknown"
+
+
+class Nic(Strict):
+    name: Text
+    mac: Mac
+    driver: Text = ""
+    link: bool = False
+    speed_mbps: int | None = Field(None, ge=-1, le=10_000_000)
+
+
+class Dmi(Strict):
+    vendor: Text = ""
+    product: Text = ""
+    serial: Text = ""
+    uuid: Text = ""
+    bios_vendor: Text = ""
+    bios_version: Text = ""
+
+
+class Hardware(Strict):
+    cpu: Cpu = Field(default_factory=Cpu)
+    memory_mb: int = Field(0, ge=0)
+    disks: list[DiskInfo] = Field(default_factory=list, max_length=256)
+    nics: list[Nic] = Field(default_factory=list, max_length=256)
+    dmi: Dmi = Field(default_factory=Dmi)
+    firmware: Literal["bios", "uefi", "unknown"] = "unknown"
+
+
+class DiscoverRequest(Strict):
+    mac: Mac
+    hardware: Hardware = Field(default_factory=Hardware)
+
+
+class InstallRequest(Strict):
+    mac: Mac
+    hostname: Hostname
+    role: Role
+    os: OsName
+    disk: Disk = ""
+    ssh_keys: list[SshKey] = Field(default_factory=list, max_length=v.MAX_SSH_KEYS)
+
+
+class ReprovisionRequest(Strict):
+    """Optional changes for the reinstall; what is left out keeps its previous value."""
+
+    hostname: Hostname | None = None
+    role: Role | None = None
+    os: OsName | None = None
+    disk: Disk | None = None
+    ssh_keys: list[SshKey] | None = Field(None, max_length=v.MAX_SSH_KEYS)
+    reason: Text = ""
+
+
+class ProgressRequest(Strict):
+    mac: Mac
+    token: Token
+    stage: Stage
+    percent: int | None = Field(None, ge=0, le=100)
+    message: Message = ""
+
+
+class LogRequest(Strict):
+    mac: Mac
+    token: Token
+    lines: list[Message] = Field(default_factory=list, max_length=1000)
+
+
+class DebugRequest(Strict):
+    mac: Mac
+    mode: Literal["rescue", "pxe"] = "rescue"
+
+
+class ReasonRequest(Strict):
+    reason: Text = ""
+
+
+# -- responses (documented in the OpenAPI document; tests check answers against them) -----------
+class Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorBody(Loose):
+    error: str
+    detail: object | None = None
+
+
+class MachineView(Loose):
+    mac: str
+    state: Literal["discovered", "install_queued", "installing", "installed", "failed"]
+    hostname: str | None
+    role: str | None
+    os: str | None
+    disk: str
+    ssh_keys: list[str]
+    ip: str | None
+    hardware: dict
+    stage: str | None
+    percent: int | None
+    message: str | None
+    failure: str | None
+    stalled: bool
+    debug: str | None
+    created_at: str
+    updated_at: str
+    state_changed_at: str
+    last_seen_at: str | None
+    install_started_at: str | None
+    last_progress_at: str | None
+    installed_at: str | None
+
+
+class EventView(Loose):
+    id: int
+    mac: str
+    ts: str
+    actor: str
+    kind: str
+    from_state: str | None
+    to_state: str | None
+    reason: str
+    data: dict
+
+
+class MachineList(Loose):
+    machines: list[MachineView]
+
+
+class MachineDetail(MachineView):
+    events: list[EventView]
+
+
+class EventList(Loose):
+    events: list[EventView]
+
+
+class StateReply(Loose):
+    mac: str
+    state: str
