@@ -132,7 +132,7 @@ def load(data_dir: str | os.PathLike | None = None, overrides: dict[str, Any] | 
             raise ConfigError(f"{cfg_file}: expected a mapping of settings")
         values.update(doc)
     known = {f.name: f.type for f in fields(Config)}
-    for name, typ in known.items():
+    for name in known:
         key = ENV_PREFIX + name.upper()
         if key in env and name != "data_dir":
             values[name] = env[key]
