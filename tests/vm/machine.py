@@ -1,0 +1,257 @@
+"""Boot, reach and stop throwaway Debian 12 VMs built from the cached image.
+
+Each VM is a qcow2 overlay on the read-only cached image, booted with QEMU's direct kernel boot
+under TCG (`/dev/kvm` is not usable here), serial console written to a file, user-mode networking
+with `restrict=on` (the guest can reach nothing; the host reaches the guest's SSH through one
+forwarded loopback port). A VM's state lives in `cache_dir()/run/<name>/state.json`, so separate
+processes (molecule's create and destroy playbooks, pytest fixtures, the bench) can share it.
+
+QEMU runs under `timeout`, so a VM whose owner died without calling `down` still goes away.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tests.vm.image import Image, cache_dir, ensure_image
+
+DEFAULT_MEMORY_MB = 2048
+DEFAULT_CPUS = 2
+DEFAULT_LIFETIME_S = 3 * 3600
+SSH_OPTIONS = [
+    "-o", "StrictHostKeyChecking=no",
+    "-o", "UserKnownHostsFile=/dev/null",
+    "-o", "LogLevel=ERROR",
+    "-o", "IdentitiesOnly=yes",
+    "-o", "BatchMode=yes",
+    "-o", "ConnectTimeout=5",
+]
+
+
+class VMError(RuntimeError):
+    pass
+
+
+def run_root() -> Path:
+    path = cache_dir() / "run"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); look at its state.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class VM:
+    name: str
+    port: int
+    pid: int
+    key: str
+    overlay: str
+    console: str
+    rundir: str
+    started: float
+    boot_seconds: float | None = None
+    user: str = "root"
+    host: str = "127.0.0.1"
+
+    # -- state ---------------------------------------------------------------------------------
+    @staticmethod
+    def state_path(name: str) -> Path:
+        return run_root() / name / "state.json"
+
+    def save(self) -> None:
+        Path(self.rundir).mkdir(parents=True, exist_ok=True)
+        self.state_path(self.name).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, name: str) -> VM | None:
+        path = cls.state_path(name)
+        if not path.exists():
+            return None
+        return cls(**json.loads(path.read_text()))
+
+    @property
+    def alive(self) -> bool:
+        return _alive(self.pid)
+
+    # -- access --------------------------------------------------------------------------------
+    def ssh_argv(self, *command: str) -> list[str]:
+        return ["ssh", *SSH_OPTIONS, "-i", self.key, "-p", str(self.port), f"{self.user}@{self.host}", *command]
+
+    def ssh(self, *command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(self.ssh_argv(*command), capture_output=True, text=True, check=check, timeout=timeout)
+
+    def inventory_vars(self) -> dict:
+        """Ansible connection variables for this VM."""
+        return {
+            "ansible_host": self.host,
+            "ansible_port": self.port,
+            "ansible_user": self.user,
+            "ansible_ssh_private_key_file": self.key,
+            "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+            "ansible_python_interpreter": "/usr/bin/python3",
+        }
+
+    def console_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(Path(self.console).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no console log)"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def wait_ssh(self, timeout: float = 300) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise VMError(f"VM {self.name} exited during boot; console:\n{self.console_tail()}")
+            try:
+                if self.ssh("true", check=False, timeout=15).returncode == 0:
+                    return time.monotonic()
+            except subprocess.TimeoutExpired:
+                pass
+            time.sleep(1)
+        raise VMError(f"VM {self.name}: no SSH after {timeout:.0f}s; console:\n{self.console_tail()}")
+
+    def stop(self, timeout: float = 20) -> None:
+        """Stop QEMU (SIGTERM, then SIGKILL) and remove the overlay and state."""
+        if self.alive:
+            with _suppress():
+                os.killpg(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while self.alive and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if self.alive:
+                with _suppress():
+                    os.killpg(self.pid, signal.SIGKILL)
+        # Reap if it is our child (same process that started it).
+        with _suppress():
+            os.waitpid(self.pid, os.WNOHANG)
+        keep = os.environ.get("LAB_VM_KEEP_LOGS")
+        rundir = Path(self.rundir)
+        if keep:
+            Path(self.overlay).unlink(missing_ok=True)
+            self.state_path(self.name).unlink(missing_ok=True)
+        else:
+            shutil.rmtree(rundir, ignore_errors=True)
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return exc_type is not None and issubclass(exc_type, (ProcessLookupError, ChildProcessError, PermissionError))
+
+
+def qemu_argv(image: Image, overlay: Path, console: Path, port: int, memory_mb: int, cpus: int, pidfile: Path) -> list[str]:
+    return [
+        "qemu-system-x86_64",
+        "-accel", "tcg",
+        "-machine", "q35",
+        "-cpu", "max",
+        "-m", str(memory_mb),
+        "-smp", str(cpus),
+        "-display", "none",
+        "-monitor", "none",
+        "-serial", f"file:{console}",
+        "-no-reboot",
+        "-kernel", str(image.kernel),
+        "-initrd", str(image.initrd),
+        "-append", image.cmdline,
+        "-drive", f"file={overlay},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
+        "-nic", f"user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22",
+        "-device", "virtio-rng-pci",
+        "-pidfile", str(pidfile),
+    ]
+
+
+def up(
+    name: str,
+    memory_mb: int = DEFAULT_MEMORY_MB,
+    cpus: int = DEFAULT_CPUS,
+    boot_timeout: float = 300,
+    lifetime_s: int = DEFAULT_LIFETIME_S,
+    reuse: bool = False,
+) -> VM:
+    """Boot VM `name` on a fresh overlay and wait for SSH. With reuse, return it if already up."""
+    existing = VM.load(name)
+    if existing is not None:
+        if existing.alive and reuse:
+            return existing
+        if existing.alive:
+            raise VMError(f"VM {name} is already running (pid {existing.pid}); `python -m tests.vm down {name}`")
+        existing.stop()
+    image = ensure_image()
+    rundir = run_root() / name
+    shutil.rmtree(rundir, ignore_errors=True)
+    rundir.mkdir(parents=True)
+    overlay = rundir / "disk.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.qcow2), "-F", "qcow2", str(overlay)],
+        check=True,
+    )
+    console = rundir / "console.log"
+    port = _free_port()
+    argv = ["timeout", "--kill-after=10", str(lifetime_s)] + qemu_argv(
+        image, overlay, console, port, memory_mb, cpus, rundir / "qemu.pid"
+    )
+    started = time.monotonic()
+    with open(rundir / "qemu.log", "w") as qlog:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT, start_new_session=True)
+    vm = VM(
+        name=name, port=port, pid=proc.pid, key=str(image.key), overlay=str(overlay), console=str(console),
+        rundir=str(rundir), started=time.time(),
+    )
+    vm.save()
+    try:
+        ready = vm.wait_ssh(boot_timeout)
+    except BaseException:
+        vm.stop()
+        raise
+    vm.boot_seconds = round(ready - started, 1)
+    vm.save()
+    return vm
+
+
+def down(name: str) -> bool:
+    vm = VM.load(name)
+    if vm is None:
+        return False
+    vm.stop()
+    return True
+
+
+def running() -> list[VM]:
+    vms = []
+    for state in sorted(run_root().glob("*/state.json")):
+        vm = VM.load(state.parent.name)
+        if vm is not None:
+            vms.append(vm)
+    return vms
