@@ -1,0 +1,112 @@
+"""Validators: normalisation, rejection, and the property that nothing accepted can add a line."""
+
+import base64
+import string
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from labcore import validate as v
+
+ED25519 = "ssh-ed25519 " + base64.b64encode(b"\x00\x00\x00\x0bssh-ed25519" + b"\x00\x00\x00\x20" + bytes(32)).decode()
+
+
+@pytest.mark.parametrize("raw", ["52:54:00:AB:CD:EF", "52-54-00-ab-cd-ef", "525400abcdef", "5254.00ab.cdef"])
+def test_mac_normalised(raw):
+    assert v.mac(raw) == "52:54:00:ab:cd:ef"
+
+
+@pytest.mark.parametrize("raw", ["", "52:54:00:ab:cd", "52:54:00:ab:cd:ef:01:02", "zz:54:00:ab:cd:ef", "1", None, 5,
+                                 "52:54:00:ab:cd:ef\n", "52:54:00:ab:cd:ef;reboot"])
+def test_mac_rejected(raw):
+    with pytest.raises(v.ValidationError):
+        v.mac(raw)
+
+
+@pytest.mark.parametrize("raw,expected", [("node1", "node1"), ("Node-01.lab.example", "node-01.lab.example"), ("a" * 63, "a" * 63)])
+def test_hostname_ok(raw, expected):
+    assert v.hostname(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["", "-a", "a-", "a_b", "a b", "a\nb", "a;b", "$(id)", "a" * 64, "a..b", "a.", ".a",
+                                 "x." * 127 + "x", "1.2.3.4", "node1\n", "%post"])
+def test_hostname_rejected(raw):
+    with pytest.raises(v.ValidationError):
+        v.hostname(raw)
+
+
+@pytest.mark.parametrize("raw", ["", None, "/dev/sda", "/dev/nvme0n1", "/dev/disk/by-id/nvme-Samsung_SSD_970_S46-part1", "/dev/vda"])
+def test_disk_ok(raw):
+    assert v.disk(raw) == (raw or "")
+
+
+@pytest.mark.parametrize("raw", ["sda", "/dev/", "/dev/sda\n", "/dev/sda;rm -rf /", "/dev/$(id)", "/dev/../etc/passwd",
+                                 "/dev/sd a", "/dev/'x'", "/dev/sda`x`"])
+def test_disk_rejected(raw):
+    with pytest.raises(v.ValidationError):
+        v.disk(raw)
+
+
+def test_ssh_key_ok_and_comment():
+    assert v.ssh_key(ED25519 + " admin@laptop") == ED25519 + " admin@laptop"
+    assert v.ssh_keys(ED25519 + "\n# comment\n") == [ED25519]
+
+
+@pytest.mark.parametrize("suffix", ["\nrm -rf /", " a\nb", ' "quoted"', " $(id)", " a'b", " `x`"])
+def test_ssh_key_injection_rejected(suffix):
+    with pytest.raises(v.ValidationError):
+        v.ssh_key(ED25519 + suffix)
+
+
+def test_ssh_key_type_mismatch_and_garbage():
+    blob = ED25519.split()[1]
+    with pytest.raises(v.ValidationError, match="does not match"):
+        v.ssh_key("ssh-rsa " + blob)
+    with pytest.raises(v.ValidationError):
+        v.ssh_key("ssh-ed25519 !!!notbase64")
+    with pytest.raises(v.ValidationError):
+        v.ssh_keys([ED25519] * (v.MAX_SSH_KEYS + 1))
+
+
+def test_role_and_os():
+    assert v.role("worker") == "worker"
+    assert v.os_name("ubuntu-26.04") == "ubuntu-26.04"
+    for bad in ("Worker", "master", ""):
+        with pytest.raises(v.ValidationError):
+            v.role(bad)
+    with pytest.raises(v.ValidationError):
+        v.os_name("fedora-42")
+
+
+UNSAFE = set(string.whitespace) | set("\"'`$;&|<>(){}\\%#*?!")
+
+
+def _accepts(fn, value):
+    try:
+        return fn(value)
+    except v.ValidationError:
+        return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(max_size=80))
+def test_no_accepted_hostname_or_disk_or_mac_carries_unsafe_characters(s):
+    for fn in (v.hostname, v.disk, v.mac, v.stage, v.token):
+        out = _accepts(fn, s)
+        if out is not None:
+            assert not (set(out) & UNSAFE), (fn.__name__, out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=60))
+def test_no_accepted_ssh_key_has_a_line_break_or_quote(comment):
+    out = _accepts(v.ssh_key, f"{ED25519} {comment}")
+    if out is not None:
+        assert "\n" not in out and "\r" not in out and "'" not in out and '"' not in out and "$" not in out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.from_regex(r"[a-z]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z]([a-z0-9-]{0,10}[a-z0-9])?){0,3}", fullmatch=True))
+def test_valid_hostnames_round_trip(name):
+    assert v.hostname(name) == name
