@@ -1,0 +1,355 @@
+"""The discovery environment: its JSON escaper, its inventory on this host, and real boots in QEMU.
+
+The boot tests build the image (cached under /var/cache/lab-platform/discovery), then boot it in QEMU
+(TCG) with -kernel/-initrd inside a network namespace created by the test: the VM's only network is
+a tap device in that namespace, where a dnsmasq (DHCP only) and the test's own HTTP server listen.
+The VM can reach nothing else. A second NIC (e1000, isolated user-mode network) checks that the
+boot NIC is chosen by BOOTIF, not by order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import json
+import os
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.support import need, need_binary, need_root, wait_for
+
+LIB = Path(__file__).resolve().parents[2] / "bastion_app" / "images" / "discovery" / "lib.sh"
+OVMF = Path("/usr/share/ovmf/OVMF.fd")
+
+HOSTILE = [
+    "",
+    "plain",
+    'say "hi"',
+    "back\\slash\\",
+    '\\"',
+    "\\u0000",
+    "new\nline\r\n",
+    "tab\there",
+    "\x01\x02\x1b[31m\x1f\x7f",
+    "é ü ß 中文 😀 \u2028",
+    "'; rm -rf / #",
+    "$(reboot) `id` $HOME ${PATH}",
+    "  padded  ",
+    "%s %d %c %%",
+    "-n",
+    "-e",
+    "}]},{\"injected\": true",
+]
+
+
+def _json_str(value: bytes | str) -> bytes:
+    arg = value.encode() if isinstance(value, str) else value
+    proc = subprocess.run([b"busybox", b"sh", b"-c", b'. "$0"; json_str "$1"', str(LIB).encode(), arg],
+                          capture_output=True, check=True, timeout=30)
+    return proc.stdout
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_json_escaper_round_trips_hostile_strings(value):
+    need_binary("busybox")
+    out = _json_str(value)
+    assert out.isascii(), out
+    assert json.loads(out) == value
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe", b"\xc3", b"ok\xe2\x82", b"\xed\xa0\x80", b"\xc0\xaf", b"\xf5\x80\x80\x80"])
+def test_json_escaper_replaces_invalid_utf8(raw):
+    need_binary("busybox")
+    out = _json_str(raw)
+    assert out.isascii(), out
+    decoded = json.loads(out)
+    assert "\ufffd" in decoded
+    assert decoded.replace("\ufffd", "") == raw.decode("utf-8", "ignore")
+
+
+def _check_inventory(hw: dict) -> None:
+    """The exact shape /api/discover validates."""
+    assert set(hw) == {"cpu", "memory_mb", "disks", "nics", "dmi", "firmware"}
+    cpu = hw["cpu"]
+    assert set(cpu) == {"model", "cores", "threads", "arch"}
+    assert isinstance(cpu["model"], str) and cpu["arch"] == "x86_64"
+    assert isinstance(cpu["cores"], int) and isinstance(cpu["threads"], int) and cpu["threads"] >= cpu["cores"] >= 1
+    assert isinstance(hw["memory_mb"], int) and hw["memory_mb"] > 0
+    for disk in hw["disks"]:
+        assert set(disk) == {"name", "size_bytes", "model", "serial", "rotational", "removable", "transport"}
+        assert isinstance(disk["size_bytes"], int)
+        assert isinstance(disk["rotational"], bool) and isinstance(disk["removable"], bool)
+        assert disk["transport"] in {"nvme", "sata", "virtio", "usb", "scsi", "unknown"}
+    for nic in hw["nics"]:
+        assert set(nic) == {"name", "mac", "driver", "link", "speed_mbps"}
+        assert isinstance(nic["link"], bool)
+        assert nic["speed_mbps"] is None or isinstance(nic["speed_mbps"], int)
+    assert set(hw["dmi"]) == {"vendor", "product", "serial", "uuid", "bios_vendor", "bios_version"}
+    assert all(isinstance(v, str) for v in hw["dmi"].values())
+    assert hw["firmware"] in {"bios", "uefi"}
+
+
+def test_inventory_of_this_host_has_the_api_shape():
+    """The same library, run against this machine's /proc and /sys (it only reads)."""
+    need_binary("busybox")
+    proc = subprocess.run(["busybox", "sh", "-c", '. "$0"; discover_json AA:BB:CC:00:11:22', str(LIB)],
+                          capture_output=True, check=True, timeout=60)
+    body = json.loads(proc.stdout)
+    assert body["mac"] == "AA:BB:CC:00:11:22"
+    _check_inventory(body["hardware"])
+    assert body["hardware"]["cpu"]["threads"] == os.cpu_count()
+
+
+# --------------------------------------------------------------------------------------------------
+# booting the image
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    need_binary("apt-get", "apt-cache", "dpkg-deb", "qemu-system-x86_64", "dnsmasq", "ip")
+    from bastion_app.images.discovery import build_discovery
+
+    out = tmp_path_factory.mktemp("images") / "discovery"
+    started = time.monotonic()
+    img = build_discovery(None, out, progress=lambda msg: None)
+    seconds = time.monotonic() - started
+    manifest = json.loads(img.manifest.read_text())
+    _report(f"discovery image: kernel {img.kernel.stat().st_size / 1e6:.1f} MB + initrd "
+            f"{img.initrd.stat().st_size / 1e6:.1f} MB = {img.size_bytes / 1e6:.1f} MB, "
+            f"{len(img.modules)} modules, hash {img.inputs_hash}, "
+            f"{'cached' if img.cached else 'built'} in {seconds:.1f} s "
+            f"(first build {manifest.get('build_seconds')} s)")
+    # A second build with the same inputs comes from the cache.
+    again_started = time.monotonic()
+    again = build_discovery(None, out, progress=lambda msg: None)
+    assert again.cached and again.inputs_hash == img.inputs_hash
+    assert time.monotonic() - again_started < 10
+    return img
+
+
+def _report(line: str) -> None:
+    # Shown by pytest -s and in the CI log; the figures go into docs/discovery.md.
+    print(f"\n[discovery] {line}", flush=True)
+    path = os.environ.get("LAB_DISCOVERY_REPORT")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(line + "\n")
+
+
+CLONE_NEWNET = 0x40000000
+_NS_COUNTER = itertools.count()
+
+
+class _Server:
+    """A real HTTP server whose socket lives in the namespace ``ns``; records /api/discover posts."""
+
+    def __init__(self, ns: str, host: str, port: int):
+        self.posts: list[tuple[float, dict]] = []
+        self.other: list[str] = []
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server API
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.path != "/api/discover" or self.headers.get("Content-Type") != "application/json":
+                    outer.other.append(f"POST {self.path} {self.headers.get('Content-Type')}")
+                    self.send_error(404)
+                    return
+                outer.posts.append((time.monotonic(), json.loads(body)))
+                reply = b'{"status": "discovered"}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def do_GET(self):  # noqa: N802
+                outer.other.append(f"GET {self.path}")
+                self.send_error(404)
+
+            def log_message(self, *args):
+                pass
+
+        def run():
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                with open(f"/run/netns/{ns}") as fh:  # this thread only: setns is per thread
+                    if libc.setns(fh.fileno(), CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), "setns")
+                self.httpd = HTTPServer((host, port), Handler)
+            except BaseException as exc:  # noqa: BLE001 - reported by start()
+                self.error = exc
+                self.ready.set()
+                return
+            self.ready.set()
+            self.httpd.serve_forever(poll_interval=0.2)
+
+        self.thread = threading.Thread(target=run, daemon=True, name=f"http-{ns}")
+        self.thread.start()
+        self.ready.wait(10)
+        if self.error:
+            raise self.error
+
+    def stop(self):
+        if getattr(self, "httpd", None):
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+
+@pytest.fixture
+def lab_net(tmp_path):
+    """A network namespace with tap0 (10.231.7.1/24), dnsmasq for DHCP and the test HTTP server."""
+    need_root()
+    need(Path("/dev/net/tun").exists(), "needs /dev/net/tun for QEMU tap devices")
+    ns = f"ldisc-{os.getpid()}-{next(_NS_COUNTER)}"
+
+    def sh(*args):
+        subprocess.run(args, check=True, capture_output=True, timeout=30)
+
+    sh("ip", "netns", "add", ns)
+    dnsmasq = server = None
+    try:
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "tuntap", "add", "dev", "tap0", "mode", "tap")
+        sh("ip", "-n", ns, "addr", "add", "10.231.7.1/24", "dev", "tap0")
+        sh("ip", "-n", ns, "link", "set", "tap0", "up")
+        dnsmasq = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
+             "--interface=tap0", "--dhcp-range=10.231.7.50,10.231.7.99,255.255.255.0,1h",
+             f"--dhcp-leasefile={tmp_path}/leases", "--pid-file", "--user=root", "--log-facility=-"],
+            stdout=open(tmp_path / "dnsmasq.log", "wb"), stderr=subprocess.STDOUT)
+        server = _Server(ns, "10.231.7.1", 8080)
+        yield {"ns": ns, "server": server, "url": "http://10.231.7.1:8080", "dir": tmp_path}
+    finally:
+        if server:
+            server.stop()
+        if dnsmasq:
+            dnsmasq.terminate()
+            try:
+                dnsmasq.wait(10)
+            except subprocess.TimeoutExpired:
+                dnsmasq.kill()
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+BOOT_MAC = "52:54:00:d1:5c:01"
+OTHER_MAC = "52:54:00:d1:5c:02"
+DISK_SERIAL = "LAB-DISK-0001"
+SMBIOS_VENDOR = 'Lab "Quoted" Vendor\\Inc'
+VM_UUID = "6f1c2a8e-5b1d-4c3e-9a7f-0d15c0e4a001"
+
+
+def _boot(image, lab_net, *, uefi: bool, timeout: float):
+    need_binary("qemu-system-x86_64")
+    if uefi:
+        need(OVMF.exists(), f"needs {OVMF} (Debian package ovmf)")
+    work: Path = lab_net["dir"]
+    disk = work / "disk.raw"
+    with open(disk, "wb") as fh:
+        fh.truncate(1 << 30)  # sparse 1 GiB
+    serial_log = work / "serial.log"
+    append = (f"console=ttyS0 BOOTIF=01-{BOOT_MAC.replace(':', '-')} lab.url={lab_net['url']} "
+              "lab.action=poweroff panic=-1")
+    cmd = [
+        "ip", "netns", "exec", lab_net["ns"],
+        "qemu-system-x86_64", "-accel", "tcg", "-machine", "q35" if uefi else "pc",
+        "-smp", "2", "-m", "768", "-display", "none", "-monitor", "none", "-no-reboot",
+        "-serial", f"file:{serial_log}",
+        "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append,
+        "-uuid", VM_UUID,
+        "-smbios", "type=1,manufacturer=" + SMBIOS_VENDOR.replace(",", ",,") + ",serial=SN-4242",
+        # NIC 1 (eth0): isolated user-mode network, not the boot NIC
+        "-netdev", "user,id=n1,restrict=on", "-device", f"e1000,netdev=n1,mac={OTHER_MAC}",
+        # NIC 2: the boot NIC, on the namespace's tap
+        "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
+        "-device", f"virtio-net-pci,netdev=n0,mac={BOOT_MAC}",
+        "-drive", f"file={disk},if=none,id=d0,format=raw",
+        "-device", f"virtio-blk-pci,drive=d0,serial={DISK_SERIAL}",
+    ]
+    if uefi:
+        cmd[cmd.index("-no-reboot"):cmd.index("-no-reboot")] = ["-bios", str(OVMF)]
+    server = lab_net["server"]
+    started = time.monotonic()
+    qemu = subprocess.Popen(cmd, stdout=open(work / "qemu.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        try:
+            wait_for(lambda: server.posts or qemu.poll() is not None, timeout=timeout, interval=0.2,
+                     what="the discovery POST")
+        except TimeoutError:
+            pass
+        console = serial_log.read_text(errors="replace") if serial_log.exists() else ""
+        assert server.posts, (f"no POST to /api/discover within {timeout:.0f} s (other requests: {server.other})"
+                              f"\n--- serial console (tail) ---\n{console[-4000:]}")
+        post_at, body = server.posts[0]
+        try:
+            qemu.wait(60)  # it powers itself off
+        except subprocess.TimeoutExpired:
+            pytest.fail("the machine did not power off after reporting\n" + serial_log.read_text(errors="replace")[-3000:])
+        halted_at = time.monotonic()
+    finally:
+        if qemu.poll() is None:
+            qemu.kill()
+            qemu.wait(10)
+    console = serial_log.read_text(errors="replace")
+    assert "lab-discovery: powering off" in console, console[-3000:]
+    return body, post_at - started, halted_at - started, console
+
+
+def _check_vm_inventory(body: dict, firmware: str) -> None:
+    assert body["mac"] == BOOT_MAC
+    hw = body["hardware"]
+    _check_inventory(hw)
+    assert hw["cpu"]["threads"] == 2
+    assert hw["cpu"]["arch"] == "x86_64"
+    assert 640 <= hw["memory_mb"] <= 768, hw["memory_mb"]
+    disks = {d["serial"]: d for d in hw["disks"]}
+    assert DISK_SERIAL in disks, hw["disks"]
+    disk = disks[DISK_SERIAL]
+    assert disk["size_bytes"] == 1 << 30
+    assert disk["transport"] == "virtio" and disk["name"].startswith("vd")
+    assert disk["removable"] is False
+    nics = {n["mac"]: n for n in hw["nics"]}
+    assert nics[BOOT_MAC]["driver"] == "virtio_net" and nics[BOOT_MAC]["link"] is True
+    assert nics[OTHER_MAC]["driver"] == "e1000"
+    assert hw["dmi"]["vendor"] == SMBIOS_VENDOR
+    assert hw["dmi"]["serial"] == "SN-4242"
+    assert hw["dmi"]["uuid"].lower() == VM_UUID
+    assert hw["firmware"] == firmware
+
+
+@pytest.mark.slow
+def test_discovery_boots_and_reports_bios(image, lab_net):
+    body, to_post, to_halt, console = _boot(image, lab_net, uefi=False, timeout=180)
+    _check_vm_inventory(body, "bios")
+    assert "console=ttyS0" not in json.dumps(json.loads(image.manifest.read_text()))
+    _report(f"BIOS (SeaBIOS, TCG): QEMU start -> POST /api/discover {to_post:.1f} s, powered off at {to_halt:.1f} s")
+
+
+@pytest.mark.slow
+def test_discovery_boots_and_reports_uefi(image, lab_net):
+    body, to_post, to_halt, console = _boot(image, lab_net, uefi=True, timeout=420)
+    _check_vm_inventory(body, "uefi")
+    _report(f"UEFI (OVMF, q35, TCG): QEMU start -> POST /api/discover {to_post:.1f} s, powered off at {to_halt:.1f} s")
+
+
+def test_publish_is_atomic_and_cached(image, tmp_path):
+    """A build into a second output directory reuses the cache and gives identical files."""
+    from bastion_app.images.discovery import build_discovery
+
+    other = build_discovery(None, tmp_path / "out", progress=lambda msg: None)
+    assert other.cached
+    for name in ("vmlinuz", "initrd.img", "manifest.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (image.kernel.parent / name).read_bytes()
+    manifest = json.loads(other.manifest.read_text())
+    assert manifest["inputs_hash"] == other.inputs_hash
+    assert manifest["files"]["initrd.img"]["size_bytes"] == other.initrd.stat().st_size
+    assert {"virtio_net", "e1000", "nvme", "ahci", "sd_mod"} <= set(manifest["modules"])
+    assert not list((tmp_path / "out").glob(".*.tmp"))
+
