@@ -59,7 +59,11 @@ def serve(data_dir, listen, workers, syslog_port, no_dnsmasq, interface, dhcp_mo
     if cfg.dhcp_mode == "full" and cfg.dnsmasq and not cfg.dhcp_range:
         raise click.ClickException("--dhcp-mode full needs --dhcp-range START,END")
     click.echo(f"lab-bastion: serving {cfg.data_path} on {cfg.listen} (machines use {cfg.base_url()})", err=True)
-    sys.exit(Supervisor(cfg, children(cfg)).run())
+    try:
+        specs = children(cfg)
+    except configmod.ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(Supervisor(cfg, specs).run())
 
 
 @main.command()

@@ -55,6 +55,10 @@ def children(cfg: Config) -> list[ChildSpec]:
     specs = [
         ChildSpec("gunicorn", [sys.executable, "-m", "gunicorn", "-c", "python:bastion_app.gunicorn_conf", "bastion_app.wsgi:app"]),
     ]
+    if cfg.dnsmasq:
+        from bastion_app.dnsmasq import child_spec
+
+        specs.append(child_spec(cfg))
     return specs
 
 
