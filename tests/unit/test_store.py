@@ -1,0 +1,138 @@
+"""The SQLite store: migrations, events, export/import of the seed's state.json, stall marking."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import pytest
+
+from bastion_app.stateio import validate_state_doc
+from bastion_app.store import MIGRATIONS, Conflict, Forbidden, NotFound, Store
+from labcore.lifecycle import IllegalTransition
+from tests.unit.test_api import HW, INSTALL
+
+MAC = INSTALL["mac"]
+PARAMS = {k: INSTALL[k] for k in ("hostname", "role", "os", "disk", "ssh_keys")}
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "state.db")
+    yield s
+    s.close()
+
+
+def test_wal_and_schema_version(store, tmp_path):
+    assert store.conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.schema_version() == len(MIGRATIONS)
+    assert Store(tmp_path / "state.db").migrate() == len(MIGRATIONS)  # reopening is a no-op
+    assert store.integrity_check() == "ok"
+
+
+def test_newer_schema_is_refused(tmp_path):
+    c = sqlite3.connect(tmp_path / "state.db")
+    c.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
+    c.close()
+    with pytest.raises(RuntimeError, match="newer than this bastion"):
+        Store(tmp_path / "state.db")
+
+
+def test_every_change_is_an_event(store):
+    store.discover(MAC, HW, ip="10.0.0.5")
+    store.queue_install(MAC, PARAMS, actor="operator@test", reason="first install")
+    m = store.start_install(MAC, ip="10.0.0.5")
+    store.progress(MAC, token=m["install_token"], stage="packages", percent=40, message="", ip=None)
+    store.request_debug(MAC, "rescue", actor="operator@test")
+    assert store.take_debug(MAC) == "rescue" and store.take_debug(MAC) is None
+    evs = store.events(MAC)
+    assert [e["kind"] for e in evs] == ["discover", "install", "start", "progress", "debug_requested", "debug_served"]
+    assert evs[1]["actor"] == "operator@test" and evs[1]["reason"] == "first install"
+    assert evs[3]["data"]["percent"] == 40
+
+
+def test_failed_change_rolls_back(store):
+    store.discover(MAC, HW, ip=None)
+    with pytest.raises(IllegalTransition):
+        store.reprovision(MAC, {}, actor="t")
+    with pytest.raises(NotFound):
+        store.queue_install("52:54:00:99:99:99", PARAMS, actor="t")
+    store.queue_install(MAC, PARAMS, actor="t")
+    m = store.start_install(MAC, ip=None)
+    with pytest.raises(Forbidden):
+        store.progress(MAC, token="B" * 32, stage="packages", percent=1, message="", ip=None)
+    assert store.get(MAC)["version"] == m["version"]
+    assert [e["kind"] for e in store.events(MAC)] == ["discover", "install", "start"]
+
+
+def test_hostname_conflict(store):
+    store.discover(MAC, HW, ip=None)
+    store.discover("52:54:00:00:00:02", HW, ip=None)
+    store.queue_install(MAC, PARAMS, actor="t")
+    with pytest.raises(Conflict):
+        store.queue_install("52:54:00:00:00:02", PARAMS, actor="t")
+
+
+def test_mark_stalled(store):
+    store.discover(MAC, HW, ip=None)
+    store.queue_install(MAC, PARAMS, actor="t")
+    store.start_install(MAC, ip=None)
+    assert store.mark_stalled(60) == []
+    assert store.mark_stalled(60, now=time.time() + 120) == [MAC]
+    m = store.get(MAC)
+    assert m["state"] == "failed" and m["failure"] == "stalled" and m["install_token"] is None
+    assert store.events(MAC)[-1]["kind"] == "stall"
+
+
+def _populate(store):
+    store.discover(MAC, HW, ip="10.0.0.5")
+    store.queue_install(MAC, PARAMS, actor="t")
+    m = store.start_install(MAC, ip=None)
+    store.progress(MAC, token=m["install_token"], stage="complete", percent=100, message="", ip=None)
+    store.discover("52:54:00:00:00:02", HW, ip=None)
+    store.request_debug("52:54:00:00:00:02", "pxe", actor="t")
+    store.discover("52:54:00:00:00:03", HW, ip=None)
+    store.queue_install("52:54:00:00:00:03", {**PARAMS, "hostname": "node3", "disk": "/dev/nvme0n1"}, actor="t")
+
+
+def test_export_shape_and_round_trip(store, tmp_path):
+    _populate(store)
+    doc = store.export_state()
+    assert set(doc) == {"discovered", "install_queue", "installed", "debug"}
+    assert set(doc["installed"]) == {MAC} and doc["installed"][MAC]["hostname"] == "node1"
+    assert set(doc["discovered"]) == {"52:54:00:00:00:02"} and doc["debug"] == {"52:54:00:00:00:02": {"mode": "pxe"}}
+    assert doc["install_queue"]["52:54:00:00:00:03"]["disk"] == "/dev/nvme0n1"
+    other = Store(tmp_path / "other.db")
+    assert other.import_state(validate_state_doc(json.loads(json.dumps(doc))), actor="import") == 3
+    again = other.export_state()
+    for section in doc:
+        for mac, entry in doc[section].items():
+            for k, val in entry.items():
+                if k not in ("first_seen", "installed_at"):
+                    assert again[section][mac][k] == val, (section, mac, k)
+
+
+def test_import_is_all_or_nothing(store, tmp_path):
+    _populate(store)
+    doc = json.loads(json.dumps(store.export_state()))
+    target = Store(tmp_path / "t.db")
+    target.discover("52:54:00:00:00:03", HW, ip=None)
+    with pytest.raises(Conflict, match="already in the store"):
+        target.import_state(validate_state_doc(doc), actor="import")
+    assert [m["mac"] for m in target.list()] == ["52:54:00:00:00:03"]
+    assert target.import_state(validate_state_doc(doc), actor="import", replace=True) == 3
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d["installed"]["52:54:00:12:34:56"].update(hostname="bad\nname"),
+    lambda d: d.update(extra={}),
+    lambda d: d["discovered"].update({"not-a-mac": {}}),
+    lambda d: d["installed"]["52:54:00:12:34:56"].update(disk="/dev/sda; reboot"),
+])
+def test_import_rejects_bad_documents(store, mutate):
+    _populate(store)
+    doc = json.loads(json.dumps(store.export_state()))
+    mutate(doc)
+    with pytest.raises((ValueError,)):
+        validate_state_doc(doc)
