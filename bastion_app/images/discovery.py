@@ -111,44 +111,51 @@ def _run(cmd: list[str], *, cwd: Path | None = None) -> str:
     return proc.stdout
 
 
-def _apt_show(package: str) -> dict[str, str]:
-    """The candidate version's control fields for ``package`` (from the local apt lists)."""
-    out = _run(["apt-cache", "show", "--no-all-versions", package])
-    fields: dict[str, str] = {}
-    for line in out.splitlines():
-        if not line.strip():
-            if fields:
-                break
-            continue
-        if line[0].isspace():
-            continue
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    if "Version" not in fields:
-        raise DiscoveryBuildError(
-            f"apt knows no candidate for {package}: run `apt-get update` (as root) and try again"
-        )
-    return fields
+def _apt_show(*packages: str) -> dict[str, dict[str, str]]:
+    """The candidate versions' control fields, by package name (one apt-cache call: it is slow)."""
+    out = _run(["apt-cache", "show", "--no-all-versions", *packages])
+    found: dict[str, dict[str, str]] = {}
+    for stanza in out.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in stanza.splitlines():
+            if line and not line[0].isspace() and ":" in line:
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+        if "Package" in fields and "Version" in fields:
+            found.setdefault(fields["Package"], fields)
+    for package in packages:
+        if package not in found:
+            raise DiscoveryBuildError(
+                f"apt knows no candidate for {package}: run `apt-get update` (as root) and try again"
+            )
+    return found
 
 
 def resolve_packages(kernel_package: str | None = None) -> dict[str, tuple[str, str]]:
     """``{"kernel": (name, version), "busybox": (name, version)}`` for the packages to use.
 
     ``kernel_package`` pins a concrete ``linux-image-*`` package; by default the dependency of
-    ``linux-image-amd64`` that is a ``linux-image-<abi>-amd64`` package.
+    ``linux-image-amd64`` that is a ``linux-image-<abi>-amd64`` package (at the version it pins).
     """
+    kernel_version = None
     if kernel_package is None:
-        meta = _apt_show(KERNEL_META_PACKAGE)
-        deps = re.split(r"\s*[,|]\s*", meta.get("Depends", ""))
-        names = [d.split()[0] for d in deps if d.startswith("linux-image-")]
-        if not names:
+        found = _apt_show(KERNEL_META_PACKAGE, BUSYBOX_PACKAGE)
+        deps = re.split(r"\s*[,|]\s*", found[KERNEL_META_PACKAGE].get("Depends", ""))
+        for dep in deps:
+            m = re.fullmatch(r"(linux-image-\S+)(?:\s*\(\s*(=|>=)\s*([^)\s]+)\s*\))?", dep.strip())
+            if m:
+                kernel_package = m.group(1)
+                kernel_version = m.group(3) if m.group(2) == "=" else None
+                break
+        else:
             raise DiscoveryBuildError(f"{KERNEL_META_PACKAGE} depends on no linux-image-* package: {deps}")
-        kernel_package = names[0]
-    kernel = _apt_show(kernel_package)
-    busybox = _apt_show(BUSYBOX_PACKAGE)
+    else:
+        found = _apt_show(BUSYBOX_PACKAGE)
+    if kernel_version is None:
+        kernel_version = _apt_show(kernel_package)[kernel_package]["Version"]
     return {
-        "kernel": (kernel_package, kernel["Version"]),
-        "busybox": (BUSYBOX_PACKAGE, busybox["Version"]),
+        "kernel": (kernel_package, kernel_version),
+        "busybox": (BUSYBOX_PACKAGE, found[BUSYBOX_PACKAGE]["Version"]),
     }
 
 

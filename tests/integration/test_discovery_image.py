@@ -13,6 +13,7 @@ import ctypes
 import itertools
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -298,7 +299,7 @@ def _boot(image, lab_net, *, uefi: bool, timeout: float):
             qemu.kill()
             qemu.wait(10)
     console = serial_log.read_text(errors="replace")
-    assert "lab-discovery: powering off" in console, console[-3000:]
+    assert re.search(r"lab-discovery: \[[0-9.]+\] powering off", console), console[-3000:]
     return body, post_at - started, halted_at - started, console
 
 
@@ -324,19 +325,35 @@ def _check_vm_inventory(body: dict, firmware: str) -> None:
     assert hw["firmware"] == firmware
 
 
+def _kernel_times(console: str) -> str:
+    """Kernel uptime at the milestones /init logs ("lab-discovery: [12.34] ...")."""
+    marks = {"modules loaded": "modules", "network up": "network", "inventory collected": "inventory",
+             "reported to": "POST"}
+    found = []
+    for line in console.splitlines():
+        m = re.match(r"lab-discovery: \[([0-9.]+)\] (.*)", line.strip())
+        if m:
+            for prefix, label in marks.items():
+                if m.group(2).startswith(prefix):
+                    found.append(f"{label} {float(m.group(1)):.1f}")
+    return "kernel uptime at " + ", ".join(found) + " s"
+
+
 @pytest.mark.slow
 def test_discovery_boots_and_reports_bios(image, lab_net):
     body, to_post, to_halt, console = _boot(image, lab_net, uefi=False, timeout=180)
     _check_vm_inventory(body, "bios")
     assert "console=ttyS0" not in json.dumps(json.loads(image.manifest.read_text()))
-    _report(f"BIOS (SeaBIOS, TCG): QEMU start -> POST /api/discover {to_post:.1f} s, powered off at {to_halt:.1f} s")
+    _report(f"BIOS (SeaBIOS, TCG): QEMU start -> POST /api/discover {to_post:.1f} s, powered off at {to_halt:.1f} s"
+            f"; {_kernel_times(console)}")
 
 
 @pytest.mark.slow
 def test_discovery_boots_and_reports_uefi(image, lab_net):
     body, to_post, to_halt, console = _boot(image, lab_net, uefi=True, timeout=420)
     _check_vm_inventory(body, "uefi")
-    _report(f"UEFI (OVMF, q35, TCG): QEMU start -> POST /api/discover {to_post:.1f} s, powered off at {to_halt:.1f} s")
+    _report(f"UEFI (OVMF, q35, TCG): QEMU start -> POST /api/discover {to_post:.1f} s, powered off at {to_halt:.1f} s"
+            f"; {_kernel_times(console)}")
 
 
 def test_publish_is_atomic_and_cached(image, tmp_path):
