@@ -35,6 +35,9 @@ def create_app(cfg: configmod.Config | None = None, test_config: dict | None = N
     app.register_blueprint(boot.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(ops.bp)
+    from bastion_app.routes import logs as logs_routes
+
+    logs_routes.init_app(app)
     logging.getLogger("bastion_app").setLevel(logging.INFO)
     return app
 

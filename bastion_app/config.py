@@ -43,6 +43,10 @@ class Config:
     dnsmasq: bool = True
     #: seconds without progress before an install is marked stalled (failed, reason stalled)
     stall_timeout: int = 3600
+    #: install log lines kept per machine in logs.db (older ones are trimmed)
+    log_lines: int = 20000
+    #: concurrent log followers (SSE) per gunicorn worker; each holds one extra thread
+    followers: int = 128
     #: SQLite synchronous mode: FULL (an acknowledged change survives power loss) or NORMAL
     db_synchronous: str = "FULL"
     max_body_bytes: int = 1024 * 1024
@@ -173,6 +177,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"public_url: {cfg.public_url!r} is not an http(s) URL of host[:port][/path]")
     if cfg.workers < 1 or cfg.threads < 1:
         raise ConfigError("workers and threads must be at least 1")
+    if cfg.log_lines < 10 or cfg.followers < 1:
+        raise ConfigError("log_lines must be at least 10 and followers at least 1")
     if not 0 < cfg.syslog_port < 65536:
         raise ConfigError("syslog_port must be 1-65535")
     if cfg.discovery not in ("image", "kickstart"):

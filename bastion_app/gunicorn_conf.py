@@ -6,8 +6,13 @@ bind = os.environ.get("LAB_BASTION_LISTEN", "0.0.0.0:8080")
 workers = int(os.environ.get("LAB_BASTION_WORKERS", "4"))
 # gthread: each worker serves many connections with a thread pool, so a slow or long-lived client
 # (a follower, a machine on a bad link) holds a thread, not a whole worker process.
+# Log followers (SSE, GET /api/logs/<mac>/follow) hold their thread for the whole install, so each
+# worker gets LAB_BASTION_FOLLOWERS threads on top of LAB_BASTION_THREADS, and the follow route
+# refuses (503) a follower beyond that cap: machines always find LAB_BASTION_THREADS free threads.
+# Why not gevent: sqlite3 calls (and their busy-timeout waits) block the whole event loop of a
+# worker, so one writer waiting on the lock would stall every machine on that worker. docs/logs.md.
 worker_class = "gthread"
-threads = int(os.environ.get("LAB_BASTION_THREADS", "16"))
+threads = int(os.environ.get("LAB_BASTION_THREADS", "16")) + int(os.environ.get("LAB_BASTION_FOLLOWERS", "128"))
 timeout = 60
 graceful_timeout = 10
 keepalive = 5

@@ -55,6 +55,7 @@ def children(cfg: Config) -> list[ChildSpec]:
     specs = [
         ChildSpec("gunicorn", [sys.executable, "-m", "gunicorn", "-c", "python:bastion_app.gunicorn_conf", "bastion_app.wsgi:app"]),
     ]
+    specs.append(ChildSpec("syslog", [sys.executable, "-m", "bastion_app.syslog"]))
     if cfg.dnsmasq:
         from bastion_app.dnsmasq import child_spec
 

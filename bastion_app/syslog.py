@@ -1,0 +1,426 @@
+"""The installer syslog listener: ``python -m bastion_app.syslog`` (a child of ``lab-bastion serve``).
+
+Receives RFC 3164 and RFC 5424 messages on UDP (and, on the same port, TCP with newline or
+octet-counted framing, RFC 6587: Anaconda's ``inst.syslog``/``logging --host`` forwards with
+rsyslog's ``@@host:port``, which is TCP). Each message is parsed, its sender's IP resolved to a MAC
+(the bastion's dnsmasq leases, the kernel's neighbour table, the machine's last known address in
+the store) and stored under that machine in ``logs.db``; senders nobody knows go to the
+``unattributed`` bucket. Lines that show an install moving on (Anaconda's stages, its package
+count) advance the machine's progress timeline.
+
+One thread receives (and only receives: a datagram costs it one ``recvfrom`` and one append), the
+main thread parses and writes in batches, so a slow disk never makes the kernel drop datagrams
+unless the backlog limit is reached (counted in ``lab_bastion_syslog_dropped_total``).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bastion_app.logstore import SEVERITIES, UNATTRIBUTED, LogStore, advance, clip
+from labcore import progress as timeline
+
+log = logging.getLogger("lab-bastion.syslog")
+
+MAX_DATAGRAM = 65535
+#: Datagrams waiting for the writer; beyond this the receiver drops (and counts) them.
+MAX_BACKLOG = 500_000
+BATCH = 5000
+RCVBUF = 32 * 1024 * 1024
+MAX_TCP_CONNECTIONS = 64
+
+
+# -- parsing (pure) ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Message:
+    facility: int
+    severity: str
+    host: str
+    app: str
+    text: str
+    rfc: str  # "5424", "3164" or "raw" (no valid header: the whole datagram is the text)
+
+
+_PRI = re.compile(r"<(\d{1,3})>")
+_TS3164 = re.compile(r"(?:[A-Z][a-z]{2}  ?\d{1,2} \d\d:\d\d:\d\d(?:\.\d+)?(?: \d{4})?|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?) ")
+_TAG = re.compile(r"([^\s:\[\]]{1,64})(?:\[([^\]\s]{0,32})\])?: ?")
+_HOST = re.compile(r"[A-Za-z0-9._:%-]{1,255}")
+_CTRL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def clean(text: str) -> str:
+    """Control characters (terminal escapes among them) shown as \\xNN, so a log line can never
+    drive the operator's terminal; tabs and newlines stay."""
+    return _CTRL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _sd_end(s: str) -> int:
+    """Index just past the STRUCTURED-DATA of an RFC 5424 message ('-' or [..][..]), or -1."""
+    if s.startswith("-"):
+        return 1
+    i, n = 0, len(s)
+    if not s.startswith("["):
+        return -1
+    while i < n and s[i] == "[":
+        i += 1
+        quoted = False
+        while i < n:
+            ch = s[i]
+            if ch == "\\" and quoted:
+                i += 2
+                continue
+            if ch == '"':
+                quoted = not quoted
+            elif ch == "]" and not quoted:
+                break
+            i += 1
+        if i >= n:
+            return -1
+        i += 1
+    return i
+
+
+def parse(data: bytes) -> Message:
+    """Parse one syslog message. Never raises: whatever does not fit a format is kept whole as
+    the text of a ``raw`` message (user.notice, as RFC 3164 says for a message without PRI)."""
+    s = data.decode("utf-8", "replace").rstrip("\r\n\x00")
+    m = _PRI.match(s)
+    if not m or int(m.group(1)) > 191:
+        return Message(1, "notice", "", "", clip(clean(s.lstrip("\ufeff"))), "raw")
+    pri = int(m.group(1))
+    facility, severity = pri >> 3, SEVERITIES[pri & 7]
+    rest = s[m.end():]
+    if rest.startswith("1 "):
+        parts = rest.split(" ", 6)
+        if len(parts) == 7:
+            _, _ts, host, app, _procid, _msgid, tail = parts
+            end = _sd_end(tail)
+            if end > 0 and (end == len(tail) or tail[end] == " "):
+                msg = tail[end + 1:] if end < len(tail) else ""
+                if msg.startswith("\ufeff"):
+                    msg = msg[1:]
+                return Message(facility, severity, "" if host == "-" else host[:255], "" if app == "-" else app[:48],
+                               clip(clean(msg)), "5424")
+        return Message(facility, severity, "", "", clip(clean(rest)), "raw")
+    host = app = ""
+    t = _TS3164.match(rest)
+    if t:
+        rest = rest[t.end():]
+        # HOSTNAME follows the timestamp unless the next token is already the tag.
+        first, sep, after = rest.partition(" ")
+        if sep and _HOST.fullmatch(first) and not _TAG.fullmatch(first + " ") and not first.endswith(":"):
+            host, rest = first, after
+    tag = _TAG.match(rest)
+    if tag:
+        app, rest = tag.group(1), rest[tag.end():]
+    return Message(facility, severity, host[:255], app[:48], clip(clean(rest)), "3164")
+
+
+# -- who sent it -------------------------------------------------------------------------------
+def leases_path(cfg) -> Path:
+    """Where the bastion's dnsmasq writes its DHCP leases (the dnsmasq child's --dhcp-leasefile)."""
+    return cfg.run_path / "dnsmasq.leases"
+
+
+def read_leases(path: Path) -> dict[str, str]:
+    """ip -> mac from a dnsmasq lease file (``expiry mac ip hostname client-id`` per line)."""
+    from labcore import validate
+
+    out: dict[str, str] = {}
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) >= 3 and f[0].isdigit():
+            try:
+                out[f[2]] = validate.mac(f[1])
+            except validate.ValidationError:
+                continue
+    return out
+
+
+def read_neighbours() -> dict[str, str]:
+    """ip -> mac from the kernel's neighbour table (``ip -j neigh``, else /proc/net/arp)."""
+    from labcore import validate
+
+    out: dict[str, str] = {}
+    try:
+        doc = json.loads(subprocess.run(["ip", "-j", "neigh"], capture_output=True, text=True, timeout=3).stdout or "[]")
+        pairs = [(e.get("dst"), e.get("lladdr")) for e in doc if "FAILED" not in (e.get("state") or [])]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pairs = []
+        try:
+            for line in Path("/proc/net/arp").read_text().splitlines()[1:]:
+                f = line.split()
+                if len(f) >= 4 and f[2] != "0x0":
+                    pairs.append((f[0], f[3]))
+        except OSError:
+            pass
+    for ip, mac in pairs:
+        if ip and mac:
+            try:
+                out[ip] = validate.mac(mac)
+            except validate.ValidationError:
+                continue
+    return out
+
+
+class Resolver:
+    """Sender IP -> MAC, cached; the tables are re-read at most every ``refresh_s`` on a miss."""
+
+    def __init__(self, store, leases: Path, *, ttl_s: float = 10.0, refresh_s: float = 2.0):
+        self.store, self.leases = store, leases
+        self.ttl_s, self.refresh_s = ttl_s, refresh_s
+        self._cache: dict[str, tuple[str | None, float]] = {}
+        self._table: dict[str, str] = {}
+        self._loaded = 0.0
+
+    def _reload(self) -> None:
+        table: dict[str, str] = {}
+        rows = self.store.conn().execute(
+            "SELECT ip, mac FROM machines WHERE ip IS NOT NULL ORDER BY COALESCE(last_seen_at, updated_at)").fetchall()
+        table.update({r[0]: r[1] for r in rows})  # the most recently seen machine wins
+        table.update(read_leases(self.leases))
+        table.update(read_neighbours())
+        self._table, self._loaded = table, time.monotonic()
+        self._cache.clear()
+
+    def resolve(self, ip: str) -> str | None:
+        now = time.monotonic()
+        hit = self._cache.get(ip)
+        if hit and hit[1] > now:
+            return hit[0]
+        if now - self._loaded > self.refresh_s:
+            self._reload()
+        mac = self._table.get(ip)
+        self._cache[ip] = (mac, now + self.ttl_s)
+        return mac
+
+
+# -- the listener ------------------------------------------------------------------------------
+class Listener:
+    def __init__(self, cfg, host: str, port: int, *, store=None, logs: LogStore | None = None):
+        from bastion_app.store import Store
+
+        self.cfg, self.host, self.port = cfg, host, port
+        self.store = store or Store(cfg.db_path, synchronous=cfg.db_synchronous)
+        self.logs = logs or LogStore(cfg.data_path / "logs.db", max_lines=cfg.log_lines)
+        self.resolver = Resolver(self.store, leases_path(cfg))
+        self.queue: collections.deque = collections.deque()
+        self.stopping = threading.Event()
+        self.received = self.dropped = self.stored = 0
+        self.keepalive_s = max(5.0, min(60.0, cfg.stall_timeout / 3))
+        self.udp: socket.socket | None = None
+        self._machines: dict[str, tuple[dict | None, float]] = {}
+
+    # receiving
+    def bind(self) -> None:
+        """Bind UDP (required) and TCP (best effort) on the port, retrying while it is taken so
+        that a busy port never makes the supervisor give up on the whole bastion."""
+        while not self.stopping.is_set():
+            try:
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, 33, RCVBUF)  # SO_RCVBUFFORCE (root)
+                except OSError:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+                s.bind((self.host, self.port))
+                self.udp = s
+                break
+            except OSError as exc:
+                s.close()
+                log.error("syslog: cannot bind UDP %s:%d (%s); retrying in 5 s", self.host, self.port, exc)
+                self.stopping.wait(5)
+        if self.udp is None:
+            return
+        log.info("syslog: listening on udp and tcp %s:%d", self.host, self.port)
+        threading.Thread(target=self._recv_udp, name="syslog-udp", daemon=True).start()
+        try:
+            t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            t.bind((self.host, self.port))
+            t.listen(16)
+            threading.Thread(target=self._accept_tcp, args=(t,), name="syslog-tcp", daemon=True).start()
+        except OSError as exc:
+            log.warning("syslog: no TCP listener on port %d (%s); UDP only", self.port, exc)
+
+    def _push(self, ip: str, data: bytes) -> None:
+        self.received += 1
+        if len(self.queue) < MAX_BACKLOG:
+            self.queue.append((time.time(), ip, data))
+        else:
+            self.dropped += 1
+
+    def _recv_udp(self) -> None:
+        recv, push = self.udp.recvfrom, self._push  # type: ignore[union-attr]
+        while True:
+            try:
+                data, addr = recv(MAX_DATAGRAM)
+            except OSError:
+                if self.stopping.is_set():
+                    return
+                continue
+            push(addr[0], data)
+
+    def _accept_tcp(self, srv: socket.socket) -> None:
+        active = threading.BoundedSemaphore(MAX_TCP_CONNECTIONS)
+        while not self.stopping.is_set():
+            try:
+                conn, addr = srv.accept()
+            except OSError:
+                continue
+            if not active.acquire(blocking=False):
+                conn.close()
+                continue
+            threading.Thread(target=self._read_tcp, args=(conn, addr[0], active), daemon=True).start()
+
+    def _read_tcp(self, conn: socket.socket, ip: str, active) -> None:
+        """RFC 6587 framing: octet counting ("LEN SP MSG") or one message per line."""
+        buf = b""
+        try:
+            conn.settimeout(600)
+            while True:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                while buf:
+                    m = re.match(rb"(\d{1,6}) ", buf)
+                    if m:
+                        n = int(m.group(1))
+                        if len(buf) < m.end() + n:
+                            break
+                        self._push(ip, buf[m.end():m.end() + n])
+                        buf = buf[m.end() + n:]
+                        continue
+                    nl = buf.find(b"\n")
+                    if nl < 0:
+                        if len(buf) > MAX_DATAGRAM:
+                            self._push(ip, buf)
+                            buf = b""
+                        break
+                    if nl:
+                        self._push(ip, buf[:nl])
+                    buf = buf[nl + 1:]
+            if buf.strip():
+                self._push(ip, buf)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            active.release()
+
+    # writing
+    def _machine(self, mac: str) -> dict | None:
+        hit = self._machines.get(mac)
+        now = time.monotonic()
+        if hit and hit[1] > now:
+            return hit[0]
+        m = self.store.get(mac)
+        self._machines[mac] = (m, now + 1.0)
+        return m
+
+    def process(self, batch: list[tuple[float, str, bytes]]) -> int:
+        """Parse, attribute and store one batch; advance the progress of machines it shows."""
+        rows = []
+        steps: dict[str, timeline.Progress | None] = {}
+        ips: dict[str, str] = {}
+        for ts, ip, data in batch:
+            msg = parse(data)
+            mac = self.resolver.resolve(ip) or UNATTRIBUTED
+            rows.append((mac, ts, "syslog", msg.severity, msg.app, msg.host, ip, msg.text))
+            if mac != UNATTRIBUTED:
+                step = timeline.from_anaconda_line(msg.text)
+                best = steps.get(mac)
+                if step is not None and (best is None or timeline.advances(best.stage, best.percent, step)):
+                    steps[mac] = step
+                else:
+                    steps.setdefault(mac, None)
+                ips[mac] = ip
+        n = self.logs.append(rows)
+        for mac, step in steps.items():
+            m = self._machine(mac)
+            if m is None:
+                continue
+            updated = advance(self.store, mac, step, machine=m, ip=ips[mac], keepalive_s=self.keepalive_s)
+            if updated is not None:
+                self._machines[mac] = (updated, time.monotonic() + 1.0)
+        self.stored += n
+        return n
+
+    def run(self) -> None:
+        self.bind()
+        q = self.queue
+        last_report = time.monotonic()
+        while not (self.stopping.is_set() and not q):
+            if not q:
+                time.sleep(0.005)
+            else:
+                batch = []
+                pop = q.popleft
+                while q and len(batch) < BATCH:
+                    batch.append(pop())
+                try:
+                    self.process(batch)
+                except Exception:  # noqa: BLE001 - a bad batch must not stop the listener
+                    log.exception("syslog: could not store %d lines", len(batch))
+            if time.monotonic() - last_report > 5:
+                last_report = time.monotonic()
+                _report(self)
+
+
+_metrics: dict = {}
+
+
+def _report(listener: Listener) -> None:
+    """Counters for /metrics (prometheus multiprocess files, summed by the gunicorn workers)."""
+    try:
+        from prometheus_client import Counter
+    except ImportError:  # pragma: no cover
+        return
+    if not _metrics:
+        _metrics["lines"] = Counter("lab_bastion_syslog_lines_total", "Syslog messages stored")
+        _metrics["dropped"] = Counter("lab_bastion_syslog_dropped_total", "Syslog messages dropped (backlog full)")
+        _metrics["seen"] = (0, 0)
+    stored, dropped = _metrics["seen"]
+    _metrics["lines"].inc(listener.stored - stored)
+    _metrics["dropped"].inc(listener.dropped - dropped)
+    _metrics["seen"] = (listener.stored, listener.dropped)
+
+
+def main() -> int:
+    from bastion_app import config as configmod
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = configmod.load(os.environ.get(configmod.DATA_DIR_ENV), detect=False)
+    listener = Listener(cfg, cfg.listen_host, cfg.syslog_port)
+
+    def stop(*_):
+        listener.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    listener.logs.trim_all()
+    listener.run()
+    _report(listener)
+    log.info("syslog: stopped (%d received, %d stored, %d dropped)", listener.received, listener.stored, listener.dropped)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
