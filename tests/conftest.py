@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -90,6 +91,8 @@ def start_bastion(data_dir: Path, *args: str, env: dict | None = None, workers: 
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir.parent / f"bastion-{port}.log"
+    if "--syslog-port" not in args:  # never the shared default 5514: tests run side by side
+        args = ("--syslog-port", str(free_port(kind=socket.SOCK_DGRAM)), *args)
     cmd = [sys.executable, "-m", "bastion_app.cli", "serve", "--data-dir", str(data_dir),
            "--listen", f"127.0.0.1:{port}", "--workers", str(workers), "--no-dnsmasq", *args]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
