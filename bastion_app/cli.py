@@ -128,5 +128,38 @@ def images() -> None:
     """Boot artefacts: installer kernels and initrds, the discovery environment."""
 
 
+@images.command("build-discovery")
+@data_dir_option
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where packages and built images are cached (default /var/cache/lab-platform/discovery for root).")
+@click.option("--force", is_flag=True, help="Rebuild even when the cache has an image for the same inputs.")
+def build_discovery_cmd(data_dir, cache_dir, force):
+    """Build the discovery kernel + initramfs from Debian's packages into <data>/images/discovery."""
+    from bastion_app.images.discovery import DiscoveryBuildError, build_discovery
+
+    cfg = _load(data_dir)
+    try:
+        img = build_discovery(cache_dir, cfg.images_path / "discovery", force=force,
+                              progress=lambda msg: click.echo(msg, err=True))
+    except DiscoveryBuildError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{img.kernel}\n{img.initrd}")
+
+
+@images.command("build-local-boot")
+@data_dir_option
+def build_local_boot_cmd(data_dir):
+    """Build the UEFI local-boot GRUB (<data>/images/local-boot/grubx64.efi) that /dispatch chains
+    for installed machines: it finds the installed system's EFI loader on a local disk."""
+    from bastion_app.images.local_boot import LocalBootBuildError, build_local_boot
+
+    cfg = _load(data_dir)
+    try:
+        out = build_local_boot(cfg.images_path / "local-boot", progress=lambda msg: click.echo(msg, err=True))
+    except LocalBootBuildError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(str(out))
+
+
 if __name__ == "__main__":
     main()

@@ -379,7 +379,7 @@ class Lab:
         if mdir.exists():
             shutil.rmtree(mdir)
         mdir.mkdir(parents=True)
-        mac = mac or "52:54:00:%02x:%02x:%02x" % tuple(secrets.token_bytes(3))
+        mac = mac or "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
         m = Machine(name=name, mac=mac, firmware=firmware, cpus=cpus, memory_mb=memory_mb, disk_bytes=disk_bytes,
                     dir=str(mdir), pxe=pxe, iso=str(iso or ""), tap=self.tap())
         if disk is None:
@@ -405,7 +405,8 @@ class Lab:
                      "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
                      "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
         else:
-            argv += ["-machine", "pc"]
+            # SeaBIOS mirrors the BIOS text console (iPXE's messages) to the serial port
+            argv += ["-machine", "pc", "-fw_cfg", "name=etc/sercon-port,string=0x3f8"]
         nic = f"virtio-net-pci,netdev=n0,mac={m.mac}"
         nic += ",bootindex=1" if m.pxe else ",romfile="
         argv += ["-netdev", f"tap,id=n0,ifname={m.tap},script=no,downscript=no", "-device", nic,
@@ -413,7 +414,7 @@ class Lab:
                  "-device", f"virtio-blk-pci,drive=d0,serial=LAB-{m.name[:12]},bootindex=2"]
         if m.iso:
             argv += ["-drive", f"file={m.iso},if=none,id=cd0,media=cdrom,readonly=on",
-                     "-device", "ide-cd,drive=cd0,bootindex=0" if m.firmware == "bios" else "ide-cd,drive=cd0,bootindex=0"]
+                     "-device", "ide-cd,drive=cd0,bootindex=0"]
         return argv
 
     def start(self, m: Machine) -> None:
