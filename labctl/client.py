@@ -1,0 +1,144 @@
+"""THE HTTP client of labctl: requests, bearer token, timeouts, HTTP errors mapped to exit codes.
+
+Every command talks to the bastion through :class:`Client`; nothing else in labctl opens a URL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from labctl import errors
+
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 30.0
+
+
+class Client:
+    def __init__(self, base_url: str, token: str = "", timeout: float = READ_TIMEOUT):
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = "labctl"
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def request(self, method: str, path: str, *, json: Any = None, params: dict | None = None,
+                stream: bool = False, headers: dict | None = None, read_timeout: float | None = None,
+                ok: tuple[int, ...] = ()) -> requests.Response:
+        """Send one request; any answer that is not 2xx (or listed in ``ok``) raises a LabctlError."""
+        try:
+            resp = self.session.request(method, self.url(path), json=json, params=params, stream=stream,
+                                        headers=headers, timeout=(CONNECT_TIMEOUT, read_timeout or self.timeout))
+        except requests.Timeout:
+            raise errors.Unreachable(f"the bastion at {self.base_url} did not answer in time",
+                                     "check that it is running and reachable (labctl doctor)") from None
+        except requests.ConnectionError:
+            raise errors.Unreachable(f"cannot reach the bastion at {self.base_url}",
+                                     "is `lab-bastion serve` running? Set the URL with --bastion, "
+                                     "LABCTL_BASTION_URL or `labctl config set bastionUrl URL`") from None
+        if resp.status_code < 400 or resp.status_code in ok:
+            return resp
+        raise self.error(resp)
+
+    def error(self, resp: requests.Response) -> errors.LabctlError:
+        try:
+            body = resp.json()
+            msg, detail = str(body.get("error") or resp.reason), body.get("detail")
+        except ValueError:
+            msg, detail = (resp.reason or "error"), None
+        where = f"{resp.request.method} {resp.request.path_url}"
+        code = resp.status_code
+        if code in (401, 403):
+            return errors.Unauthorized(
+                f"the bastion refused the token ({code} {msg}) for {where}",
+                "set the operator token: labctl config set token \"$(lab-bastion token --data-dir DIR)\" "
+                "(or LABCTL_TOKEN / --token)")
+        if code == 404:
+            return errors.NotFound(f"{msg} ({where})", "labctl get machines lists what the bastion knows")
+        if code == 409:
+            return errors.Conflict(msg, "labctl describe machine NAME shows its state and history")
+        if code in (400, 413, 422):
+            return errors.UsageError(f"the bastion rejected the request: {msg}{_detail(detail)}")
+        return errors.LabctlError(f"the bastion failed ({code} {msg}) on {where}",
+                                  "this is a bastion bug: see its log")
+
+    # -- API ---------------------------------------------------------------------------------
+    def get(self, path: str, **params) -> Any:
+        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None}).json()
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.request("POST", path, json=body).json()
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path).json()
+
+    def machines(self, **filters) -> list[dict[str, Any]]:
+        return self.get("/api/machines", **filters)["machines"]
+
+    def machine(self, mac: str) -> dict[str, Any]:
+        return self.get(f"/api/machines/{quote(mac)}")
+
+    def events(self, since: int = 0, mac: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
+        return self.get("/api/events", since=since, mac=mac, limit=limit)["events"]
+
+    def last_event_id(self) -> int:
+        """The id of the newest event (a cursor for watching)."""
+        since = 0
+        while True:
+            batch = self.events(since=since, limit=5000)
+            if not batch:
+                return since
+            since = batch[-1]["id"]
+
+    def stream(self, path: str, *, last_event_id: str | None = None, idle_timeout: float = 60.0,
+               params: dict | None = None) -> requests.Response:
+        """Open a Server-Sent Events stream; reading raises requests' timeout after idle_timeout
+        seconds with no byte (heartbeats included)."""
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        return self.request("GET", path, stream=True, headers=headers, read_timeout=idle_timeout, params=params)
+
+
+def _detail(detail: Any) -> str:
+    if isinstance(detail, list):
+        parts = [f"{d.get('field')}: {d.get('message')}" if isinstance(d, dict) else str(d) for d in detail]
+        return " (" + "; ".join(parts) + ")"
+    if detail:
+        return f" ({detail})"
+    return ""
+
+
+def iter_sse(resp: requests.Response) -> Iterator[dict[str, str]]:
+    """Parse a text/event-stream into {"event", "data", "id"} dicts (comments are yielded as
+    {"event": "heartbeat"} so callers can tell the stream is alive)."""
+    event: dict[str, Any] = {}
+    data: list[str] = []
+    resp.encoding = resp.encoding or "utf-8"
+    for raw in resp.iter_lines(decode_unicode=True, chunk_size=None):
+        line = raw if raw is not None else ""
+        if line == "":
+            if data or event:
+                yield {"event": event.get("event", "message"), "data": "\n".join(data), "id": event.get("id", "")}
+            event, data = {}, []
+            continue
+        if line.startswith(":"):
+            yield {"event": "heartbeat", "data": line[1:].strip(), "id": ""}
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            data.append(value)
+        elif name in ("event", "id"):
+            event[name] = value
+    if data:
+        yield {"event": event.get("event", "message"), "data": "\n".join(data), "id": event.get("id", "")}

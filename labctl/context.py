@@ -1,0 +1,57 @@
+"""What every command shares: the settings, the one HTTP client, and the options defined once
+(``-o``, ``--watch``) that command modules attach by name."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import click
+
+from labctl import config
+from labctl.client import Client
+
+
+class Ctx:
+    """``ctx.obj`` of every labctl command."""
+
+    def __init__(self, bastion: str | None = None, token: str | None = None, output: str | None = None,
+                 debug: bool = False):
+        self.flags: dict[str, str | None] = {"bastionUrl": bastion, "token": token, "output": output}
+        self.debug = debug
+
+    @cached_property
+    def settings(self) -> config.Settings:
+        return config.load(self.flags)
+
+    @property
+    def output(self) -> str:
+        return self.settings["output"]
+
+    @cached_property
+    def client(self) -> Client:
+        return Client(self.settings["bastionUrl"], self.settings["token"])
+
+
+pass_ctx = click.make_pass_decorator(Ctx, ensure=True)
+
+
+def _set_output(ctx: click.Context, _param, value: str | None) -> None:
+    if value is not None:
+        obj = ctx.ensure_object(Ctx)
+        obj.flags["output"] = value
+        obj.__dict__.pop("settings", None)
+
+
+output_option = click.option(
+    "-o", "--output", type=click.Choice(config.OUTPUTS), expose_value=False, callback=_set_output,
+    is_eager=True, help="Output format (default: the `output` setting, else table). Env: LABCTL_OUTPUT.")
+
+watch_option = click.option("-w", "--watch", is_flag=True, help="After listing, keep printing changes (Ctrl-C stops).")
+watch_timeout_option = click.option("--watch-timeout", type=click.FloatRange(0), default=0, show_default=True,
+                                    metavar="SECONDS", help="Stop watching after SECONDS (0 = until Ctrl-C).")
+interval_option = click.option("--interval", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
+                               metavar="SECONDS", help="How often --watch polls the bastion's event cursor.")
+
+
+def watch_options(f):
+    return watch_option(watch_timeout_option(interval_option(f)))

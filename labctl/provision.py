@@ -1,0 +1,168 @@
+"""`labctl provision list|install|reprovision|forget|debug|logs|makeiso`: the machine lifecycle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from labcore import validate
+from labcore.validate import OSES, ROLES
+from labctl import delete, errors, follow, get, output, runner, targets
+from labctl.context import Ctx, output_option, pass_ctx, watch_options
+from labctl.makeiso import makeiso
+
+
+@click.group()
+def provision() -> None:
+    """Discover, install, reinstall, debug and forget bare-metal machines."""
+
+
+@provision.command("list")
+@get.with_filters
+@output_option
+@watch_options
+@pass_ctx
+def list_cmd(obj: Ctx, state, role, os_, watch, watch_timeout, interval) -> None:
+    """List the machines the bastion knows (same as `labctl get machines`)."""
+    get.list_machines(obj, None, {"state": state, "role": role, "os": os_}, watch, watch_timeout, interval)
+
+
+def _v(fn, value, field):
+    try:
+        return fn(value, field)
+    except validate.ValidationError as exc:
+        raise errors.UsageError(f"invalid --{field.replace('_', '-')}: {exc.message}", "nothing was sent") from None
+
+
+def read_ssh_keys(files: tuple[str, ...]) -> list[str]:
+    keys: list[str] = []
+    for f in files:
+        try:
+            text = Path(f).expanduser().read_text()
+        except OSError as exc:
+            raise errors.UsageError(f"cannot read --ssh-key {f}: {exc.strerror}", "nothing was sent") from None
+        try:
+            keys += validate.ssh_keys(text)
+        except validate.ValidationError as exc:
+            raise errors.UsageError(f"--ssh-key {f}: {exc.message}", "pass a public key file (*.pub)") from None
+    return _v(validate.ssh_keys, keys, "ssh_key")
+
+
+@provision.command()
+@click.argument("target")
+@click.option("--hostname", required=True, help="RFC 1123 host name the machine gets.")
+@click.option("--role", required=True, type=click.Choice(ROLES), help="What the machine becomes (labctl roles).")
+@click.option("--os", "os_", required=True, type=click.Choice(OSES), help="Operating system to install.")
+@click.option("--disk", default="", help="Install disk, e.g. /dev/nvme0n1 (default: auto-detect, NVMe first).")
+@click.option("--ssh-key", "ssh_key_files", multiple=True, metavar="FILE", type=click.Path(dir_okay=False),
+              help="Public key file for root/admin login (repeatable).")
+@click.option("--wait", is_flag=True, help="Wait until the machine is installed, with progress.")
+@click.option("--timeout", type=click.FloatRange(1), default=7200, show_default=True, metavar="SECONDS",
+              help="How long --wait waits.")
+@output_option
+@pass_ctx
+def install(obj: Ctx, target, hostname, role, os_, disk, ssh_key_files, wait, timeout) -> None:
+    """Queue TARGET (host name, MAC or IP) for installation at its next PXE boot.
+
+    Every value is validated before anything is sent."""
+    body = {
+        "hostname": _v(validate.hostname, hostname, "hostname"),
+        "role": _v(validate.role, role, "role"),
+        "os": _v(validate.os_name, os_, "os"),
+        "disk": _v(validate.disk, disk, "disk"),
+        "ssh_keys": read_ssh_keys(ssh_key_files),
+    }
+    m = targets.resolve_target(obj.client, target)
+    result = obj.client.post("/api/install", {"mac": m["mac"], **body})
+    output.emit(result, obj.output, lambda: click.echo(
+        f"{body['hostname']} ({m['mac']}) queued: {body['os']} as {body['role']}; it installs at its next PXE boot"))
+    if wait:
+        follow.wait_installed(obj.client, m["mac"], body["hostname"], timeout=timeout)
+        click.echo(f"{body['hostname']} installed", err=obj.output in ("json", "yaml"))
+
+
+@provision.command()
+@click.argument("target")
+@click.option("--no-reboot", is_flag=True, help="Only queue the reinstall; do not touch the machine.")
+@click.option("--os", "os_", type=click.Choice(OSES), help="Install another OS this time.")
+@click.option("--role", type=click.Choice(ROLES), help="Change the role.")
+@click.option("--reason", default="", help="Why (recorded in the event history).")
+@click.option("--ssh-user", default="root", show_default=True, help="User the playbook logs in as.")
+@click.option("--ssh-private-key", type=click.Path(dir_okay=False, exists=True), help="Private key for the playbook's SSH login.")
+@click.option("--playbook", type=click.Path(dir_okay=False, exists=True),
+              help="Playbook to run instead of the collection's playbooks/reprovision.yml.")
+@click.option("--timeout", type=click.IntRange(10), default=600, show_default=True, metavar="SECONDS",
+              help="Limit for the playbook run.")
+@output_option
+@pass_ctx
+def reprovision(obj: Ctx, target, no_reboot, os_, role, reason, ssh_user, ssh_private_key, playbook, timeout) -> None:
+    """Reinstall TARGET: queue the reinstall, then (unless --no-reboot) run playbooks/reprovision.yml
+    through ansible-runner, which sets the next boot to PXE (efibootmgr --bootnext on UEFI) and
+    reboots the machine. The playbook's result is labctl's exit code (10 + ansible rc on failure)."""
+    body = {"os": os_, "role": role, "reason": _v(lambda v, f: validate.text(v, f, 256), reason, "reason")}
+    m = targets.resolve_target(obj.client, target)
+    name = m.get("hostname") or m["mac"]
+    if not no_reboot and not m.get("ip"):
+        raise errors.UsageError(f"{name} has no known IP address, so it cannot be rebooted over SSH",
+                                "rerun with --no-reboot and power-cycle it yourself")
+    result = obj.client.post(f"/api/machines/{m['mac']}/reprovision", {k: v for k, v in body.items() if v})
+    output.emit(result, obj.output, lambda: click.echo(f"{name} ({m['mac']}) queued for reinstall"))
+    if no_reboot:
+        return
+    hostvars = {"ansible_host": m["ip"], "ansible_user": ssh_user}
+    if ssh_private_key:
+        hostvars["ansible_ssh_private_key_file"] = str(Path(ssh_private_key).resolve())
+    run = runner.run_playbook(
+        playbook or runner.playbook_path("reprovision.yml"),
+        inventory=runner.inventory({name: hostvars}),
+        extravars={"lab_bastion_url": obj.settings["bastionUrl"], "lab_machine_mac": m["mac"]},
+        name=f"reprovision-{name}", timeout=timeout, quiet=obj.output in ("json", "yaml"))
+    runner.check(run, f"reprovision of {name}")
+
+
+@provision.command()
+@click.argument("target")
+@output_option
+@pass_ctx
+def forget(obj: Ctx, target) -> None:
+    """Remove TARGET from all of the bastion's state (same as `labctl delete machine`)."""
+    delete.forget(obj, target)
+
+
+@provision.command()
+@click.argument("target")
+@click.option("--mode", type=click.Choice(validate.DEBUG_MODES), default="rescue", show_default=True,
+              help="rescue: installer rescue shell with SSH; pxe: iPXE diagnostics shell.")
+@output_option
+@pass_ctx
+def debug(obj: Ctx, target, mode) -> None:
+    """Boot TARGET once into a debug environment at its next PXE boot, then back to normal."""
+    m = targets.resolve_target(obj.client, target)
+    result = obj.client.post("/api/debug", {"mac": m["mac"], "mode": mode})
+    output.emit(result, obj.output, lambda: click.echo(
+        f"{m.get('hostname') or m['mac']} boots into {mode} debug once at its next PXE boot"))
+
+
+@provision.command()
+@click.argument("target")
+@click.option("-f", "--follow", "follow_", is_flag=True, help="Follow the install live (progress bar, then log lines).")
+@click.option("--tail", type=click.IntRange(1, 5000), default=200, show_default=True, help="Lines to show without -f.")
+@click.option("--stall-timeout", type=click.FloatRange(1), default=120, show_default=True, metavar="SECONDS",
+              help="With -f: give up when the bastion sends nothing (not even a heartbeat) for this long.")
+@output_option
+@pass_ctx
+def logs(obj: Ctx, target, follow_, tail, stall_timeout) -> None:
+    """Show TARGET's installer log. With -f, follow the bastion's event stream until the install
+    ends: exit 0 when installed, 7 when it failed or stalled."""
+    m = targets.resolve_target(obj.client, target)
+    name = m.get("hostname") or m["mac"]
+    if follow_:
+        follow.follow_logs(obj.client, m["mac"], name, stall_timeout=stall_timeout)
+        click.echo(f"{name} installed")
+        return
+    doc = obj.client.get(f"/api/logs/{m['mac']}", limit=tail)
+    output.emit(doc, obj.output, lambda: [click.echo(f"{r.get('ts', '')} {r.get('text', '')}") for r in doc.get("lines", [])])
+
+
+provision.add_command(makeiso)
