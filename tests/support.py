@@ -52,3 +52,8 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
             last_exc = exc
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f": {last_exc!r}" if last_exc else ""))
+
+
+def synthetic_mac(i: int, prefix: str = "52:54:01") -> str:
+    """The i-th MAC address under a locally administered 3-byte prefix (tests and benches)."""
+    return f"{prefix}:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}"

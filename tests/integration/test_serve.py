@@ -13,6 +13,7 @@ from collections import Counter
 import requests
 
 from tests.conftest import REPO
+from tests.support import synthetic_mac
 from tests.unit.test_api import HW
 
 
@@ -22,7 +23,7 @@ def lab_bastion(*args, check=True, **kw):
 
 
 def mac(i: int) -> str:
-    return "52:54:01:%02x:%02x:%02x" % (i >> 16 & 255, i >> 8 & 255, i & 255)
+    return synthetic_mac(i, "52:54:01")
 
 
 def queue_and_token(b, s, m, hostname):

@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Boot storm: 1,000 simulated machines, 200 at a time, each doing GET /dispatch (the install
+script, which carries its install token) then 5 POST /api/progress, against a real
+`lab-bastion serve` (gunicorn, 4 workers). Target: 0 errors. Prints requests/s and p50/p99.
+
+Baseline named in the output: GET /healthz (no store work) under the same concurrency, so the
+ratio shows what the state work costs on top of HTTP.
+
+`run_storm()` and `start_server()` are reused by bench/follow.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support import synthetic_mac  # noqa: E402
+
+TOKEN_RE = re.compile(r"token=([A-Za-z0-9_-]+)")
+STAGES = [("partitioning", 10), ("packages", 40), ("packages", 70), ("post-install", 90), ("post-install", 95)]
+
+
+def mac(i: int) -> str:
+    return synthetic_mac(i, "52:54:03")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    token: str
+    proc: subprocess.Popen
+    data_dir: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def start_server(data_dir: Path, workers: int = 4, extra: list[str] | None = None) -> Server:
+    port = free_port()
+    log = open(data_dir.parent / "bastion.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "bastion_app.cli", "serve", "--data-dir", str(data_dir), "--listen",
+                             f"127.0.0.1:{port}", "--workers", str(workers), "--no-dnsmasq", *(extra or [])],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("lab-bastion serve exited; see " + str(data_dir.parent / "bastion.log"))
+        try:
+            if requests.get(url + "/healthz", timeout=1).ok:
+                break
+        except requests.RequestException:
+            time.sleep(0.2)
+    else:
+        raise RuntimeError("lab-bastion serve did not answer /healthz in 60 s")
+    return Server(url, (data_dir / "token").read_text().strip(), proc, data_dir)
+
+
+def queue_machines(server: Server, macs: list[str], concurrency: int = 16) -> None:
+    hw = {"cpu": {"threads": 2}, "memory_mb": 2048, "firmware": "bios"}
+
+    def one(i_m):
+        i, m = i_m
+        s = requests.Session()
+        s.headers["Authorization"] = f"Bearer {server.token}"
+        assert s.post(server.url + "/api/discover", json={"mac": m, "hardware": hw}).ok
+        r = s.post(server.url + "/api/install", json={"mac": m, "hostname": f"storm{i}", "role": "worker", "os": "fedora-43"})
+        assert r.status_code == 202, r.text
+
+    with ThreadPoolExecutor(concurrency) as ex:
+        list(ex.map(one, enumerate(macs)))
+
+
+@dataclass
+class StormResult:
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {"dispatch": [], "progress": []})
+    errors: list[str] = field(default_factory=list)
+    requests: int = 0
+    seconds: float = 0.0
+
+    def pct(self, kind: str, p: float) -> float:
+        xs = sorted(self.latencies[kind])
+        return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] * 1000 if xs else float("nan")
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+def run_storm(url: str, macs: list[str], concurrency: int, progress_posts: int = 5) -> StormResult:
+    """Each simulated machine: one connection; GET /dispatch, then progress posts with its token."""
+    res = StormResult()
+    lock = threading.Lock()
+
+    def machine(m: str):
+        lat: dict[str, list[float]] = {"dispatch": [], "progress": []}
+        errs = []
+        n = 0
+        with requests.Session() as s:
+            t = time.perf_counter()
+            try:
+                r = s.get(url + "/dispatch", params={"mac": m}, timeout=30)
+                lat["dispatch"].append(time.perf_counter() - t)
+                n += 1
+                tok = TOKEN_RE.search(r.text)
+                if r.status_code != 200 or not tok:
+                    errs.append(f"dispatch {m}: {r.status_code}")
+                else:
+                    for stage, pct in STAGES[:progress_posts]:
+                        t = time.perf_counter()
+                        r = s.post(url + "/api/progress", json={"mac": m, "token": tok.group(1), "stage": stage, "percent": pct,
+                                                                "message": "storm"}, timeout=30)
+                        lat["progress"].append(time.perf_counter() - t)
+                        n += 1
+                        if r.status_code != 200:
+                            errs.append(f"progress {m}: {r.status_code} {r.text[:100]}")
+            except requests.RequestException as exc:
+                errs.append(f"{m}: {exc}")
+        with lock:
+            for k in lat:
+                res.latencies[k].extend(lat[k])
+            res.errors.extend(errs)
+            res.requests += n
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as ex:
+        list(ex.map(machine, macs))
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def run_health_baseline(url: str, count: int, concurrency: int) -> StormResult:
+    res = StormResult(latencies={"dispatch": [], "progress": []})
+    lock = threading.Lock()
+
+    def one(_):
+        with requests.Session() as s:
+            t = time.perf_counter()
+            r = s.get(url + "/healthz", timeout=30)
+            with lock:
+                res.latencies["dispatch"].append(time.perf_counter() - t)
+                res.requests += 1
+                if r.status_code != 200:
+                    res.errors.append(str(r.status_code))
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as ex:
+        list(ex.map(one, range(count)))
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="boot storm against lab-bastion serve")
+    ap.add_argument("--machines", type=int, default=1000)
+    ap.add_argument("--concurrency", type=int, default=200)
+    ap.add_argument("--workers", type=int, default=4)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-storm-") as d:
+        server = start_server(Path(d) / "data", workers=args.workers)
+        try:
+            macs = [mac(i) for i in range(args.machines)]
+            queue_machines(server, macs)
+            base = run_health_baseline(server.url, args.machines, args.concurrency)
+            res = run_storm(server.url, macs, args.concurrency)
+            states = requests.get(server.url + "/api/machines", headers={"Authorization": f"Bearer {server.token}"},
+                                  params={"state": "installing"}).json()["machines"]
+        finally:
+            server.stop()
+    print(f"boot storm: {args.machines} machines, {args.concurrency} at a time, {args.workers} gunicorn workers")
+    print(f"  requests: {res.requests} in {res.seconds:.1f} s = {res.rps:.0f} req/s; errors: {len(res.errors)}")
+    for kind in ("dispatch", "progress"):
+        xs = res.latencies[kind]
+        print(f"  {kind:9s} n={len(xs):5d} p50={res.pct(kind, 50):7.1f} ms  p99={res.pct(kind, 99):7.1f} ms  mean={statistics.mean(xs) * 1000:7.1f} ms")
+    print(f"  baseline GET /healthz (same concurrency, no store work): {base.rps:.0f} req/s, p50={base.pct('dispatch', 50):.1f} ms p99={base.pct('dispatch', 99):.1f} ms")
+    print(f"  ratio dispatch p50 / healthz p50: {res.pct('dispatch', 50) / base.pct('dispatch', 50):.2f}x")
+    print(f"  machines installing at the end: {len(states)} (expected {args.machines})")
+    for e in res.errors[:10]:
+        print("  error:", e)
+    ok = not res.errors and len(states) == args.machines
+    print("PASS: 0 errors" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
