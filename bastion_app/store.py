@@ -10,7 +10,9 @@ This class is the one storage interface; labd (later) implements the same method
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -127,20 +129,41 @@ class Store:
         if c is not None:
             c.close()
             self._local.conn = None
+        fd = getattr(self._local, "lock_fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._local.lock_fd = None
+
+    def _lock_fd(self) -> int:
+        fd = getattr(self._local, "lock_fd", None)
+        if fd is None:
+            fd = os.open(str(self.path) + ".writelock", os.O_RDWR | os.O_CREAT, 0o600)
+            self._local.lock_fd = fd
+        return fd
 
     @contextmanager
     def tx(self):
-        """One write transaction (BEGIN IMMEDIATE: the write lock is taken up front, so two
-        writers never deadlock on a lock upgrade and the busy timeout always applies)."""
+        """One write transaction.
+
+        Writers queue on a kernel file lock (flock, blocking) before BEGIN IMMEDIATE: SQLite's own
+        busy handler polls with growing sleeps, which under a boot storm starves unlucky writers
+        for seconds; a blocking flock hands the lock over as soon as it is free. BEGIN IMMEDIATE
+        still takes SQLite's write lock up front (no deadlock on a lock upgrade), and the busy
+        timeout remains the safety net for writers that do not use this class."""
         c = self.conn()
-        c.execute("BEGIN IMMEDIATE")
+        fd = self._lock_fd()
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            yield c
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        else:
-            c.execute("COMMIT")
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                yield c
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            else:
+                c.execute("COMMIT")
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def migrate(self) -> int:
         with self.tx() as c:
