@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 
 import pydantic
 from flask import Flask, jsonify
@@ -64,6 +65,16 @@ def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):
         return error_response(exc.code or 500, (exc.name or "error").lower(), exc.description)
+
+    @app.errorhandler(sqlite3.OperationalError)
+    def _storage(exc: sqlite3.OperationalError):
+        # disk full, read-only data directory, I/O error: the change was rolled back, nothing is
+        # half-written; say so, and let the client retry when the operator has fixed the disk.
+        msg = str(exc)
+        log.error("storage error: %s", msg)
+        resp = error_response(503, f"storage unavailable: {msg}", "nothing was changed; retry when the data directory is writable and has space")
+        resp.headers["Retry-After"] = "5"
+        return resp
 
     @app.errorhandler(Exception)
     def _bug(exc: Exception):

@@ -4,6 +4,7 @@ dies, and stopping all of them on SIGTERM/SIGINT. It also marks silent installs 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -27,6 +28,16 @@ class ChildSpec:
     env: dict[str, str] = field(default_factory=dict)
     #: a child that cannot start (say, dnsmasq without its port) is retried with backoff
     critical: bool = True
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the supervisor dies (even by SIGKILL), so no
+    orphaned gunicorn or dnsmasq keeps the ports when the bastion is restarted."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -83,7 +94,7 @@ class Supervisor:
 
     def _start(self, spec: ChildSpec, restarts: int = 0) -> None:
         env = {**self.env, **spec.env}
-        proc = subprocess.Popen(spec.argv, env=env, start_new_session=True)
+        proc = subprocess.Popen(spec.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
         self.running[spec.name] = _Running(spec, proc, time.monotonic(), restarts)
         log.info("started %s (pid %d)", spec.name, proc.pid)
 
