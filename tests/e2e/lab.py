@@ -223,6 +223,29 @@ def esp_marker_disk(path: Path, marker: str, work: Path, size: int = 64 << 20) -
             raise LabError(f"`{' '.join(cmd)}` failed: {proc.stderr.strip()}")
 
 
+def prepare_images(data: Path, progress=lambda msg: None) -> dict:
+    """The bastion's boot artefacts for the lab: the real discovery image, the local-boot GRUB,
+    and stand-ins for the Fedora installer (Debian's kernel and the discovery initramfs: Fedora
+    media cannot be had here; the tests check that they are requested, with the install token)."""
+    from bastion_app.images.discovery import build_discovery
+    from bastion_app.images.local_boot import build_local_boot
+
+    images = Path(data) / "images"
+    started = time.monotonic()
+    img = build_discovery(None, images / "discovery", progress=progress)
+    build_local_boot(images / "local-boot", progress=progress)
+    stand_in = images / "fedora-43"
+    stand_in.mkdir(parents=True, exist_ok=True)
+    for src, name in ((img.kernel, "vmlinuz"), (img.initrd, "initrd.img")):
+        dest = stand_in / name
+        dest.unlink(missing_ok=True)
+        try:
+            os.link(src, dest)
+        except OSError:
+            shutil.copyfile(src, dest)
+    return {"discovery_bytes": img.size_bytes, "seconds": time.monotonic() - started, "cached": img.cached}
+
+
 # ------------------------------------------------------------------------------------------------
 # the lab
 
@@ -280,6 +303,7 @@ class Lab:
         lab.api_url = doc["api_url"]
         lab.machines = {n: Machine(**m) for n, m in doc["machines"].items()}
         lab.started = doc.get("started", 0.0)
+        lab._taps = len(lab.machines)
         tok = lab.data / "token"
         lab.token = tok.read_text().strip() if tok.exists() else ""
         return lab
@@ -405,8 +429,11 @@ class Lab:
                      "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
                      "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
         else:
-            # SeaBIOS mirrors the BIOS text console (iPXE's messages) to the serial port
-            argv += ["-machine", "pc", "-fw_cfg", "name=etc/sercon-port,string=0x3f8"]
+            # SeaBIOS mirrors the BIOS text console (iPXE's messages) to the serial port: its
+            # fw_cfg file etc/sercon-port holds the port as a little-endian integer
+            sercon = mdir / "sercon-port"
+            sercon.write_bytes((0x3F8).to_bytes(2, "little"))
+            argv += ["-machine", "pc", "-fw_cfg", f"name=etc/sercon-port,file={sercon}"]
         nic = f"virtio-net-pci,netdev=n0,mac={m.mac}"
         nic += ",bootindex=1" if m.pxe else ",romfile="
         argv += ["-netdev", f"tap,id=n0,ifname={m.tap},script=no,downscript=no", "-device", nic,
@@ -456,22 +483,34 @@ class Lab:
         tail = f"\n--- console tail ---\n{machine.console_text()[-2500:]}" if machine else ""
         raise LabError(f"{mac} not {state} within {timeout:.0f} s (now: {last and last['state']}){tail}")
 
-    def access_lines(self, contains: str = "") -> list[str]:
+    def access_lines(self, contains: str = "", since: int = 0) -> list[str]:
+        """Lines of the bastion's access log (from line ``since``) that contain ``contains``."""
         try:
-            lines = self.access_log.read_text(errors="replace").splitlines()
+            lines = self.access_log.read_text(errors="replace").splitlines()[since:]
         except OSError:
             return []
         return [ln for ln in lines if contains in ln]
 
-    def wait_access(self, contains: str, timeout: float, machine: Machine | None = None) -> str:
+    def access_mark(self) -> int:
+        """The current length of the access log, for ``since=``."""
+        return len(self.access_lines())
+
+    def wait_access(self, contains: str, timeout: float, machine: Machine | None = None, since: int = 0) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = self.access_lines(contains)
+            found = self.access_lines(contains, since)
             if found:
                 return found[-1]
+            if machine is not None and not machine.running():
+                break
             time.sleep(0.2)
         tail = f"\n--- console tail ---\n{machine.console_text()[-2500:]}" if machine else ""
         raise LabError(f"no request containing {contains!r} within {timeout:.0f} s{tail}")
+
+    def labctl_env(self) -> dict[str, str]:
+        """Environment for `labctl` on the host: this lab's bastion (through the forwarder) and
+        token, and a labctl home of its own (no ~/.labctl changed)."""
+        return {"LABCTL_BASTION_URL": self.api_url, "LABCTL_TOKEN": self.token, "LABCTL_HOME": str(self.root / "labctl")}
 
     def ns_exec(self, *argv: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
         """Run a command inside the lab's namespace (where the machines' network is)."""
@@ -555,13 +594,83 @@ def forward(ns: str, listen: str, target: str) -> None:
         threading.Thread(target=handle, args=(client,), daemon=True).start()
 
 
+DEMO_MACHINES = (
+    {"name": "bios1", "firmware": "bios", "cpus": 2, "memory_mb": 1024, "disk_bytes": 8 << 30},
+    {"name": "uefi1", "firmware": "uefi", "cpus": 2, "memory_mb": 1024, "disk_bytes": 16 << 30},
+)
+
+
+def demo(root: Path, timeout: float = 900) -> int:
+    """`make demo`: images, the lab, two machines (BIOS and UEFI) discovered; the lab keeps running."""
+    if (root / "lab.json").exists():
+        print(f"demo: a lab is already recorded in {root}; stopping it first", flush=True)
+        Lab.load(root).down()
+    if root.exists():
+        shutil.rmtree(root)
+    say = lambda msg: print(msg, flush=True)  # noqa: E731
+    lab = Lab(root)
+    try:
+        say("demo: building the discovery environment and the local-boot GRUB (cached after the first run)")
+        info = prepare_images(lab.data, progress=say)
+        lab.up()
+        say(f"demo: bastion up in network namespace {lab.ns} (machines reach it at {lab.machine_url}; "
+            f"this host at {lab.api_url})")
+        made = [lab.machine(**spec) for spec in DEMO_MACHINES]
+        for m in made:
+            say(f"demo: powered on {m.name} ({m.firmware.upper()}, {m.cpus} CPUs, {m.memory_mb} MiB, "
+                f"{m.disk_bytes >> 30} GiB disk, MAC {m.mac}); serial console: {m.console}")
+        started = time.monotonic()
+        pending = {m.mac: m for m in made}
+        while pending:
+            for mac, m in list(pending.items()):
+                st = lab.machine_state(mac)
+                if st and st["state"] == "discovered":
+                    say(f"demo: {m.name} discovered after {time.monotonic() - started:.0f} s")
+                    del pending[mac]
+            if time.monotonic() - started > timeout:
+                raise LabError(f"not discovered within {timeout:.0f} s: {', '.join(m.name for m in pending.values())} "
+                               f"(see the serial consoles and {lab.bastion_log})")
+            time.sleep(1)
+    except BaseException:
+        say("demo: failed; stopping the lab")
+        lab.down()
+        raise
+    env_file = root / "env"
+    env = {**lab.labctl_env(), "PATH": f"{REPO / '.venv' / 'bin'}:$PATH"}
+    env_file.write_text("".join(f'export {k}="{v}"\n' for k, v in env.items()))
+    listing = subprocess.run([str(REPO / ".venv" / "bin" / "labctl"), "provision", "list"], capture_output=True,
+                             text=True, env={**os.environ, **lab.labctl_env()})
+    say("\n$ labctl provision list")
+    say((listing.stdout + listing.stderr).rstrip())
+    bios = made[0]
+    say(f"""
+The lab keeps running (state: {root}; discovery image {info['discovery_bytes'] / 1e6:.1f} MB).
+Use labctl against it:
+    . {env_file}
+    labctl provision list
+Queue an install, then power the machine on again (it powered off after discovery):
+    labctl provision install {bios.mac} --hostname node1 --role worker --os fedora-43
+    {sys.executable} -m tests.e2e.lab power-on {root} {bios.name}
+    labctl provision logs -f node1
+(The installer itself is a stand-in here: Fedora media cannot be downloaded in this lab.)
+Stop everything:
+    make demo-down
+""")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.e2e.lab", description="The virtual PXE lab (QEMU machines in a network namespace).")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    p_demo = sub.add_parser("demo", help="build images, start the lab with a BIOS and a UEFI machine, wait for discovery")
+    p_demo.add_argument("root", type=Path)
     p_down = sub.add_parser("down", help="stop everything a lab started and delete its namespace")
     p_down.add_argument("root", type=Path)
     p_status = sub.add_parser("status", help="print the lab's state file")
     p_status.add_argument("root", type=Path)
+    p_on = sub.add_parser("power-on", help="start a lab machine again (after it powered off)")
+    p_on.add_argument("root", type=Path)
+    p_on.add_argument("name")
     p_fwd = sub.add_parser("forward", help="(internal) loopback -> namespace TCP forwarder")
     p_fwd.add_argument("ns")
     p_fwd.add_argument("listen")
@@ -570,15 +679,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "forward":
         forward(args.ns, args.listen, args.target)
         return 0
-    if not (args.root / "lab.json").exists():
-        print(f"no lab in {args.root} (nothing to do)", file=sys.stderr)
-        return 0
-    lab = Lab.load(args.root)
-    if args.cmd == "status":
-        print(lab.state_file.read_text(), end="")
-        return 0
-    lab.down()
-    print(f"lab {lab.ns} stopped ({args.root})")
+    try:
+        if args.cmd == "demo":
+            return demo(args.root)
+        if not (args.root / "lab.json").exists():
+            print(f"no lab in {args.root} (nothing to do)", file=sys.stderr)
+            return 0
+        lab = Lab.load(args.root)
+        if args.cmd == "status":
+            print(lab.state_file.read_text(), end="")
+        elif args.cmd == "power-on":
+            if args.name not in lab.machines:
+                print(f"no machine {args.name!r} (machines: {', '.join(lab.machines)})", file=sys.stderr)
+                return 2
+            m = lab.machines[args.name]
+            if m.running():
+                print(f"{m.name} is already running")
+            else:
+                lab.start(m)
+                print(f"{m.name} powered on; serial console: {m.console}")
+        else:
+            lab.down()
+            print(f"lab {lab.ns} stopped ({args.root})")
+    except LabError as exc:
+        print(f"lab: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
