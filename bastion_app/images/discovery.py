@@ -496,6 +496,19 @@ def _publish(src: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
+def _prune(cache: Path, keep: str, packages: dict[str, tuple[str, str]], keep_images: int = 3) -> None:
+    """Drop all but the ``keep_images`` newest images (always keeping ``keep``) and unused .debs."""
+    images = sorted((p for p in cache.iterdir() if p.is_dir() and re.fullmatch(r"[0-9a-f]{16}", p.name)),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    others = [p for p in images if p.name != keep]
+    for old in others[max(keep_images - 1, 0):]:
+        shutil.rmtree(old, ignore_errors=True)
+    wanted = {f"{name}_{version.replace(':', '%3a')}_" for name, version in packages.values()}
+    for deb in (cache / "debs").glob("*.deb"):
+        if not any(deb.name.startswith(prefix) for prefix in wanted):
+            deb.unlink(missing_ok=True)
+
+
 def build_discovery(cache_dir: Path | None, out_dir: Path, *, progress: Callable[[str], object] = print,
                     kernel_package: str | None = None, modules: Iterable[str] = MODULES,
                     force: bool = False) -> DiscoveryImage:
@@ -536,6 +549,8 @@ def build_discovery(cache_dir: Path | None, out_dir: Path, *, progress: Callable
         manifest = json.loads((final / "manifest.json").read_text())
         for name in ("vmlinuz", "initrd.img", "manifest.json"):
             _publish(final / name, out / name)
+        if not cached:
+            _prune(cache, digest, packages)
 
     progress(f"discovery: {out}/vmlinuz + initrd.img, {manifest['size_bytes'] / 1e6:.1f} MB, "
              f"kernel {manifest['kernel_version']}, hash {digest}, {time.monotonic() - started:.1f} s")

@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -379,3 +380,51 @@ def test_publish_is_atomic_and_cached(image, tmp_path):
     assert {"virtio_net", "e1000", "nvme", "ahci", "sd_mod"} <= set(manifest["modules"])
     assert not list((tmp_path / "out").glob(".*.tmp"))
 
+
+
+def test_initramfs_layout(image, tmp_path):
+    """What the kernel unpacks: /init, busybox, device nodes, modules in dependency order."""
+    need_binary("cpio")
+    import gzip
+
+    raw = gzip.decompress(image.initrd.read_bytes())
+    listing = subprocess.run(["cpio", "-itv", "--quiet"], input=raw, capture_output=True, check=True).stdout.decode()
+    entries = {line.split()[-1] if "->" not in line else line.split()[-3]: line for line in listing.splitlines()}
+    assert entries["init"].startswith("-rwxr-xr-x")
+    assert entries["bin/busybox"].startswith("-rwxr-xr-x")
+    assert entries["etc/lab/udhcpc.script"].startswith("-rwxr-xr-x")
+    assert entries["dev/console"].startswith("crw")
+    assert "etc/lab/lib.sh" in entries
+    kver = image.kernel_version
+    subprocess.run(["cpio", "-idm", "--quiet", "etc/lab/*", f"lib/modules/{kver}/modules.dep"],
+                   input=raw, cwd=tmp_path, check=True)
+    order = (tmp_path / "etc/lab/modules.load").read_text().split()
+    assert order == list(image.modules)
+    position = {name: i for i, name in enumerate(order)}
+    for line in (tmp_path / f"lib/modules/{kver}/modules.dep").read_text().splitlines():
+        module, _, deps = line.partition(":")
+        for dep in deps.split():
+            assert position[dep.removesuffix(".ko")] < position[module.removesuffix(".ko")], line
+        assert f"lib/modules/{kver}/{module}" in entries
+    assert position["realtek"] < position["r8169"]  # softdep pre: realtek
+    assert position["virtio"] < position["virtio_net"] and position["scsi_mod"] < position["sd_mod"]
+    # Nothing in the image forces a serial console (it stalls machines without a UART).
+    for path in (tmp_path / "etc/lab").iterdir():
+        assert "console=ttyS0" not in path.read_text()
+
+
+def test_inputs_hash_follows_the_inputs(tmp_path, monkeypatch):
+    from bastion_app.images import discovery
+
+    packages = {"kernel": ("linux-image-6.1.0-1-amd64", "6.1.1-1"), "busybox": ("busybox-static", "1:1.35.0-4")}
+    base = discovery.inputs_hash(packages)
+    assert discovery.inputs_hash(dict(packages)) == base
+    assert discovery.inputs_hash({**packages, "kernel": ("linux-image-6.1.0-1-amd64", "6.1.1-2")}) != base
+    assert discovery.inputs_hash(packages, discovery.MODULES + ("ice",)) != base
+    copy = tmp_path / "discovery"
+    shutil.copytree(discovery.SOURCE_DIR, copy)
+    monkeypatch.setattr(discovery, "SOURCE_DIR", copy)
+    assert discovery.inputs_hash(packages) == base
+    with open(copy / "init", "a") as fh:
+        fh.write("# changed\n")
+    assert discovery.inputs_hash(packages) != base
