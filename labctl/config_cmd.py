@@ -47,7 +47,7 @@ def get_cmd(obj: Ctx, key: str) -> None:
 def set_cmd(key: str, value: str) -> None:
     """Store KEY=VALUE in the settings file (created with mode 0600). An empty VALUE removes KEY."""
     values = cfgmod.read_file()
-    value = cfgmod.check_value(key, value)
+    value = cfgmod.check_value(key, value) if value.strip() else ""
     if value:
         values[key] = value
     else:

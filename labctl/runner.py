@@ -134,7 +134,7 @@ def run_playbook(playbook: str | os.PathLike, *, inventory: dict[str, Any] | str
     run_dir = runs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{safe}-{os.getpid()}"
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     bindir = str(Path(sys.executable).parent)
-    env = {"PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "ANSIBLE_FORCE_COLOR": "0",
+    env = {"PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_HOST_KEY_CHECKING": os.environ.get("ANSIBLE_HOST_KEY_CHECKING", "False"),
            **(envvars or {})}
     printer = _Printer(quiet)

@@ -1,0 +1,653 @@
+"""labctl against a real `lab-bastion serve --no-dnsmasq` (gunicorn, SQLite) on a loopback port.
+
+Commands run through click's CliRunner (the real command tree, in-process) or, where a separate
+process matters (watch, follow, exit status of the console script), as `labctl` subprocesses.
+Machines are simulated the way real ones talk to the bastion: POST /api/discover, then
+GET /dispatch?mac= (whose install script carries the install token), then /api/progress and
+/api/log with that token.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from click.testing import CliRunner
+
+from labctl.main import cli
+from tests.conftest import start_bastion
+from tests.support import wait_for
+
+LABCTL = [sys.executable, "-m", "labctl.main"]
+HW = {"cpu": {"model": "QEMU", "cores": 4, "threads": 8, "arch": "x86_64"}, "memory_mb": 8192, "firmware": "uefi",
+      "disks": [{"name": "nvme0n1", "size_bytes": 512 * 10**9, "transport": "nvme"}]}
+
+
+def ed25519_key(seed: int, comment: str = "op@lab") -> str:
+    blob = b"\0\0\0\x0bssh-ed25519" + b"\0\0\0\x20" + bytes([seed]) * 32
+    return f"ssh-ed25519 {base64.b64encode(blob).decode()} {comment}"
+
+
+@pytest.fixture(scope="module")
+def env(bastion, tmp_path_factory):
+    home = tmp_path_factory.mktemp("labctl-home")
+    return {"LABCTL_HOME": str(home), "LABCTL_CONFIG": str(home / "config.yaml"),
+            "LABCTL_BASTION_URL": bastion.url, "LABCTL_TOKEN": bastion.token, "LABCTL_OUTPUT": ""}
+
+
+@pytest.fixture
+def labctl(env):
+    """Run labctl in-process; returns the click Result (exit_code, stdout, stderr)."""
+
+    def run(*args: str, extra_env: dict | None = None, input: str | None = None):
+        return CliRunner().invoke(cli, list(args), env={**env, **(extra_env or {})}, input=input,
+                                  catch_exceptions=False)
+
+    return run
+
+
+def run_sub(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*LABCTL, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+
+
+class Machines:
+    """The machine side of the protocol."""
+
+    def __init__(self, bastion):
+        self.b = bastion
+        self.http = bastion.session()
+
+    def discover(self, mac: str) -> None:
+        r = requests.post(self.b.url + "/api/discover", json={"mac": mac, "hardware": HW}, timeout=10)
+        assert r.status_code == 200, r.text
+
+    def boot(self, mac: str) -> str:
+        """PXE-boot: fetch /dispatch; return the install token from the install script."""
+        text = requests.get(self.b.url + "/dispatch", params={"mac": mac}, timeout=10).text
+        m = re.search(r"token=([A-Za-z0-9_-]{16,128})", text)
+        assert m, text
+        return m.group(1)
+
+    def progress(self, mac: str, token: str, stage: str, percent: int | None = None, message: str = "") -> None:
+        r = requests.post(self.b.url + "/api/progress", json={"mac": mac, "token": token, "stage": stage,
+                                                              "percent": percent, "message": message}, timeout=10)
+        assert r.status_code == 200, r.text
+
+    def log(self, mac: str, token: str, *lines: str) -> None:
+        r = requests.post(self.b.url + "/api/log", json={"mac": mac, "token": token, "lines": list(lines)}, timeout=10)
+        assert r.status_code == 200, r.text
+
+    def api(self, path: str):
+        r = self.http.get(self.b.url + path, timeout=10)
+        return r.status_code, r.json()
+
+    def events(self, mac: str) -> int:
+        return len(self.api(f"/api/events?mac={mac}")[1]["events"])
+
+
+@pytest.fixture(scope="module")
+def machines(bastion):
+    return Machines(bastion)
+
+
+def mac_of(n: int) -> str:
+    return f"52:54:00:5c:00:{n:02x}"
+
+
+# -- config --------------------------------------------------------------------------------------
+def test_config_set_get_list_path_and_file_mode(labctl, env):
+    cfg = Path(env["LABCTL_CONFIG"])
+    r = labctl("config", "path")
+    assert r.exit_code == 0 and r.stdout.strip() == str(cfg)
+    assert labctl("config", "set", "token", "file-token-123456").exit_code == 0
+    assert labctl("config", "set", "output", "yaml").exit_code == 0
+    assert cfg.stat().st_mode & 0o777 == 0o600
+    assert yaml.safe_load(cfg.read_text()) == {"token": "file-token-123456", "output": "yaml"}
+    # env beats file, flag beats env
+    assert labctl("config", "get", "token", extra_env={"LABCTL_TOKEN": ""}).stdout.strip() == "file-token-123456"
+    assert labctl("config", "get", "token").stdout.strip() == env["LABCTL_TOKEN"]
+    assert labctl("--token", "flag-token-123456", "config", "get", "token").stdout.strip() == "flag-token-123456"
+    r = labctl("config", "list", "-o", "json")
+    doc = json.loads(r.stdout)
+    assert doc["bastionUrl"] == env["LABCTL_BASTION_URL"] and doc["output"] == "json"
+    assert env["LABCTL_TOKEN"] not in doc["token"]  # masked without --show-token
+    r = labctl("config", "list", extra_env={"LABCTL_OUTPUT": "", "LABCTL_TOKEN": ""})
+    assert yaml.safe_load(r.stdout)["output"] == "yaml"  # the file's output setting applies
+    r = labctl("config", "list", "-o", "table", extra_env={"LABCTL_TOKEN": ""})
+    assert re.search(r"^output\s+table\s+flag$", r.stdout, re.M), r.stdout
+    assert re.search(r"^token\s+file….*\s+file .*config.yaml$", r.stdout, re.M), r.stdout
+    assert re.search(r"^bastionUrl\s+http://127.0.0.1:\d+\s+env LABCTL_BASTION_URL$", r.stdout, re.M), r.stdout
+    r = labctl("config", "list", "--show-token", "-o", "yaml")
+    assert yaml.safe_load(r.stdout)["token"] == env["LABCTL_TOKEN"]
+    # bad values: exit 2, file unchanged
+    before = cfg.read_text()
+    r = labctl("config", "set", "bastionUrl", "ftp://x\nevil: 1")
+    assert r.exit_code == 2 and "not an http(s) URL" in r.stderr
+    r = labctl("config", "set", "output", "xml")
+    assert r.exit_code == 2
+    assert cfg.read_text() == before
+    # removing a key
+    assert labctl("config", "set", "output", "").exit_code == 0
+    assert labctl("config", "set", "token", "").exit_code == 0
+    assert yaml.safe_load(cfg.read_text()) in (None, {})
+
+
+def test_config_file_used_when_no_env(labctl, env, bastion, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    e = {"LABCTL_CONFIG": str(cfg), "LABCTL_BASTION_URL": "", "LABCTL_TOKEN": ""}
+    assert labctl("config", "set", "bastionUrl", bastion.url + "/", extra_env=e).exit_code == 0
+    assert labctl("config", "set", "token", bastion.token, extra_env=e).exit_code == 0
+    r = labctl("get", "machines", "-o", "json", extra_env=e)
+    assert r.exit_code == 0, r.stderr
+    assert "machines" in json.loads(r.stdout)
+    cfg.write_text("bastionUrl: http://x\nsurprise: 1\n")
+    r = labctl("get", "machines", extra_env=e)
+    assert r.exit_code == 2 and "unknown setting(s) surprise" in r.stderr
+
+
+# -- listing, formats, targets ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fleet(machines, bastion):
+    """node1 (queued, fedora), node2.lab and node2.other (short name `node2` is ambiguous), n4 discovered."""
+    for n in (1, 2, 3, 4):
+        machines.discover(mac_of(n))
+    http = machines.http
+    for n, host in ((1, "node1"), (2, "node2.lab"), (3, "node2.other")):
+        r = http.post(bastion.url + "/api/install", json={"mac": mac_of(n), "hostname": host, "role": "worker",
+                                                          "os": "fedora-43"}, timeout=10)
+        assert r.status_code == 202, r.text
+    return {n: mac_of(n) for n in (1, 2, 3, 4)}
+
+
+def test_get_machines_every_format(labctl, fleet, machines):
+    api = machines.api("/api/machines")[1]["machines"]
+    r = labctl("get", "machines")
+    assert r.exit_code == 0
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "MAC", "STATE", "ROLE", "OS", "IP", "PROGRESS", "AGE"]
+    assert any(line.split()[:3] == ["node1", fleet[1], "install_queued"] for line in lines)
+    assert any(line.split()[:3] == ["-", fleet[4], "discovered"] for line in lines)
+    wide = labctl("get", "machines", "-o", "wide").stdout
+    assert "HARDWARE" in wide and "4c/8G/1d" in wide and "uefi" in wide
+    assert json.loads(labctl("get", "machines", "-o", "json").stdout)["machines"] == api
+    assert yaml.safe_load(labctl("get", "machines", "-o", "yaml").stdout)["machines"] == api
+    assert json.loads(labctl("-o", "json", "provision", "list").stdout)["machines"] == api
+    # filters go to the API
+    doc = json.loads(labctl("get", "machines", "--state", "discovered", "-o", "json").stdout)
+    assert [m["mac"] for m in doc["machines"]] == [fleet[4]]
+    r = labctl("get", "machines", "--state", "nonsense")
+    assert r.exit_code == 2
+
+
+@pytest.mark.parametrize("target,expect", [
+    ("node1", 1), ("NODE1", 1), ("52-54-00-5C-00-01", 1), ("5254.005c.0001", 1),
+    ("node2.lab", 2), ("node2.other.", 3), (mac_of(4), 4),
+])
+def test_target_resolution(labctl, fleet, target, expect):
+    r = labctl("get", "machine", target, "-o", "json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["mac"] == fleet[expect]
+
+
+def test_target_ambiguous_and_unknown(labctl, fleet):
+    r = labctl("get", "machine", "node2")
+    assert r.exit_code == 2
+    assert "ambiguous" in r.stderr and fleet[2] in r.stderr and fleet[3] in r.stderr
+    r = labctl("get", "machine", "127.0.0.1")  # every simulated machine reported from loopback
+    assert r.exit_code == 2 and "matches 4 machines" in r.stderr
+    r = labctl("describe", "machine", "nod1")
+    assert r.exit_code == 5 and "no machine matches 'nod1'" in r.stderr and "did you mean: node1" in r.stderr
+    r = labctl("get", "machine", "10.9.9.9")
+    assert r.exit_code == 5 and "known machines:" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_describe_every_format(labctl, fleet):
+    r = labctl("describe", "machine", "node1")
+    assert r.exit_code == 0
+    for needle in ("Name:             node1", f"MAC:              {fleet[1]}", "State:            install_queued",
+                   "Role:           worker", "Disk:           auto-detect", "CPU:            QEMU (4 cores, 8 threads)",
+                   "Memory:         8192 MiB", "Disk nvme0n1", "Events:"):
+        assert needle in r.stdout, (needle, r.stdout)
+    assert re.search(r"\bdiscover\s+unknown\s+discovered\b", r.stdout)
+    assert re.search(r"\binstall\s+discovered\s+install_queued\b", r.stdout)
+    doc = json.loads(labctl("describe", "machine", "node1", "-o", "json").stdout)
+    assert doc["hostname"] == "node1" and [e["kind"] for e in doc["events"]][:2] == ["discover", "install"]
+    assert yaml.safe_load(labctl("describe", "machine", "node1", "-o", "yaml").stdout) == doc
+    assert "install_token" not in json.dumps(doc)
+
+
+def test_roles_and_completion(labctl):
+    r = labctl("roles")
+    assert [line.split()[0] for line in r.stdout.splitlines()[1:]] == ["vanilla", "worker", "infra", "labcontroller"]
+    doc = json.loads(labctl("roles", "-o", "json").stdout)
+    assert {x["role"] for x in doc["roles"]} == {"vanilla", "worker", "infra", "labcontroller"}
+    assert "k3s binary (server)" in labctl("roles", "-o", "wide").stdout
+    assert yaml.safe_load(labctl("roles", "-o", "yaml").stdout) == doc
+    for shell, marker in (("bash", "complete -o nosort -F"), ("zsh", "#compdef labctl"), ("fish", "complete --no-files --command labctl")):
+        r = labctl("completion", shell)
+        assert r.exit_code == 0 and marker in r.stdout and "_LABCTL_COMPLETE" in r.stdout
+
+
+def test_completion_really_completes(env):
+    """The generated completion answers with the real command tree."""
+    out = subprocess.run([*LABCTL], env={**os.environ, **env, "_LABCTL_COMPLETE": "bash_complete",
+                                         "COMP_WORDS": "labctl provision re", "COMP_CWORD": "2"},
+                         capture_output=True, text=True, timeout=30).stdout
+    assert "plain,reprovision" in out.splitlines()
+
+
+# -- install ---------------------------------------------------------------------------------------
+def test_install_validates_before_sending(labctl, fleet, machines, tmp_path):
+    bad_key = tmp_path / "bad.pub"
+    bad_key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\nssh-rsa notbase64!!\n")
+    before = machines.events(fleet[4])
+    cases = [
+        (["--hostname", "bad_name"], "invalid --hostname"),
+        (["--hostname", "ok", "--disk", "/dev/sda; reboot"], "invalid --disk"),
+        (["--hostname", "ok", "--ssh-key", str(bad_key)], "--ssh-key"),
+        (["--hostname", "ok", "--ssh-key", str(tmp_path / "missing.pub")], "missing.pub"),
+        (["--hostname", "ok", "--os", "windows"], "'windows' is not one of"),
+    ]
+    for extra, needle in cases:
+        args = ["provision", "install", fleet[4], "--role", "vanilla"]
+        if "--os" not in extra:
+            args += ["--os", "ubuntu-26.04"]
+        r = labctl(*args, *extra)
+        assert r.exit_code == 2, (extra, r.stdout, r.stderr)
+        assert needle in r.stderr, (needle, r.stderr)
+    assert machines.events(fleet[4]) == before  # nothing reached the bastion
+
+
+def test_install_conflict_and_success(labctl, fleet, machines, tmp_path):
+    key = tmp_path / "id.pub"
+    key.write_text(f"# my keys\n{ed25519_key(7)}\n\n{ed25519_key(8, 'second')}\n")
+    r = labctl("provision", "install", fleet[4], "--hostname", "node1", "--role", "vanilla", "--os", "ubuntu-26.04")
+    assert r.exit_code == 6 and "already used" in r.stderr and "Traceback" not in r.stderr
+    r = labctl("provision", "install", fleet[4], "--hostname", "n4", "--role", "infra", "--os", "ubuntu-26.04",
+               "--disk", "/dev/nvme0n1", "--ssh-key", str(key), "-o", "json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert (doc["state"], doc["hostname"], doc["role"], doc["disk"]) == ("install_queued", "n4", "infra", "/dev/nvme0n1")
+    assert doc["ssh_keys"] == [ed25519_key(7), ed25519_key(8, "second")]
+    r = labctl("provision", "install", "n4", "--hostname", "n4", "--role", "infra", "--os", "fedora-43")
+    assert r.exit_code == 0 and "n4 (52:54:00:5c:00:04) queued: fedora-43 as infra" in r.stdout
+
+
+# -- debug, forget/delete ----------------------------------------------------------------------------
+def test_debug_then_forget_and_delete(labctl, machines):
+    for n in (0x21, 0x22):
+        machines.discover(mac_of(n))
+    r = labctl("provision", "debug", mac_of(0x21), "--mode", "pxe")
+    assert r.exit_code == 0 and "boots into pxe debug once" in r.stdout
+    assert machines.api(f"/api/machines/{mac_of(0x21)}")[1]["debug"] == "pxe"
+    assert "(debug)" in labctl("get", "machine", mac_of(0x21)).stdout
+    assert json.loads(labctl("provision", "debug", mac_of(0x22), "-o", "json").stdout)["debug"] == "rescue"
+    r = labctl("provision", "forget", mac_of(0x21))
+    assert r.exit_code == 0 and "deleted" in r.stdout
+    assert json.loads(labctl("delete", "machine", mac_of(0x22), "-o", "json").stdout) == {"mac": mac_of(0x22), "state": "removed"}
+    for mac in (mac_of(0x21), mac_of(0x22)):
+        assert machines.api(f"/api/machines/{mac}")[0] == 404
+        r = labctl("delete", "machine", mac)
+        assert r.exit_code == 5
+
+
+# -- errors ------------------------------------------------------------------------------------------
+def test_error_paths_exit_codes_and_no_traceback(env, bastion):
+    from tests.support import free_port
+
+    cases = [
+        ({"LABCTL_BASTION_URL": f"http://127.0.0.1:{free_port()}"}, ["get", "machines"], 3, "cannot reach the bastion"),
+        ({"LABCTL_TOKEN": "wrong-token-0123456789"}, ["get", "machines"], 4, "refused the token (401"),
+        ({"LABCTL_TOKEN": ""}, ["provision", "list"], 4, "labctl config set token"),
+        ({}, ["describe", "machine", "nowhere"], 5, "no machine matches"),
+        ({}, ["provision", "reprovision", mac_of(1), "--no-reboot"], 6, "cannot reprovision a machine that is"),
+        ({}, ["get", "machines", "-o", "xml"], 2, "Invalid value"),
+    ]
+    for extra, args, code, needle in cases:
+        p = run_sub({**env, **extra}, *args)
+        assert p.returncode == code, (args, p.returncode, p.stderr)
+        assert needle in p.stderr, (needle, p.stderr)
+        assert "Traceback" not in p.stderr
+        if code != 2:
+            assert len([ln for ln in p.stderr.splitlines() if ln.startswith("labctl: error:")]) == 1
+    p = run_sub({**env, "LABCTL_TOKEN": "wrong-token-0123456789"}, "--debug", "get", "machines")
+    assert p.returncode == 4 and "Traceback" in p.stderr and "Unauthorized" in p.stderr
+
+
+# -- watch -------------------------------------------------------------------------------------------
+def test_get_watch_prints_changes_and_stops(env, machines):
+    mac = mac_of(0x30)
+    proc = subprocess.Popen([*LABCTL, "get", "machines", "--watch", "--watch-timeout", "8", "--interval", "0.2",
+                             "-o", "json"], env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2.0)  # the first listing and the cursor are in place
+        machines.discover(mac)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    dec, docs, i = json.JSONDecoder(), [], 0
+    while out[i:].strip():
+        i += len(out[i:]) - len(out[i:].lstrip())
+        doc, i = dec.raw_decode(out, i)
+        docs.append(doc)
+    assert "machines" in docs[0]  # the listing, then one compact line per changed machine
+    assert [m["mac"] for m in docs[1:]] == [mac] and docs[1]["state"] == "discovered"
+    assert all(ln.startswith('{"mac"') for ln in out.splitlines() if '"state":"discovered"' in ln)
+
+
+def test_get_one_watch_table_and_interrupt(env, machines):
+    """Watching one machine in a table; Ctrl-C ends it cleanly (exit 0, no traceback)."""
+    import signal
+
+    mac = mac_of(0x31)
+    machines.discover(mac)
+    proc = subprocess.Popen([*LABCTL, "get", "machine", mac, "-w", "--interval", "0.2"], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    machines.discover(mac)  # a hardware refresh is an event for this machine
+    machines.discover(mac_of(0x32))  # another machine: not shown
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    rows = [ln for ln in out.splitlines() if mac in ln]
+    assert len(rows) == 2 and mac_of(0x32) not in out
+
+
+# -- follow a simulated install ------------------------------------------------------------------------
+def _queue(machines, bastion, mac: str, host: str) -> None:
+    machines.discover(mac)
+    r = machines.http.post(bastion.url + "/api/install", json={"mac": mac, "hostname": host, "role": "vanilla",
+                                                               "os": "fedora-43"}, timeout=10)
+    assert r.status_code == 202, r.text
+
+
+def test_logs_follow_simulated_install_complete(env, machines, bastion, labctl):
+    mac = mac_of(0x40)
+    _queue(machines, bastion, mac, "follow-ok")
+    token = machines.boot(mac)
+    proc = subprocess.Popen([*LABCTL, "provision", "logs", "follow-ok", "-f"], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        for stage, pct in (("partitioning", 10), ("packages", 40), ("packages", 75), ("post-install", 90)):
+            machines.progress(mac, token, stage, pct, f"{stage} going")
+            machines.log(mac, token, f"anaconda: {stage} line {pct}")
+            time.sleep(0.2)
+        machines.progress(mac, token, "complete", 100, "all done")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    order = ["==> pxe", "==> partitioning", "anaconda: partitioning line 10", "==> packages", "anaconda: packages line 75",
+             "==> post-install", "==> complete", "installing -> installed", "follow-ok installed"]
+    pos = [out.find(s) for s in order]
+    assert all(p >= 0 for p in pos) and pos == sorted(pos), (pos, out)
+    assert "100%" in out
+    # without -f: the stored lines, all formats
+    r = labctl("provision", "logs", "follow-ok", "--tail", "2")
+    assert r.stdout.splitlines()[-1].endswith("anaconda: post-install line 90")
+    doc = json.loads(labctl("provision", "logs", "follow-ok", "-o", "json").stdout)
+    assert doc["state"] == "installed" and len(doc["lines"]) == 4
+    assert yaml.safe_load(labctl("provision", "logs", "follow-ok", "-o", "yaml").stdout)["lines"] == doc["lines"]
+
+
+def test_logs_follow_failed_install_exits_7(env, machines, bastion):
+    mac = mac_of(0x41)
+    _queue(machines, bastion, mac, "follow-bad")
+    token = machines.boot(mac)
+    proc = subprocess.Popen([*LABCTL, "provision", "logs", mac, "-f"], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        machines.progress(mac, token, "partitioning", 5)
+        machines.progress(mac, token, "failed", None, "no disk found")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 7, (out, err)
+    assert "install ended failed" in err and "failure: no disk found" in out and "Traceback" not in err
+
+
+def test_logs_follow_stall_marked_by_bastion_exits_7(env, tmp_path):
+    """A bastion whose stall timeout is 2 s marks the silent install failed (stalled): the follower exits 7."""
+    b = start_bastion(tmp_path / "data", workers=1, env={"LAB_BASTION_STALL_TIMEOUT": "2"})
+    try:
+        m = Machines(b)
+        mac = mac_of(0x42)
+        _queue(m, b, mac, "stalls")
+        m.boot(mac)
+        e = {**env, "LABCTL_BASTION_URL": b.url, "LABCTL_TOKEN": b.token}
+        p = run_sub(e, "provision", "logs", "stalls", "-f", "--stall-timeout", "30", timeout=60)
+        assert p.returncode == 7, (p.stdout, p.stderr)
+        assert "install ended stalled" in p.stderr
+    finally:
+        b.stop()
+
+
+def test_logs_follow_silent_stream_is_a_stall(env, machines, bastion, tmp_path):
+    """A server that opens the stream and then says nothing (no heartbeat) is a stall: exit 7."""
+    import socket
+    import threading
+
+    mac = mac_of(0x43)
+    machines.discover(mac)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+    stop = threading.Event()
+    held = []
+
+    def serve():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                continue
+            req = c.recv(65536).decode()
+            if "/follow" in req:
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n: hello\n\n")
+                held.append(c)  # then silence
+            else:  # the machine list: proxy to the real bastion
+                body = requests.get(bastion.url + "/api/machines", headers=bastion.headers, timeout=10).content
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+                c.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        start = time.monotonic()
+        p = run_sub({**env, "LABCTL_BASTION_URL": f"http://127.0.0.1:{port}"}, "provision", "logs", mac, "-f",
+                    "--stall-timeout", "2", timeout=60)
+        assert p.returncode == 7, (p.stdout, p.stderr)
+        assert "stalled" in p.stderr and time.monotonic() - start < 30
+    finally:
+        stop.set()
+        t.join(5)
+        for c in held:
+            c.close()
+        srv.close()
+
+
+def test_install_wait_shows_progress_until_installed(env, machines, bastion):
+    mac = mac_of(0x44)
+    machines.discover(mac)
+    proc = subprocess.Popen([*LABCTL, "provision", "install", mac, "--hostname", "waits", "--role", "worker",
+                             "--os", "fedora-43", "--wait", "--timeout", "60"], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: machines.api(f"/api/machines/{mac}")[1].get("state") == "install_queued", timeout=20)
+        time.sleep(1.0)
+        token = machines.boot(mac)
+        for stage, pct in (("partitioning", 10), ("packages", 50)):
+            machines.progress(mac, token, stage, pct)
+            time.sleep(2.5)
+        machines.progress(mac, token, "complete", 100)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "queued: fedora-43 as worker" in out and "==> partitioning" in out and "==> packages" in out
+    assert "waits installed" in out
+
+
+def test_install_wait_failure_exits_7(env, machines, bastion):
+    mac = mac_of(0x45)
+    machines.discover(mac)
+    proc = subprocess.Popen([*LABCTL, "provision", "install", mac, "--hostname", "waitfail", "--role", "worker",
+                             "--os", "fedora-43", "--wait", "--timeout", "60"], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: machines.api(f"/api/machines/{mac}")[1].get("state") == "install_queued", timeout=20)
+        token = machines.boot(mac)
+        machines.progress(mac, token, "failed", None, "kickstart error")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 7 and "install ended failed" in err
+
+
+# -- reprovision: the API for real, the playbook through ansible-runner with a harmless local play -------
+HARMLESS = """\
+- name: Stand-in for reprovision.yml (runs locally, changes nothing but a file in the test dir)
+  hosts: all
+  connection: local
+  gather_facts: false
+  vars:
+    ansible_python_interpreter: "{{ ansible_playbook_python }}"
+  tasks:
+    - name: Record what labctl passed
+      ansible.builtin.copy:
+        dest: "{{ out }}"
+        content: "{{ {'host': inventory_hostname, 'ansible_host': ansible_host, 'mac': lab_machine_mac, 'url': lab_bastion_url} | to_json }}"
+        mode: "0600"
+    - name: An ok task
+      ansible.builtin.debug:
+        msg: hello
+"""
+
+
+def _installed(machines, bastion, mac: str, host: str) -> None:
+    _queue(machines, bastion, mac, host)
+    token = machines.boot(mac)
+    machines.progress(mac, token, "complete", 100)
+
+
+def test_reprovision_runs_the_playbook(env, machines, bastion, tmp_path):
+    mac = mac_of(0x50)
+    _installed(machines, bastion, mac, "repro")
+    out = tmp_path / "played.json"
+    book = tmp_path / "play.yml"
+    book.write_text(HARMLESS.replace("{{ out }}", str(out)))
+    home = tmp_path / "home"
+    p = run_sub({**env, "LABCTL_HOME": str(home)}, "provision", "reprovision", "repro", "--playbook", str(book),
+                "--reason", "disk swap", timeout=180)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert json.loads(out.read_text()) == {"host": "repro", "ansible_host": "127.0.0.1", "mac": mac, "url": bastion.url}
+    assert "TASK [Record what labctl passed]" in p.stdout and "changed: repro" in p.stdout and "ok: repro" in p.stdout
+    assert re.search(r"ok=2 changed=1 failed=0 unreachable=0 skipped=0", p.stdout)
+    runs = list((home / "runs").iterdir())
+    assert len(runs) == 1 and "-reprovision-repro-" in runs[0].name
+    assert list(runs[0].glob("artifacts/*/stdout"))
+    detail = machines.api(f"/api/machines/{mac}")[1]
+    assert detail["state"] == "install_queued"
+    assert detail["events"][-1]["kind"] == "reprovision" and detail["events"][-1]["reason"] == "disk swap"
+
+
+def test_reprovision_failed_playbook_sets_exit_code(env, machines, bastion, tmp_path):
+    mac = mac_of(0x51)
+    _installed(machines, bastion, mac, "repro-fail")
+    book = tmp_path / "fail.yml"
+    book.write_text("- hosts: all\n  connection: local\n  gather_facts: false\n  tasks:\n"
+                    "    - name: Fail on purpose\n      ansible.builtin.fail:\n        msg: efibootmgr said no\n")
+    p = run_sub({**env, "LABCTL_HOME": str(tmp_path / "h")}, "provision", "reprovision", "repro-fail",
+                "--playbook", str(book), timeout=180)
+    assert p.returncode == 12, (p.stdout, p.stderr)  # 10 + ansible-playbook rc 2 (a host failed)
+    assert "failed: repro-fail: efibootmgr said no" in p.stdout
+    assert "ended failed (ansible rc 2; failed=1" in p.stderr and "artifacts" in p.stderr
+
+
+def test_reprovision_no_reboot_only_queues(labctl, machines, bastion):
+    mac = mac_of(0x52)
+    _installed(machines, bastion, mac, "repro-q")
+    r = labctl("provision", "reprovision", "repro-q", "--no-reboot", "--os", "ubuntu-26.04", "-o", "yaml")
+    assert r.exit_code == 0, r.stderr
+    doc = yaml.safe_load(r.stdout)
+    assert doc["state"] == "install_queued" and doc["os"] == "ubuntu-26.04"
+
+
+# -- makeiso -----------------------------------------------------------------------------------------
+def test_makeiso_is_hybrid_el_torito_bios_and_uefi(labctl, tmp_path):
+    from tests.support import need_binary
+
+    need_binary("xorriso", "mformat", "grub-mkimage")
+    iso = tmp_path / "boot.iso"
+    r = labctl("provision", "makeiso", "--bastion", "http://10.1.2.3:8080", "-O", str(iso))
+    assert r.exit_code == 0, r.stderr
+    assert "boot entries: BIOS, UEFI" in r.stdout
+    report = subprocess.run(["xorriso", "-indev", str(iso), "-report_el_torito", "plain"], capture_output=True,
+                            text=True, timeout=60).stdout
+    entries = re.findall(r"^El Torito boot img\s*:\s*(\d+)\s+(BIOS|UEFI)\s+y", report, re.M)
+    assert sorted(p for _, p in entries) == ["BIOS", "UEFI"], report
+    assert re.search(r"^El Torito img path :\s+\d+\s+/boot/grub/eltorito.img$", report, re.M)
+    # the script the machine runs chains to the bastion's /dispatch with its MAC
+    out = tmp_path / "x"
+    subprocess.run(["xorriso", "-osirrox", "on", "-indev", str(iso), "-extract", "/lab", str(out)],
+                   capture_output=True, check=True, timeout=60)
+    script = (out / "boot.ipxe").read_text()
+    assert script.startswith("#!ipxe\n") and "chain --replace http://10.1.2.3:8080/dispatch?mac=${net0/mac}" in script
+    assert (out / "ipxe.lkrn").read_bytes() == Path("/usr/lib/ipxe/ipxe.lkrn").read_bytes()
+    # the EFI image: ipxe.efi as the removable-media loader, the script as autoexec.ipxe
+    subprocess.run(["xorriso", "-osirrox", "on", "-indev", str(iso), "-extract", "/efi.img", str(tmp_path / "efi.img")],
+                   capture_output=True, check=True, timeout=60)
+    listing = subprocess.run(["mdir", "-i", str(tmp_path / "efi.img"), "-/", "-b", "::/"], capture_output=True,
+                             text=True, check=True).stdout
+    assert "::/EFI/BOOT/BOOTX64.EFI" in listing and "::/autoexec.ipxe" in listing
+    # a URL that could inject into the script is refused before anything is built
+    r = labctl("provision", "makeiso", "--bastion", "http://x/\n#!ipxe", "-O", str(tmp_path / "bad.iso"))
+    assert r.exit_code == 2 and not (tmp_path / "bad.iso").exists()
+
+
+# -- doctor -----------------------------------------------------------------------------------------
+def test_doctor_against_the_running_bastion(labctl, bastion, env):
+    # describe this bastion as it runs (no dnsmasq, its own syslog port) so the local checks are exact
+    port = bastion.extra_args[bastion.extra_args.index("--syslog-port") + 1]
+    (bastion.data_dir / "bastion.yaml").write_text(f"dnsmasq: false\nsyslog_port: {port}\n")
+    try:
+        r = labctl("doctor", "--data-dir", str(bastion.data_dir), "--skip", "dhcp", "-o", "json")
+    finally:
+        (bastion.data_dir / "bastion.yaml").unlink()
+    assert r.exit_code == 8, r.stderr  # no TFTP root and no discovery image in a bare data dir
+    status = {c["name"]: c["status"] for c in json.loads(r.stdout)["checks"]}
+    http_port = bastion.url.rsplit(":", 1)[1]
+    assert status == {
+        "bastion": "pass", "token": "pass", "dnsmasq": "skip",
+        "port 67/udp": "skip" if status["port 67/udp"] == "skip" else "pass",
+        "port 69/udp": "skip" if status["port 69/udp"] == "skip" else "pass",
+        f"port {http_port}/tcp": "pass", f"port {port}/udp": "pass",
+        "tftp files": "fail", "artefacts discovery": "fail", "artefacts fedora-43": "warn",
+        "artefacts ubuntu-26.04": "warn", "artefacts local-boot": "warn",
+    }
+    assert "2 check(s) failed: tftp files, artefacts discovery" in r.stderr
+    r = labctl("doctor", "--only", "bastion", "--only", "token", extra_env={"LABCTL_TOKEN": "bad-token-0123456789"})
+    assert r.exit_code == 8
+    assert "PASS  bastion" in r.stdout and "FAIL  token" in r.stdout and "hint: set the operator token" in r.stdout
