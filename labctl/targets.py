@@ -22,6 +22,8 @@ def _label(m: dict[str, Any]) -> str:
 def match(machines: list[dict[str, Any]], target: str) -> list[dict[str, Any]]:
     """Every machine the target could mean (exact matches win over short-name matches)."""
     target = target.strip()
+    if not target:
+        return []
     try:
         mac = validate.mac(target)
     except validate.ValidationError:
@@ -35,6 +37,8 @@ def match(machines: list[dict[str, Any]], target: str) -> list[dict[str, Any]]:
     if ip:
         return [m for m in machines if m.get("ip") == ip]
     name = target.lower().rstrip(".")
+    if not name:
+        return []
     exact = [m for m in machines if (m.get("hostname") or "") == name]
     if exact:
         return exact

@@ -1,0 +1,172 @@
+"""labctl's pure parts: target matching, the SSE parser, DHCP packets, /proc/net parsing, exit
+codes, the config file, and that docs/cli.md and contrib/completions match the code."""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+
+import pytest
+import requests
+from click.testing import CliRunner
+
+from labctl import config, docgen, doctor, errors, output, runner, targets
+from labctl.client import iter_sse
+from labctl.main import COMMANDS, cli
+
+M = [
+    {"mac": "52:54:00:00:00:01", "hostname": "node1", "ip": "10.0.0.1", "state": "installed"},
+    {"mac": "52:54:00:00:00:02", "hostname": "node2.lab", "ip": "10.0.0.2", "state": "installed"},
+    {"mac": "52:54:00:00:00:03", "hostname": "node2.dev", "ip": "10.0.0.3", "state": "installed"},
+    {"mac": "52:54:00:00:00:04", "hostname": None, "ip": "10.0.0.3", "state": "discovered"},
+    {"mac": "52:54:00:00:00:05", "hostname": "node1.lab", "ip": None, "state": "discovered"},
+]
+
+
+@pytest.mark.parametrize("target,macs", [
+    ("node1", ["52:54:00:00:00:01"]),  # the exact name wins over node1.lab's short name
+    ("node1.lab", ["52:54:00:00:00:05"]),
+    ("NODE2.LAB", ["52:54:00:00:00:02"]),
+    ("node2", ["52:54:00:00:00:02", "52:54:00:00:00:03"]),
+    ("52-54-00-00-00-04", ["52:54:00:00:00:04"]),
+    ("5254.0000.0002", ["52:54:00:00:00:02"]),
+    ("10.0.0.3", ["52:54:00:00:00:03", "52:54:00:00:00:04"]),
+    ("10.0.0.9", []),
+    ("52:54:00:00:00:99", []),
+    ("", []),
+])
+def test_match(target, macs):
+    assert [m["mac"] for m in targets.match(M, target)] == macs
+
+
+def test_resolve_errors_list_candidates():
+    with pytest.raises(errors.UsageError) as e:
+        targets.resolve(M, "node2")
+    assert e.value.exit_code == 2 and "node2.lab (52:54:00:00:00:02" in e.value.message and "node2.dev" in e.value.message
+    with pytest.raises(errors.NotFound) as e:
+        targets.resolve(M, "nodee2.lab")
+    assert e.value.exit_code == 5 and "node2.lab" in e.value.hint
+    with pytest.raises(errors.NotFound) as e:
+        targets.resolve([], "x")
+    assert "knows no machines" in e.value.hint
+
+
+class FakeRaw(io.BytesIO):
+    pass
+
+
+def _response(body: bytes) -> requests.Response:
+    r = requests.Response()
+    r.status_code = 200
+    r.raw = FakeRaw(body)
+    return r
+
+
+def test_iter_sse_events_ids_multiline_and_heartbeats():
+    body = (b"retry: 2000\n: following\n\n"
+            b"id: 1-0\nevent: progress\ndata: {\"stage\":\"pxe\"}\n\n"
+            b"event: log\ndata: line one\ndata: line two\nid: 1-1\n\n"
+            b"id: 2-1\n: kind\n\n"
+            b"data:no-space\n\n"
+            b"event: end\ndata: {\"state\":\"installed\"}")  # no final blank line: still delivered
+    evs = list(iter_sse(_response(body)))
+    assert evs == [
+        {"event": "heartbeat", "data": "following", "id": ""},
+        {"event": "progress", "data": '{"stage":"pxe"}', "id": "1-0"},
+        {"event": "log", "data": "line one\nline two", "id": "1-1"},
+        {"event": "heartbeat", "data": "kind", "id": ""},
+        {"event": "message", "data": "", "id": "2-1"},
+        {"event": "message", "data": "no-space", "id": ""},
+        {"event": "end", "data": '{"state":"installed"}', "id": ""},
+    ]
+
+
+def test_dhcp_discover_packet_and_offer_parsing():
+    mac = bytes.fromhex("525400abcdef")
+    pkt = doctor.discover_packet(mac, 0x12345678)
+    assert pkt[0] == 1 and pkt[28:34] == mac and struct.unpack("!I", pkt[4:8])[0] == 0x12345678
+    assert pkt[10:12] == b"\x80\x00" and pkt[236:240] == doctor.DHCP_MAGIC and pkt[240:243] == b"\x35\x01\x01"
+    assert b"PXEClient:Arch:00000" in pkt and pkt.endswith(b"\xff")
+
+    def offer(xid, yiaddr, server, extra=b"", file=b""):
+        head = struct.pack("!BBBBIHH4s4s4s4s16s64s128s", 2, 1, 6, 0, xid, 0, 0, b"", socket.inet_aton(yiaddr),
+                           b"", b"", mac.ljust(16, b"\0"), b"", file)
+        return head + doctor.DHCP_MAGIC + b"\x35\x01\x02\x36\x04" + socket.inet_aton(server) + extra + b"\xff"
+
+    r = doctor.parse_reply(offer(0x12345678, "10.0.0.50", "10.0.0.1"), 0x12345678)
+    assert r == {"type": "OFFER", "server": "10.0.0.1", "offered_ip": "10.0.0.50", "pxe": False, "boot_file": ""}
+    r = doctor.parse_reply(offer(0x12345678, "0.0.0.0", "10.0.0.2", b"\x3c\x09PXEClient", b"undionly.kpxe"), 0x12345678)
+    assert r["offered_ip"] is None and r["pxe"] and r["boot_file"] == "undionly.kpxe"
+    assert doctor.parse_reply(offer(1, "10.0.0.50", "10.0.0.1"), 2) is None  # another transaction
+    assert doctor.parse_reply(pkt, 0x12345678) is None  # a request, not a reply
+    assert doctor.parse_reply(b"\x02" * 100, 0) is None
+    truncated = offer(7, "10.0.0.5", "10.0.0.1")[:-1] + b"\x3c\x40abc"  # option longer than the packet
+    assert doctor.parse_reply(truncated, 7)["server"] == "10.0.0.1"
+
+
+def test_bound_ports_reads_proc_net(tmp_path):
+    hdr = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    (tmp_path / "tcp").write_text(hdr + "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1\n"
+                                  "   1: 0100007F:0016 0100007F:9C40 01 00000000:00000000 00:00000000 00000000 0 0 2\n")
+    (tmp_path / "udp").write_text(hdr + "  10: 00000000:0043 00000000:0000 07 00000000:00000000 00:00000000 00000000 0 0 3\n")
+    (tmp_path / "udp6").write_text(hdr + "  11: 00000000000000000000000000000000:1596 00000000000000000000000000000000:0000 07 0 0 0 0 0 4\n")
+    assert doctor.bound_ports(tmp_path) == {("tcp", 8080), ("udp", 67), ("udp", 5526)}  # 22 is not listening
+
+
+def test_playbook_exit_codes():
+    assert runner.RunResult("successful", 0).exit_code == 0
+    assert runner.RunResult("failed", 2).exit_code == 12
+    assert runner.RunResult("failed", 4).exit_code == 14
+    assert runner.RunResult("timeout", 254).exit_code == 9
+    assert runner.RunResult("canceled", 254).exit_code == 9
+    with pytest.raises(errors.PlaybookFailed) as e:
+        runner.check(runner.RunResult("failed", 2, {"failed": 1}), "x")
+    assert e.value.exit_code == 12
+
+
+def test_config_precedence_and_file_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABCTL_CONFIG", str(tmp_path / "sub" / "c.yaml"))
+    p = config.write_file({"token": "t" * 20, "bastionUrl": "http://a:1"})
+    assert p.stat().st_mode & 0o777 == 0o600 and (p.parent.stat().st_mode & 0o777) == 0o700
+    s = config.load({"bastionUrl": None}, env={"LABCTL_BASTION_URL": "http://b:2/"})
+    assert s["bastionUrl"] == "http://b:2" and s.sources["bastionUrl"] == "env LABCTL_BASTION_URL"
+    assert s["token"] == "t" * 20 and s.sources["token"].startswith("file ")
+    assert s["output"] == "table" and s.sources["output"] == "default"
+    s = config.load({"bastionUrl": "http://c:3", "output": "wide"}, env={"LABCTL_BASTION_URL": "http://b:2"})
+    assert (s["bastionUrl"], s["output"], s.sources["output"]) == ("http://c:3", "wide", "flag")
+    for key, bad in (("bastionUrl", "http://x/\nfoo: bar"), ("token", "two words"), ("output", "xml"), ("nope", "x")):
+        with pytest.raises(errors.UsageError):
+            config.check_value(key, bad)
+
+
+def test_age_and_progress_text():
+    from datetime import UTC, datetime
+
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert output.age("2026-01-02T03:04:00Z", now) == "5s"
+    assert output.age("2026-01-02T02:00:00Z", now) == "1h"
+    assert output.age("2025-12-20T00:00:00Z", now) == "13d"
+    assert output.age(None, now) == "-"
+    assert output.progress_text({"state": "installing", "stage": "packages", "percent": 40}) == "packages 40%"
+    assert output.progress_text({"state": "failed", "failure": "stalled"}) == "failed: stalled"
+    assert output.progress_text({"state": "installed", "stage": "complete"}) == ""
+
+
+def test_every_registered_command_loads_and_has_help():
+    r = CliRunner().invoke(cli, ["--help"])
+    for name in COMMANDS:
+        assert f"  {name} " in r.stdout
+        sub = CliRunner().invoke(cli, [name, "--help"])
+        assert sub.exit_code == 0, (name, sub.output)
+
+
+def test_docs_cli_md_matches_the_help():
+    assert docgen.DOC.read_text() == docgen.cli_md(), "docs/cli.md is stale: run `python -m labctl.docgen`"
+    for code in errors.EXIT_CODES:
+        assert f"| {code} |" in docgen.DOC.read_text()
+
+
+def test_contrib_completions_match_click():
+    for path, text in docgen.completion_files().items():
+        assert path.read_text() == text, f"{path} is stale: run `python -m labctl.docgen`"
