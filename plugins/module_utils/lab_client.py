@@ -1,0 +1,131 @@
+# Copyright: lab-platform contributors
+# Apache License 2.0 (see LICENSE or https://www.apache.org/licenses/LICENSE-2.0)
+"""The one HTTP client the lab.platform plugins use to talk to a bastion (or labd).
+
+It needs nothing but the Python standard library and ansible-core (``open_url``), so it runs in
+an AWX execution environment without the lab-platform Python package.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.error import HTTPError, URLError
+from urllib.parse import quote, urlencode
+
+from ansible.module_utils.basic import env_fallback
+from ansible.module_utils.urls import open_url
+
+URL_ENV = "LAB_BASTION_URL"
+TOKEN_ENV = "LAB_BASTION_TOKEN"
+USER_AGENT = "lab.platform-ansible"
+
+
+def lab_argument_spec():
+    """Connection options shared by every lab.platform module (documented in doc_fragments/bastion.py)."""
+    return dict(
+        url=dict(type="str", required=True, fallback=(env_fallback, [URL_ENV])),
+        token=dict(type="str", no_log=True, fallback=(env_fallback, [TOKEN_ENV])),
+        validate_certs=dict(type="bool", default=True),
+        timeout=dict(type="int", default=30),
+    )
+
+
+class LabClientError(Exception):
+    """An HTTP error answer (status set) or an unreachable bastion (status None)."""
+
+    def __init__(self, message, status=None, error=None, detail=None):
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+class LabClient:
+    """JSON over HTTP to one bastion. Operator endpoints get ``Authorization: Bearer <token>``."""
+
+    def __init__(self, url, token=None, timeout=30, validate_certs=True):
+        if not url or not (url.startswith("http://") or url.startswith("https://")):
+            raise LabClientError("bastion URL must start with http:// or https://, not %r" % (url,))
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.validate_certs = validate_certs
+
+    def request(self, method, path, body=None, query=None):
+        """Send one request; return the decoded JSON answer (a dict) or raise LabClientError."""
+        url = self.url + path
+        items = sorted((k, v) for k, v in (query or {}).items() if v is not None)
+        if items:
+            url += "?" + urlencode(items)
+        headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        data = None
+        if body is not None:
+            data = json.dumps(body)
+            headers["Content-Type"] = "application/json"
+        try:
+            resp = open_url(url, data=data, headers=headers, method=method, timeout=self.timeout,
+                            validate_certs=self.validate_certs, http_agent=USER_AGENT, follow_redirects="safe")
+            raw = resp.read()
+        except HTTPError as exc:
+            raise self._http_error(method, url, exc)
+        except (URLError, OSError, ValueError) as exc:
+            raise LabClientError("cannot reach %s: %s" % (self.url, getattr(exc, "reason", exc)))
+        try:
+            return json.loads(raw) if raw else {}
+        except ValueError:
+            raise LabClientError("%s %s: the answer is not JSON (is %s a lab bastion?)" % (method, path, self.url))
+
+    @staticmethod
+    def _http_error(method, url, exc):
+        error, detail = exc.reason, None
+        try:
+            doc = json.loads(exc.read() or b"{}")
+            error, detail = doc.get("error", error), doc.get("detail")
+        except (ValueError, AttributeError, OSError):
+            pass
+        hint = ""
+        if exc.code == 401:
+            hint = " (set token or %s to the output of `lab-bastion token`)" % TOKEN_ENV
+        msg = "%s %s: HTTP %s %s%s%s" % (method, url, exc.code, error, ": %s" % (detail,) if detail else "", hint)
+        return LabClientError(msg, status=exc.code, error=error, detail=detail)
+
+    # -- the API, one method per endpoint used by the plugins ---------------------------------
+    def machines(self, **filters):
+        """All machines in ONE request (``GET /api/machines``), optionally filtered by state/role/os."""
+        doc = self.request("GET", "/api/machines", query=filters or None)
+        machines = doc.get("machines") if isinstance(doc, dict) else None
+        if not isinstance(machines, list):
+            raise LabClientError("GET %s/api/machines: answer has no 'machines' list" % self.url)
+        return machines
+
+    def machine(self, mac):
+        """One machine with its events, or None when the bastion does not know it."""
+        try:
+            return self.request("GET", "/api/machines/" + quote(mac, safe=""))
+        except LabClientError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def install(self, mac, params):
+        return self.request("POST", "/api/install", dict(params, mac=mac))
+
+    def reprovision(self, mac, overrides, reason=""):
+        return self.request("POST", "/api/machines/%s/reprovision" % quote(mac, safe=""), dict(overrides, reason=reason))
+
+    def debug(self, mac, mode):
+        return self.request("POST", "/api/debug", {"mac": mac, "mode": mode})
+
+    def forget(self, mac):
+        return self.request("DELETE", "/api/machines/" + quote(mac, safe=""))
+
+
+def client_from_module(module):
+    """A LabClient from a module's connection options; a bad URL fails the module."""
+    p = module.params
+    try:
+        return LabClient(p["url"], p.get("token"), p.get("timeout") or 30, p.get("validate_certs", True))
+    except LabClientError as exc:
+        module.fail_json(msg=str(exc))
