@@ -118,7 +118,7 @@ def post_log():
         step = timeline.from_anaconda_line(line)
         if step is not None and (best is None or timeline.advances(best.stage, best.percent, step)):
             best = step
-    advance(store, req.mac, best, machine=m, ip=ip, keepalive_s=max(5.0, min(60.0, cfg().stall_timeout / 3)))
+    advance(store, req.mac, best, machine=m, ip=ip, keepalive_s=max(1.0, min(60.0, cfg().stall_timeout / 3)))
     return jsonify({"mac": req.mac, "stored": n})
 
 
