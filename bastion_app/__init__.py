@@ -38,6 +38,9 @@ def create_app(cfg: configmod.Config | None = None, test_config: dict | None = N
     from bastion_app.routes import logs as logs_routes
 
     logs_routes.init_app(app)
+    from bastion_app.routes import installer
+
+    app.register_blueprint(installer.bp)
     logging.getLogger("bastion_app").setLevel(logging.INFO)
     return app
 

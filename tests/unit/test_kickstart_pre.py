@@ -1,0 +1,417 @@
+"""The kickstart's %pre (disk auto-detection, fresh vs reprovision, the generated partitioning)
+and %post's boot-order function, run for real in bash against a fake /sys tree and PATH shims
+for lsblk, lvm, curl and efibootmgr. The generated include is then spliced into the kickstart
+and parsed by pykickstart (F43), whose handler is checked for the layout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bastion_app.images.sync import DEFAULT_MANIFEST
+from bastion_app.routes.installer import kickstart
+from tests.support import need_binary
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl lab@test"
+TOKEN = "tok_0123456789abcdefXYZ"
+MAC = "52:54:00:12:34:56"
+
+LSBLK = r'''#!/usr/bin/env python3
+# fake lsblk: answers the queries the kickstart %pre makes, from $FAKE/lsblk.json
+import json, os, sys
+db = json.load(open(os.path.join(os.environ["FAKE"], "lsblk.json")))
+args = sys.argv[1:]
+dev = args[-1]
+cols = args[-2].split(",")
+flags = "".join(a.lstrip("-") for a in args[:-2] if a.startswith("-") and not a.startswith("--"))
+def find(path):
+    for disk, info in db.items():
+        names = [disk] + info.get("aliases", [])
+        if path in names:
+            return disk, info, None
+        for part, pinfo in info.get("parts", {}).items():
+            if path == part:
+                return disk, info, pinfo
+    return None, None, None
+disk, info, part = find(dev)
+if disk is None:
+    sys.stderr.write(f"lsblk: {dev}: not a block device\n"); sys.exit(32)
+def row(name, kind, attrs):
+    vals = {"NAME": name, "TYPE": kind, "KNAME": name.rsplit("/", 1)[-1], **attrs}
+    return " ".join(str(vals.get(c, "")) for c in cols)
+if part is not None:
+    print(row(dev, "part", {**part, "PKNAME": disk.rsplit("/", 1)[-1]}))
+elif "d" in flags:
+    print(row(disk, "disk", info))
+else:
+    print(row(disk, "disk", info))
+    for p, pinfo in info.get("parts", {}).items():
+        print(row(p, "part", pinfo))
+'''
+
+LVM = r'''#!/usr/bin/env python3
+# fake lvm: vgs / pvs / lvs from $FAKE/lvm.json ({"labvg": {"pvs": [...], "lvs": [...]}})
+import json, os, sys
+db = json.load(open(os.path.join(os.environ["FAKE"], "lvm.json")))
+cmd, args = sys.argv[1], sys.argv[2:]
+if cmd == "vgs":
+    sys.exit(0 if "labvg" in db else 5)
+if cmd == "pvs":
+    for pv in db.get("labvg", {}).get("pvs", []):
+        print("  " + pv)
+if cmd == "lvs":
+    if "labvg" not in db:
+        sys.exit(5)
+    for lv in db["labvg"]["lvs"]:
+        print("  " + lv)
+'''
+
+CURL = r'''#!/usr/bin/env python3
+# fake curl: records the JSON body of each progress POST
+import json, os, sys
+a = sys.argv[1:]
+body = a[a.index("-d") + 1] if "-d" in a else None
+with open(os.path.join(os.environ["FAKE"], "curl.log"), "a") as f:
+    f.write(json.dumps({"url": a[-1], "body": body}) + "\n")
+'''
+
+EFIBOOTMGR = r'''#!/usr/bin/env python3
+# fake efibootmgr: prints $FAKE/efi.txt; -o ORDER is recorded
+import os, sys
+fake = os.environ["FAKE"]
+if "-o" in sys.argv:
+    open(os.path.join(fake, "bootorder"), "w").write(sys.argv[sys.argv.index("-o") + 1])
+else:
+    sys.stdout.write(open(os.path.join(fake, "efi.txt")).read())
+'''
+
+
+def machine(role="worker", disk=""):
+    return {"mac": MAC, "hostname": "node1", "role": role, "os": "fedora-43", "disk": disk,
+            "ssh_keys": [KEY], "install_token": TOKEN}
+
+
+def render(role="worker", disk=""):
+    return kickstart(machine(role, disk), base="http://10.0.0.1:8080", syslog_port=5514, manifest=DEFAULT_MANIFEST)
+
+
+def sections(text: str):
+    from pykickstart.parser import KickstartParser
+    from pykickstart.version import makeVersion
+
+    handler = makeVersion("F43")
+    KickstartParser(handler, followIncludes=False).readKickstartFromString(text)
+    return handler
+
+
+def script(text: str, kind: str, chroot: bool = True) -> str:
+    from pykickstart.constants import KS_SCRIPT_ONERROR, KS_SCRIPT_POST, KS_SCRIPT_PRE, KS_SCRIPT_PREINSTALL
+
+    t = {"pre": KS_SCRIPT_PRE, "pre-install": KS_SCRIPT_PREINSTALL, "post": KS_SCRIPT_POST,
+         "onerror": KS_SCRIPT_ONERROR}[kind]
+    found = [s for s in sections(text).scripts if s.type == t and (kind != "post" or s.inChroot == chroot)]
+    assert len(found) == 1, f"expected one %{kind} section"
+    return found[0].script
+
+
+class FakeMachine:
+    """A fake /sys/block tree plus lsblk/lvm state; runs %pre for real."""
+
+    def __init__(self, root: Path, uefi: bool = True):
+        self.root = root
+        self.sys = root / "sys"
+        (self.sys / "block").mkdir(parents=True)
+        if uefi:
+            (self.sys / "firmware" / "efi").mkdir(parents=True)
+        self.bin = root / "bin"
+        self.bin.mkdir()
+        for name, body in (("lsblk", LSBLK), ("lvm", LVM), ("curl", CURL), ("efibootmgr", EFIBOOTMGR)):
+            p = self.bin / name
+            p.write_text(body)
+            p.chmod(0o755)
+        self.lsblk: dict = {}
+        self.lvm: dict = {}
+
+    def disk(self, name, *, tran="sata", removable=0, ro=0, size=1_000_000_000, parts=None, aliases=()):
+        d = self.sys / "block" / name
+        d.mkdir()
+        (d / "removable").write_text(f"{removable}\n")
+        (d / "ro").write_text(f"{ro}\n")
+        (d / "size").write_text(f"{size}\n")
+        self.lsblk[f"/dev/{name}"] = {"TRAN": tran, "parts": parts or {}, "aliases": list(aliases)}
+
+    def labvg(self, pv, lvs):
+        self.lvm = {"labvg": {"pvs": [pv], "lvs": list(lvs)}}
+
+    def run(self, body: str) -> subprocess.CompletedProcess:
+        need_binary("bash", "python3")
+        (self.root / "lsblk.json").write_text(json.dumps(self.lsblk))
+        (self.root / "lvm.json").write_text(json.dumps(self.lvm))
+        env = {"PATH": f"{self.bin}:/usr/bin:/bin", "FAKE": str(self.root), "LAB_SYSFS": str(self.sys),
+               "LAB_PART_INCLUDE": str(self.root / "part-include"), "HOME": str(self.root)}
+        return subprocess.run(["bash", "-c", body], env=env, capture_output=True, text=True, timeout=60)
+
+    @property
+    def include(self) -> str:
+        return (self.root / "part-include").read_text()
+
+    def progress(self) -> list[dict]:
+        log = self.root / "curl.log"
+        calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        return [json.loads(c["body"]) for c in calls if c["url"].endswith("/api/progress")]
+
+
+def run_pre(fm: FakeMachine, role="worker", disk="") -> tuple[subprocess.CompletedProcess, str]:
+    text = render(role, disk)
+    return fm.run(script(text, "pre")), text
+
+
+def spliced(text: str, include: str):
+    assert "%include /tmp/part-include\n" in text
+    return sections(text.replace("%include /tmp/part-include\n", include))
+
+
+def lv_table(handler) -> dict[str, dict]:
+    return {lv.name: {"mount": lv.mountpoint, "size": lv.size, "grow": lv.grow, "format": lv.format,
+                      "preexist": lv.preexist, "fstype": lv.fstype} for lv in handler.logvol.lvList}
+
+
+NVME_PARTS = {"/dev/nvme0n1p1": {"FSTYPE": "vfat", "PARTTYPE": "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"},
+              "/dev/nvme0n1p2": {"FSTYPE": "ext4", "PARTTYPE": "0fc63daf-8483-4772-8e79-3d69d8477de4"},
+              "/dev/nvme0n1p3": {"FSTYPE": "LVM2_member", "PARTTYPE": "e6d6d379-f507-44c2-a23c-238f2a3df928"}}
+
+
+# -- disk detection --------------------------------------------------------------------------
+def test_auto_prefers_nvme_over_sata_and_virtio(tmp_path):
+    fm = FakeMachine(tmp_path)
+    fm.disk("sda")
+    fm.disk("vda", tran="")
+    fm.disk("nvme0n1", tran="nvme")
+    res, _ = run_pre(fm)
+    assert res.returncode == 0, res.stderr
+    assert "ignoredisk --only-use=nvme0n1\n" in fm.include
+    assert "clearpart --all --initlabel --disklabel=gpt --drives=nvme0n1\n" in fm.include
+
+
+def test_auto_skips_usb_removable_readonly_and_empty(tmp_path):
+    fm = FakeMachine(tmp_path)
+    fm.disk("sda", tran="usb")  # a USB stick that says it is not removable
+    fm.disk("sdb", removable=1)
+    fm.disk("sdc", ro=1)
+    fm.disk("sdd", size=0)  # an empty card reader
+    fm.disk("nvme0c0n1", tran="nvme")  # hidden multipath controller path
+    fm.disk("sde")
+    fm.disk("vda", tran="")
+    res, _ = run_pre(fm)
+    assert res.returncode == 0, res.stderr
+    assert "ignoredisk --only-use=sde\n" in fm.include
+
+
+def test_auto_virtio_when_nothing_else(tmp_path):
+    fm = FakeMachine(tmp_path)
+    fm.disk("sda", tran="usb")
+    fm.disk("vda", tran="")
+    res, _ = run_pre(fm)
+    assert res.returncode == 0, res.stderr
+    assert "ignoredisk --only-use=vda\n" in fm.include
+
+
+def test_no_usable_disk_reports_failure(tmp_path):
+    fm = FakeMachine(tmp_path)
+    fm.disk("sda", tran="usb")
+    res, _ = run_pre(fm)
+    assert res.returncode != 0
+    assert "no install disk found" in res.stderr
+    stages = [p["stage"] for p in fm.progress()]
+    assert stages[-1] == "failed"
+    assert fm.progress()[-1]["token"] == TOKEN and fm.progress()[-1]["mac"] == MAC
+
+
+def test_given_disk_is_used_even_if_not_first(tmp_path):
+    fm = FakeMachine(tmp_path)
+    fm.disk("nvme0n1", tran="nvme")
+    fm.disk("sdb", aliases=["/dev/disk/by-id/ata-DISK_B"])
+    res, _ = run_pre(fm, disk="/dev/disk/by-id/ata-DISK_B")
+    assert res.returncode == 0, res.stderr
+    assert "ignoredisk --only-use=sdb\n" in fm.include
+
+
+def test_given_disk_that_does_not_exist_fails(tmp_path):
+    fm = FakeMachine(tmp_path)
+    fm.disk("sda")
+    res, _ = run_pre(fm, disk="/dev/sdz")
+    assert res.returncode != 0 and "/dev/sdz is not a disk" in res.stderr
+    assert fm.progress()[-1]["stage"] == "failed"
+
+
+# -- fresh install layout ----------------------------------------------------------------------
+EXPECTED_COMMON = {
+    "swap": ("swap", 27 * 1024, False), "root": ("/", 33 * 1024, False), "var": ("/var", 100 * 1024, False),
+    "varlog": ("/var/log", 10 * 1024, False), "home": ("/home", 10 * 1024, False), "srv": ("/srv", 20 * 1024, False),
+}
+
+
+@pytest.mark.parametrize("role", ["vanilla", "worker", "infra", "labcontroller"])
+@pytest.mark.parametrize("uefi", [True, False])
+def test_fresh_layout_per_role(tmp_path, role, uefi):
+    fm = FakeMachine(tmp_path, uefi=uefi)
+    fm.disk("nvme0n1", tran="nvme")
+    res, text = run_pre(fm, role=role)
+    assert res.returncode == 0, res.stderr
+    h = spliced(text, fm.include)
+    lvs = lv_table(h)
+    expected = dict(EXPECTED_COMMON)
+    if role == "worker":
+        expected["longhorn"] = ("/var/lib/longhorn", 1, True)
+    if role in ("infra", "labcontroller"):
+        expected["rancher"] = ("/var/lib/rancher", 20 * 1024, False)
+    assert {n: (v["mount"], v["size"], v["grow"]) for n, v in lvs.items()} == expected
+    assert all(v["fstype"] == ("swap" if n == "swap" else "xfs") for n, v in lvs.items())
+    assert all(lv.vgname == "labvg" for lv in h.logvol.lvList)
+    assert [vg.vgname for vg in h.volgroup.vgList] == ["labvg"]
+    parts = {p.mountpoint: p for p in h.partition.partitions}
+    if uefi:
+        assert parts["/boot/efi"].size == 600 and parts["/boot/efi"].fstype == "efi"
+        assert "biosboot" not in parts
+    else:
+        assert parts["biosboot"].fstype == "biosboot" and "/boot/efi" not in parts
+    assert parts["/boot"].size == 3072 and parts["/boot"].fstype == "ext4"
+    assert parts["pv.01"].grow
+    assert h.clearpart.initAll and h.zerombr.zerombr
+    assert h.ignoredisk.onlyuse == ["nvme0n1"]
+    msgs = [p["message"] for p in fm.progress()]
+    assert any("fresh install on /dev/nvme0n1" in m for m in msgs)
+
+
+# -- reprovision ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("role", ["vanilla", "worker", "infra", "labcontroller"])
+def test_reprovision_keeps_data_volumes(tmp_path, role):
+    fm = FakeMachine(tmp_path)
+    fm.disk("sda")  # listed first among SATA, but labvg lives on the NVMe disk
+    fm.disk("nvme0n1", tran="nvme", parts=NVME_PARTS)
+    # previously a worker: it has longhorn but no rancher volume
+    fm.labvg("/dev/nvme0n1p3", ["swap", "root", "var", "varlog", "home", "srv", "longhorn"])
+    res, text = run_pre(fm, role=role)
+    assert res.returncode == 0, res.stderr
+    h = spliced(text, fm.include)
+    assert not h.clearpart.initAll and not h.zerombr.zerombr
+    parts = {p.mountpoint: p for p in h.partition.partitions}
+    assert parts["/boot/efi"].onPart == "nvme0n1p1" and not parts["/boot/efi"].format  # reused as is
+    assert parts["/boot"].onPart == "nvme0n1p2"  # reused (reformatted)
+    assert "pv.01" not in parts
+    vg = h.volgroup.vgList[0]
+    assert vg.vgname == "labvg" and vg.preexist and not vg.format
+    lvs = lv_table(h)
+    for name in ("swap", "root", "var", "varlog"):  # recreated: existing volume, new file system
+        assert lvs[name]["preexist"] and lvs[name]["format"], name
+    for name in ("home", "srv"):  # preserved
+        assert not lvs[name]["format"], name
+    if role == "worker":
+        assert not lvs["longhorn"]["format"]
+    else:
+        assert "longhorn" not in lvs  # left alone, not mounted
+    if role in ("infra", "labcontroller"):
+        # did not exist before: created in the existing volume group
+        assert lvs["rancher"]["size"] == 20 * 1024 and lvs["rancher"]["format"] and not lvs["rancher"]["preexist"]
+    msg = [p["message"] for p in fm.progress()][-1]
+    assert msg.startswith("reprovision on /dev/nvme0n1: keeping /home /srv")
+
+
+def test_reprovision_bios(tmp_path):
+    fm = FakeMachine(tmp_path, uefi=False)
+    fm.disk("sda", parts={"/dev/sda1": {"FSTYPE": "", "PARTTYPE": "21686148-6449-6e6f-744e-656564454649"},
+                          "/dev/sda2": {"FSTYPE": "ext4"}, "/dev/sda3": {"FSTYPE": "LVM2_member"}})
+    fm.labvg("/dev/sda3", ["swap", "root", "var", "varlog", "home", "srv"])
+    res, text = run_pre(fm, role="vanilla")
+    assert res.returncode == 0, res.stderr
+    parts = {p.mountpoint: p for p in spliced(text, fm.include).partition.partitions}
+    assert parts["biosboot"].onPart == "sda1" and parts["/boot"].onPart == "sda2"
+
+
+def test_reprovision_on_another_disk_than_requested_fails(tmp_path):
+    fm = FakeMachine(tmp_path)
+    fm.disk("nvme0n1", tran="nvme", parts=NVME_PARTS)
+    fm.disk("sda")
+    fm.labvg("/dev/nvme0n1p3", ["root"])
+    res, _ = run_pre(fm, disk="/dev/sda")
+    assert res.returncode != 0
+    assert "labvg exists on /dev/nvme0n1 but disk /dev/sda was requested" in res.stderr
+    assert fm.progress()[-1]["stage"] == "failed"
+
+
+def test_reprovision_given_disk_matching_labvg(tmp_path):
+    fm = FakeMachine(tmp_path)
+    fm.disk("nvme0n1", tran="nvme", parts=NVME_PARTS, aliases=["/dev/disk/by-id/nvme-X"])
+    fm.labvg("/dev/nvme0n1p3", ["swap", "root", "var", "varlog", "home", "srv"])
+    res, _ = run_pre(fm, role="vanilla", disk="/dev/disk/by-id/nvme-X")
+    assert res.returncode == 0, res.stderr
+    assert "logvol /home --vgname=labvg --name=home --noformat\n" in fm.include
+
+
+def test_reprovision_without_efi_partition_fails_clearly(tmp_path):
+    fm = FakeMachine(tmp_path)
+    fm.disk("nvme0n1", tran="nvme", parts={"/dev/nvme0n1p3": {"FSTYPE": "LVM2_member"}})
+    fm.labvg("/dev/nvme0n1p3", ["root"])
+    res, _ = run_pre(fm)
+    assert res.returncode != 0 and "no EFI system partition" in res.stderr
+
+
+# -- progress payloads ----------------------------------------------------------------------------
+def test_progress_payloads_are_json_with_the_install_token(tmp_path):
+    fm = FakeMachine(tmp_path)
+    fm.disk("nvme0n1", tran="nvme")
+    text = render()
+    assert fm.run(script(text, "pre")).returncode == 0
+    assert fm.run(script(text, "pre-install")).returncode == 0
+    assert fm.run(script(text, "post", chroot=False)).returncode == 0
+    assert fm.run(script(text, "onerror")).returncode == 0
+    got = fm.progress()
+    assert [p["stage"] for p in got] == ["partitioning", "partitioning", "packages", "complete", "failed"]
+    for p in got:
+        assert set(p) == {"mac", "token", "stage", "percent", "message"}
+        assert p["mac"] == MAC and p["token"] == TOKEN and 0 <= p["percent"] <= 100
+
+
+# -- network-first boot order ---------------------------------------------------------------------
+EFI_OUT = textwrap.dedent("""\
+    BootCurrent: 0001
+    Timeout: 0 seconds
+    BootOrder: 0003,0001,0002,0000
+    Boot0000* UiApp
+    Boot0001* UEFI PXEv4 (MAC:525400123456)
+    Boot0002* UEFI HTTPv4 (MAC:525400123456)
+    Boot0003* Fedora\tHD(1,GPT,...)/File(\\EFI\\fedora\\shimx64.efi)
+    """)
+
+
+def test_boot_order_puts_network_first(tmp_path):
+    fm = FakeMachine(tmp_path)
+    (tmp_path / "efi.txt").write_text(EFI_OUT)
+    body = script(render(), "post")
+    start = body.index("lab_set_boot_order() {")
+    func = body[start : body.index("\n}\n", start) + 3]
+    res = fm.run(func + "\nlab_set_boot_order\n")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "bootorder").read_text() == "0001,0002,0003,0000"
+
+
+def test_boot_order_left_alone_on_bios(tmp_path):
+    fm = FakeMachine(tmp_path, uefi=False)
+    (tmp_path / "efi.txt").write_text(EFI_OUT)
+    body = script(render(), "post")
+    start = body.index("lab_set_boot_order() {")
+    res = fm.run(body[start : body.index("\n}\n", start) + 3] + "\nlab_set_boot_order\n")
+    assert res.returncode == 0 and not (tmp_path / "bootorder").exists()
+
+
+def test_pre_runs_under_set_u_without_unbound_variables(tmp_path):
+    fm = FakeMachine(tmp_path)
+    fm.disk("vda", tran="")
+    res, _ = run_pre(fm)
+    assert "unbound variable" not in res.stderr and res.returncode == 0, res.stderr
+
+

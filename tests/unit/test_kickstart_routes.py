@@ -1,0 +1,75 @@
+"""GET /ks, /debug.ks, /debug-setup.sh, /discover.ks through the Flask app (real store)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.unit.test_kickstart_pre import KEY
+
+MAC = "52:54:00:ab:cd:01"
+
+
+def queue(client, auth, os_name="fedora-43", mac=MAC, **over):
+    assert client.post("/api/discover", json={"mac": mac}).status_code == 200
+    body = {"mac": mac, "hostname": over.pop("hostname", "node-ks"), "role": "worker", "os": os_name,
+            "disk": "", "ssh_keys": [KEY], **over}
+    r = client.post("/api/install", json=body, headers=auth)
+    assert r.status_code == 202, r.json
+    text = client.get(f"/dispatch?mac={mac}").get_data(as_text=True)
+    return re.search(r"token=([A-Za-z0-9_-]+)", text).group(1)
+
+
+def test_ks_for_the_installing_machine(client, auth):
+    token = queue(client, auth)
+    r = client.get(f"/ks?mac={MAC}&token={token}")
+    assert r.status_code == 200 and r.mimetype == "text/plain"
+    assert r.headers["Cache-Control"] == "no-store"
+    text = r.get_data(as_text=True)
+    assert "--hostname=node-ks" in text and f'"token":"{token}"' in text
+    assert "logging --host=192.0.2.1 --port=5514" in text or "logging --host=localhost --port=5514" in text
+
+
+@pytest.mark.parametrize("query, status", [
+    ("", 400),
+    (f"mac={MAC}", 400),
+    (f"mac={MAC}&token=short", 400),
+    ("mac=zz&token=" + "a" * 24, 400),
+    (f"mac={MAC}&token=" + "a" * 24, 403),
+    ("mac=52:54:00:00:00:99&token=" + "a" * 24, 404),
+])
+def test_ks_refuses_bad_requests(client, auth, query, status):
+    queue(client, auth)
+    r = client.get("/ks?" + query)
+    assert r.status_code == status
+    assert set(r.json) <= {"error", "detail"}
+
+
+def test_ks_needs_an_install_in_progress(client, auth):
+    assert client.post("/api/discover", json={"mac": MAC}).status_code == 200
+    assert client.get(f"/ks?mac={MAC}&token=" + "a" * 24).status_code == 409
+
+
+def test_ks_is_not_served_for_ubuntu(client, auth):
+    token = queue(client, auth, os_name="ubuntu-26.04")
+    r = client.get(f"/ks?mac={MAC}&token={token}")
+    assert r.status_code == 409 and "ubuntu-26.04" in r.json["error"]
+
+
+def test_debug_ks_uses_the_machines_keys(client, auth):
+    queue(client, auth)
+    text = client.get(f"/debug.ks?mac={MAC}").get_data(as_text=True)
+    assert f"sshpw --username=root --sshkey '{KEY}'" in text
+    anon = client.get("/debug.ks").get_data(as_text=True)
+    assert "--lock" in anon and "--sshkey" not in anon
+    assert client.get("/debug.ks?mac=nonsense").status_code == 400
+
+
+def test_debug_setup_and_discover(client):
+    r = client.get("/debug-setup.sh?port=5555")
+    assert r.status_code == 200 and "LAB_PORT=5555" in r.get_data(as_text=True)
+    assert client.get("/debug-setup.sh?port=22").status_code == 400
+    assert client.get("/debug-setup.sh?port=1;reboot").status_code == 400
+    d = client.get("/discover.ks")
+    assert d.status_code == 200 and "LAB_ACTION=poweroff" in d.get_data(as_text=True)
