@@ -122,7 +122,7 @@ def interface_mac(interface: str) -> bytes:
     return bytes.fromhex(text.replace(":", ""))
 
 
-def probe_dhcp(interface: str, timeout: float = 3.0) -> list[dict[str, Any]]:
+def probe_dhcp(interface: str, timeout: float = 5.0) -> list[dict[str, Any]]:
     """Broadcast one DHCPDISCOVER on ``interface`` (a socket bound to it, port 68) and return every
     answer received within ``timeout`` seconds. Needs root (port 68, SO_BINDTODEVICE). Only a
     DISCOVER is sent: no address is requested or taken."""
@@ -234,20 +234,24 @@ def check_dhcp(cfg, interface: str | None, timeout: float) -> list[Check]:
     if not iface:
         return [Check("dhcp", "skip", "no provisioning interface known", "pass --interface IFACE")]
     answers = probe_dhcp(iface, timeout)
-    mine = {cfg.server_ip} if cfg and cfg.server_ip else set()
+    mine = {cfg.server_ip} if cfg and cfg.server_ip else set()  # this bastion's own address
     ours = [a for a in answers if a["server"] in mine or a["from"] in mine]
     others = [a for a in answers if a not in ours]
     listing = "; ".join(f"{a['server']} offers {a['offered_ip'] or 'no address (proxy)'}"
                         + (f", boot {a['boot_file']}" if a["boot_file"] else "") for a in answers) or "nobody answered"
+    if cfg is None:  # no bastion configuration: which answer is ours is unknown; list them
+        servers = {a["server"] for a in answers if a["pxe"]}
+        status = "fail" if len(servers) > 1 else "pass"
+        return [Check("dhcp", status, f"on {iface}: {listing}",
+                      "several PXE servers answer: machines may boot from the wrong one" if status == "fail" else "")]
     rogue_pxe = [a for a in others if a["pxe"]]
-    mode = cfg.dhcp_mode if cfg else None
     if rogue_pxe:
         return [Check("dhcp", "fail", f"another PXE server answers on {iface}: {listing}",
                       "PXE clients may boot from it: switch it off on this segment")]
-    if mode == "full" and [a for a in others if a["offered_ip"]]:
+    if cfg.dhcp_mode == "full" and [a for a in others if a["offered_ip"]]:
         return [Check("dhcp", "fail", f"another DHCP server offers addresses on {iface}: {listing}",
                       "with dhcp_mode full this bastion must be the only DHCP server; use dhcp_mode proxy instead")]
-    if mode == "proxy" and not any(a["offered_ip"] for a in answers):
+    if cfg.dhcp_mode == "proxy" and not any(a["offered_ip"] for a in answers):
         return [Check("dhcp", "fail", f"no DHCP server offers addresses on {iface}: {listing}",
                       "proxy-DHCP needs the LAN's DHCP server; without one use dhcp_mode full")]
     return [Check("dhcp", "pass", f"on {iface}: {listing}")]
@@ -259,8 +263,8 @@ def check_dhcp(cfg, interface: str | None, timeout: float) -> list[Check]:
 @click.option("--interface", metavar="IFACE", help="Provisioning interface for the DHCP probe (default: the bastion's).")
 @click.option("--only", "only", multiple=True, type=click.Choice(CHECKS), help="Run only these checks (repeatable).")
 @click.option("--skip", "skip", multiple=True, type=click.Choice(CHECKS), help="Skip these checks (repeatable).")
-@click.option("--dhcp-timeout", type=click.FloatRange(0.2, 60), default=3.0, show_default=True, metavar="SECONDS",
-              help="How long to listen for DHCP answers.")
+@click.option("--dhcp-timeout", type=click.FloatRange(0.2, 60), default=5.0, show_default=True, metavar="SECONDS",
+              help="How long to listen for DHCP answers (servers that ping-check an address answer after ~3 s).")
 @output_option
 @pass_ctx
 def doctor(obj: Ctx, data_dir: Path, interface, only, skip, dhcp_timeout) -> None:
