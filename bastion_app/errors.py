@@ -64,7 +64,11 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):
-        return error_response(exc.code or 500, (exc.name or "error").lower(), exc.description)
+        resp = error_response(exc.code or 500, (exc.name or "error").lower(), exc.description)
+        for name, value in exc.get_headers():
+            if name.lower() in ("allow", "retry-after", "www-authenticate"):
+                resp.headers[name] = value
+        return resp
 
     @app.errorhandler(sqlite3.OperationalError)
     def _storage(exc: sqlite3.OperationalError):

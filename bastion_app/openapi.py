@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic.json_schema import models_json_schema
 
-from labcore import schemas
+from labcore import schemas, validate
 
 SPEC = Path(__file__).with_name("openapi.yaml")
 
@@ -25,4 +25,17 @@ def document() -> dict:
     doc = yaml.safe_load(SPEC.read_text())
     _, top = models_json_schema([(m, "validation") for m in MODELS], ref_template="#/components/schemas/{model}")
     doc.setdefault("components", {}).setdefault("schemas", {}).update(top.get("$defs", {}))
+    # every `mac` and `token` parameter, in a path or a query, is described by the validator's own pattern
+    patterns = {"mac": validate.MAC_PATTERN, "token": validate.TOKEN_PATTERN}
+    for param in _parameters(doc):
+        if param.get("name") in patterns:
+            param["schema"] = {"type": "string", "pattern": patterns[param["name"]]}
     return doc
+
+
+def _parameters(doc: dict):
+    yield from doc.get("components", {}).get("parameters", {}).values()
+    for ops in doc["paths"].values():
+        for op in ops.values():
+            if isinstance(op, dict):
+                yield from (p for p in op.get("parameters", []) if "name" in p)

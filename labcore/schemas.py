@@ -7,37 +7,55 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from labcore import validate as v
 
-Mac = Annotated[str, AfterValidator(v.mac), Field(description="MAC address, any common form; normalised to aa:bb:cc:dd:ee:ff", examples=["52:54:00:12:34:56"])]
-Hostname = Annotated[str, AfterValidator(v.hostname), Field(description="RFC 1123 host name", examples=["node1"])]
+# The patterns are published in the JSON schema only (pydantic's own regex engine has no
+# look-arounds); the AfterValidator applies the very same pattern with Python's re.
+Mac = Annotated[str, AfterValidator(v.mac), Field(description="MAC address (aa:bb:cc:dd:ee:ff, aa-bb-.., aabbccddeeff or aabb.ccdd.eeff); normalised to lowercase colon form",
+                                                  examples=["52:54:00:12:34:56"], json_schema_extra={"pattern": v.MAC_PATTERN})]
+Hostname = Annotated[str, AfterValidator(v.hostname), Field(description="RFC 1123 host name", examples=["node1"],
+                                                            json_schema_extra={"pattern": v.HOSTNAME_PATTERN})]
 Role = Literal["vanilla", "worker", "infra", "labcontroller"]
 OsName = Literal["fedora-43", "ubuntu-26.04"]
-Disk = Annotated[str, AfterValidator(v.disk), Field(description="'' = auto-detect (NVMe first), else /dev/...")]
-SshKey = Annotated[str, AfterValidator(v.ssh_key)]
-Token = Annotated[str, AfterValidator(v.token), Field(description="the install's own token, from its boot script")]
-Stage = Annotated[str, AfterValidator(v.stage), Field(examples=["partitioning", "packages", "post-install", "complete", "failed"])]
+Disk = Annotated[str, AfterValidator(v.disk), Field(description="'' = auto-detect (NVMe first), else /dev/...",
+                                                    json_schema_extra={"pattern": v.DISK_PATTERN})]
+SshKey = Annotated[str, AfterValidator(v.ssh_key), Field(max_length=v.MAX_SSH_KEY_LEN, json_schema_extra={"pattern": v.SSH_KEY_PATTERN})]
+Token = Annotated[str, AfterValidator(v.token), Field(description="the install's own token, from its boot script",
+                                                      json_schema_extra={"pattern": v.TOKEN_PATTERN})]
+Stage = Annotated[str, AfterValidator(v.stage), Field(examples=["partitioning", "packages", "post-install", "complete", "failed"],
+                                                      json_schema_extra={"pattern": v.STAGE_PATTERN})]
+
+
+def _integral(value):
+    """JSON Schema counts 5.0 as an integer; so do we (but never true/false or "5")."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
 # Free text shown to people, never templated: bounded and free of control characters.
 Text = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
 Message = Annotated[str, StringConstraints(max_length=2048, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_max_length=20000)
+    # strict: JSON types are not coerced (false is not 0, "5" is not 5)
+    model_config = ConfigDict(extra="forbid", str_max_length=20000, strict=True)
 
 
 class Cpu(Strict):
     model: Text = ""
-    cores: int = Field(0, ge=0, le=65536)
-    threads: int = Field(0, ge=0, le=65536)
+    cores: Int = Field(0, ge=0, le=65536)
+    threads: Int = Field(0, ge=0, le=65536)
     arch: Text = ""
 
 
 class DiskInfo(Strict):
     name: Text
-    size_bytes: int = Field(0, ge=0)
+    size_bytes: Int = Field(0, ge=0)
     model: Text = ""
     serial: Text = ""
     rotational: bool = False
@@ -50,7 +68,7 @@ class Nic(Strict):
     mac: Mac
     driver: Text = ""
     link: bool = False
-    speed_mbps: int | None = Field(None, ge=-1, le=10_000_000)
+    speed_mbps: Int | None = Field(None, ge=-1, le=10_000_000)
 
 
 class Dmi(Strict):
@@ -64,7 +82,7 @@ class Dmi(Strict):
 
 class Hardware(Strict):
     cpu: Cpu = Field(default_factory=Cpu)
-    memory_mb: int = Field(0, ge=0)
+    memory_mb: Int = Field(0, ge=0)
     disks: list[DiskInfo] = Field(default_factory=list, max_length=256)
     nics: list[Nic] = Field(default_factory=list, max_length=256)
     dmi: Dmi = Field(default_factory=Dmi)
@@ -100,7 +118,7 @@ class ProgressRequest(Strict):
     mac: Mac
     token: Token
     stage: Stage
-    percent: int | None = Field(None, ge=0, le=100)
+    percent: Int | None = Field(None, ge=0, le=100)
     message: Message = ""
 
 

@@ -7,7 +7,6 @@ purpose: nothing they accept can add a line to a kickstart, an iPXE script or a 
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 
 import netaddr
@@ -19,9 +18,24 @@ DEBUG_MODES = ("rescue", "pxe")
 MAX_SSH_KEYS = 16
 MAX_SSH_KEY_LEN = 16384
 
-_MAC_CHARS = re.compile(r"^[0-9A-Fa-f:.\-]{12,17}$")
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_DISK = re.compile(r"^/dev/[A-Za-z0-9_][A-Za-z0-9_.:+@/-]{0,120}$")
+# The patterns below are also published in the OpenAPI document (labcore.schemas), so that what a
+# client can read from the spec is exactly what the bastion accepts.
+_HEX2 = "[0-9A-Fa-f]{2}"
+_HEX4 = "[0-9A-Fa-f]{4}"
+MAC_PATTERN = (
+    rf"^(?:{_HEX2}(?::{_HEX2}){{5}}|{_HEX2}(?:-{_HEX2}){{5}}|[0-9A-Fa-f]{{12}}|{_HEX4}\.{_HEX4}\.{_HEX4})$"
+)
+_HN_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+# RFC 1123: labels of letters, digits and hyphens; the last label is not all digits (so a host
+# name never has the dotted-decimal form of an address).
+HOSTNAME_PATTERN = rf"^(?=.{{1,253}}$)(?:{_HN_LABEL}\.)*(?![0-9]+$){_HN_LABEL}$"
+DISK_PATTERN = r"^(?:|/dev/(?!.*/\.\.(?:/|$))[A-Za-z0-9_][A-Za-z0-9_.:+@/-]{0,120})$"
+TOKEN_PATTERN = r"^[A-Za-z0-9_-]{16,128}$"
+STAGE_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+
+_MAC = re.compile(MAC_PATTERN)
+_HOSTNAME = re.compile(HOSTNAME_PATTERN)
+_DISK = re.compile(DISK_PATTERN)
 _SSH_KEY_TYPES = (
     "ssh-ed25519",
     "ssh-rsa",
@@ -31,9 +45,42 @@ _SSH_KEY_TYPES = (
     "sk-ssh-ed25519@openssh.com",
     "sk-ecdsa-sha2-nistp256@openssh.com",
 )
-_SSH_KEY = re.compile(r"^(?P<type>[a-z0-9@.-]+) (?P<blob>[A-Za-z0-9+/]+={0,3})(?: (?P<comment>[A-Za-z0-9@._+:=,/-]{1,200}))?$")
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
-_STAGE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+def _esc(text: str) -> str:
+    """Escape for a pattern that must read the same in Python and in ECMA-262 (JSON Schema)."""
+    return re.sub(r"([.+*?^$()\[\]{}|\\/])", r"\\\1", text)
+
+
+def _b64_prefix_pattern(header: bytes) -> str:
+    """A regex for base64 text whose decoded bytes start with ``header``: the characters fully
+    fixed by the header, then a class for the one character that is only partly fixed."""
+    full = len(header) // 3 * 3
+    out = _esc(base64.b64encode(header[:full]).decode())
+    rest = header[full:]
+    if rest:
+        chars = sorted({base64.b64encode(rest + bytes([b]) + b"\0")[len(rest)] for b in range(256)})
+        fixed = base64.b64encode(rest + b"\0\0")[: len(rest)].decode()
+        out += _esc(fixed) + "[" + "".join(_esc(chr(c)) for c in chars) + "]"
+    return out
+
+
+def _ssh_key_pattern() -> str:
+    b64 = "[A-Za-z0-9+/]"
+    body = rf"(?:{b64}{{4}})*(?:{b64}{{2}}==|{b64}{{3}}=)?"
+    alternatives = []
+    for t in _SSH_KEY_TYPES:
+        header = len(t).to_bytes(4, "big") + t.encode()
+        alternatives.append(rf"{_esc(t)} (?={_b64_prefix_pattern(header)}){body}")
+    return rf"^(?:{'|'.join(alternatives)})(?: [A-Za-z0-9@._+:=,/-]{{1,200}})?$"
+
+
+#: An OpenSSH public key line: a known type, base64 key data that starts with that same type, an
+#: optional comment of safe characters.
+SSH_KEY_PATTERN = _ssh_key_pattern()
+_SSH_KEY = re.compile(SSH_KEY_PATTERN)
+_TOKEN = re.compile(TOKEN_PATTERN)
+_STAGE = re.compile(STAGE_PATTERN)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -48,7 +95,7 @@ class ValidationError(ValueError):
 
 def mac(value: object, field: str = "mac") -> str:
     """Normalise a MAC address to lowercase colon form (aa:bb:cc:dd:ee:ff)."""
-    if not isinstance(value, str) or not _MAC_CHARS.fullmatch(value):
+    if not isinstance(value, str) or not _MAC.fullmatch(value):
         raise ValidationError(field, "not a MAC address (expected e.g. 52:54:00:12:34:56)")
     try:
         eui = netaddr.EUI(value, version=48)
@@ -62,20 +109,13 @@ def hostname(value: object, field: str = "hostname") -> str:
     """An RFC 1123 host name (labels of letters, digits and hyphens), normalised to lowercase."""
     if not isinstance(value, str) or not value:
         raise ValidationError(field, "a host name is required")
-    if len(value) > 253:
-        raise ValidationError(field, "longer than 253 characters")
-    name = value.lower()
-    labels = name.split(".")
-    for label in labels:
-        if not _LABEL.fullmatch(label):
-            raise ValidationError(
-                field,
-                f"{value!r} is not an RFC 1123 host name: labels of 1-63 letters, digits or hyphens, "
-                "not starting or ending with a hyphen",
-            )
-    if labels[-1].isdigit():
-        raise ValidationError(field, f"{value!r}: the last label must not be all digits")
-    return name
+    if not _HOSTNAME.fullmatch(value):
+        raise ValidationError(
+            field,
+            f"{value!r} is not an RFC 1123 host name: at most 253 characters, labels of 1-63 letters, digits "
+            "or hyphens, not starting or ending with a hyphen, the last label not all digits",
+        )
+    return value.lower()
 
 
 def role(value: object, field: str = "role") -> str:
@@ -94,7 +134,7 @@ def disk(value: object, field: str = "disk") -> str:
     """'' means auto-detect; otherwise a /dev/... path of safe characters."""
     if value is None or value == "":
         return ""
-    if not isinstance(value, str) or not _DISK.fullmatch(value) or "/../" in value or value.endswith("/.."):
+    if not isinstance(value, str) or not _DISK.fullmatch(value):
         raise ValidationError(
             field, f"{value!r} is not a disk device: use '' (auto-detect) or a path like /dev/nvme0n1"
         )
@@ -105,32 +145,26 @@ def ssh_key(value: object, field: str = "ssh_keys") -> str:
     """One OpenSSH public key line: type, base64 blob whose embedded type matches, optional comment."""
     if not isinstance(value, str):
         raise ValidationError(field, "an SSH public key must be a string")
-    key = value.strip()
-    if len(key) > MAX_SSH_KEY_LEN:
-        raise ValidationError(field, "SSH public key too long")
-    m = _SSH_KEY.fullmatch(key)
-    if not m or m.group("type") not in _SSH_KEY_TYPES:
+    if len(value) > MAX_SSH_KEY_LEN:
+        raise ValidationError(field, f"SSH public key longer than {MAX_SSH_KEY_LEN} characters")
+    if not _SSH_KEY.fullmatch(value):
         raise ValidationError(
             field,
-            "not an OpenSSH public key line ('TYPE BASE64 [comment]', comment of letters, digits and @._+:=,/-)",
+            "not an OpenSSH public key line: 'TYPE BASE64 [comment]' with a known type "
+            f"({', '.join(_SSH_KEY_TYPES)}), key data of that type, a comment of letters, digits and @._+:=,/-",
         )
-    try:
-        blob = base64.b64decode(m.group("blob"), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValidationError(field, "SSH public key: the key data is not valid base64") from None
-    if len(blob) < 4:
-        raise ValidationError(field, "SSH public key: key data too short")
+    blob = base64.b64decode(value.split(" ")[1], validate=True)  # the pattern admits only valid base64
     n = int.from_bytes(blob[:4], "big")
-    if blob[4 : 4 + n] != m.group("type").encode():
+    if blob[4 : 4 + n] != value.split(" ")[0].encode():  # pragma: no cover - the pattern guarantees it
         raise ValidationError(field, "SSH public key: the key data does not match its type")
-    return key
+    return value
 
 
 def ssh_keys(value: object, field: str = "ssh_keys") -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        value = [line for line in value.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        value = [line.strip() for line in value.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not isinstance(value, list):
         raise ValidationError(field, "expected a list of SSH public keys")
     if len(value) > MAX_SSH_KEYS:

@@ -108,6 +108,6 @@ def cancel(mac: str):
 @operator_required
 def events():
     mac = request.args.get("mac")
-    rows = get_store().events(mac_arg(mac) if mac else None, since=int_arg("since", 0, 0, 2**62),
+    rows = get_store().events(mac_arg(mac) if mac is not None else None, since=int_arg("since", 0, 0, 2**62),
                               limit=int_arg("limit", 500, 1, 5000))
     return jsonify({"events": [event_view(e) for e in rows]})
