@@ -161,5 +161,34 @@ def build_local_boot_cmd(data_dir):
     click.echo(str(out))
 
 
+@main.command("dnsmasq-config")
+@data_dir_option
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Configuration file to write (rewritten only when its content changes).")
+@click.option("--tftp-root", type=click.Path(file_okay=False, path_type=Path), help="TFTP root to fill with iPXE (default <data>/tftp).")
+def dnsmasq_config_cmd(data_dir, output, tftp_root):
+    """Write the bastion's dnsmasq configuration and TFTP root for a dnsmasq that runs as its own
+    service (bastion.yaml then says `dnsmasq: false`). Prints `changed` or `unchanged`."""
+    from bastion_app import dnsmasq
+
+    cfg = _load(data_dir, detect=True)
+    root = tftp_root or cfg.data_path / "tftp"
+    try:
+        if not cfg.interface:
+            raise dnsmasq.DnsmasqError("no provisioning interface: set interface in bastion.yaml")
+        iface = dnsmasq.interface_address(cfg.interface, prefer=cfg.server_ip)
+        copied = dnsmasq.fill_tftp_root(root)
+        cfg.run_path.mkdir(parents=True, exist_ok=True)
+        text = dnsmasq.render_config(cfg, root, iface, user=dnsmasq._owner(cfg.data_path))
+    except dnsmasq.DnsmasqError as exc:
+        raise click.ClickException(str(exc)) from None
+    same = output.is_file() and output.read_text() == text
+    if not same:
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(output)
+    click.echo("unchanged" if same and not copied else "changed")
+
+
 if __name__ == "__main__":
     main()
