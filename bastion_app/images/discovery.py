@@ -9,7 +9,8 @@ The build:
 1. resolves ``linux-image-amd64`` to the concrete kernel package (``linux-image-6.x-amd64``) and
    ``busybox-static`` to their candidate versions with ``apt-cache`` (no network);
 2. hashes its inputs (package versions, every file under ``discovery/``, the module list, the build
-   format); when ``<cache>/<hash>/`` exists, that is the result (a second build is instant);
+   format); when ``<cache>/<hash>/`` exists, that is the result (a second build is instant: the
+   package resolution is remembered too, until apt's lists or sources change);
 3. otherwise fetches both packages with ``apt-get download`` (nothing is installed on the host),
    unpacks them with ``dpkg-deb -x`` into a scratch directory, takes vmlinuz, busybox and the wanted
    modules plus their dependencies (read from each module's ``.modinfo`` ELF section: Debian's
@@ -157,6 +158,37 @@ def resolve_packages(kernel_package: str | None = None) -> dict[str, tuple[str, 
         "kernel": (kernel_package, kernel_version),
         "busybox": (BUSYBOX_PACKAGE, found[BUSYBOX_PACKAGE]["Version"]),
     }
+
+
+def _apt_stamp() -> str:
+    """Changes whenever apt's view of candidates can change (lists, sources, pinning)."""
+    h = hashlib.sha256()
+    for pattern in ("/var/lib/apt/lists/*", "/etc/apt/sources.list", "/etc/apt/sources.list.d/*",
+                    "/etc/apt/preferences", "/etc/apt/preferences.d/*"):
+        for path in sorted(Path("/").glob(pattern.lstrip("/"))):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _resolve_cached(cache: Path, kernel_package: str | None) -> dict[str, tuple[str, str]]:
+    """:func:`resolve_packages`, remembered in the cache until apt's lists change (apt-cache is slow)."""
+    memo = cache / "resolved.json"
+    key = f"{_apt_stamp()}:{kernel_package or ''}"
+    try:
+        data = json.loads(memo.read_text())
+        if data.get("key") == key:
+            return {k: (v[0], v[1]) for k, v in data["packages"].items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        pass
+    packages = resolve_packages(kernel_package)
+    tmp = memo.with_name(f".resolved.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "packages": packages}))
+    os.replace(tmp, memo)
+    return packages
 
 
 def _source_files() -> list[Path]:
@@ -522,7 +554,8 @@ def build_discovery(cache_dir: Path | None, out_dir: Path, *, progress: Callable
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     out = Path(out_dir)
     modules = tuple(modules)
-    packages = resolve_packages(kernel_package)
+    cache.mkdir(parents=True, exist_ok=True)
+    packages = _resolve_cached(cache, kernel_package)
     digest = inputs_hash(packages, modules)
     final = cache / digest
     debs = cache / "debs"
