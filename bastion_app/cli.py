@@ -41,7 +41,7 @@ def main() -> None:
 @data_dir_option
 @click.option("--listen", metavar="HOST:PORT", help="HTTP address (default 0.0.0.0:8080).")
 @click.option("--workers", type=int, help="gunicorn worker processes (default 4).")
-@click.option("--syslog-port", type=int, help="UDP port of the installer syslog listener (default 5514).")
+@click.option("--syslog-port", type=int, help="Port (UDP and TCP) of the installer syslog listener (default 5514).")
 @click.option("--no-dnsmasq", is_flag=True, help="Do not start dnsmasq (DHCP/TFTP is provided elsewhere).")
 @click.option("--interface", metavar="IFACE", help="Provisioning interface for dnsmasq (default: auto-detected).")
 @click.option("--dhcp-mode", type=click.Choice(["proxy", "full"]), help="proxy-DHCP beside the LAN's DHCP server (default), or full DHCP.")

@@ -63,6 +63,7 @@ class LogStore:
         with self.tx() as c:
             for stmt in _SCHEMA:
                 c.execute(stmt)
+        self.close()  # no connection crosses a fork (gunicorn preloads the app, then forks)
 
     def conn(self) -> sqlite3.Connection:
         c = getattr(self._local, "conn", None)

@@ -376,7 +376,7 @@ class Listener:
         last_report = time.monotonic()
         while not (self.stopping.is_set() and not q):
             if not q:
-                time.sleep(0.005)
+                time.sleep(0.02)
             else:
                 batch = []
                 pop = q.popleft
