@@ -88,7 +88,7 @@ def test_k3s_roles(role):
     for line in ("net.ipv4.ip_forward = 1", "fs.inotify.max_user_watches = 524288",
                  "fs.inotify.max_user_instances = 8192", "net.bridge.bridge-nf-call-iptables = 1"):
         assert line in post
-    assert "systemctl mask firewalld.service" in post
+    assert "LAB_FIREWALL_UNIT=firewalld.service" in post and "systemctl mask \"$LAB_FIREWALL_UNIT\"" in post
     assert not h.firewall.enabled
     assert "firewalld" in h.services.disabled and "chronyd" in h.services.enabled
     assert {"container-selinux", "iptables-nft"} <= set(h.packages.packageList)
@@ -99,8 +99,8 @@ def test_vanilla_is_chronyd_only():
     text = render("vanilla")
     h = sections(text)
     post = script(text, "post")
-    assert "systemctl enable chronyd.service" in post
-    for k3s_only in ("br_netfilter", "ip_forward", "inotify", "firewalld", "k3s"):
+    assert "LAB_TIME_UNIT=chronyd.service" in post and "systemctl enable \"$LAB_TIME_UNIT\"" in post
+    for k3s_only in ("br_netfilter", "ip_forward", "inotify", "systemctl mask", "k3s"):
         assert k3s_only not in post, k3s_only
     assert h.firewall.enabled and "container-selinux" not in h.packages.packageList
 

@@ -20,73 +20,37 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh
 TOKEN = "tok_0123456789abcdefXYZ"
 MAC = "52:54:00:12:34:56"
 
-LSBLK = r'''#!/usr/bin/env python3
-# fake lsblk: answers the queries the kickstart %pre makes, from $FAKE/lsblk.json
-import json, os, sys
-db = json.load(open(os.path.join(os.environ["FAKE"], "lsblk.json")))
-args = sys.argv[1:]
-dev = args[-1]
-cols = args[-2].split(",")
-flags = "".join(a.lstrip("-") for a in args[:-2] if a.startswith("-") and not a.startswith("--"))
-def find(path):
-    for disk, info in db.items():
-        names = [disk] + info.get("aliases", [])
-        if path in names:
-            return disk, info, None
-        for part, pinfo in info.get("parts", {}).items():
-            if path == part:
-                return disk, info, pinfo
-    return None, None, None
-disk, info, part = find(dev)
-if disk is None:
-    sys.stderr.write(f"lsblk: {dev}: not a block device\n"); sys.exit(32)
-def row(name, kind, attrs):
-    vals = {"NAME": name, "TYPE": kind, "KNAME": name.rsplit("/", 1)[-1], **attrs}
-    return " ".join(str(vals.get(c, "")) for c in cols)
-if part is not None:
-    print(row(dev, "part", {**part, "PKNAME": disk.rsplit("/", 1)[-1]}))
-elif "d" in flags:
-    print(row(disk, "disk", info))
-else:
-    print(row(disk, "disk", info))
-    for p, pinfo in info.get("parts", {}).items():
-        print(row(p, "part", pinfo))
+# The shims are bash (a Python start per call would make %pre's many lsblk calls slow); their
+# answers are files that FakeMachine.run() writes from its tables.
+LSBLK = r'''#!/bin/bash
+# fake lsblk: `lsblk -dno COL DEV` and `lsblk -lnpo NAME,TYPE DISK`, from $FAKE/lsblk/<dev>/
+dev="${@: -1}" cols="${@: -2:1}"
+d="$FAKE/lsblk/$(printf '%s' "$dev" | tr / _)"
+[ -d "$d" ] || { echo "lsblk: $dev: not a block device" >&2; exit 32; }
+if [ "$cols" = NAME,TYPE ]; then cat "$d/list"; else cat "$d/$cols" 2>/dev/null; fi
+exit 0
 '''
 
-LVM = r'''#!/usr/bin/env python3
-# fake lvm: vgs / pvs / lvs from $FAKE/lvm.json ({"labvg": {"pvs": [...], "lvs": [...]}})
-import json, os, sys
-db = json.load(open(os.path.join(os.environ["FAKE"], "lvm.json")))
-cmd, args = sys.argv[1], sys.argv[2:]
-if cmd == "vgs":
-    sys.exit(0 if "labvg" in db else 5)
-if cmd == "pvs":
-    for pv in db.get("labvg", {}).get("pvs", []):
-        print("  " + pv)
-if cmd == "lvs":
-    if "labvg" not in db:
-        sys.exit(5)
-    for lv in db["labvg"]["lvs"]:
-        print("  " + lv)
+LVM = r'''#!/bin/bash
+# fake lvm: vgs / pvs / lvs for labvg from $FAKE/lvm/
+[ -d "$FAKE/lvm/labvg" ] || exit 5
+case "$1" in
+    vgs) echo "  labvg" ;;
+    pvs) sed 's/^/  /' "$FAKE/lvm/labvg/pvs" ;;
+    lvs) sed 's/^/  /' "$FAKE/lvm/labvg/lvs" ;;
+esac
 '''
 
-CURL = r'''#!/usr/bin/env python3
-# fake curl: records the JSON body of each progress POST
-import json, os, sys
-a = sys.argv[1:]
-body = a[a.index("-d") + 1] if "-d" in a else None
-with open(os.path.join(os.environ["FAKE"], "curl.log"), "a") as f:
-    f.write(json.dumps({"url": a[-1], "body": body}) + "\n")
+CURL = r'''#!/bin/bash
+# fake curl: records URL and body of each call (tab-separated)
+body="" url="${@: -1}"
+while [ $# -gt 0 ]; do [ "$1" = -d ] && body="$2"; shift; done
+printf '%s\t%s\n' "$url" "$body" >> "$FAKE/curl.log"
 '''
 
-EFIBOOTMGR = r'''#!/usr/bin/env python3
+EFIBOOTMGR = r'''#!/bin/bash
 # fake efibootmgr: prints $FAKE/efi.txt; -o ORDER is recorded
-import os, sys
-fake = os.environ["FAKE"]
-if "-o" in sys.argv:
-    open(os.path.join(fake, "bootorder"), "w").write(sys.argv[sys.argv.index("-o") + 1])
-else:
-    sys.stdout.write(open(os.path.join(fake, "efi.txt")).read())
+if [ "${1:-}" = -o ]; then printf '%s' "$2" > "$FAKE/bootorder"; else cat "$FAKE/efi.txt"; fi
 '''
 
 
@@ -147,10 +111,32 @@ class FakeMachine:
     def labvg(self, pv, lvs):
         self.lvm = {"labvg": {"pvs": [pv], "lvs": list(lvs)}}
 
+    def _write_tables(self) -> None:
+        def entry(path: str, rows: dict[str, str], listing: list[str] | None = None):
+            d = self.root / "lsblk" / path.replace("/", "_")
+            d.mkdir(parents=True, exist_ok=True)
+            for col, value in rows.items():
+                (d / col).write_text(f"{value}\n")
+            if listing is not None:
+                (d / "list").write_text("".join(f"{line}\n" for line in listing))
+
+        for disk, info in self.lsblk.items():
+            kname = disk.rsplit("/", 1)[-1]
+            rows = {"TYPE": "disk", "TRAN": info["TRAN"], "KNAME": kname}
+            listing = [f"{disk} disk"] + [f"{p} part" for p in info["parts"]]
+            for name in [disk, *info["aliases"]]:
+                entry(name, rows, listing)
+            for part, pinfo in info["parts"].items():
+                entry(part, {"TYPE": "part", "KNAME": part.rsplit("/", 1)[-1], "PKNAME": kname, **pinfo})
+        if self.lvm:
+            vg = self.root / "lvm" / "labvg"
+            vg.mkdir(parents=True, exist_ok=True)
+            (vg / "pvs").write_text("".join(f"{pv}\n" for pv in self.lvm["labvg"]["pvs"]))
+            (vg / "lvs").write_text("".join(f"{lv}\n" for lv in self.lvm["labvg"]["lvs"]))
+
     def run(self, body: str) -> subprocess.CompletedProcess:
-        need_binary("bash", "python3")
-        (self.root / "lsblk.json").write_text(json.dumps(self.lsblk))
-        (self.root / "lvm.json").write_text(json.dumps(self.lvm))
+        need_binary("bash")
+        self._write_tables()
         env = {"PATH": f"{self.bin}:/usr/bin:/bin", "FAKE": str(self.root), "LAB_SYSFS": str(self.sys),
                "LAB_PART_INCLUDE": str(self.root / "part-include"), "HOME": str(self.root)}
         return subprocess.run(["bash", "-c", body], env=env, capture_output=True, text=True, timeout=60)
@@ -161,8 +147,8 @@ class FakeMachine:
 
     def progress(self) -> list[dict]:
         log = self.root / "curl.log"
-        calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-        return [json.loads(c["body"]) for c in calls if c["url"].endswith("/api/progress")]
+        calls = [line.split("\t", 1) for line in log.read_text().splitlines()] if log.exists() else []
+        return [json.loads(body) for url, body in calls if url.endswith("/api/progress")]
 
 
 def run_pre(fm: FakeMachine, role="worker", disk="") -> tuple[subprocess.CompletedProcess, str]:
@@ -415,3 +401,49 @@ def test_pre_runs_under_set_u_without_unbound_variables(tmp_path):
     assert "unbound variable" not in res.stderr and res.returncode == 0, res.stderr
 
 
+
+
+# -- %post host setup, run for real against a fake root ------------------------------------------
+CHROOT = r'''#!/bin/bash
+# fake chroot: records the command run inside the target
+root="$1"; shift
+echo "$*" >> "$FAKE/chroot.log"
+'''
+
+
+@pytest.mark.parametrize("role", ["vanilla", "worker"])
+def test_post_host_setup_writes_the_files(tmp_path, role):
+    fm = FakeMachine(tmp_path)
+    (fm.bin / "chroot").write_text(CHROOT)
+    (fm.bin / "chroot").chmod(0o755)
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "fstab").write_text("UUID=x / xfs defaults 0 0\n")
+    (tmp_path / "efi.txt").write_text("BootOrder: 0001\nBoot0001* Fedora\n")
+    body = script(render(role), "post")
+    assert 'LAB_ROOT="" ' in body
+    body = body.replace('LAB_ROOT="" ', f"LAB_ROOT={root} ", 1)
+    res = fm.run(body)
+    assert res.returncode == 0, res.stderr
+    etc = root / "etc"
+    assert "PasswordAuthentication no" in (etc / "ssh/sshd_config.d/10-lab-platform.conf").read_text()
+    assert (etc / "sudoers.d/90-lab-admin").read_text() == "admin ALL=(ALL) NOPASSWD: ALL\n"
+    assert oct((etc / "sudoers.d/90-lab-admin").stat().st_mode & 0o777) == "0o440"
+    assert (etc / "sysctl.d/90-lab-sysrq.conf").read_text() == "kernel.sysrq = 1\n"
+    fstab = (etc / "fstab").read_text()
+    assert fstab.count("tmpfs /tmp tmpfs defaults,mode=1777,nosuid,nodev,size=4G 0 0") == 1
+    ran = (tmp_path / "chroot.log").read_text().splitlines()
+    assert "visudo -cf /etc/sudoers.d/90-lab-admin" in ran
+    assert "systemctl enable chronyd.service" in ran
+    if role == "worker":
+        assert (etc / "modules-load.d/90-lab-k3s.conf").read_text() == "br_netfilter\noverlay\n"
+        assert "net.ipv4.ip_forward = 1" in (etc / "sysctl.d/90-lab-k3s.conf").read_text()
+        assert "systemctl mask firewalld.service" in ran
+        assert not (root / "usr/local/bin/k3s").exists()  # the fake curl downloads nothing
+    else:
+        assert not (etc / "modules-load.d").exists() and not any("firewalld" in r for r in ran)
+    stages = [(p["stage"], p["message"]) for p in fm.progress()]
+    assert [s for s, _ in stages] == ["post-install"] * 4
+    # running it twice (Anaconda never does, but idempotence is cheap) keeps one tmpfs line
+    assert fm.run(body).returncode == 0
+    assert (etc / "fstab").read_text().count("tmpfs /tmp") == 1
