@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 #: Bumped when the layout of the image changes in a way the other inputs do not capture.
-BUILD_FORMAT = 3
+BUILD_FORMAT = 4
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
@@ -70,6 +70,7 @@ CMDLINE_ARGS = {
     "lab.action": "poweroff (default) | reboot | shell: what to do after the inventory was accepted",
     "lab.retries": "how many times to try the POST before giving up (default 8)",
     "lab.debug": "1: trace the init script (set -x)",
+    "lab.modules": "all: load every driver in the image (default: PCI drivers only for the devices present)",
 }
 
 
@@ -296,6 +297,9 @@ class ModuleSet:
     builtin: list[str]  # wanted but built into the kernel
     firmware: dict[str, list[str]]  # name -> firmware files it may ask for (not included)
     depends: dict[str, list[str]]  # name -> hard dependencies (for modules.dep)
+    wanted: list[str] = field(default_factory=list)  # asked for (not only pulled in as a dependency)
+    pre: dict[str, list[str]] = field(default_factory=dict)  # name -> softdep pre modules present
+    pci_aliases: dict[str, list[str]] = field(default_factory=dict)  # name -> "pci:..." globs
 
 
 def resolve_modules(moddir: Path, wanted: Iterable[str]) -> ModuleSet:
@@ -314,6 +318,8 @@ def resolve_modules(moddir: Path, wanted: Iterable[str]) -> ModuleSet:
     files: dict[str, Path] = {}
     depends: dict[str, list[str]] = {}
     firmware: dict[str, list[str]] = {}
+    pre_deps: dict[str, list[str]] = {}
+    pci_aliases: dict[str, list[str]] = {}
     builtins: list[str] = []
     state: dict[str, str] = {}  # name -> "visiting" | "done"
     missing: list[str] = []
@@ -343,8 +349,12 @@ def resolve_modules(moddir: Path, wanted: Iterable[str]) -> ModuleSet:
         order.append(name)
         files[name] = index[name]
         depends[name] = hard
+        pre_deps[name] = pre
         if info.get("firmware"):
             firmware[name] = sorted(set(info["firmware"]))
+        pci = sorted({a for a in info.get("alias", []) if a.startswith("pci:")})
+        if pci:
+            pci_aliases[name] = pci
         for dep in post:
             visit(dep, chain + (name,), optional=True)
 
@@ -352,7 +362,57 @@ def resolve_modules(moddir: Path, wanted: Iterable[str]) -> ModuleSet:
         visit(_norm(name), (), optional=False)
     if missing:
         raise DiscoveryBuildError(f"modules not found in {moddir}: {', '.join(missing)}")
-    return ModuleSet(order=order, files=files, builtin=builtins, firmware=firmware, depends=depends)
+    wanted_present = [n for n in dict.fromkeys(_norm(m) for m in wanted) if n in files]
+    return ModuleSet(order=order, files=files, builtin=builtins, firmware=firmware, depends=depends,
+                     wanted=wanted_present, pre={n: [d for d in p if d in files] for n, p in pre_deps.items()},
+                     pci_aliases=pci_aliases)
+
+
+def _glob_to_ere(pattern: str) -> str:
+    """A modalias glob (``*``, ``?``, ``[...]``) as an anchored POSIX ERE for (busybox) awk."""
+    out = ["^"]
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[":
+            end = pattern.find("]", i + 2)
+            if end < 0:
+                out.append("\\[")
+            else:
+                out.append(pattern[i : end + 1])
+                i = end
+        elif c.isalnum() or c in ":_-":
+            out.append(c)
+        else:
+            out.append("\\" + c)
+        i += 1
+    out.append("$")
+    return "".join(out)
+
+
+def module_plan(mods: ModuleSet) -> str:
+    """``etc/lab/modules.plan`` for /init: one line per module in load order,
+    ``name kind deps``: kind ``pci`` (wanted, loaded when a PCI device matches one of its aliases,
+    listed in modules.pci), ``always`` (wanted, no PCI aliases: bus-independent or virtio/USB/SCSI
+    class drivers) or ``dep`` (loaded when something that needs it is); deps comma-separated or ``-``."""
+    lines = []
+    for name in mods.order:
+        kind = "dep"
+        if name in mods.wanted:
+            kind = "pci" if name in mods.pci_aliases else "always"
+        deps = [d for d in mods.depends[name] + mods.pre.get(name, []) if d in mods.files]
+        lines.append(f"{name} {kind} {','.join(dict.fromkeys(deps)) or '-'}")
+    return "\n".join(lines) + "\n"
+
+
+def module_pci_table(mods: ModuleSet) -> str:
+    """``etc/lab/modules.pci``: ``name ERE`` per PCI alias of the wanted PCI drivers."""
+    return "".join(f"{name} {_glob_to_ere(a)}\n" for name in mods.order if name in mods.wanted
+                   for a in mods.pci_aliases.get(name, []))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -484,6 +544,8 @@ def _build_into(work: Path, packages: dict[str, tuple[str, str]], modules: tuple
             dep_lines.append(f"{name}.ko: {deps}".rstrip())
         cpio.file(f"lib/modules/{kver}/modules.dep", ("\n".join(dep_lines) + "\n").encode())
         cpio.file("etc/lab/modules.load", ("\n".join(resolved.order) + "\n").encode())
+        cpio.file("etc/lab/modules.plan", module_plan(resolved).encode())
+        cpio.file("etc/lab/modules.pci", module_pci_table(resolved).encode())
         cpio.file("etc/lab/build.json", json.dumps({
             "inputs_hash": digest, "kernel_version": kver, "kernel_package": f"{kname}={kversion}",
             "busybox_package": f"{bname}={bversion}",

@@ -355,6 +355,9 @@ def test_discovery_boots_and_reports_bios(image, lab_net):
     _check_vm_inventory(body, "bios")
     assert lab_net["server"].rejected == 1 and len(lab_net["server"].posts) == 1
     assert "(attempt 1/8)" in console and "(attempt 2)" in console, console[-2000:]
+    # only the drivers for the VM's PCI devices were loaded
+    assert "e1000: Intel(R) PRO/1000 Network Driver" in console
+    assert "10 Gigabit PCI Express" not in console and "r8169" not in console
     assert "console=ttyS0" not in json.dumps(json.loads(image.manifest.read_text()))
     _report(f"BIOS (SeaBIOS, TCG): QEMU start -> POST /api/discover {to_post:.1f} s, powered off at {to_halt:.1f} s"
             f"; {_kernel_times(console)}; memory_mb {body['hardware']['memory_mb']} of 768")
@@ -425,6 +428,31 @@ def test_initramfs_layout(image, tmp_path):
     # Nothing in the image forces a serial console (it stalls machines without a UART).
     for path in (tmp_path / "etc/lab").iterdir():
         assert "console=ttyS0" not in path.read_text()
+
+    # Driver selection: PCI drivers only for the devices present, bus-independent ones always.
+    def select(*modaliases: str) -> list[str]:
+        need_binary("busybox")
+        (tmp_path / "pci.modalias").write_text("".join(m + "\n" for m in modaliases))
+        lab = tmp_path / "etc/lab"
+        out = subprocess.run(["busybox", "awk", "-f", lab / "modules.awk", tmp_path / "pci.modalias",
+                              lab / "modules.pci", lab / "modules.plan"], capture_output=True, text=True, check=True)
+        picked = out.stdout.split()
+        assert picked == [m for m in order if m in picked]  # load order kept
+        return picked
+
+    bare = select()
+    assert {"virtio_net", "virtio_blk", "sd_mod", "usb_storage", "scsi_mod"} <= set(bare)
+    assert not {"e1000", "e1000e", "igb", "ixgbe", "i40e", "r8169", "nvme", "ahci", "virtio_pci", "libphy"} & set(bare)
+    picked = select(
+        "pci:v00008086d0000100Esv00001AF4sd00001100bc02sc00i00",  # 82540EM: e1000
+        "pci:v000010ECd00008168sv00001458sd0000E000bc02sc00i00",  # RTL8111: r8169 (+ realtek PHY)
+        "pci:v00008086d0000A352sv00001028sd0000085Abc01sc06i01",  # Intel AHCI (by class)
+        "pci:v0000144Dd0000A808sv0000144Dsd0000A801bc01sc08i02",  # Samsung NVMe (by class)
+        "pci:v00008086d000010FBsv00008086sd00000003bc02sc00i00",  # 82599: ixgbe (+ dca, mdio, ...)
+    )
+    assert {"e1000", "r8169", "realtek", "libphy", "ahci", "libahci", "libata", "nvme", "nvme_core",
+            "ixgbe", "dca", "mdio"} <= set(picked)
+    assert not {"e1000e", "igb", "i40e", "tg3", "virtio_pci", "xhci_pci"} & set(picked)
 
 
 def test_inputs_hash_follows_the_inputs(tmp_path, monkeypatch):
