@@ -11,6 +11,7 @@ template callables refuse what could add a line (``ks``) or emit properly escape
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
 from dataclasses import dataclass
@@ -110,6 +111,37 @@ def kickstart(m: dict, *, base: str, syslog_port: int, manifest: dict) -> str:
     )
 
 
+UBUNTU_PACKAGES = ("chrony", "curl", "efibootmgr", "lvm2", "xfsprogs")
+UBUNTU_K3S_PACKAGES = ("conntrack", "iptables")
+
+
+def autoinstall_user_data(m: dict, *, base: str, manifest: dict) -> str:
+    """The Ubuntu autoinstall (cloud-init NoCloud user-data) for machine record ``m``."""
+    v = _machine_values(m)
+    mirror = manifest.get(v["os"], {}).get("mirror")
+    if not mirror:
+        raise ImageError(f"no Ubuntu archive mirror for {v['os']} in the images manifest")
+    k3s = v["role"] in K3S_ROLES
+    ctx = dict(ks=ks, **v, base=base, k3s=k3s, tmp_size=TMP_SIZE)
+    return render(
+        "autoinstall/user-data.j2", **ctx, mirror=mirror, volumes=volumes_for(v["role"]),
+        efi_mib=EFI_MIB, boot_mib=BOOT_MIB,
+        packages=UBUNTU_PACKAGES + (UBUNTU_K3S_PACKAGES if k3s else ()),
+        events_url=f"{base}/api/installer-events/{v['mac']}/{v['token']}",
+        early=render("autoinstall/early.sh.j2", **ctx),
+        late=render("autoinstall/late.sh.j2", **ctx),
+        error=render("autoinstall/error.sh.j2", **ctx),
+    )
+
+
+def autoinstall_meta_data(m: dict) -> str:
+    v = _machine_values(m)
+    # a new instance id per install, so cloud-init treats a reinstall as a new instance
+    digest = hashlib.sha256(v["token"].encode()).hexdigest()[:12]
+    return render("autoinstall/meta-data.j2", hostname=v["hostname"],
+                  instance_id=f"lab-{v['mac'].replace(':', '')}-{digest}")
+
+
 def debug_kickstart(*, base: str, ssh_keys: list[str]) -> str:
     return render("kickstart/debug.ks.j2", ks=ks, base=base, ssh_keys=validate.ssh_keys(ssh_keys),
                   listen_port=DEBUG_LISTEN_PORT)
@@ -159,6 +191,18 @@ def _manifest() -> dict:
 def ks_route():
     m = _install_machine(request.args.get("mac"), request.args.get("token"), "fedora")
     return text_response(kickstart(m, base=base_url(), syslog_port=cfg().syslog_port, manifest=_manifest()))
+
+
+@bp.get("/autoinstall/<mac>/<token>/user-data")
+def autoinstall_user_data_route(mac: str, token: str):
+    m = _install_machine(mac, token, "ubuntu")
+    return text_response(autoinstall_user_data(m, base=base_url(), manifest=_manifest()), "text/cloud-config")
+
+
+@bp.get("/autoinstall/<mac>/<token>/meta-data")
+def autoinstall_meta_data_route(mac: str, token: str):
+    m = _install_machine(mac, token, "ubuntu")
+    return text_response(autoinstall_meta_data(m))
 
 
 @bp.get("/debug.ks")

@@ -1,0 +1,205 @@
+"""Ubuntu autoinstall (cloud-init NoCloud): valid cloud-config, valid against subiquity's
+autoinstall schema, the labvg layout per role, and the early/late/error commands run for real in
+bash against a fake machine (the same fakes as the kickstart's %pre)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from bastion_app.images.sync import DEFAULT_MANIFEST
+from bastion_app.routes.installer import GIB, autoinstall_meta_data, autoinstall_user_data
+from tests.unit.test_kickstart_pre import CHROOT, KEY, MAC, NVME_PARTS, TOKEN, FakeMachine
+
+SCHEMA_PATH = Path(__file__).resolve().parents[3] / "shared" / "schemas" / "ubuntu-autoinstall-schema.json"
+ROLES = ["vanilla", "worker", "infra", "labcontroller"]
+BASE = "http://10.0.0.1:8080"
+
+
+def machine(role="worker", disk=""):
+    return {"mac": MAC, "hostname": "node1", "role": role, "os": "ubuntu-26.04", "disk": disk,
+            "ssh_keys": [KEY], "install_token": TOKEN}
+
+
+def render(role="worker", disk=""):
+    return autoinstall_user_data(machine(role, disk), base=BASE, manifest=DEFAULT_MANIFEST)
+
+
+def schema():
+    from tests.support import need
+
+    need(SCHEMA_PATH.exists(), f"needs the subiquity schema at {SCHEMA_PATH}")
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def command(doc: dict, key: str) -> str:
+    [cmd] = doc["autoinstall"][key]
+    assert cmd[:2] == ["bash", "-c"]
+    return cmd[2]
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("disk", ["", "/dev/nvme0n1"])
+def test_valid_cloud_config_and_autoinstall_schema(role, disk):
+    text = render(role, disk)
+    assert text.startswith("#cloud-config\n")
+    doc = yaml.safe_load(text)
+    assert set(doc) == {"autoinstall"}
+    jsonschema.validate(doc["autoinstall"], schema())
+    ai = doc["autoinstall"]
+    assert ai["version"] == 1
+    assert ai["reporting"]["lab-bastion"] == {"type": "webhook",
+                                              "endpoint": f"{BASE}/api/installer-events/{MAC}/{TOKEN}"}
+    assert ai["ssh"] == {"install-server": True, "allow-pw": False}
+    ud = ai["user-data"]
+    assert ud["hostname"] == "node1"
+    [admin] = ud["users"]
+    assert admin["name"] == "admin" and admin["lock_passwd"] is True
+    assert admin["sudo"] == "ALL=(ALL) NOPASSWD:ALL" and admin["ssh_authorized_keys"] == [KEY]
+    assert ai["apt"]["mirror-selection"]["primary"] == [{"uri": "http://archive.ubuntu.com/ubuntu"}]
+    disk_item = ai["storage"]["config"][0]
+    assert disk_item["path"] == (disk or "/dev/lab-auto-detected")
+
+
+def storage(doc) -> dict[str, dict]:
+    items = doc["autoinstall"]["storage"]["config"]
+    ids = [i["id"] for i in items]
+    assert len(ids) == len(set(ids))
+    seen = set()
+    for i in items:  # every reference points at an item defined before it
+        for ref in [i.get("device"), i.get("volume"), i.get("volgroup"), *i.get("devices", [])]:
+            assert ref is None or ref in seen, (i["id"], ref)
+        seen.add(i["id"])
+    return {i["id"]: i for i in items}
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_layout_per_role(role):
+    doc = yaml.safe_load(render(role))
+    s = storage(doc)
+    assert doc["autoinstall"]["storage"]["swap"] == {"size": 0}
+    assert s["lab-efi"]["size"] == "600M" and s["lab-efi-fs"]["fstype"] == "fat32"
+    assert s["lab-efi-mount"]["path"] == "/boot/efi"
+    assert s["lab-boot"]["size"] == f"{3 * GIB}M" and s["lab-boot-mount"]["path"] == "/boot"
+    assert s["lab-vg"]["name"] == "labvg" and s["lab-vg"]["devices"] == ["lab-pv"]
+    lvs = {i["name"]: i.get("size") for i in s.values() if i["type"] == "lvm_partition"}
+    mounts = {s[i["device"]]["volume"]: i["path"] for i in s.values() if i["type"] == "mount"}
+    expected = {"swap": "27648M", "root": "33792M", "var": "102400M", "varlog": "10240M", "home": "10240M",
+                "srv": "20480M"}
+    if role == "worker":
+        expected["longhorn"] = None  # the rest of labvg
+    if role in ("infra", "labcontroller"):
+        expected["rancher"] = "20480M"
+    assert lvs == expected
+    assert mounts["lab-lv-root"] == "/" and mounts["lab-lv-home"] == "/home" and mounts["lab-lv-swap"] == "none"
+    assert s["lab-fs-swap"]["fstype"] == "swap" and s["lab-fs-var"]["fstype"] == "xfs"
+    sized = [i for i in s.values() if i["type"] == "lvm_partition"]
+    assert all("size" in i for i in sized[:-1])  # only the last volume takes the rest
+    pkgs = doc["autoinstall"]["packages"]
+    assert "chrony" in pkgs and (("conntrack" in pkgs) == (role != "vanilla"))
+
+
+def fake_ubuntu(tmp_path: Path, uefi=True) -> FakeMachine:
+    fm = FakeMachine(tmp_path, uefi=uefi)
+    py = fm.bin / "python3"
+    py.symlink_to(sys.executable)  # a python3 with PyYAML, like the live installer's
+    return fm
+
+
+@pytest.mark.parametrize("uefi", [True, False])
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_early_commands_pick_the_disk_and_grub_target(tmp_path, uefi, wrapped):
+    text = render()
+    doc = yaml.safe_load(text)
+    fm = fake_ubuntu(tmp_path, uefi)
+    fm.disk("sda", tran="usb")
+    fm.disk("sdb")
+    fm.disk("nvme0n1", tran="nvme")
+    ai_file = tmp_path / "autoinstall.yaml"
+    ai_file.write_text(yaml.safe_dump(doc if wrapped else doc["autoinstall"]))
+    body = command(doc, "early-commands")
+    res = fm.run(f"export LAB_AUTOINSTALL={ai_file}\n" + body)
+    assert res.returncode == 0, res.stderr
+    out = yaml.safe_load(ai_file.read_text())
+    s = {i["id"]: i for i in (out["autoinstall"] if wrapped else out)["storage"]["config"]}
+    assert s["lab-disk"]["path"] == "/dev/nvme0n1"
+    assert s["lab-disk"]["grub_device"] is (not uefi) and s["lab-efi"]["grub_device"] is uefi
+    jsonschema.validate(out["autoinstall"] if wrapped else out, schema())
+    stages = [(p["stage"], p["message"]) for p in fm.progress()]
+    assert stages[-1] == ("partitioning", f"fresh install on /dev/nvme0n1 ({'uefi' if uefi else 'bios'})")
+
+
+def test_early_commands_fail_without_a_disk(tmp_path):
+    doc = yaml.safe_load(render())
+    fm = fake_ubuntu(tmp_path)
+    fm.disk("sda", tran="usb")
+    ai_file = tmp_path / "autoinstall.yaml"
+    ai_file.write_text(yaml.safe_dump(doc))
+    res = fm.run(f"export LAB_AUTOINSTALL={ai_file}\n" + command(doc, "early-commands"))
+    assert res.returncode != 0 and "no install disk found" in res.stderr
+    assert fm.progress()[-1]["stage"] == "failed"
+    assert yaml.safe_load(ai_file.read_text()) == doc  # left as it was
+
+
+def test_early_commands_warn_on_reprovision(tmp_path):
+    doc = yaml.safe_load(render(disk="/dev/nvme0n1"))
+    fm = fake_ubuntu(tmp_path)
+    fm.disk("nvme0n1", tran="nvme", parts=NVME_PARTS)
+    fm.labvg("/dev/nvme0n1p3", ["root", "home"])
+    ai_file = tmp_path / "autoinstall.yaml"
+    ai_file.write_text(yaml.safe_dump(doc))
+    res = fm.run(f"export LAB_AUTOINSTALL={ai_file}\n" + command(doc, "early-commands"))
+    assert res.returncode == 0, res.stderr
+    assert any("data volumes are not kept" in p["message"] for p in fm.progress())
+
+
+@pytest.mark.parametrize("role", ["vanilla", "infra"])
+def test_late_commands_set_up_target_and_report_complete(tmp_path, role):
+    doc = yaml.safe_load(render(role))
+    fm = fake_ubuntu(tmp_path)
+    (fm.bin / "chroot").write_text(CHROOT)
+    (fm.bin / "chroot").chmod(0o755)
+    target = tmp_path / "target"
+    (target / "etc").mkdir(parents=True)
+    (target / "etc" / "fstab").write_text("")
+    (tmp_path / "efi.txt").write_text("BootOrder: 0000,0001\nBoot0000* ubuntu\nBoot0001* UEFI PXEv4 (MAC:525400123456)\n")
+    body = command(doc, "late-commands")
+    assert "LAB_ROOT=/target " in body
+    res = fm.run(body.replace("LAB_ROOT=/target ", f"LAB_ROOT={target} ", 1))
+    assert res.returncode == 0, res.stderr
+    assert (target / "root/.ssh/authorized_keys").read_text() == KEY + "\n"
+    assert (target / "etc/sudoers.d/90-lab-admin").exists()
+    assert "size=4G" in (target / "etc/fstab").read_text()
+    ran = (tmp_path / "chroot.log").read_text()
+    assert "systemctl enable chrony.service" in ran
+    assert ("systemctl mask ufw.service" in ran) == (role == "infra")
+    assert (tmp_path / "bootorder").read_text() == "0001,0000"
+    stages = [p["stage"] for p in fm.progress()]
+    assert stages[:4] == ["post-install"] * 4 and stages[-1] == "complete"
+
+
+def test_error_commands_report_failed(tmp_path):
+    doc = yaml.safe_load(render())
+    fm = fake_ubuntu(tmp_path)
+    assert fm.run(command(doc, "error-commands")).returncode == 0
+    [p] = fm.progress()
+    assert p["stage"] == "failed" and p["token"] == TOKEN and p["mac"] == MAC
+
+
+def test_meta_data():
+    doc = yaml.safe_load(autoinstall_meta_data(machine()))
+    assert doc["local-hostname"] == "node1"
+    assert doc["instance-id"].startswith("lab-525400123456-") and TOKEN not in doc["instance-id"]
+
+
+def test_no_serial_console_or_tail():
+    for role in ROLES:
+        text = render(role)
+        assert "ttyS" not in text and "tail -f" not in text
+
+
