@@ -38,9 +38,10 @@ def create_app(cfg: configmod.Config | None = None, test_config: dict | None = N
     from bastion_app.routes import logs as logs_routes
 
     logs_routes.init_app(app)
-    from bastion_app.routes import installer
+    from bastion_app.routes import artefacts, installer
 
     app.register_blueprint(installer.bp)
+    app.register_blueprint(artefacts.bp)
     logging.getLogger("bastion_app").setLevel(logging.INFO)
     return app
 

@@ -161,6 +161,41 @@ def build_local_boot_cmd(data_dir):
     click.echo(str(out))
 
 
+@images.command("sync")
+@data_dir_option
+@click.option("--os", "oses", multiple=True, metavar="NAME",
+              help="Only this OS (repeatable; default: every OS in the manifest, e.g. fedora-43, ubuntu-26.04).")
+@click.option("--force", is_flag=True, help="Download again even when the files are already there.")
+def images_sync_cmd(data_dir, oses, force):
+    """Download the installer kernels, initrds, stage2 and ISOs into <data>/images/<os>/.
+
+    URLs and checksums come from the built-in manifest and <data>/images.yaml. Interrupted
+    downloads resume; a file is renamed into place only after its checksum matched."""
+    import time
+
+    from bastion_app.images.sync import ImageError, sync
+
+    cfg = _load(data_dir)
+    last = {"t": 0.0}
+
+    def progress(label, done, total):
+        now = time.monotonic()
+        if now - last["t"] < 1.0 and done != total:
+            return
+        last["t"] = now
+        pct = f"{100 * done // total:3d}%" if total else "    "
+        size = f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB" if total else f"{done / 2**20:.1f} MiB"
+        click.echo(f"  {label}: {pct} {size}", err=True)
+
+    try:
+        results = sync(cfg.data_path, list(oses) or None, force=force, progress=progress)
+    except ImageError as exc:
+        raise click.ClickException(str(exc)) from None
+    for r in results:
+        note = "" if r.verified else "  (no checksum configured: pin sha256 in images.yaml)"
+        click.echo(f"{r.label}: {r.action} sha256:{r.sha256}{note}")
+
+
 @main.command("dnsmasq-config")
 @data_dir_option
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
