@@ -121,15 +121,22 @@ def follow_logs(client: Client, mac: str, name: str, *, stall_timeout: float = 1
             time.sleep(min(5.0, 0.5 * 2**failures))
 
 
-def wait_installed(client: Client, mac: str, name: str, *, timeout: float = 7200.0, interval: float = 2.0) -> str:
+def wait_installed(client: Client, mac: str, name: str, *, timeout: float = 7200.0, interval: float = 2.0,
+                   cursor: int | None = None) -> str:
     """Poll the event cursor of one machine until it is installed (returns) or failed, stalled,
-    cancelled or ``timeout`` seconds passed (InstallFailed)."""
-    cursor = client.last_event_id()
+    cancelled or ``timeout`` seconds passed (InstallFailed). ``cursor``: the event id to start
+    after (take it before queueing the install, so that no step is missed)."""
+    cursor = client.last_event_id() if cursor is None else cursor
     deadline = time.monotonic() + timeout
     with ProgressView(name) as view:
-        m = client.machine(mac)
         while True:
-            view.update(m.get("stage"), m.get("percent"), m.get("message") or "")
+            events = client.events(since=cursor, mac=mac)
+            for e in events:  # every step, even those that came and went between two polls
+                cursor = e["id"]
+                d = e.get("data") or {}
+                if d.get("stage") and e["to_state"] in ("installing", "install_queued", "installed"):
+                    view.update(d["stage"], d.get("percent"), d.get("message") or "")
+            m = client.machine(mac)
             if m["state"] == "installed":
                 view.update("complete", 100)
                 return m["state"]
@@ -139,7 +146,3 @@ def wait_installed(client: Client, mac: str, name: str, *, timeout: float = 7200
                 raise errors.InstallFailed(f"{name}: not installed after {timeout:.0f} s (state {m['state']})",
                                            "labctl describe machine NAME shows where it stopped")
             time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
-            events = client.events(since=cursor, mac=mac)
-            if events:
-                cursor = events[-1]["id"]
-                m = client.machine(mac)

@@ -24,6 +24,7 @@ COMMANDS = {
     "doctor": "labctl.doctor:doctor",
     "roles": "labctl.roles:roles",
     "completion": "labctl.completion:completion",
+    "init": "labctl.init_cmd:init",
 }
 
 

@@ -74,11 +74,12 @@ def install(obj: Ctx, target, hostname, role, os_, disk, ssh_key_files, wait, ti
         "ssh_keys": read_ssh_keys(ssh_key_files),
     }
     m = targets.resolve_target(obj.client, target)
+    cursor = obj.client.last_event_id() if wait else None
     result = obj.client.post("/api/install", {"mac": m["mac"], **body})
     output.emit(result, obj.output, lambda: click.echo(
         f"{body['hostname']} ({m['mac']}) queued: {body['os']} as {body['role']}; it installs at its next PXE boot"))
     if wait:
-        follow.wait_installed(obj.client, m["mac"], body["hostname"], timeout=timeout)
+        follow.wait_installed(obj.client, m["mac"], body["hostname"], timeout=timeout, cursor=cursor)
         click.echo(f"{body['hostname']} installed", err=obj.output in ("json", "yaml"))
 
 

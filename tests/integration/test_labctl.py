@@ -486,19 +486,26 @@ def test_logs_follow_silent_stream_is_a_stall(env, machines, bastion, tmp_path):
         srv.close()
 
 
-def test_install_wait_shows_progress_until_installed(env, machines, bastion):
-    mac = mac_of(0x44)
+def _install_wait(env, machines, mac: str, host: str):
+    """Start `provision install --wait` for a discovered machine; return (process, install token)."""
     machines.discover(mac)
-    proc = subprocess.Popen([*LABCTL, "provision", "install", mac, "--hostname", "waits", "--role", "worker",
+    proc = subprocess.Popen([*LABCTL, "provision", "install", mac, "--hostname", host, "--role", "worker",
                              "--os", "fedora-43", "--wait", "--timeout", "60"], env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: machines.api(f"/api/machines/{mac}")[1].get("state") == "install_queued", timeout=20)
-        time.sleep(1.0)
-        token = machines.boot(mac)
+        return proc, machines.boot(mac)
+    except BaseException:
+        proc.kill()
+        raise
+
+
+def test_install_wait_shows_progress_until_installed(env, machines, bastion):
+    mac = mac_of(0x44)
+    proc, token = _install_wait(env, machines, mac, "waits")
+    try:
         for stage, pct in (("partitioning", 10), ("packages", 50)):
             machines.progress(mac, token, stage, pct)
-            time.sleep(2.5)
         machines.progress(mac, token, "complete", 100)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -506,18 +513,13 @@ def test_install_wait_shows_progress_until_installed(env, machines, bastion):
             proc.kill()
     assert proc.returncode == 0, err
     assert "queued: fedora-43 as worker" in out and "==> partitioning" in out and "==> packages" in out
-    assert "waits installed" in out
+    assert out.index("==> partitioning") < out.index("==> packages") < out.index("waits installed")
 
 
 def test_install_wait_failure_exits_7(env, machines, bastion):
     mac = mac_of(0x45)
-    machines.discover(mac)
-    proc = subprocess.Popen([*LABCTL, "provision", "install", mac, "--hostname", "waitfail", "--role", "worker",
-                             "--os", "fedora-43", "--wait", "--timeout", "60"], env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, token = _install_wait(env, machines, mac, "waitfail")
     try:
-        wait_for(lambda: machines.api(f"/api/machines/{mac}")[1].get("state") == "install_queued", timeout=20)
-        token = machines.boot(mac)
         machines.progress(mac, token, "failed", None, "kickstart error")
         out, err = proc.communicate(timeout=60)
     finally:
