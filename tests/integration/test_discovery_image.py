@@ -49,9 +49,10 @@ HOSTILE = [
 ]
 
 
-def _json_str(value: bytes | str) -> bytes:
+def _json_str(value: bytes | str, fn: str = "json_str") -> bytes:
     arg = value.encode() if isinstance(value, str) else value
-    proc = subprocess.run([b"busybox", b"sh", b"-c", b'. "$0"; json_str "$1"', str(LIB).encode(), arg],
+    script = b'. "$0"; ' + fn.encode() + b' "$1"'
+    proc = subprocess.run([b"busybox", b"sh", b"-c", script, str(LIB).encode(), arg],
                           capture_output=True, check=True, timeout=30)
     return proc.stdout
 
@@ -72,6 +73,21 @@ def test_json_escaper_replaces_invalid_utf8(raw):
     decoded = json.loads(out)
     assert "\ufffd" in decoded
     assert decoded.replace("\ufffd", "") == raw.decode("utf-8", "ignore")
+
+
+@pytest.mark.parametrize("value", HOSTILE + ["x" * 300, "é" * 255 + "😀😀", "\t" * 300])
+def test_json_text_is_always_accepted_by_the_bastion(value):
+    """Free-text fields: escaped like json_str, but control characters become spaces and the value
+    is cut to 256 characters, so that the bastion's Text type accepts any vendor's string."""
+    need_binary("busybox")
+    from labcore.schemas import Dmi
+
+    out = _json_str(value, "json_text")
+    assert out.isascii(), out
+    text = json.loads(out)
+    expected = "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in value)[:256]
+    assert text == expected
+    assert Dmi.model_validate_json(b'{"vendor": ' + out + b"}").vendor == expected
 
 
 def _check_inventory(hw: dict) -> None:
@@ -105,6 +121,9 @@ def test_inventory_of_this_host_has_the_api_shape():
     assert body["mac"] == "AA:BB:CC:00:11:22"
     _check_inventory(body["hardware"])
     assert body["hardware"]["cpu"]["threads"] == os.cpu_count()
+    from labcore.schemas import DiscoverRequest
+
+    DiscoverRequest.model_validate_json(proc.stdout)  # what the bastion's /api/discover accepts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,6 +332,9 @@ def _boot(image, lab_net, *, uefi: bool, timeout: float, bootif: bool = True,
 
 
 def _check_vm_inventory(body: dict, firmware: str, boot_driver: str = "virtio_net", other_driver: str = "e1000") -> None:
+    from labcore.schemas import DiscoverRequest
+
+    DiscoverRequest.model_validate_json(json.dumps(body))  # what the bastion's /api/discover accepts
     assert body["mac"] == BOOT_MAC
     hw = body["hardware"]
     _check_inventory(hw)

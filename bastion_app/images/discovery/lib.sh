@@ -10,15 +10,30 @@ PROCFS=${PROCFS:-/proc}
 # Byte-exact: ", \ and control characters are escaped, valid UTF-8 becomes \uXXXX escapes
 # (surrogate pairs above U+FFFF), invalid bytes become \ufffd. The output is pure ASCII.
 json_str() {
-	printf '%s' "$1" | od -An -v -tu1 | awk '
+	_json_escape "$1" 0
+}
+
+# json_text VALUE: json_str for free text the bastion shows to people (its "Text" type): control
+# characters become spaces and the value is cut to 256 characters, so that no vendor's odd DMI
+# string can get the whole report rejected.
+json_text() {
+	_json_escape "$1" 256
+}
+
+_json_escape() {
+	printf '%s' "$1" | od -An -v -tu1 | awk -v max="$2" '
 	{ for (i = 1; i <= NF; i++) b[++n] = $i + 0 }
 	function hex4(v) { return sprintf("\\u%04x", v) }
 	function cont(k) { return (k <= n && b[k] >= 128 && b[k] < 192) }
 	END {
 		out = "\""
 		i = 1
+		chars = 0
 		while (i <= n) {
+			if (max > 0 && chars >= max) break
+			chars++
 			c = b[i]
+			if (max > 0 && (c < 32 || c == 127)) { out = out " "; i++; continue }
 			if (c == 34) { out = out "\\\""; i++; continue }
 			if (c == 92) { out = out "\\\\"; i++; continue }
 			if (c == 10) { out = out "\\n"; i++; continue }
@@ -93,7 +108,7 @@ inventory_cpu() {
 	}' "$PROCFS/cpuinfo" | {
 		IFS='	' read -r model cores threads arch
 		printf '{"model": %s, "cores": %d, "threads": %d, "arch": %s}' \
-			"$(json_str "$model")" "${cores:-0}" "${threads:-0}" "$(json_str "${arch:-x86_64}")"
+			"$(json_text "$model")" "${cores:-0}" "${threads:-0}" "$(json_text "${arch:-x86_64}")"
 	}
 }
 
@@ -155,7 +170,7 @@ inventory_disks() {
 		[ $_first = 1 ] || printf ', '
 		_first=0
 		printf '{"name": %s, "size_bytes": %s, "model": %s, "serial": %s, "rotational": %s, "removable": %s, "transport": %s}' \
-			"$(json_str "$_name")" "$_size" "$(json_str "$_model")" "$(json_str "$_serial")" \
+			"$(json_text "$_name")" "$_size" "$(json_text "$_model")" "$(json_text "$_serial")" \
 			"$(json_bool "$(read_attr "$_d/queue/rotational")")" "$(json_bool "$(read_attr "$_d/removable")")" \
 			"$(json_str "$(disk_transport "$_name" "$_real")")"
 	done
@@ -169,6 +184,10 @@ inventory_nics() {
 		[ -e "$_n/device" ] || continue # physical NICs only (no lo, bridges, tunnels)
 		_name=${_n##*/}
 		_mac=$(read_attr "$_n/address")
+		case "$_mac" in # Ethernet only: the bastion knows machines by 6-byte MACs (not InfiniBand's 20)
+		[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]) ;;
+		*) continue ;;
+		esac
 		_driver=$(readlink "$_n/device/driver" 2>/dev/null)
 		_driver=${_driver##*/}
 		_carrier=$(read_attr "$_n/carrier")
@@ -179,7 +198,7 @@ inventory_nics() {
 		[ $_first = 1 ] || printf ', '
 		_first=0
 		printf '{"name": %s, "mac": %s, "driver": %s, "link": %s, "speed_mbps": %s}' \
-			"$(json_str "$_name")" "$(json_str "$_mac")" "$(json_str "$_driver")" \
+			"$(json_text "$_name")" "$(json_str "$_mac")" "$(json_text "$_driver")" \
 			"$(json_bool "$_carrier")" "$_speed"
 	done
 	printf ']'
@@ -188,9 +207,9 @@ inventory_nics() {
 inventory_dmi() {
 	_id=$SYSFS/class/dmi/id
 	printf '{"vendor": %s, "product": %s, "serial": %s, "uuid": %s, "bios_vendor": %s, "bios_version": %s}' \
-		"$(json_str "$(read_attr "$_id/sys_vendor")")" "$(json_str "$(read_attr "$_id/product_name")")" \
-		"$(json_str "$(read_attr "$_id/product_serial")")" "$(json_str "$(read_attr "$_id/product_uuid")")" \
-		"$(json_str "$(read_attr "$_id/bios_vendor")")" "$(json_str "$(read_attr "$_id/bios_version")")"
+		"$(json_text "$(read_attr "$_id/sys_vendor")")" "$(json_text "$(read_attr "$_id/product_name")")" \
+		"$(json_text "$(read_attr "$_id/product_serial")")" "$(json_text "$(read_attr "$_id/product_uuid")")" \
+		"$(json_text "$(read_attr "$_id/bios_vendor")")" "$(json_text "$(read_attr "$_id/bios_version")")"
 }
 
 inventory_firmware() {
