@@ -28,7 +28,9 @@ def create_app(cfg: configmod.Config | None = None, test_config: dict | None = N
     )
     if test_config:
         app.config.update(test_config)
-    app.extensions["lab_store"] = Store(cfg.db_path, synchronous=cfg.db_synchronous)
+    store = Store(cfg.db_path, synchronous=cfg.db_synchronous)
+    store.close()  # no connection or lock crosses a fork (gunicorn preloads the app, then forks)
+    app.extensions["lab_store"] = store
     app.json.sort_keys = False
     errors.register(app)
     metrics.init_app(app)

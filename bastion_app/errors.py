@@ -60,6 +60,8 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(StoreError)
     def _store(exc: StoreError):
+        if exc.status == 503:
+            return _storage(exc)
         return error_response(exc.status, str(exc))
 
     @app.errorhandler(HTTPException)
@@ -71,12 +73,14 @@ def register(app: Flask) -> None:
         return resp
 
     @app.errorhandler(sqlite3.OperationalError)
-    def _storage(exc: sqlite3.OperationalError):
+    def _storage(exc: Exception):
         # disk full, read-only data directory, I/O error: the change was rolled back, nothing is
         # half-written; say so, and let the client retry when the operator has fixed the disk.
         msg = str(exc)
-        log.error("storage error: %s", msg)
-        resp = error_response(503, f"storage unavailable: {msg}", "nothing was changed; retry when the data directory is writable and has space")
+        if not msg.startswith("storage unavailable"):
+            msg = f"storage unavailable: {msg}"
+        log.error("%s", msg)
+        resp = error_response(503, msg, "nothing was changed; retry when the data directory is writable and has space")
         resp.headers["Retry-After"] = "5"
         return resp
 

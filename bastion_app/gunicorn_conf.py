@@ -13,6 +13,9 @@ workers = int(os.environ.get("LAB_BASTION_WORKERS", "4"))
 # worker, so one writer waiting on the lock would stall every machine on that worker. docs/logs.md.
 worker_class = "gthread"
 threads = int(os.environ.get("LAB_BASTION_THREADS", "16")) + int(os.environ.get("LAB_BASTION_FOLLOWERS", "128"))
+# The app is imported once in the master and forked: a restart does not pay for four parallel
+# imports (the store holds no connection or lock at fork time: create_app closes them).
+preload_app = True
 timeout = 60
 graceful_timeout = 10
 keepalive = 5

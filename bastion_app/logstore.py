@@ -15,10 +15,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bastion_app.db import Database, StorageUnavailable
 from labcore import progress as timeline
 
 UNATTRIBUTED = "unattributed"
@@ -51,49 +51,22 @@ def clip(text: str, limit: int = MAX_TEXT) -> str:
     return text[:limit] + f" [... {len(text) - limit} more characters cut]"
 
 
-class LogStore:
+class LogStore(Database):
     def __init__(self, path: str | Path, *, max_lines: int = 20000, busy_timeout_s: float = 30.0):
-        self.path = Path(path)
+        # Logs are not state: NORMAL keeps every committed line across a crash of the process
+        # (WAL) and only risks the last moments on power loss, without an fsync per batch.
+        super().__init__(path, synchronous="NORMAL", busy_timeout_s=busy_timeout_s)
         self.max_lines = max(10, int(max_lines))
-        self.busy_timeout_s = busy_timeout_s
-        self._local = threading.local()
         self._since_trim: dict[str, int] = {}
         self._trim_lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.tx() as c:
-            for stmt in _SCHEMA:
-                c.execute(stmt)
-        self.close()  # no connection crosses a fork (gunicorn preloads the app, then forks)
-
-    def conn(self) -> sqlite3.Connection:
-        c = getattr(self._local, "conn", None)
-        if c is None:
-            c = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
-            c.row_factory = sqlite3.Row
-            c.execute("PRAGMA journal_mode=WAL")
-            # Logs are not state: NORMAL keeps every committed line across a crash of the process
-            # (WAL) and only risks the last moments on power loss, without an fsync per batch.
-            c.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = c
-        return c
-
-    def close(self) -> None:
-        c = getattr(self._local, "conn", None)
-        if c is not None:
-            c.close()
-            self._local.conn = None
-
-    @contextmanager
-    def tx(self):
-        c = self.conn()
-        c.execute("BEGIN IMMEDIATE")
         try:
-            yield c
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        else:
-            c.execute("COMMIT")
+            with self.tx() as c:
+                for stmt in _SCHEMA:
+                    c.execute(stmt)
+        except StorageUnavailable:
+            if not self.path.exists():
+                raise  # a read-only data directory can still be read, if there is something to read
+        self.close()  # no connection crosses a fork (gunicorn preloads the app, then forks)
 
     # -- writes ------------------------------------------------------------------------------
     def append(self, rows: Iterable[Row]) -> int:

@@ -10,21 +10,16 @@ This class is the one storage interface; labd (later) implements the same method
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bastion_app.db import Database, StorageUnavailable, StoreError  # noqa: F401 - re-exported
 from labcore.lifecycle import INSTALL_TOKEN_STATES, Action, IllegalTransition, State, transition
-
-SCHEMA_VERSION = 1
 
 #: Each migration is a list of statements, applied in one transaction; user_version counts them.
 MIGRATIONS: list[list[str]] = [
@@ -75,13 +70,6 @@ _JSON_COLUMNS = ("ssh_keys", "hardware")
 _INSTALL_FIELDS = ("hostname", "role", "os", "disk", "ssh_keys")
 
 
-class StoreError(Exception):
-    """Base of the errors the API turns into 4xx answers."""
-
-    status = 400
-    code = "bad_request"
-
-
 class NotFound(StoreError):
     status = 404
     code = "not_found"
@@ -101,71 +89,14 @@ def new_token() -> str:
     return secrets.token_urlsafe(24)
 
 
-class Store:
+class Store(Database):
     def __init__(self, path: str | Path, *, synchronous: str = "FULL", busy_timeout_s: float = 30.0):
-        self.path = Path(path)
-        self.synchronous = synchronous.upper()
-        if self.synchronous not in ("FULL", "NORMAL", "EXTRA"):
-            raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
-        self.busy_timeout_s = busy_timeout_s
-        self._local = threading.local()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(path, synchronous=synchronous, busy_timeout_s=busy_timeout_s, queue_writers=True)
         self.migrate()
 
-    # -- connections -------------------------------------------------------------------------
-    def conn(self) -> sqlite3.Connection:
-        c = getattr(self._local, "conn", None)
-        if c is None:
-            c = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
-            c.row_factory = sqlite3.Row
-            c.execute("PRAGMA journal_mode=WAL")
-            c.execute(f"PRAGMA synchronous={self.synchronous}")
-            c.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = c
-        return c
-
-    def close(self) -> None:
-        c = getattr(self._local, "conn", None)
-        if c is not None:
-            c.close()
-            self._local.conn = None
-        fd = getattr(self._local, "lock_fd", None)
-        if fd is not None:
-            os.close(fd)
-            self._local.lock_fd = None
-
-    def _lock_fd(self) -> int:
-        fd = getattr(self._local, "lock_fd", None)
-        if fd is None:
-            fd = os.open(str(self.path) + ".writelock", os.O_RDWR | os.O_CREAT, 0o600)
-            self._local.lock_fd = fd
-        return fd
-
-    @contextmanager
-    def tx(self):
-        """One write transaction.
-
-        Writers queue on a kernel file lock (flock, blocking) before BEGIN IMMEDIATE: SQLite's own
-        busy handler polls with growing sleeps, which under a boot storm starves unlucky writers
-        for seconds; a blocking flock hands the lock over as soon as it is free. BEGIN IMMEDIATE
-        still takes SQLite's write lock up front (no deadlock on a lock upgrade), and the busy
-        timeout remains the safety net for writers that do not use this class."""
-        c = self.conn()
-        fd = self._lock_fd()
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                yield c
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
-            else:
-                c.execute("COMMIT")
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-
     def migrate(self) -> int:
+        if self.path.exists() and self.schema_version() == len(MIGRATIONS):
+            return len(MIGRATIONS)  # current: no write needed (a read-only data dir still starts)
         with self.tx() as c:
             current = c.execute("PRAGMA user_version").fetchone()[0]
             if current > len(MIGRATIONS):
@@ -177,12 +108,6 @@ class Store:
                     c.execute(stmt)
                 c.execute(f"PRAGMA user_version={version + 1}")
             return len(MIGRATIONS)
-
-    def schema_version(self) -> int:
-        return self.conn().execute("PRAGMA user_version").fetchone()[0]
-
-    def integrity_check(self) -> str:
-        return self.conn().execute("PRAGMA integrity_check").fetchone()[0]
 
     # -- reads -------------------------------------------------------------------------------
     @staticmethod

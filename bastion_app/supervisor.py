@@ -5,15 +5,18 @@ dies, and stopping all of them on SIGTERM/SIGINT. It also marks silent installs 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bastion_app.config import Config
 from bastion_app.store import Store
@@ -48,6 +51,15 @@ class _Running:
     restarts: int = 0
 
 
+def metrics_dir(cfg: Config) -> Path:
+    """Where the workers keep their Prometheus counters: in memory (/dev/shm), never on the data
+    disk, so that a full or read-only data directory cannot crash a worker through its metrics
+    files (they are mmap'ed: a full tmpfs means SIGBUS). One directory per data directory."""
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
+    key = hashlib.sha1(str(cfg.data_path.resolve()).encode()).hexdigest()[:12]
+    return base / f"lab-bastion-metrics-{key}"
+
+
 def child_env(cfg: Config) -> dict[str, str]:
     """The environment every child gets: the data dir and every effective setting, so that each
     gunicorn worker loads exactly the configuration the supervisor resolved."""
@@ -57,7 +69,7 @@ def child_env(cfg: Config) -> dict[str, str]:
         if k in ("data_dir", "extra"):
             continue
         env["LAB_BASTION_" + k.upper()] = str(v).lower() if isinstance(v, bool) else str(v)
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(cfg.run_path / "prometheus")
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir(cfg))
     return env
 
 
@@ -88,9 +100,9 @@ class Supervisor:
         self.cfg.data_path.mkdir(parents=True, exist_ok=True)
         ensure_token(self.cfg.token_path)
         Store(self.cfg.db_path, synchronous=self.cfg.db_synchronous).migrate()
-        prom = self.cfg.run_path / "prometheus"
+        prom = metrics_dir(self.cfg)
         shutil.rmtree(prom, ignore_errors=True)
-        prom.mkdir(parents=True, exist_ok=True)
+        prom.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _start(self, spec: ChildSpec, restarts: int = 0) -> None:
         env = {**self.env, **spec.env}
@@ -153,4 +165,5 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 os.killpg(r.proc.pid, signal.SIGKILL)
                 r.proc.wait()
+        shutil.rmtree(metrics_dir(self.cfg), ignore_errors=True)
         log.info("stopped")

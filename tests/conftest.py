@@ -86,18 +86,18 @@ class Bastion:
 
 
 def start_bastion(data_dir: Path, *args: str, env: dict | None = None, workers: int = 4, port: int | None = None,
-                  timeout: float = 30.0) -> Bastion:
+                  timeout: float = 30.0, log_dir: Path | None = None) -> Bastion:
     """Start `lab-bastion serve` and wait for /healthz. Extra CLI args pass through."""
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = data_dir.parent / f"bastion-{port}.log"
+    log_path = (log_dir or data_dir.parent) / f"bastion-{port}.log"
     if "--syslog-port" not in args:  # never the shared default 5514: tests run side by side
         args = ("--syslog-port", str(free_port(kind=socket.SOCK_DGRAM)), *args)
     cmd = [sys.executable, "-m", "bastion_app.cli", "serve", "--data-dir", str(data_dir),
            "--listen", f"127.0.0.1:{port}", "--workers", str(workers), "--no-dnsmasq", *args]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    logf = open(log_path, "ab")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=full_env, cwd=REPO, start_new_session=True)
+    with open(log_path, "ab") as logf:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=full_env, cwd=REPO, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 
     def healthy():
