@@ -16,7 +16,7 @@ from tests.support import need, need_binary, need_root
 TIMES: list[tuple[str, float, str]] = []
 
 
-def _prerequisites() -> None:
+def prerequisites() -> None:
     need_root()
     need_binary("ip", "qemu-system-x86_64", "dnsmasq", "grub-mkstandalone", "mformat", "apt-get", "dpkg-deb")
     need(Path("/dev/net/tun").exists(), "needs /dev/net/tun (QEMU tap devices)")
@@ -29,7 +29,7 @@ def _prerequisites() -> None:
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory):
     """The shared virtual lab (full DHCP: the namespace has no other DHCP server)."""
-    _prerequisites()
+    prerequisites()
     root = tmp_path_factory.mktemp("lab")
     info = labmod.prepare_images(root / "data")
     TIMES.append(("images (discovery build or cache, local-boot GRUB)", info["seconds"],
@@ -74,7 +74,7 @@ def _scenario_timer(request):
     started = time.monotonic()
     yield
     rep = getattr(request.node, "rep_call", None)
-    outcome = rep.outcome if rep else "error"
+    outcome = ("xfail" if hasattr(rep, "wasxfail") else rep.outcome) if rep else "error"
     TIMES.append((request.node.name, time.monotonic() - started, outcome))
 
 
