@@ -73,13 +73,21 @@ class Client:
 
     # -- API ---------------------------------------------------------------------------------
     def get(self, path: str, **params) -> Any:
-        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None}).json()
+        return self._json(self.request("GET", path, params={k: v for k, v in params.items() if v is not None}))
 
     def post(self, path: str, body: Any = None) -> Any:
-        return self.request("POST", path, json=body).json()
+        return self._json(self.request("POST", path, json=body))
 
     def delete(self, path: str) -> Any:
-        return self.request("DELETE", path).json()
+        return self._json(self.request("DELETE", path))
+
+    def _json(self, resp: requests.Response) -> Any:
+        try:
+            return resp.json()
+        except ValueError:
+            raise errors.LabctlError(f"{self.base_url} answered {resp.request.method} {resp.request.path_url} "
+                                     "with something that is not JSON",
+                                     "is bastionUrl really a lab-platform bastion? (labctl config get bastionUrl)") from None
 
     def machines(self, **filters) -> list[dict[str, Any]]:
         return self.get("/api/machines", **filters)["machines"]

@@ -233,7 +233,10 @@ def check_dhcp(cfg, interface: str | None, timeout: float) -> list[Check]:
     iface = interface or (cfg.interface if cfg else "")
     if not iface:
         return [Check("dhcp", "skip", "no provisioning interface known", "pass --interface IFACE")]
-    answers = probe_dhcp(iface, timeout)
+    try:
+        answers = probe_dhcp(iface, timeout)
+    except errors.LabctlError as exc:
+        return [Check("dhcp", "fail", exc.message, exc.hint or "")]
     mine = {cfg.server_ip} if cfg and cfg.server_ip else set()  # this bastion's own address
     ours = [a for a in answers if a["server"] in mine or a["from"] in mine]
     others = [a for a in answers if a not in ours]
