@@ -651,8 +651,9 @@ Use labctl against it:
 Queue an install, then power the machine on again (it powered off after discovery):
     labctl provision install {bios.mac} --hostname node1 --role worker --os fedora-43
     {sys.executable} -m tests.e2e.lab power-on {root} {bios.name}
-    labctl provision logs -f node1
-(The installer itself is a stand-in here: Fedora media cannot be downloaded in this lab.)
+    labctl provision list        # node1: installing (its boot fetched the install script and installer)
+The installer itself is a stand-in here (Fedora media cannot be downloaded in this lab), so the
+install goes no further; the machine's serial console is {bios.console}.
 Stop everything:
     make demo-down
 """)
