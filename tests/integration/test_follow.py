@@ -72,7 +72,6 @@ def test_resume_with_last_event_id_loses_nothing(srv):
     token = installing(srv, mac, "follow-one", source="127.0.0.41")
     sent: list[str] = []
     percents = list(range(20, 80, 5))
-    done = threading.Event()
 
     def machine():
         """The installer: log posts, syslog datagrams and progress posts, interleaved."""
@@ -88,7 +87,11 @@ def test_resume_with_last_event_id_loses_nothing(srv):
                 requests.post(srv.url + "/api/progress", timeout=10, json={"mac": mac, "token": token, "stage": "packages",
                                                                            "percent": percents[i // 5]})
             time.sleep(0.01)
-        done.set()
+        # syslog is asynchronous: the install ends once its last datagram is stored
+        wait_for(lambda: len(requests.get(f"{srv.url}/api/logs/{mac}", headers=srv.headers, params={"limit": 1000},
+                                          timeout=10).json()["lines"]) == len(sent), timeout=20, what="all lines stored")
+        r = requests.post(srv.url + "/api/progress", json={"mac": mac, "token": token, "stage": "complete"}, timeout=10)
+        assert r.ok, r.text
 
     writer = threading.Thread(target=machine)
     writer.start()
@@ -96,7 +99,7 @@ def test_resume_with_last_event_id_loses_nothing(srv):
     got_progress: list[int | None] = []
     ids: list[str] = []
 
-    first = SSE(srv, mac)
+    first = SSE(srv, mac, query="?heartbeat=2")
     assert first.resp.status == 200 and first.resp.getheader("Content-Type").startswith("text/event-stream")
     for event, data in first.events():
         if event == "log":
@@ -109,7 +112,7 @@ def test_resume_with_last_event_id_loses_nothing(srv):
     first.close()  # the client goes away mid-install; the machine keeps talking
     time.sleep(0.5)
 
-    second = SSE(srv, mac, last_id=first.last_id)
+    second = SSE(srv, mac, last_id=first.last_id, query="?heartbeat=2")
     end = None
     for event, data in second.events():
         if event == "log":
@@ -120,9 +123,6 @@ def test_resume_with_last_event_id_loses_nothing(srv):
         elif event == "end":
             end = data
             break
-        if done.is_set() and "api line 059" in got_logs and "udp line 059" in got_logs and not end:
-            requests.post(srv.url + "/api/progress", json={"mac": mac, "token": token, "stage": "complete"}, timeout=10)
-            done.clear()
     second.close()
     writer.join()
 
