@@ -92,7 +92,10 @@ def _machine_values(m: dict) -> dict:
 
 
 def _host(base: str) -> str:
-    host = urlsplit(base).hostname or ""
+    try:
+        host = urlsplit(base).hostname or ""
+    except ValueError:
+        host = ""
     if not re.fullmatch(r"[A-Za-z0-9.:-]{1,253}", host):
         raise UnsafeValue(f"bastion host {host!r} cannot be used as a syslog host")
     return host

@@ -175,6 +175,6 @@ def test_supervisor_children_include_dnsmasq_unless_disabled(tmp_path):
 
     need_binary("dnsmasq")
     cfg = make_cfg(tmp_path, interface="lo", server_ip="", subnet="")
-    assert [c.name for c in children(cfg)] == ["gunicorn", "dnsmasq"]
+    assert "dnsmasq" in [c.name for c in children(cfg)]
     cfg.dnsmasq = False
-    assert [c.name for c in children(cfg)] == ["gunicorn"]
+    assert "dnsmasq" not in [c.name for c in children(cfg)]
