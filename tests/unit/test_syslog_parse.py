@@ -95,3 +95,20 @@ def test_dnsmasq_leases(tmp_path):
     )
     assert read_leases(f) == {"10.0.0.5": "52:54:00:aa:bb:01", "10.0.0.7": "52:54:00:aa:bb:02"}
     assert read_leases(tmp_path / "missing") == {}
+
+
+def test_resolver_order_and_fresh_machines(tmp_path):
+    """Leases beat the store's last-known address; a machine the store just learned about is
+    found without waiting for the next table refresh; unknown senders resolve to None."""
+    from bastion_app.store import Store
+    from bastion_app.syslog import Resolver
+
+    store = Store(tmp_path / "state.db")
+    store.discover("52:54:00:aa:00:01", {}, ip="10.9.0.5")
+    leases = tmp_path / "dnsmasq.leases"
+    leases.write_text("1764158400 52:54:00:aa:00:02 10.9.0.5 * *\n")
+    r = Resolver(store, leases, refresh_s=3600)
+    assert r.resolve("10.9.0.5") == "52:54:00:aa:00:02"
+    assert r.resolve("10.9.0.77") is None
+    store.discover("52:54:00:aa:00:03", {}, ip="10.9.0.6")  # after the tables were read
+    assert r.resolve("10.9.0.6") == "52:54:00:aa:00:03"
