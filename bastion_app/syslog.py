@@ -190,7 +190,7 @@ class Resolver:
         self.ttl_s, self.miss_ttl_s, self.refresh_s = ttl_s, miss_ttl_s, refresh_s
         self._cache: dict[str, tuple[str | None, float]] = {}
         self._table: dict[str, str] = {}
-        self._loaded = 0.0
+        self._loaded: float | None = None
 
     def _reload(self) -> None:
         table: dict[str, str] = {}
@@ -207,7 +207,7 @@ class Resolver:
         hit = self._cache.get(ip)
         if hit and hit[1] > now:
             return hit[0]
-        if now - self._loaded > self.refresh_s:
+        if self._loaded is None or now - self._loaded > self.refresh_s:
             self._reload()
         mac = self._table.get(ip)
         if mac is None:  # a machine that called the bastion a moment ago: ask the store itself
