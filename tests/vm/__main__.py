@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "up":
             vm = machine.up(args.name, args.memory, args.cpus, args.timeout, reuse=args.reuse)
             if args.json:
-                print(json.dumps({**vm.__dict__, "inventory": vm.inventory_vars()}))
+                print(json.dumps({**vm.__dict__, "inventory": vm.inventory_vars(), "instance_config": vm.instance_config()}))
             else:
                 print(f"{vm.name}: ssh -p {vm.port} -i {vm.key} root@127.0.0.1 (booted in {vm.boot_seconds}s)")
         elif args.cmd == "down":

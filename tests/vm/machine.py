@@ -119,6 +119,16 @@ class VM:
             "ansible_python_interpreter": "/usr/bin/python3",
         }
 
+    def instance_config(self) -> dict:
+        """This VM as an entry of molecule's instance_config.yml (driver `default`)."""
+        return {
+            "instance": self.name,
+            "address": self.host,
+            "user": self.user,
+            "port": self.port,
+            "identity_file": self.key,
+        }
+
     def console_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(Path(self.console).read_text(errors="replace").splitlines()[-lines:])
@@ -170,12 +180,14 @@ class _suppress:
         return exc_type is not None and issubclass(exc_type, (ProcessLookupError, ChildProcessError, PermissionError))
 
 
-def qemu_argv(image: Image, overlay: Path, console: Path, port: int, memory_mb: int, cpus: int, pidfile: Path) -> list[str]:
+def qemu_argv(
+    image: Image, overlay: Path, console: Path, port: int, memory_mb: int, cpus: int, pidfile: Path, hostname: str
+) -> list[str]:
     return [
         "qemu-system-x86_64",
         "-accel", "tcg",
         "-machine", "q35",
-        "-cpu", "max",
+        "-cpu", os.environ.get("LAB_VM_CPU", "max"),
         "-m", str(memory_mb),
         "-smp", str(cpus),
         "-display", "none",
@@ -184,7 +196,7 @@ def qemu_argv(image: Image, overlay: Path, console: Path, port: int, memory_mb: 
         "-no-reboot",
         "-kernel", str(image.kernel),
         "-initrd", str(image.initrd),
-        "-append", image.cmdline,
+        "-append", f"{image.cmdline} systemd.hostname={hostname}",
         "-drive", f"file={overlay},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
         "-nic", f"user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22",
         "-device", "virtio-rng-pci",
@@ -220,7 +232,7 @@ def up(
     console = rundir / "console.log"
     port = _free_port()
     argv = ["timeout", "--kill-after=10", str(lifetime_s)] + qemu_argv(
-        image, overlay, console, port, memory_mb, cpus, rundir / "qemu.pid"
+        image, overlay, console, port, memory_mb, cpus, rundir / "qemu.pid", _hostname(name)
     )
     started = time.monotonic()
     with open(rundir / "qemu.log", "w") as qlog:
@@ -255,3 +267,11 @@ def running() -> list[VM]:
         if vm is not None:
             vms.append(vm)
     return vms
+
+
+def _hostname(name: str) -> str:
+    """The guest's hostname: the VM name made RFC 1123-safe."""
+    import re
+
+    label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63]
+    return label or "labvm"
