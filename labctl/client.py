@@ -10,6 +10,8 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from labctl import errors
 
@@ -23,6 +25,12 @@ class Client:
         self.token = token
         self.timeout = timeout
         self.session = requests.Session()
+        # a kept-alive connection the server closed meanwhile is retried for reads only (GET);
+        # nothing that changes state is ever sent twice
+        retry = Retry(total=2, connect=2, read=1, status=0, other=0, allowed_methods=frozenset({"GET"}),
+                      backoff_factor=0.2, raise_on_status=False)
+        for scheme in ("http://", "https://"):
+            self.session.mount(scheme, HTTPAdapter(max_retries=retry))
         self.session.headers["User-Agent"] = "labctl"
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
