@@ -5,6 +5,7 @@ bash against a fake machine (the same fakes as the kickstart's %pre)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,10 @@ from bastion_app.images.sync import DEFAULT_MANIFEST
 from bastion_app.routes.installer import GIB, autoinstall_meta_data, autoinstall_user_data
 from tests.unit.test_kickstart_pre import CHROOT, KEY, MAC, NVME_PARTS, TOKEN, FakeMachine
 
-SCHEMA_PATH = Path(__file__).resolve().parents[3] / "shared" / "schemas" / "ubuntu-autoinstall-schema.json"
+# subiquity's published schema, kept beside the repository (../shared/schemas); LAB_AUTOINSTALL_SCHEMA
+# names another copy.
+SCHEMA_PATH = Path(os.environ.get("LAB_AUTOINSTALL_SCHEMA") or
+                   Path(__file__).resolve().parents[3] / "shared" / "schemas" / "ubuntu-autoinstall-schema.json")
 ROLES = ["vanilla", "worker", "infra", "labcontroller"]
 BASE = "http://10.0.0.1:8080"
 
@@ -106,8 +110,7 @@ def test_layout_per_role(role):
 
 def fake_ubuntu(tmp_path: Path, uefi=True) -> FakeMachine:
     fm = FakeMachine(tmp_path, uefi=uefi)
-    py = fm.bin / "python3"
-    py.symlink_to(sys.executable)  # a python3 with PyYAML, like the live installer's
+    (fm.bin / "python3").symlink_to(sys.executable)  # a python3 with PyYAML, like the live installer's
     return fm
 
 
@@ -162,8 +165,7 @@ def test_early_commands_warn_on_reprovision(tmp_path):
 def test_late_commands_set_up_target_and_report_complete(tmp_path, role):
     doc = yaml.safe_load(render(role))
     fm = fake_ubuntu(tmp_path)
-    (fm.bin / "chroot").write_text(CHROOT)
-    (fm.bin / "chroot").chmod(0o755)
+    fm.shim("chroot", CHROOT)
     target = tmp_path / "target"
     (target / "etc").mkdir(parents=True)
     (target / "etc" / "fstab").write_text("")

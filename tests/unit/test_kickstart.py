@@ -166,11 +166,9 @@ def test_discover_ks_inventory_matches_api_schema(tmp_path):
     text = discovery_kickstart(base=BASE, action="poweroff")
     pre = script(text, "pre")
     fm = FakeMachine(tmp_path)
-    shim = fm.bin / "curl"
-    shim.write_text("#!/bin/bash\nfor a; do case $a in @*) cp \"${a#@}\" \"$FAKE/body.json\";; esac; done\n")
+    fm.shim("curl", "#!/bin/bash\nfor a; do case $a in @*) cp \"${a#@}\" \"$FAKE/body.json\";; esac; done\n")
     for name in ("poweroff", "reboot", "sleep"):
-        (fm.bin / name).write_text("#!/bin/bash\necho \"$0 $*\" >> \"$FAKE/power.log\"\nexit 0\n")
-        (fm.bin / name).chmod(0o755)
+        fm.shim(name, "#!/bin/bash\necho \"$0 $*\" >> \"$FAKE/power.log\"\nexit 0\n")
     res = fm.run(pre.replace("$(cat /proc/cmdline)", "BOOTIF=01-52-54-00-12-34-56"))
     assert res.returncode == 0, res.stderr
     body = DiscoverRequest.model_validate_json((tmp_path / "body.json").read_text())

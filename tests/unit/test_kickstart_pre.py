@@ -94,11 +94,15 @@ class FakeMachine:
         self.bin = root / "bin"
         self.bin.mkdir()
         for name, body in (("lsblk", LSBLK), ("lvm", LVM), ("curl", CURL), ("efibootmgr", EFIBOOTMGR)):
-            p = self.bin / name
-            p.write_text(body)
-            p.chmod(0o755)
+            self.shim(name, body)
         self.lsblk: dict = {}
         self.lvm: dict = {}
+
+    def shim(self, name: str, body: str) -> None:
+        """Put an executable ``name`` first on the scripts' PATH."""
+        p = self.bin / name
+        p.write_text(body)
+        p.chmod(0o755)
 
     def disk(self, name, *, tran="sata", removable=0, ro=0, size=1_000_000_000, parts=None, aliases=()):
         d = self.sys / "block" / name
@@ -414,8 +418,7 @@ echo "$*" >> "$FAKE/chroot.log"
 @pytest.mark.parametrize("role", ["vanilla", "worker"])
 def test_post_host_setup_writes_the_files(tmp_path, role):
     fm = FakeMachine(tmp_path)
-    (fm.bin / "chroot").write_text(CHROOT)
-    (fm.bin / "chroot").chmod(0o755)
+    fm.shim("chroot", CHROOT)
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "fstab").write_text("UUID=x / xfs defaults 0 0\n")
