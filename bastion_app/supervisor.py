@@ -5,7 +5,7 @@ dies, and stopping all of them on SIGTERM/SIGINT. It also marks silent installs 
 from __future__ import annotations
 
 import ctypes
-import hashlib
+import fcntl
 import logging
 import os
 import shutil
@@ -51,16 +51,31 @@ class _Running:
     restarts: int = 0
 
 
-def metrics_dir(cfg: Config) -> Path:
+_METRICS_PREFIX = "lab-bastion-metrics-"
+
+
+def _metrics_base() -> Path:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def new_metrics_dir() -> Path:
     """Where the workers keep their Prometheus counters: in memory (/dev/shm), never on the data
     disk, so that a full or read-only data directory cannot crash a worker through its metrics
-    files (they are mmap'ed: a full tmpfs means SIGBUS). One directory per data directory."""
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
-    key = hashlib.sha1(str(cfg.data_path.resolve()).encode()).hexdigest()[:12]
-    return base / f"lab-bastion-metrics-{key}"
+    files (they are mmap'ed: a full filesystem means SIGBUS). One directory per supervisor run;
+    those of supervisors that died without cleaning up are removed."""
+    base = _metrics_base()
+    for old in base.glob(_METRICS_PREFIX + "*"):
+        pid = old.name[len(_METRICS_PREFIX):]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    path = base / f"{_METRICS_PREFIX}{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o700, parents=True)
+    return path
 
 
-def child_env(cfg: Config) -> dict[str, str]:
+def child_env(cfg: Config, metrics: Path) -> dict[str, str]:
     """The environment every child gets: the data dir and every effective setting, so that each
     gunicorn worker loads exactly the configuration the supervisor resolved."""
     env = dict(os.environ)
@@ -69,7 +84,7 @@ def child_env(cfg: Config) -> dict[str, str]:
         if k in ("data_dir", "extra"):
             continue
         env["LAB_BASTION_" + k.upper()] = str(v).lower() if isinstance(v, bool) else str(v)
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir(cfg))
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
     return env
 
 
@@ -92,7 +107,9 @@ class Supervisor:
         self.specs = specs
         self.running: dict[str, _Running] = {}
         self.stopping = threading.Event()
-        self.env = child_env(cfg)
+        self.metrics: Path | None = None
+        self.env: dict[str, str] = {}
+        self._serve_lock: int | None = None
 
     def prepare(self) -> None:
         from bastion_app.auth import ensure_token
@@ -100,9 +117,23 @@ class Supervisor:
         self.cfg.data_path.mkdir(parents=True, exist_ok=True)
         ensure_token(self.cfg.token_path)
         Store(self.cfg.db_path, synchronous=self.cfg.db_synchronous).migrate()
-        prom = metrics_dir(self.cfg)
-        shutil.rmtree(prom, ignore_errors=True)
-        prom.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._take_serve_lock()
+        self.metrics = new_metrics_dir()
+        self.env = child_env(self.cfg, self.metrics)
+
+    def _take_serve_lock(self) -> None:
+        """One bastion per data directory: a second `serve` on the same one is refused."""
+        path = self.cfg.data_path / "serve.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SystemExit(f"lab-bastion serve: another bastion (pid {other}) is already serving {self.cfg.data_path}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._serve_lock = fd  # held (open) for the life of this process
 
     def _start(self, spec: ChildSpec, restarts: int = 0) -> None:
         env = {**self.env, **spec.env}
@@ -165,5 +196,6 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 os.killpg(r.proc.pid, signal.SIGKILL)
                 r.proc.wait()
-        shutil.rmtree(metrics_dir(self.cfg), ignore_errors=True)
+        if self.metrics:
+            shutil.rmtree(self.metrics, ignore_errors=True)
         log.info("stopped")

@@ -35,7 +35,10 @@ def _integral(value):
     return value
 
 
-Int = Annotated[int, BeforeValidator(_integral)]
+def Int(ge: int | None = None, le: int | None = None):  # noqa: N802 - a type factory
+    """An integer field; the bounds come before the before-validator so that they are published
+    in the JSON schema as minimum/maximum."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_integral)]
 # Free text shown to people, never templated: bounded and free of control characters.
 Text = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
 Message = Annotated[str, StringConstraints(max_length=2048, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]*$")]
@@ -48,14 +51,14 @@ class Strict(BaseModel):
 
 class Cpu(Strict):
     model: Text = ""
-    cores: Int = Field(0, ge=0, le=65536)
-    threads: Int = Field(0, ge=0, le=65536)
+    cores: Int(0, 65536) = 0
+    threads: Int(0, 65536) = 0
     arch: Text = ""
 
 
 class DiskInfo(Strict):
     name: Text
-    size_bytes: Int = Field(0, ge=0)
+    size_bytes: Int(0, 2**63 - 1) = 0
     model: Text = ""
     serial: Text = ""
     rotational: bool = False
@@ -68,7 +71,7 @@ class Nic(Strict):
     mac: Mac
     driver: Text = ""
     link: bool = False
-    speed_mbps: Int | None = Field(None, ge=-1, le=10_000_000)
+    speed_mbps: Int(-1, 10_000_000) | None = None
 
 
 class Dmi(Strict):
@@ -82,7 +85,7 @@ class Dmi(Strict):
 
 class Hardware(Strict):
     cpu: Cpu = Field(default_factory=Cpu)
-    memory_mb: Int = Field(0, ge=0)
+    memory_mb: Int(0, 2**40) = 0
     disks: list[DiskInfo] = Field(default_factory=list, max_length=256)
     nics: list[Nic] = Field(default_factory=list, max_length=256)
     dmi: Dmi = Field(default_factory=Dmi)
@@ -118,7 +121,7 @@ class ProgressRequest(Strict):
     mac: Mac
     token: Token
     stage: Stage
-    percent: Int | None = Field(None, ge=0, le=100)
+    percent: Int(0, 100) | None = None
     message: Message = ""
 
 
