@@ -106,6 +106,8 @@ def follow_logs(client: Client, mac: str, name: str, *, stall_timeout: float = 1
                         return state
                 # the server closed the stream without an end event: resume
                 failures += 1
+            except requests.exceptions.ChunkedEncodingError:
+                failures += 1  # the connection broke mid-stream: resume after the last id
             except requests.exceptions.ConnectionError as exc:
                 # urllib3 reports a read timeout on a stream as a ConnectionError
                 if "timed out" in str(exc).lower() or isinstance(exc, requests.exceptions.Timeout):

@@ -675,3 +675,72 @@ def test_doctor_against_the_running_bastion(labctl, bastion, env):
     r = labctl("doctor", "--only", "bastion", "--only", "token", extra_env={"LABCTL_TOKEN": "bad-token-0123456789"})
     assert r.exit_code == 8
     assert "PASS  bastion" in r.stdout and "FAIL  token" in r.stdout and "hint: set the operator token" in r.stdout
+
+
+def test_logs_follow_resumes_after_a_dropped_connection(env, machines, bastion):
+    """A proxy cuts the first follow connection after the first log line; labctl reconnects with
+    Last-Event-ID and shows every line exactly once."""
+    import socket
+    import threading
+
+    mac = mac_of(0x46)
+    _queue(machines, bastion, mac, "resumes")
+    token = machines.boot(mac)
+    machines.log(mac, token, "line-A")
+    upstream = int(bastion.url.rsplit(":", 1)[1])
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    requests_seen: list[str] = []
+    state = {"cut": False}
+
+    def pump(src, dst, conn: dict, upward: bool):
+        """Copy src to dst; requests going up are recorded; the answer to the first follow request
+        is cut right after its first log event."""
+        try:
+            while data := src.recv(65536):
+                if upward and data[:4] in (b"GET ", b"POST"):
+                    requests_seen.append(data.decode(errors="replace"))
+                    conn["follow"] = b"/follow" in data.split(b"\r\n", 1)[0]
+                dst.sendall(data)
+                if not upward and conn.get("follow") and b"event: log" in data and not state["cut"]:
+                    state["cut"] = True
+                    break
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def serve():
+        while True:
+            try:
+                c, _ = lsock.accept()
+            except OSError:
+                return
+            u = socket.create_connection(("127.0.0.1", upstream))
+            conn: dict = {}
+            threading.Thread(target=pump, args=(c, u, conn, True), daemon=True).start()
+            threading.Thread(target=pump, args=(u, c, conn, False), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    proc = subprocess.Popen([*LABCTL, "provision", "logs", mac, "-f"],
+                            env={**os.environ, **env, "LABCTL_BASTION_URL": f"http://127.0.0.1:{lsock.getsockname()[1]}"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: state["cut"], timeout=30, what="the proxy to cut the stream")
+        machines.log(mac, token, "line-B")
+        machines.progress(mac, token, "complete", 100, "done")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        lsock.close()
+    assert proc.returncode == 0, (out, err)
+    follows = [r for r in requests_seen if "/follow" in r.split("\r\n", 1)[0]]
+    assert len(follows) >= 2 and "last-event-id:" not in follows[0].lower()
+    assert re.search(r"(?im)^last-event-id: \d+-\d+\r?$", follows[1]), follows[1]
+    assert out.count("line-A") == 1 and out.count("line-B") == 1 and "resumes installed" in out
