@@ -522,8 +522,8 @@ class Lab:
         """Stop everything this lab started (also from another process: Lab.load(root).down())."""
         root = str(self.root)
         for key in sorted(self.pids, key=lambda k: (k == "bastion", k)):  # machines first, bastion last
-            marker = root if key != "lan-dhcp" else "dnsmasq"
-            stop_pid(self.pids[key], marker if key != "forward" else self.ns, grace=15 if key == "bastion" else 5)
+            # every command line names the lab's directory, except the forwarder's (its namespace)
+            stop_pid(self.pids[key], self.ns if key == "forward" else root, grace=15 if key == "bastion" else 5)
         for ns in (self.ns, self.router_ns):
             if not ns or sh("ip", "netns", "pids", ns, check=False).returncode != 0:
                 continue
