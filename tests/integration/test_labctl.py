@@ -347,18 +347,40 @@ def test_error_paths_exit_codes_and_no_traceback(env, bastion, fleet):
 
 
 # -- watch -------------------------------------------------------------------------------------------
+class Live:
+    """A labctl subprocess whose stdout lines are collected as they come (unbuffered)."""
+
+    def __init__(self, env: dict, *args: str):
+        import threading
+
+        self.proc = subprocess.Popen([*LABCTL, *args], env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True)
+        self.reader.start()
+
+    def wait_line(self, predicate, what: str) -> None:
+        wait_for(lambda: any(predicate(ln) for ln in list(self.lines)) or self.proc.poll() is not None,
+                 timeout=60, what=what)
+        assert self.proc.poll() is None, self.proc.stderr.read()
+
+    def finish(self, timeout: float = 30) -> tuple[int, str, str]:
+        try:
+            rc = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        self.reader.join(10)
+        return rc, "".join(self.lines), self.proc.stderr.read()
+
+
 def test_get_watch_prints_changes_and_stops(env, machines):
     mac = mac_of(0x30)
-    proc = subprocess.Popen([*LABCTL, "get", "machines", "--watch", "--watch-timeout", "8", "--interval", "0.2",
-                             "-o", "json"], env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        time.sleep(2.0)  # the first listing and the cursor are in place
-        machines.discover(mac)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+    live = Live(env, "get", "machines", "--watch", "--watch-timeout", "5", "--interval", "0.2", "-o", "json")
+    live.wait_line(lambda ln: ln.rstrip() == "}", "the first listing")  # its cursor is taken before it
+    machines.discover(mac)
+    rc, out, err = live.finish()
+    assert rc == 0, err
     dec, docs, i = json.JSONDecoder(), [], 0
     while out[i:].strip():
         i += len(out[i:]) - len(out[i:].lstrip())
@@ -375,18 +397,18 @@ def test_get_one_watch_table_and_interrupt(env, machines):
 
     mac = mac_of(0x31)
     machines.discover(mac)
-    proc = subprocess.Popen([*LABCTL, "get", "machine", mac, "-w", "--interval", "0.2"], env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.0)
+    live = Live(env, "get", "machine", mac, "-w", "--interval", "0.2")
+    live.wait_line(lambda ln: mac in ln, "the first listing")
     machines.discover(mac)  # a hardware refresh is an event for this machine
     machines.discover(mac_of(0x32))  # another machine: not shown
-    time.sleep(1.5)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err
+    live.wait_line(lambda ln: mac in ln and ln is not next(x for x in live.lines if mac in x), "the change")
+    live.proc.send_signal(signal.SIGINT)
+    rc, out, err = live.finish(20)
+    assert rc == 0, err
     assert "Traceback" not in err
     rows = [ln for ln in out.splitlines() if mac in ln]
     assert len(rows) == 2 and mac_of(0x32) not in out
+    assert out.splitlines()[0].split()[:3] == ["NAME", "MAC", "STATE"] and "NAME" not in out.splitlines()[2]
 
 
 # -- follow a simulated install ------------------------------------------------------------------------
