@@ -125,9 +125,9 @@ def autoinstall_user_data(m: dict, *, base: str, manifest: dict) -> str:
     if not mirror:
         raise ImageError(f"no Ubuntu archive mirror for {v['os']} in the images manifest")
     k3s = v["role"] in K3S_ROLES
-    ctx = dict(ks=ks, **v, base=base, k3s=k3s, tmp_size=TMP_SIZE)
+    ctx = dict(ks=ks, **v, base=base, k3s=k3s, tmp_size=TMP_SIZE, volumes=volumes_for(v["role"]))
     return render(
-        "autoinstall/user-data.j2", **ctx, mirror=mirror, volumes=volumes_for(v["role"]),
+        "autoinstall/user-data.j2", **ctx, mirror=mirror,
         efi_mib=EFI_MIB, boot_mib=BOOT_MIB,
         packages=UBUNTU_PACKAGES + (UBUNTU_K3S_PACKAGES if k3s else ()),
         events_url=f"{base}/api/installer-events/{v['mac']}/{v['token']}",
@@ -211,7 +211,7 @@ def autoinstall_meta_data_route(mac: str, token: str):
 @bp.get("/debug.ks")
 def debug_ks():
     keys: list[str] = []
-    if request.args.get("mac"):
+    if "mac" in request.args:  # optional, but when given it must be a MAC
         m = get_store().get(mac_arg(request.args.get("mac")))
         keys = list(m["ssh_keys"]) if m else []
     return text_response(debug_kickstart(base=base_url(), ssh_keys=keys))

@@ -149,16 +149,60 @@ def test_early_commands_fail_without_a_disk(tmp_path):
     assert yaml.safe_load(ai_file.read_text()) == doc  # left as it was
 
 
-def test_early_commands_warn_on_reprovision(tmp_path):
-    doc = yaml.safe_load(render(disk="/dev/nvme0n1"))
+@pytest.mark.parametrize("role", ["vanilla", "worker", "infra"])
+def test_early_commands_reprovision_keeps_the_data_volumes(tmp_path, role):
+    doc = yaml.safe_load(render(role))
     fm = fake_ubuntu(tmp_path)
+    fm.disk("sda")
     fm.disk("nvme0n1", tran="nvme", parts=NVME_PARTS)
-    fm.labvg("/dev/nvme0n1p3", ["root", "home"])
+    fm.labvg("/dev/nvme0n1p3", ["swap", "root", "var", "varlog", "home", "srv", "longhorn"])
     ai_file = tmp_path / "autoinstall.yaml"
     ai_file.write_text(yaml.safe_dump(doc))
     res = fm.run(f"export LAB_AUTOINSTALL={ai_file}\n" + command(doc, "early-commands"))
     assert res.returncode == 0, res.stderr
-    assert any("data volumes are not kept" in p["message"] for p in fm.progress())
+    out = yaml.safe_load(ai_file.read_text())
+    jsonschema.validate(out["autoinstall"], schema())
+    s = storage(out)
+    assert s["lab-disk"] == {"type": "disk", "id": "lab-disk", "path": "/dev/nvme0n1", "ptable": "gpt",
+                             "preserve": True, "grub_device": False}
+    parts = {i["number"]: i for i in s.values() if i["type"] == "partition"}
+    assert all(p["preserve"] for p in parts.values())  # the partition table is kept as it is
+    assert parts[1]["flag"] == "boot" and parts[1]["grub_device"] is True and parts[1]["size"] == 2**30
+    assert parts[3]["size"] == 3 * 2**30
+    assert s["lab-vg"] == {"type": "lvm_volgroup", "id": "lab-vg", "name": "labvg", "devices": ["lab-part3"],
+                           "preserve": True}
+    assert s["lab-efi-fs"]["preserve"] is True and s["lab-efi-fs"]["volume"] == "lab-part1"
+    assert s["lab-boot-fs"]["preserve"] is False and s["lab-boot-fs"]["volume"] == "lab-part2"
+    lvs = {i["name"]: i for i in s.values() if i["type"] == "lvm_partition"}
+    fs = {i["volume"]: i for i in s.values() if i["type"] == "format"}
+    for name in ("swap", "root", "var", "varlog", "home", "srv"):  # existing: kept as volumes
+        assert lvs[name]["preserve"] is True and lvs[name]["size"] == "10737418240B"
+    for name in ("swap", "root", "var", "varlog"):  # recreated: new file system
+        assert fs[f"lab-lv-{name}"]["preserve"] is False
+    for name in ("home", "srv"):  # kept
+        assert fs[f"lab-lv-{name}"]["preserve"] is True
+    if role == "worker":
+        assert lvs["longhorn"]["preserve"] is True and fs["lab-lv-longhorn"]["preserve"] is True
+    else:
+        assert "longhorn" not in lvs  # a former role's volume is left alone
+    if role == "infra":  # did not exist: created in the kept volume group
+        assert lvs["rancher"] == {"type": "lvm_partition", "id": "lab-lv-rancher", "volgroup": "lab-vg",
+                                  "name": "rancher", "size": "20480M", "preserve": False}
+    msg = fm.progress()[-1]["message"]
+    assert msg == "reprovision on /dev/nvme0n1: keeping /home /srv" + (" /var/lib/longhorn" if role == "worker" else "")
+
+
+def test_early_commands_reprovision_without_boot_partition_fails(tmp_path):
+    doc = yaml.safe_load(render())
+    fm = fake_ubuntu(tmp_path)
+    fm.disk("nvme0n1", tran="nvme", parts={"/dev/nvme0n1p1": {"FSTYPE": "LVM2_member"}})
+    fm.labvg("/dev/nvme0n1p1", ["root"])
+    ai_file = tmp_path / "autoinstall.yaml"
+    ai_file.write_text(yaml.safe_dump(doc))
+    res = fm.run(f"export LAB_AUTOINSTALL={ai_file}\n" + command(doc, "early-commands"))
+    assert res.returncode != 0 and "no boot partition on /dev/nvme0n1" in res.stderr
+    assert fm.progress()[-1]["stage"] == "failed"
+    assert yaml.safe_load(ai_file.read_text()) == doc
 
 
 @pytest.mark.parametrize("role", ["vanilla", "infra"])

@@ -34,7 +34,8 @@ hostile = st.one_of(
     st.sampled_from(FIXED),
     st.text(min_size=1, max_size=40).filter(lambda s: any(c in DANGEROUS or not c.isprintable() for c in s)),
 )
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI runs the same examples every time (no flaky red); FIXED covers the classic attacks
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 # -- 1. validation ---------------------------------------------------------------------------------
@@ -134,12 +135,13 @@ def test_autoinstall_template_escapes_or_refuses(v, field):
     base_ctx = dict(mac=MAC, hostname="node1", role="worker", disk="", ssh_keys=[KEY], token=TOKEN)
     ctx = {**base_ctx, field if field != "mirror" else "_": [v] if field == "ssh_keys" else v}
     ctx.pop("_", None)
-    common = dict(ks=installer.ks, base="http://10.0.0.1:8080", k3s=True, tmp_size="4G")
+    common = dict(ks=installer.ks, base="http://10.0.0.1:8080", k3s=True, tmp_size="4G",
+                  volumes=installer.volumes_for("worker"))
     try:
         scripts = {k: render(f"autoinstall/{k}.sh.j2", **common, **ctx) for k in ("early", "late", "error")}
         out = render("autoinstall/user-data.j2", **common, **ctx, **scripts,
                      mirror=v if field == "mirror" else "http://archive.ubuntu.com/ubuntu",
-                     volumes=installer.volumes_for("worker"), efi_mib=600, boot_mib=3072,
+                     efi_mib=600, boot_mib=3072,
                      packages=installer.UBUNTU_PACKAGES, events_url="http://10.0.0.1:8080/api/installer-events/x/y")
     except UnsafeValue:
         assert not v.isprintable() or not v.isascii()

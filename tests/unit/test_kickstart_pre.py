@@ -37,7 +37,10 @@ LVM = r'''#!/bin/bash
 case "$1" in
     vgs) echo "  labvg" ;;
     pvs) sed 's/^/  /' "$FAKE/lvm/labvg/pvs" ;;
-    lvs) sed 's/^/  /' "$FAKE/lvm/labvg/lvs" ;;
+    lvs) case "$*" in
+             *lv_size*) sed 's/^/  /; s/$/ 10737418240/' "$FAKE/lvm/labvg/lvs" ;;  # every volume 10 GiB
+             *) sed 's/^/  /' "$FAKE/lvm/labvg/lvs" ;;
+         esac ;;
 esac
 '''
 
@@ -111,6 +114,11 @@ class FakeMachine:
         (d / "ro").write_text(f"{ro}\n")
         (d / "size").write_text(f"{size}\n")
         self.lsblk[f"/dev/{name}"] = {"TRAN": tran, "parts": parts or {}, "aliases": list(aliases)}
+        for number, part in enumerate(parts or {}, start=1):  # /sys/class/block/<part>/{partition,size}
+            p = self.sys / "class" / "block" / part.rsplit("/", 1)[-1]
+            p.mkdir(parents=True)
+            (p / "partition").write_text(f"{number}\n")
+            (p / "size").write_text(f"{number * 2048 * 1024}\n")  # number GiB, in 512-byte sectors
 
     def labvg(self, pv, lvs):
         self.lvm = {"labvg": {"pvs": [pv], "lvs": list(lvs)}}
