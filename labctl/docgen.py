@@ -50,6 +50,19 @@ lines. It exits 0 when the machine is installed and 7 when the install failed, w
 by the bastion, or the stream stayed silent (not even a heartbeat) for `--stall-timeout` seconds.
 A dropped connection is resumed with `Last-Event-ID`.
 
+## Reprovision and playbooks
+
+`labctl provision reprovision TARGET` queues the reinstall (`POST /api/machines/<mac>/reprovision`),
+then runs the collection's `playbooks/reprovision.yml` through ansible-runner against one host: the
+machine's host name, with `ansible_host` = its last known IP and `ansible_user` = `--ssh-user`, in the
+group `targets`; extra variables `lab_machine_mac` and `lab_bastion_url`. The playbook sets the
+next boot to the network (`lab.platform.efi_bootnext` on UEFI) and reboots. `--no-reboot` only
+queues. The playbook is found in `$LABCTL_PLAYBOOK_DIR`, the source tree labctl runs from, or the
+installed collection; `--playbook FILE` runs another one. Each task prints one line per host, then
+a summary `ok= changed= failed= unreachable= skipped=`; the run's files stay under
+`~/.labctl/runs/<time>-<name>-<pid>/` (its `artifacts/*/stdout` holds the full output). A failed
+playbook exits 10 + ansible-playbook's rc.
+
 ## Boot ISO
 
 `labctl provision makeiso -O FILE` builds a hybrid ISO (CD or USB stick, BIOS and UEFI) from
