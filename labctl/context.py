@@ -55,3 +55,23 @@ interval_option = click.option("--interval", type=click.FloatRange(0.1, 3600), d
 
 def watch_options(f):
     return watch_option(watch_timeout_option(interval_option(f)))
+
+
+def complete_machines(ctx: click.Context, _param, incomplete: str) -> list:
+    """Shell completion of TARGET/NAME: the bastion's host names and MACs (nothing if it cannot be
+    asked within two seconds)."""
+    from click.shell_completion import CompletionItem
+
+    try:
+        root = ctx.find_root()
+        obj = Ctx(bastion=root.params.get("bastion"), token=root.params.get("token"))
+        client = Client(obj.settings["bastionUrl"], obj.settings["token"], timeout=2.0)
+        machines = client.machines()
+    except Exception:  # noqa: BLE001 - completion must never print an error into the shell
+        return []
+    out = []
+    for m in machines:
+        for value in (m.get("hostname"), m["mac"]):
+            if value and value.startswith(incomplete.lower()):
+                out.append(CompletionItem(value, help=f"{m['state']} {m['mac'] if value != m['mac'] else m.get('hostname') or ''}".strip()))
+    return out

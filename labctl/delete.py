@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from labctl import output, targets
-from labctl.context import Ctx, output_option, pass_ctx
+from labctl.context import Ctx, complete_machines, output_option, pass_ctx
 from labctl.get import RESOURCES
 
 
@@ -19,7 +19,7 @@ def forget(obj: Ctx, target: str) -> None:
 
 @click.command()
 @click.argument("resource", type=click.Choice(sorted(RESOURCES)), metavar="machine")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_machines)
 @output_option
 @pass_ctx
 def delete(obj: Ctx, resource: str, name: str) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import click
 
 from labctl import output, targets
-from labctl.context import Ctx, output_option, pass_ctx
+from labctl.context import Ctx, complete_machines, output_option, pass_ctx
 from labctl.get import RESOURCES
 
 
 @click.command()
 @click.argument("resource", type=click.Choice(sorted(RESOURCES)), metavar="machine")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_machines)
 @click.option("--events", "n_events", type=click.IntRange(1, 5000), default=200, show_default=True,
               help="How many of the newest events to show.")
 @output_option

@@ -10,7 +10,7 @@ import click
 from labcore.lifecycle import STORED_STATES
 from labcore.validate import OSES, ROLES
 from labctl import errors, output, targets
-from labctl.context import Ctx, output_option, pass_ctx, watch_options
+from labctl.context import Ctx, complete_machines, output_option, pass_ctx, watch_options
 
 #: resource names and their aliases
 RESOURCES = {"machines": "machines", "machine": "machines", "mc": "machines"}
@@ -78,7 +78,7 @@ def watch_machines(obj: Ctx, cursor: int, mac: str | None, filters: dict[str, An
 
 @click.command()
 @click.argument("resource", type=click.Choice(sorted(RESOURCES)), metavar="machines")
-@click.argument("name", required=False)
+@click.argument("name", required=False, shell_complete=complete_machines)
 @with_filters
 @output_option
 @watch_options

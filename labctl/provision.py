@@ -9,7 +9,7 @@ import click
 from labcore import validate
 from labcore.validate import OSES, ROLES
 from labctl import delete, errors, follow, get, output, runner, targets
-from labctl.context import Ctx, output_option, pass_ctx, watch_options
+from labctl.context import Ctx, complete_machines, output_option, pass_ctx, watch_options
 from labctl.makeiso import makeiso
 
 
@@ -50,7 +50,7 @@ def read_ssh_keys(files: tuple[str, ...]) -> list[str]:
 
 
 @provision.command()
-@click.argument("target")
+@click.argument("target", shell_complete=complete_machines)
 @click.option("--hostname", required=True, help="RFC 1123 host name the machine gets.")
 @click.option("--role", required=True, type=click.Choice(ROLES), help="What the machine becomes (labctl roles).")
 @click.option("--os", "os_", required=True, type=click.Choice(OSES), help="Operating system to install.")
@@ -84,7 +84,7 @@ def install(obj: Ctx, target, hostname, role, os_, disk, ssh_key_files, wait, ti
 
 
 @provision.command()
-@click.argument("target")
+@click.argument("target", shell_complete=complete_machines)
 @click.option("--no-reboot", is_flag=True, help="Only queue the reinstall; do not touch the machine.")
 @click.option("--os", "os_", type=click.Choice(OSES), help="Install another OS this time.")
 @click.option("--role", type=click.Choice(ROLES), help="Change the role.")
@@ -123,7 +123,7 @@ def reprovision(obj: Ctx, target, no_reboot, os_, role, reason, ssh_user, ssh_pr
 
 
 @provision.command()
-@click.argument("target")
+@click.argument("target", shell_complete=complete_machines)
 @output_option
 @pass_ctx
 def forget(obj: Ctx, target) -> None:
@@ -132,7 +132,7 @@ def forget(obj: Ctx, target) -> None:
 
 
 @provision.command()
-@click.argument("target")
+@click.argument("target", shell_complete=complete_machines)
 @click.option("--mode", type=click.Choice(validate.DEBUG_MODES), default="rescue", show_default=True,
               help="rescue: installer rescue shell with SSH; pxe: iPXE diagnostics shell.")
 @output_option
@@ -146,7 +146,7 @@ def debug(obj: Ctx, target, mode) -> None:
 
 
 @provision.command()
-@click.argument("target")
+@click.argument("target", shell_complete=complete_machines)
 @click.option("-f", "--follow", "follow_", is_flag=True, help="Follow the install live (progress bar, then log lines).")
 @click.option("--tail", type=click.IntRange(1, 5000), default=200, show_default=True, help="Lines to show without -f.")
 @click.option("--stall-timeout", type=click.FloatRange(1), default=120, show_default=True, metavar="SECONDS",

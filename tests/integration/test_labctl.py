@@ -238,12 +238,20 @@ def test_roles_and_completion(labctl):
         assert r.exit_code == 0 and marker in r.stdout and "_LABCTL_COMPLETE" in r.stdout
 
 
-def test_completion_really_completes(env):
-    """The generated completion answers with the real command tree."""
-    out = subprocess.run([*LABCTL], env={**os.environ, **env, "_LABCTL_COMPLETE": "bash_complete",
-                                         "COMP_WORDS": "labctl provision re", "COMP_CWORD": "2"},
-                         capture_output=True, text=True, timeout=30).stdout
-    assert "plain,reprovision" in out.splitlines()
+def test_completion_really_completes(env, fleet):
+    """The generated completion answers with the real command tree, and with the bastion's machines."""
+
+    def complete(words: str, extra: dict | None = None) -> list[str]:
+        return subprocess.run([*LABCTL], env={**os.environ, **env, **(extra or {}), "_LABCTL_COMPLETE": "bash_complete",
+                                              "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)},
+                              capture_output=True, text=True, timeout=30).stdout.split()
+
+    assert "plain,reprovision" in complete("labctl provision re")
+    assert {"plain,node2.lab", "plain,node2.other"} <= set(complete("labctl describe machine node2"))
+    assert complete("labctl provision logs 52:54:00:5c:00:0") == [f"plain,{fleet[n]}" for n in (1, 2, 3, 4)]
+    # the root's --bastion/--token count; an unreachable bastion completes nothing, silently
+    assert complete("labctl --token wrong-token-0123456789 get machine node") == []
+    assert complete("labctl get machine node", {"LABCTL_BASTION_URL": "http://127.0.0.1:1"}) == []
 
 
 # -- install ---------------------------------------------------------------------------------------
