@@ -40,7 +40,9 @@ Each is overridden by its environment variable (`LABCTL_BASTION_URL`, `LABCTL_LA
 
 A TARGET or NAME is a host name, a MAC address (any common spelling) or an IP address. A host name
 also matches by its first label (`node1` for `node1.lab`) when that is unique. An unknown target
-exits 5 and suggests close names; an ambiguous one exits 2 and lists the candidates.
+exits 5 and suggests close names; an ambiguous one exits 2 and lists the candidates. Shell
+completion (`labctl completion bash|zsh|fish`, packaged in `contrib/completions/`) completes
+commands, options and the bastion's host names and MACs.
 
 ## Following an install
 
