@@ -594,6 +594,8 @@ def forward(ns: str, listen: str, target: str) -> None:
         threading.Thread(target=handle, args=(client,), daemon=True).start()
 
 
+#: where `make demo` keeps the lab's state (the Makefile's DEMO_DIR default)
+DEMO_DIR = Path("/run/lab-platform-demo")
 DEMO_MACHINES = (
     {"name": "bios1", "firmware": "bios", "cpus": 2, "memory_mb": 1024, "disk_bytes": 8 << 30},
     {"name": "uefi1", "firmware": "uefi", "cpus": 2, "memory_mb": 1024, "disk_bytes": 16 << 30},
@@ -655,7 +657,7 @@ Queue an install, then power the machine on again (it powered off after discover
 The installer itself is a stand-in here (Fedora media cannot be downloaded in this lab), so the
 install goes no further; the machine's serial console is {bios.console}.
 Stop everything:
-    make demo-down
+    make demo-down{'' if root == DEMO_DIR else f' DEMO_DIR={root}'}
 """)
     return 0
 
