@@ -28,8 +28,8 @@ from pathlib import Path
 import click
 import jinja2
 
-from labctl import config, errors
-from labctl.context import Ctx, pass_ctx
+from labctl import config, errors, output
+from labctl.context import Ctx, output_option, pass_ctx
 
 TEMPLATES = Path(__file__).parent / "templates" / "makeiso"
 IPXE_DIR = Path("/usr/lib/ipxe")
@@ -132,11 +132,13 @@ def build_iso(out: Path, base_url: str, ipxe_dir: Path = IPXE_DIR) -> str:
 @click.option("--bastion", "bastion", metavar="URL", help="Bastion URL the ISO asks (default: the bastionUrl setting).")
 @click.option("--ipxe-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=IPXE_DIR,
               show_default=True, help="Where ipxe.lkrn and ipxe.efi come from.")
+@output_option
 @pass_ctx
 def makeiso(obj: Ctx, out: Path, bastion: str | None, ipxe_dir: Path) -> None:
     """Build a hybrid (BIOS + UEFI) boot ISO whose iPXE chains to the bastion's /dispatch with the
     machine's MAC, for machines that cannot PXE-boot."""
-    url = bastion or obj.settings["bastionUrl"]
-    report = build_iso(out, url, ipxe_dir)
-    entries = ", ".join(sorted(boot_platforms(report)))
-    click.echo(f"wrote {out} ({out.stat().st_size // 1024} KiB; boot entries: {entries}; chains to {url}/dispatch)")
+    url = config.check_value("bastionUrl", bastion or obj.settings["bastionUrl"])
+    entries = sorted(boot_platforms(build_iso(out, url, ipxe_dir)))
+    result = {"file": str(out), "bytes": out.stat().st_size, "boot_entries": entries, "dispatch": f"{url}/dispatch"}
+    output.emit(result, obj.output, lambda: click.echo(
+        f"wrote {out} ({result['bytes'] // 1024} KiB; boot entries: {', '.join(entries)}; chains to {url}/dispatch)"))

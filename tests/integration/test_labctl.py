@@ -676,6 +676,9 @@ def test_makeiso_is_hybrid_el_torito_bios_and_uefi(labctl, tmp_path):
     listing = subprocess.run(["mdir", "-i", str(tmp_path / "efi.img"), "-/", "-b", "::/"], capture_output=True,
                              text=True, check=True).stdout
     assert "::/EFI/BOOT/BOOTX64.EFI" in listing and "::/autoexec.ipxe" in listing
+    doc = json.loads(labctl("provision", "makeiso", "--bastion", "http://10.1.2.3:8080/", "-O", str(iso), "-o", "json").stdout)
+    assert doc == {"file": str(iso), "bytes": iso.stat().st_size, "boot_entries": ["BIOS", "UEFI"],
+                   "dispatch": "http://10.1.2.3:8080/dispatch"}
     # a URL that could inject into the script is refused before anything is built
     r = labctl("provision", "makeiso", "--bastion", "http://x/\n#!ipxe", "-O", str(tmp_path / "bad.iso"))
     assert r.exit_code == 2 and not (tmp_path / "bad.iso").exists()
