@@ -43,7 +43,19 @@ GUEST_FILES: dict[str, str] = {
     "etc/fstab": "/dev/vda / ext4 defaults,noatime 0 1\n",
     "etc/hostname": "labvm\n",
     "etc/hosts": "127.0.0.1 localhost\n127.0.1.1 labvm\n",
-    "etc/systemd/network/10-eth.network": "[Match]\nName=eth* en*\n\n[Network]\nDHCP=ipv4\nLinkLocalAddressing=no\n",
+    # QEMU user networking always gives the guest 10.0.2.15 (gateway .2, DNS .3): a static address
+    # needs no DHCP exchange, which a heavily loaded TCG guest can time out on.
+    "etc/systemd/network/10-eth.network": (
+        "[Match]\nName=eth0\n\n[Network]\nAddress=10.0.2.15/24\nGateway=10.0.2.2\nDNS=10.0.2.3\nLinkLocalAddressing=no\n"
+    ),
+    # TCG on a busy host is slow: give units, devices and watchdogs time instead of failing the boot.
+    "etc/systemd/system.conf.d/10-labvm.conf": (
+        "[Manager]\nDefaultTimeoutStartSec=900s\nDefaultDeviceTimeoutSec=900s\nRuntimeWatchdogSec=off\n"
+    ),
+    "etc/systemd/system/systemd-networkd.service.d/10-labvm.conf": "[Service]\nWatchdogSec=0\n",
+    "etc/systemd/system/systemd-journald.service.d/10-labvm.conf": "[Service]\nWatchdogSec=0\n",
+    "etc/systemd/system/systemd-logind.service.d/10-labvm.conf": "[Service]\nWatchdogSec=0\n",
+    "etc/systemd/system/systemd-udevd.service.d/10-labvm.conf": "[Service]\nWatchdogSec=0\n",
     "etc/ssh/sshd_config.d/10-labvm.conf": (
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUseDNS no\n"
     ),
