@@ -13,7 +13,7 @@ from bastion_app import config as configmod
 def create_app(cfg: configmod.Config | None = None, test_config: dict | None = None) -> Flask:
     """Build the app. Without ``cfg`` the configuration is loaded from LAB_BASTION_DATA_DIR (as
     gunicorn workers do); every worker builds its own app and store connections."""
-    from bastion_app import auth, errors, metrics
+    from bastion_app import auth, errors, limits, metrics
     from bastion_app.routes import api, boot, ops
     from bastion_app.store import Store
 
@@ -34,6 +34,7 @@ def create_app(cfg: configmod.Config | None = None, test_config: dict | None = N
     app.json.sort_keys = False
     errors.register(app)
     metrics.init_app(app)
+    limits.init_app(app, rate=cfg.error_rate, burst=cfg.error_burst)
     app.register_blueprint(boot.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(ops.bp)

@@ -50,6 +50,9 @@ class Config:
     #: SQLite synchronous mode: FULL (an acknowledged change survives power loss) or NORMAL
     db_synchronous: str = "FULL"
     max_body_bytes: int = 1024 * 1024
+    #: per client host and worker: 4xx answers allowed per second (and at once) before 429s
+    error_rate: int = 20
+    error_burst: int = 100
     #: discovery environment: 'image' (lab-bastion images build-discovery) or 'kickstart'
     discovery: str = "image"
     #: what discovery does when done: poweroff | reboot
@@ -175,6 +178,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"subnet: {cfg.subnet!r} is not a network (e.g. 10.0.0.0/24)") from None
     if cfg.public_url and not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]+(/[A-Za-z0-9._~/-]*)?", cfg.public_url):
         raise ConfigError(f"public_url: {cfg.public_url!r} is not an http(s) URL of host[:port][/path]")
+    if cfg.error_rate < 1 or cfg.error_burst < 1:
+        raise ConfigError("error_rate and error_burst must be at least 1")
     if cfg.workers < 1 or cfg.threads < 1:
         raise ConfigError("workers and threads must be at least 1")
     if cfg.log_lines < 10 or cfg.followers < 1:

@@ -26,6 +26,15 @@ def document() -> dict:
     _, top = models_json_schema([(m, "validation") for m in MODELS], ref_template="#/components/schemas/{model}")
     doc.setdefault("components", {}).setdefault("schemas", {}).update(top.get("$defs", {}))
     # every `mac` and `token` parameter, in a path or a query, is described by the validator's own pattern
+    # any operation may answer 429 to a host that keeps sending bad requests (bastion_app.limits)
+    doc["components"].setdefault("responses", {})["TooManyBadRequests"] = {
+        "description": "this host keeps sending bad requests; retry after Retry-After seconds",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    }
+    for ops in doc["paths"].values():
+        for op in ops.values():
+            if isinstance(op, dict) and "responses" in op:
+                op["responses"].setdefault("429", {"$ref": "#/components/responses/TooManyBadRequests"})
     patterns = {"mac": validate.MAC_PATTERN, "token": validate.TOKEN_PATTERN}
     for param in _parameters(doc):
         if param.get("name") in patterns:

@@ -31,6 +31,18 @@ def _schemathesis(bastion, tmp_path: Path, *headers: str, max_examples: int):
     return r.returncode, out, int(generated.group(1)) if generated else 0
 
 
+@pytest.fixture(scope="module")
+def bastion(tmp_path_factory):
+    """A bastion whose error budget (429 for hosts that keep failing) is out of the fuzzer's way,
+    so that every generated request reaches the code it is meant to test."""
+    from tests.conftest import start_bastion
+
+    b = start_bastion(tmp_path_factory.mktemp("fuzz") / "data", env={"LAB_BASTION_ERROR_RATE": "100000",
+                                                                     "LAB_BASTION_ERROR_BURST": "100000"})
+    yield b
+    b.stop()
+
+
 @pytest.mark.parametrize("with_token", [True, False], ids=["token", "no-token"])
 def test_schemathesis(bastion, tmp_path, record, with_token):
     # a known machine, so that the operations on a MAC reach their logic and not only 404

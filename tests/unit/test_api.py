@@ -307,3 +307,18 @@ def test_host_header_cannot_inject_into_ipxe(client, host):
     text = r.get_data(as_text=True)
     assert r.status_code in (200, 400)
     assert host not in text and "shell" not in text.replace("iPXE shell", "")
+
+
+def test_a_host_that_keeps_failing_gets_429_and_others_do_not(data_dir):
+    from bastion_app import config as configmod
+    from bastion_app import create_app
+
+    cfg = configmod.load(data_dir, overrides={"error_rate": 1, "error_burst": 30, "dnsmasq": False}, env={}, detect=False)
+    client = create_app(cfg).test_client()
+    statuses = [client.get("/dispatch?mac=nope").status_code for _ in range(40)]
+    assert statuses[:30] == [400] * 30 and statuses[-1] == 429
+    r = client.get(f"/dispatch?mac={MAC}")
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1"  # the same host, even for a good request
+    assert r.json["error"] == "too many bad requests from this host"
+    other = client.get(f"/dispatch?mac={MAC}", environ_base={"REMOTE_ADDR": "10.9.9.9"})
+    assert other.status_code == 200
