@@ -107,6 +107,7 @@ def reprovision(obj: Ctx, target, no_reboot, os_, role, reason, ssh_user, ssh_pr
     if not no_reboot and not m.get("ip"):
         raise errors.UsageError(f"{name} has no known IP address, so it cannot be rebooted over SSH",
                                 "rerun with --no-reboot and power-cycle it yourself")
+    book = None if no_reboot else (playbook or runner.playbook_path("reprovision.yml"))  # before changing anything
     result = obj.client.post(f"/api/machines/{m['mac']}/reprovision", {k: v for k, v in body.items() if v})
     output.emit(result, obj.output, lambda: click.echo(f"{name} ({m['mac']}) queued for reinstall"))
     if no_reboot:
@@ -115,7 +116,7 @@ def reprovision(obj: Ctx, target, no_reboot, os_, role, reason, ssh_user, ssh_pr
     if ssh_private_key:
         hostvars["ansible_ssh_private_key_file"] = str(Path(ssh_private_key).resolve())
     run = runner.run_playbook(
-        playbook or runner.playbook_path("reprovision.yml"),
+        book,
         inventory=runner.inventory({name: hostvars}),
         extravars={"lab_bastion_url": obj.settings["bastionUrl"], "lab_machine_mac": m["mac"]},
         name=f"reprovision-{name}", timeout=timeout, quiet=obj.output in ("json", "yaml"))

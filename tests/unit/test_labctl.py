@@ -170,3 +170,14 @@ def test_docs_cli_md_matches_the_help():
 def test_contrib_completions_match_click():
     for path, text in docgen.completion_files().items():
         assert path.read_text() == text, f"{path} is stale: run `python -m labctl.docgen`"
+
+
+def test_playbook_path_lookup(tmp_path, monkeypatch):
+    (tmp_path / "mine.yml").write_text("- hosts: all\n")
+    monkeypatch.setenv(runner.PLAYBOOK_DIRS_ENV, str(tmp_path))
+    assert runner.playbook_path("mine.yml") == tmp_path / "mine.yml"
+    with pytest.raises(errors.LabctlError) as e:
+        runner.playbook_path("no-such-playbook.yml")
+    assert str(tmp_path) in e.value.message and runner.PLAYBOOK_DIRS_ENV in e.value.hint
+    assert runner.inventory({"n1": {"ansible_host": "10.0.0.5"}}) == {
+        "all": {"children": {"targets": {"hosts": {"n1": {"ansible_host": "10.0.0.5"}}}}}}
