@@ -46,8 +46,9 @@ BASTION_IP = f"{SUBNET}.1"
 BASTION_PORT = 8080
 SYSLOG_PORT = 5514
 DHCP_RANGE = f"{SUBNET}.100,{SUBNET}.199"
-#: the "LAN router" namespace of proxy mode: the LAN's own DHCP server lives there
+#: the segment's router (second namespace): IPv6 router advertisements; in proxy mode also the LAN's DHCP server
 ROUTER_IP = f"{SUBNET}.254"
+ROUTER_IP6 = "fd77::fe"
 CLONE_NEWNET = 0x40000000
 
 
@@ -327,8 +328,10 @@ class Lab:
         sh(*n, "link", "set", "br0", "up")
 
     def _lan_router(self) -> None:
-        """Proxy mode: the LAN's own DHCP server (plain dnsmasq, addresses only) in a second
-        namespace joined to the bridge by a veth pair, as a site router would be."""
+        """The segment's router, in a second namespace joined to the bridge by a veth pair: a plain
+        dnsmasq sending IPv6 router advertisements (as a LAN's router does: without any, iPXE
+        waits about 13 s for one before it boots) and, in proxy mode, the LAN's own DHCP server
+        (addresses only). It is not the bastion's dnsmasq and knows nothing of PXE."""
         self.router_ns = self.ns + "r"
         sh("ip", "netns", "add", self.router_ns)
         self.save()
@@ -336,13 +339,15 @@ class Lab:
         sh("ip", "-n", self.ns, "link", "set", "lan0", "master", "br0", "up")
         sh("ip", "-n", self.router_ns, "link", "set", "lo", "up")
         sh("ip", "-n", self.router_ns, "addr", "add", f"{ROUTER_IP}/24", "dev", "eth0")
+        sh("ip", "-n", self.router_ns, "addr", "add", f"{ROUTER_IP6}/64", "dev", "eth0", "nodad")
         sh("ip", "-n", self.router_ns, "link", "set", "eth0", "up")
-        self._spawn("lan-dhcp", [
-            "ip", "netns", "exec", self.router_ns, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
-            "--port=0", "--interface=eth0", "--bind-interfaces", f"--dhcp-range={SUBNET}.50,{SUBNET}.90,255.255.255.0,1h",
-            f"--dhcp-leasefile={self.root}/lan-dhcp.leases", "--pid-file", "--user=root", "--log-dhcp",
-            "--log-facility=-", f"--dhcp-option=3,{ROUTER_IP}",
-        ], self.root / "lan-dhcp.log")
+        argv = ["ip", "netns", "exec", self.router_ns, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
+                "--port=0", "--interface=eth0", "--bind-interfaces", "--enable-ra",
+                "--dhcp-range=::,constructor:eth0,ra-only", f"--dhcp-leasefile={self.root}/lan-dhcp.leases",
+                "--pid-file", "--user=root", "--log-dhcp", "--log-facility=-"]
+        if self.dhcp_mode == "proxy":
+            argv += [f"--dhcp-range={SUBNET}.50,{SUBNET}.90,255.255.255.0,1h", f"--dhcp-option=3,{ROUTER_IP}"]
+        self._spawn("lan-router", argv, self.root / "lan-router.log")
 
     def tap(self) -> str:
         name = f"tap{self._taps}"
@@ -361,8 +366,7 @@ class Lab:
         self.started = time.time()
         self.save()
         self._netns()
-        if self.dhcp_mode == "proxy":
-            self._lan_router()
+        self._lan_router()
         serve = [sys.executable, "-m", "bastion_app.cli", "serve", "--data-dir", str(self.data),
                  "--listen", f"0.0.0.0:{BASTION_PORT}", "--workers", "2", "--syslog-port", str(SYSLOG_PORT),
                  "--public-url", self.machine_url, "--interface", "br0"]
