@@ -179,25 +179,35 @@ def _owner(path: Path) -> str:
         return "root"
 
 
+def write_config(cfg: Config, conf: Path, tftp_root: Path | None = None) -> bool:
+    """Fill the TFTP root (default <data>/tftp) and write the configuration for ``cfg`` to ``conf``
+    (atomically, only when its content changes). True when anything changed."""
+    if not cfg.interface:
+        raise DnsmasqError("no provisioning interface: pass --interface IFACE (or set interface in "
+                           "bastion.yaml; --no-dnsmasq to run without dnsmasq)")
+    iface = interface_address(cfg.interface, prefer=cfg.server_ip)
+    tftp_root = tftp_root or cfg.data_path / "tftp"
+    copied = fill_tftp_root(tftp_root)
+    cfg.run_path.mkdir(parents=True, exist_ok=True)
+    text = render_config(cfg, tftp_root, iface, user=_owner(cfg.data_path))
+    if conf.is_file() and conf.read_text() == text:
+        return bool(copied)
+    tmp = conf.with_name(conf.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(conf)
+    return True
+
+
 def child_spec(cfg: Config):
     """Write the TFTP root and the configuration; return the supervisor's ChildSpec for dnsmasq."""
     from bastion_app.supervisor import ChildSpec
 
-    if not cfg.interface:
-        raise DnsmasqError("no provisioning interface: pass --interface IFACE (or --no-dnsmasq)")
     binary = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if Path("/usr/sbin/dnsmasq").exists() else None)
     if not binary:
         raise DnsmasqError("dnsmasq is not installed: install Debian's dnsmasq-base (make deps-system) "
                            "or run with --no-dnsmasq")
-    iface = interface_address(cfg.interface, prefer=cfg.server_ip)
-    tftp_root = cfg.data_path / "tftp"
-    fill_tftp_root(tftp_root)
-    cfg.run_path.mkdir(parents=True, exist_ok=True)
     conf = cfg.run_path / "dnsmasq.conf"
-    text = render_config(cfg, tftp_root, iface, user=_owner(cfg.data_path))
-    tmp = conf.with_name(conf.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(conf)
+    write_config(cfg, conf)
     return ChildSpec("dnsmasq", argv(conf, binary))
 
 

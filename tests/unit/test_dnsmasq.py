@@ -178,3 +178,14 @@ def test_supervisor_children_include_dnsmasq_unless_disabled(tmp_path):
     assert "dnsmasq" in [c.name for c in children(cfg)]
     cfg.dnsmasq = False
     assert "dnsmasq" not in [c.name for c in children(cfg)]
+
+
+def test_write_config_reports_changes(tmp_path):
+    need_binary("dnsmasq")
+    cfg = make_cfg(tmp_path, interface="lo", server_ip="", subnet="")
+    conf = tmp_path / "out.conf"
+    assert dnsmasq.write_config(cfg, conf) is True
+    assert dnsmasq.write_config(cfg, conf) is False  # same content, same TFTP files
+    cfg.dhcp_mode, cfg.dhcp_range = "full", "127.0.0.10,127.0.0.20"
+    assert dnsmasq.write_config(cfg, conf) is True and "dhcp-range=127.0.0.10,127.0.0.20" in conf.read_text()
+    dnsmasq_test(tmp_path, conf.read_text())
