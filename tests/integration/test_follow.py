@@ -73,25 +73,32 @@ def test_resume_with_last_event_id_loses_nothing(srv):
     sent: list[str] = []
     percents = list(range(20, 80, 5))
 
+    errors: list[BaseException] = []
+    src = "127.0.0.41"  # the machine's address: its HTTP calls and its syslog come from it
+
     def machine():
         """The installer: log posts, syslog datagrams and progress posts, interleaved."""
-        for i in range(60):
-            text = f"api line {i:03d}"
-            r = requests.post(srv.url + "/api/log", json={"mac": mac, "token": token, "lines": [text]}, timeout=10)
-            assert r.ok, r.text
-            sent.append(text)
-            udp = f"udp line {i:03d}"
-            send_udp(udp_port(srv), f"<30>Nov 26 12:00:00 h anaconda: {udp}".encode(), source="127.0.0.41")
-            sent.append(udp)
-            if i % 5 == 0:
-                requests.post(srv.url + "/api/progress", timeout=10, json={"mac": mac, "token": token, "stage": "packages",
-                                                                           "percent": percents[i // 5]})
-            time.sleep(0.01)
-        # syslog is asynchronous: the install ends once its last datagram is stored
-        wait_for(lambda: len(requests.get(f"{srv.url}/api/logs/{mac}", headers=srv.headers, params={"limit": 1000},
-                                          timeout=10).json()["lines"]) == len(sent), timeout=20, what="all lines stored")
-        r = requests.post(srv.url + "/api/progress", json={"mac": mac, "token": token, "stage": "complete"}, timeout=10)
-        assert r.ok, r.text
+        try:
+            for i in range(60):
+                text = f"api line {i:03d}"
+                st, body = call_from(srv, src, "POST", "/api/log", {"mac": mac, "token": token, "lines": [text]})
+                assert st == 200, body
+                sent.append(text)
+                udp = f"udp line {i:03d}"
+                send_udp(udp_port(srv), f"<30>Nov 26 12:00:00 h anaconda: {udp}".encode(), source=src)
+                sent.append(udp)
+                if i % 5 == 0:
+                    st, body = call_from(srv, src, "POST", "/api/progress",
+                                         {"mac": mac, "token": token, "stage": "packages", "percent": percents[i // 5]})
+                    assert st == 200, body
+                time.sleep(0.01)
+            # syslog is asynchronous: the install ends once its last datagram is stored
+            wait_for(lambda: len(requests.get(f"{srv.url}/api/logs/{mac}", headers=srv.headers, params={"limit": 1000},
+                                              timeout=30).json()["lines"]) == len(sent), timeout=60, what="all lines stored")
+            st, body = call_from(srv, src, "POST", "/api/progress", {"mac": mac, "token": token, "stage": "complete"})
+            assert st == 200, body
+        except BaseException as exc:  # reported by the test below
+            errors.append(exc)
 
     writer = threading.Thread(target=machine)
     writer.start()
@@ -100,8 +107,11 @@ def test_resume_with_last_event_id_loses_nothing(srv):
     ids: list[str] = []
 
     first = SSE(srv, mac, query="?heartbeat=2")
+    deadline = time.monotonic() + 120
     assert first.resp.status == 200 and first.resp.getheader("Content-Type").startswith("text/event-stream")
     for event, data in first.events():
+        assert not errors, errors
+        assert time.monotonic() < deadline, "25 lines not seen within 120 s"
         if event == "log":
             got_logs.append(data["text"])
             ids.append(first.last_id)
@@ -114,7 +124,10 @@ def test_resume_with_last_event_id_loses_nothing(srv):
 
     second = SSE(srv, mac, last_id=first.last_id, query="?heartbeat=2")
     end = None
+    deadline = time.monotonic() + 120
     for event, data in second.events():
+        assert not errors, errors
+        assert time.monotonic() < deadline, "no end event within 120 s"
         if event == "log":
             got_logs.append(data["text"])
             ids.append(second.last_id)
@@ -124,7 +137,8 @@ def test_resume_with_last_event_id_loses_nothing(srv):
             end = data
             break
     second.close()
-    writer.join()
+    writer.join(60)
+    assert not errors, errors
 
     assert sorted(got_logs) == sorted(sent), "every line exactly once across the reconnect"
     assert [p for p in got_progress if p is not None and p >= 20] == percents + [100]
@@ -180,16 +194,25 @@ def test_silent_install_is_marked_stalled_but_a_chatty_one_is_not(small):
     silent, chatty = "52:54:00:20:00:11", "52:54:00:20:00:12"
     installing(small, silent, "stall-silent")
     installing(small, chatty, "stall-chatty", source="127.0.0.42")
+    stop = threading.Event()
+
+    def chatter():  # the chatty installer logs a line every 0.2 s and never reports progress
+        while not stop.wait(0.2):
+            send_udp(udp_port(small), b"<30>Nov 26 12:00:00 h anaconda: still working", source="127.0.0.42")
+
+    threading.Thread(target=chatter, daemon=True).start()
     s = SSE(small, silent, query="?heartbeat=1")
     t0 = time.monotonic()
     events = []
-    for event, data in s.events():
-        events.append((event, data))
-        send_udp(udp_port(small), b"<30>Nov 26 12:00:00 h anaconda: still working", source="127.0.0.42")
-        if event == "end":
-            break
-        assert time.monotonic() - t0 < 20, "no stall within 20 s"
-    s.close()
+    try:
+        for event, data in s.events():
+            events.append((event, data))
+            if event == "end":
+                break
+            assert time.monotonic() - t0 < 30, "no stall within 30 s"
+    finally:
+        s.close()
+        stop.set()
     assert events[-1] == ("end", {"state": "failed", "failure": "stalled", "stalled": True})
     assert any(e == "state" and d["to"] == "failed" and d["kind"] == "stall" for e, d in events)
     machines = {m["mac"]: m for m in requests.get(small.url + "/api/machines", headers=small.headers, timeout=10).json()["machines"]}

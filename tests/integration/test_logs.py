@@ -42,7 +42,7 @@ def send_udp(port: int, *datagrams: bytes, source: str = "127.0.0.1") -> None:
 def call_from(b, source: str, method: str, path: str, body: dict | None = None, auth: bool = False):
     """An HTTP request from a chosen loopback source address (what the machine's IP will be)."""
     host, port = b.url.split("//")[1].split(":")
-    c = http.client.HTTPConnection(host, int(port), timeout=10, source_address=(source, 0))
+    c = http.client.HTTPConnection(host, int(port), timeout=30, source_address=(source, 0))
     headers = {"Content-Type": "application/json", **(b.headers if auth else {})}
     c.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
     r = c.getresponse()
