@@ -102,7 +102,7 @@ def test_syslog_both_rfcs_malformed_oversized_non_utf8(srv):
              b"<30>Nov 26 12:00:03 localhost anaconda: big " + b"y" * 60000,
              b"<30>Nov 26 12:00:04 localhost anaconda: escape \x1b[31mred",
              source="127.0.0.21")
-    got = wait_for(lambda: (t := texts(srv, MAC_LEASE)) and len(t) >= 6 and t, timeout=15, what="6 stored lines")
+    got = wait_for(lambda: (t := texts(srv, MAC_LEASE)) and len(t) >= 6 and t, timeout=30, what="6 stored lines")
     assert got[:4] == ["rfc3164 line", "rfc5424 line", "no header at all, just text", "non-utf8 caf\ufffd \ufffd end"]
     assert got[4].startswith("big yyyy") and "more characters cut" in got[4] and len(got[4]) < 9000
     assert got[5] == "escape \\x1b[31mred"
@@ -119,16 +119,16 @@ def test_tcp_framing(srv):
         s.connect(("127.0.0.1", udp_port(srv)))
         s.sendall(b"<30>Nov 26 12:00:05 localhost anaconda: tcp newline framed\n"
                   b"46 <30>Nov 26 12:00:06 localhost anaconda: octets")
-    wait_for(lambda: {"tcp newline framed", "octets"} <= set(texts(srv, MAC_LEASE)), timeout=15, what="tcp lines")
+    wait_for(lambda: {"tcp newline framed", "octets"} <= set(texts(srv, MAC_LEASE)), timeout=30, what="tcp lines")
 
 
 def test_sender_known_by_its_address_and_progress_from_lines(srv):
     installing(srv, MAC_SEEN, "logs-seen", source="127.0.0.22")
     send_udp(udp_port(srv), b"<30>Nov 26 12:00:01 localhost anaconda: Configuring storage", source="127.0.0.22")
-    wait_for(lambda: logs(srv, MAC_SEEN)["stage"] == "partitioning", timeout=15, what="partitioning from syslog")
+    wait_for(lambda: logs(srv, MAC_SEEN)["stage"] == "partitioning", timeout=30, what="partitioning from syslog")
     send_udp(udp_port(srv), b"<30>Nov 26 12:00:02 localhost packaging: Installing bash-5.2 (50/100)", source="127.0.0.22")
     page = wait_for(lambda: (p := logs(srv, MAC_SEEN)) and p["stage"] == "packages" and p,
-                    timeout=15, what="progress from syslog lines")
+                    timeout=30, what="progress from syslog lines")
     assert [x["text"] for x in page["lines"]] == ["Configuring storage", "Installing bash-5.2 (50/100)"]
     assert page["percent"] == 47 and page["state"] == "installing"
     stages = [p["stage"] for p in page["progress"] if p["type"] == "progress"]
@@ -141,7 +141,7 @@ def test_sender_known_by_its_address_and_progress_from_lines(srv):
 
 def test_unknown_sender_goes_to_unattributed(srv):
     send_udp(udp_port(srv), b"<30>Nov 26 12:00:01 stranger app: who am i", source="127.0.0.99")
-    page = wait_for(lambda: (p := logs(srv, "unattributed")) and p["lines"] and p, timeout=15, what="unattributed line")
+    page = wait_for(lambda: (p := logs(srv, "unattributed")) and p["lines"] and p, timeout=30, what="unattributed line")
     assert page["lines"][-1]["text"] == "who am i" and page["lines"][-1]["ip"] == "127.0.0.99"
     assert page["state"] is None
 
@@ -212,7 +212,7 @@ def test_subiquity_webhook_maps_to_the_same_timeline(srv):
 def test_bounded_per_machine(srv):
     """LAB_BASTION_LOG_LINES=100 for this bastion: a flood keeps only about the newest 100."""
     send_udp(udp_port(srv), *[f"<30>Nov 26 12:00:01 h flood: n{i:04d}".encode() for i in range(400)], source="127.0.0.23")
-    wait_for(lambda: "n0399" in texts(srv, "unattributed"), timeout=15, what="the last flood line")
+    wait_for(lambda: "n0399" in texts(srv, "unattributed"), timeout=30, what="the last flood line")
     got = [t for t in texts(srv, "unattributed") if t.startswith("n")]
     assert 100 <= len(got) <= 110
     assert got[-1] == "n0399" and got == sorted(got)
@@ -225,7 +225,7 @@ def test_logs_survive_a_restart(tmp_path):
     b = start_bastion(data, "--syslog-port", str(port), workers=1)
     try:
         send_udp(port, b"<30>Nov 26 12:00:01 h anaconda: before restart", source="127.0.0.21")
-        wait_for(lambda: texts(b, MAC_LEASE) == ["before restart"], timeout=15, what="stored line")
+        wait_for(lambda: texts(b, MAC_LEASE) == ["before restart"], timeout=30, what="stored line")
     finally:
         b.stop()
     b = start_bastion(data, "--syslog-port", str(port), workers=1)
