@@ -56,8 +56,9 @@ A dropped connection is resumed with `Last-Event-ID`.
 
 `labctl provision reprovision TARGET` queues the reinstall (`POST /api/machines/<mac>/reprovision`),
 then runs the collection's `playbooks/reprovision.yml` through ansible-runner against one host: the
-machine's host name, with `ansible_host` = its last known IP and `ansible_user` = `--ssh-user`, in the
-group `targets`; extra variables `lab_machine_mac` and `lab_bastion_url`. The playbook sets the
+machine's host name, with `ansible_host` = its last known IP, `ansible_user` = `--ssh-user` and
+`lab_mac` = its MAC, in the group `targets`; extra variable `lab_bastion_url`. The source tree is
+put on `ANSIBLE_COLLECTIONS_PATH` as `lab.platform`, so its modules need no installing. The playbook sets the
 next boot to the network (`lab.platform.efi_bootnext` on UEFI) and reboots. `--no-reboot` only
 queues. The playbook is found in `$LABCTL_PLAYBOOK_DIR`, the source tree labctl runs from, or the
 installed collection; `--playbook FILE` runs another one. Each task prints one line per host, then

@@ -112,13 +112,13 @@ def reprovision(obj: Ctx, target, no_reboot, os_, role, reason, ssh_user, ssh_pr
     output.emit(result, obj.output, lambda: click.echo(f"{name} ({m['mac']}) queued for reinstall"))
     if no_reboot:
         return
-    hostvars = {"ansible_host": m["ip"], "ansible_user": ssh_user}
+    hostvars = {"ansible_host": m["ip"], "ansible_user": ssh_user, "lab_mac": m["mac"]}
     if ssh_private_key:
         hostvars["ansible_ssh_private_key_file"] = str(Path(ssh_private_key).resolve())
     run = runner.run_playbook(
         book,
         inventory=runner.inventory({name: hostvars}),
-        extravars={"lab_bastion_url": obj.settings["bastionUrl"], "lab_machine_mac": m["mac"]},
+        extravars={"lab_bastion_url": obj.settings["bastionUrl"]},
         name=f"reprovision-{name}", timeout=timeout, quiet=obj.output in ("json", "yaml"))
     runner.check(run, f"reprovision of {name}")
 

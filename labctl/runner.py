@@ -84,6 +84,24 @@ def playbook_path(name: str) -> Path:
                              f"install the lab.platform collection or set {PLAYBOOK_DIRS_ENV}")
 
 
+def collections_env() -> dict[str, str]:
+    """ANSIBLE_COLLECTIONS_PATH that finds lab.platform: the source tree labctl runs from (the
+    repository is the collection; linked as ~/.labctl/collections/ansible_collections/lab/platform),
+    then whatever the environment already names. Empty when labctl runs from an installed wheel."""
+    repo = Path(__file__).resolve().parents[1]
+    paths = []
+    if (repo / "galaxy.yml").is_file():
+        base = runs_dir().parent / "collections"
+        link = base / "ansible_collections" / "lab" / "platform"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists() and not link.is_symlink():
+            link.symlink_to(repo)
+        paths.append(str(base))
+    if os.environ.get("ANSIBLE_COLLECTIONS_PATH"):
+        paths.append(os.environ["ANSIBLE_COLLECTIONS_PATH"])
+    return {"ANSIBLE_COLLECTIONS_PATH": os.pathsep.join(paths)} if paths else {}
+
+
 def inventory(hosts: dict[str, dict[str, Any]], group: str = "targets") -> dict[str, Any]:
     """A YAML-shaped inventory: {host: hostvars} in one group (and in all)."""
     return {"all": {"children": {group: {"hosts": hosts}}}}
@@ -127,6 +145,8 @@ def run_playbook(playbook: str | os.PathLike, *, inventory: dict[str, Any] | str
 
     ``inventory`` is a dict (see :func:`inventory`) or an inventory source path/string; ``timeout``
     in seconds makes the run end with status ``timeout``. Artefacts stay in ``result.run_dir``.
+    The lab.platform collection is found without installing it (:func:`collections_env`);
+    ``envvars`` add to or override the run's environment.
     """
     import ansible_runner
 
@@ -136,7 +156,7 @@ def run_playbook(playbook: str | os.PathLike, *, inventory: dict[str, Any] | str
     bindir = str(Path(sys.executable).parent)
     env = {"PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_HOST_KEY_CHECKING": os.environ.get("ANSIBLE_HOST_KEY_CHECKING", "False"),
-           **(envvars or {})}
+           **collections_env(), **(envvars or {})}
     printer = _Printer(quiet)
     old_path = os.environ.get("PATH", "")
     os.environ["PATH"] = env["PATH"]  # ansible-runner looks up ansible-playbook on this PATH

@@ -592,8 +592,12 @@ HARMLESS = """\
     - name: Record what labctl passed
       ansible.builtin.copy:
         dest: "{{ out }}"
-        content: "{{ {'host': inventory_hostname, 'ansible_host': ansible_host, 'mac': lab_machine_mac, 'url': lab_bastion_url} | to_json }}"
+        content: "{{ {'host': inventory_hostname, 'ansible_host': ansible_host, 'mac': lab_mac, 'url': lab_bastion_url} | to_json }}"
         mode: "0600"
+    - name: The collection's own module is found (check mode, changes nothing)
+      lab.platform.efi_bootnext:
+        mac: "{{ lab_mac }}"
+      check_mode: true
     - name: An ok task
       ansible.builtin.debug:
         msg: hello
@@ -618,7 +622,7 @@ def test_reprovision_runs_the_playbook(env, machines, bastion, tmp_path):
     assert p.returncode == 0, (p.stdout, p.stderr)
     assert json.loads(out.read_text()) == {"host": "repro", "ansible_host": "127.0.0.1", "mac": mac, "url": bastion.url}
     assert "TASK [Record what labctl passed]" in p.stdout and "changed: repro" in p.stdout and "ok: repro" in p.stdout
-    assert re.search(r"ok=2 changed=1 failed=0 unreachable=0 skipped=0", p.stdout)
+    assert re.search(r"ok=3 changed=1 failed=0 unreachable=0 skipped=0", p.stdout), p.stdout
     runs = list((home / "runs").iterdir())
     assert len(runs) == 1 and "-reprovision-repro-" in runs[0].name
     assert list(runs[0].glob("artifacts/*/stdout"))
