@@ -143,6 +143,12 @@ class LogStore(Database):
         return row[0] if row else None
 
 
+def keepalive_interval(stall_timeout: float) -> float:
+    """How often log lines from an installing machine count as a sign of life (a progress step):
+    a third of the stall timeout, between 1 s and 60 s."""
+    return max(1.0, min(60.0, stall_timeout / 3))
+
+
 def advance(store, mac: str, step: timeline.Progress | None, *, machine: dict[str, Any] | None = None,
             ip: str | None = None, keepalive_s: float | None = None) -> dict[str, Any] | None:
     """Record a progress step derived from logs or installer events, if it moves the machine's

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bastion_app.logstore import SEVERITIES, UNATTRIBUTED, LogStore, advance, clip
+from bastion_app.logstore import SEVERITIES, UNATTRIBUTED, LogStore, advance, clip, keepalive_interval
 from labcore import progress as timeline
 
 log = logging.getLogger("lab-bastion.syslog")
@@ -230,7 +230,7 @@ class Listener:
         self.queue: collections.deque = collections.deque()
         self.stopping = threading.Event()
         self.received = self.dropped = self.stored = 0
-        self.keepalive_s = max(1.0, min(60.0, cfg.stall_timeout / 3))
+        self.keepalive_s = keepalive_interval(cfg.stall_timeout)
         self.udp: socket.socket | None = None
         self._machines: dict[str, tuple[dict | None, float]] = {}
 

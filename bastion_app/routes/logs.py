@@ -26,7 +26,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from bastion_app import get_store
 from bastion_app.auth import operator_required
 from bastion_app.errors import ApiError
-from bastion_app.logstore import UNATTRIBUTED, LogStore, advance
+from bastion_app.logstore import UNATTRIBUTED, LogStore, advance, keepalive_interval
 from bastion_app.routes import cfg, int_arg, json_body, mac_arg
 from labcore import progress as timeline
 from labcore import schemas, validate
@@ -41,10 +41,7 @@ END_LINGER_S = 0.5
 
 
 def get_logs() -> LogStore:
-    ext = current_app.extensions
-    if "lab_logs" not in ext:
-        ext["lab_logs"] = LogStore(cfg().data_path / "logs.db", max_lines=cfg().log_lines)
-    return ext["lab_logs"]
+    return current_app.extensions["lab_logs"]
 
 
 def init_app(app) -> None:
@@ -118,7 +115,7 @@ def post_log():
         step = timeline.from_anaconda_line(line)
         if step is not None and (best is None or timeline.advances(best.stage, best.percent, step)):
             best = step
-    advance(store, req.mac, best, machine=m, ip=ip, keepalive_s=max(1.0, min(60.0, cfg().stall_timeout / 3)))
+    advance(store, req.mac, best, machine=m, ip=ip, keepalive_s=keepalive_interval(cfg().stall_timeout))
     return jsonify({"mac": req.mac, "stored": n})
 
 
