@@ -11,6 +11,7 @@ Lines from senders the bastion cannot attribute to a machine are kept under ``un
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import time
@@ -45,6 +46,15 @@ _SCHEMA = [
 Row = tuple[str, float, str, str, str, str, "str | None", str]
 
 
+_CTRL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def clean(text: str) -> str:
+    """Control characters (terminal escapes among them) shown as \\xNN, so a log line can never
+    drive the operator's terminal; tabs and newlines stay."""
+    return _CTRL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def clip(text: str, limit: int = MAX_TEXT) -> str:
     if len(text) <= limit:
         return text
@@ -70,9 +80,9 @@ class LogStore(Database):
 
     # -- writes ------------------------------------------------------------------------------
     def append(self, rows: Iterable[Row]) -> int:
-        """Store a batch of lines in one transaction; trims machines that outgrew their bound.
-        Returns the number of lines stored."""
-        rows = [(mac, ts, source, severity, app, host, ip, clip(text)) for mac, ts, source, severity, app, host, ip, text in rows]
+        """Store a batch of lines (texts already cleaned and clipped: :func:`clean`, :func:`clip`)
+        in one transaction; trims machines that outgrew their bound. Returns the number stored."""
+        rows = list(rows)
         if not rows:
             return 0
         counts: dict[str, int] = {}

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bastion_app.logstore import SEVERITIES, UNATTRIBUTED, LogStore, advance, clip, keepalive_interval
+from bastion_app.logstore import SEVERITIES, UNATTRIBUTED, LogStore, advance, clean, clip, keepalive_interval
 from labcore import progress as timeline
 
 log = logging.getLogger("lab-bastion.syslog")
@@ -57,15 +57,6 @@ _PRI = re.compile(r"<(\d{1,3})>")
 _TS3164 = re.compile(r"(?:[A-Z][a-z]{2}  ?\d{1,2} \d\d:\d\d:\d\d(?:\.\d+)?(?: \d{4})?|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)?) ")
 _TAG = re.compile(r"([^\s:\[\]]{1,64})(?:\[([^\]\s]{0,32})\])?: ?")
 _HOST = re.compile(r"[A-Za-z0-9._:%-]{1,255}")
-_CTRL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def clean(text: str) -> str:
-    """Control characters (terminal escapes among them) shown as \\xNN, so a log line can never
-    drive the operator's terminal; tabs and newlines stay."""
-    return _CTRL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
 def _sd_end(s: str) -> int:
     """Index just past the STRUCTURED-DATA of an RFC 5424 message ('-' or [..][..]), or -1."""
     if s.startswith("-"):
@@ -111,7 +102,7 @@ def parse(data: bytes) -> Message:
                 msg = tail[end + 1:] if end < len(tail) else ""
                 if msg.startswith("\ufeff"):
                     msg = msg[1:]
-                return Message(facility, severity, "" if host == "-" else host[:255], "" if app == "-" else app[:48],
+                return Message(facility, severity, "" if host == "-" else clean(host[:255]), "" if app == "-" else clean(app[:48]),
                                clip(clean(msg)), "5424")
         return Message(facility, severity, "", "", clip(clean(rest)), "raw")
     host = app = ""
@@ -125,7 +116,7 @@ def parse(data: bytes) -> Message:
     tag = _TAG.match(rest)
     if tag:
         app, rest = tag.group(1), rest[tag.end():]
-    return Message(facility, severity, host[:255], app[:48], clip(clean(rest)), "3164")
+    return Message(facility, severity, host[:255], clean(app[:48]), clip(clean(rest)), "3164")
 
 
 # -- who sent it -------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from bastion_app import get_store
 from bastion_app.auth import operator_required
 from bastion_app.errors import ApiError
-from bastion_app.logstore import UNATTRIBUTED, LogStore, advance, keepalive_interval
+from bastion_app.logstore import UNATTRIBUTED, LogStore, advance, clean, keepalive_interval
 from bastion_app.routes import cfg, int_arg, json_body, mac_arg
 from labcore import progress as timeline
 from labcore import schemas, validate
@@ -147,7 +147,7 @@ def installer_events(mac: str, token: str):
         if e.get("result"):
             text += f" [{str(e['result'])[:20]}]"
         sev = _LEVELS.get(str(e.get("level") or "").upper(), "err" if str(e.get("result") or "").upper() == "FAIL" else "info")
-        rows.append((mac, now, "installer", sev, str(e.get("origin") or "subiquity")[:48], "", ip, text))
+        rows.append((mac, now, "installer", sev, clean(str(e.get("origin") or "subiquity")[:48]), "", ip, clean(text)))
     logs.append(rows)
     state = m["state"]
     for e in events:

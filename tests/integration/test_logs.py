@@ -202,6 +202,11 @@ def test_subiquity_webhook_maps_to_the_same_timeline(srv):
     assert len(page["lines"]) == 4 and page["lines"][0]["source"] == "installer"
     assert requests.post(f"{srv.url}/api/installer-events/{MAC_UBUNTU}/{'y' * 32}", json={"name": "x"}, timeout=10).status_code == 403
     assert requests.post(url, data=b"[1,2]", timeout=10).status_code == 400
+    r = requests.post(url, json={"name": "subiquity/x", "event_type": "start", "description": "a\x1b[2Jb", "origin": "o\x07"},
+                      timeout=10)
+    assert r.status_code == 200
+    last = logs(srv, MAC_UBUNTU)["lines"][-1]
+    assert last["text"] == "start subiquity/x: a\\x1b[2Jb" and last["app"] == "o\\x07"
     r = requests.post(url, json={"name": "subiquity/Shutdown/shutdown", "event_type": "start"}, timeout=10)
     assert r.json()["state"] == "installed"
     page = logs(srv, MAC_UBUNTU)
