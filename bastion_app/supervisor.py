@@ -124,15 +124,24 @@ class Supervisor:
     def _take_serve_lock(self) -> None:
         """One bastion per data directory: a second `serve` on the same one is refused."""
         path = self.cfg.data_path / "serve.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # a read-only data directory: lock the existing file if there is one
+            if not path.exists():
+                log.warning("cannot create %s (%s): not guarding against a second bastion", path, exc)
+                return
+            fd = os.open(path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             other = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise SystemExit(f"lab-bastion serve: another bastion (pid {other}) is already serving {self.cfg.data_path}") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass  # read-only: the lock holds all the same
         self._serve_lock = fd  # held (open) for the life of this process
 
     def _start(self, spec: ChildSpec, restarts: int = 0) -> None:
