@@ -4,7 +4,7 @@ the TFTP root (iPXE binaries from Debian's `ipxe` package) and the supervisor's 
 Proxy-DHCP is the default: the LAN keeps its DHCP server, dnsmasq only adds boot information for
 PXE clients. Full DHCP (`dhcp_mode: full`, `dhcp_range: START,END`) hands out addresses too.
 Firmware PXE gets an iPXE binary by TFTP (BIOS `undionly.kpxe`, UEFI x86-64 `snponly.efi`); iPXE
-then gets the HTTP `/dispatch?mac=${net0/mac}` URL. DNS is off (`port=0`).
+then gets the HTTP `/dispatch?mac=${netX/mac}` URL. DNS is off (`port=0`).
 
 Every value that reaches the configuration is validated here (interface name, addresses, paths,
 URL): nothing can add a line.
@@ -92,9 +92,9 @@ def _ipv4(value: str, what: str) -> ipaddress.IPv4Address:
 
 
 def dispatch_url(cfg: Config) -> str:
-    """The URL iPXE gets as its boot file; iPXE expands ${net0/mac} itself."""
+    """The URL iPXE gets as its boot file; iPXE expands ${netX/mac} itself."""
     base = _check(_URL, cfg.base_url(), "bastion URL (public_url or server_ip and listen port)")
-    url = base + "/dispatch?mac=${net0/mac}"
+    url = base + "/dispatch?mac=${netX/mac}"
     if len(url) > MAX_BOOT_FILE:
         raise DnsmasqError(f"the dispatch URL {url!r} is longer than a DHCP boot file name may be "
                            f"({MAX_BOOT_FILE} bytes): use a shorter public_url")

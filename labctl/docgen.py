@@ -70,7 +70,7 @@ playbook exits 10 + ansible-playbook's rc.
 
 `labctl provision makeiso -O FILE` builds a hybrid ISO (CD or USB stick, BIOS and UEFI) from
 Debian's `ipxe` package. On BIOS, GRUB starts `ipxe.lkrn` with the script as its initrd, which
-chains to `<bastion>/dispatch?mac=${net0/mac}`. On UEFI the EFI image holds `ipxe.efi` and the same
+chains to `<bastion>/dispatch?mac=${netX/mac}`. On UEFI the EFI image holds `ipxe.efi` and the same
 script as `autoexec.ipxe`: iPXE 1.21 and later runs it; Debian bookworm's iPXE (2019) does not
 know `autoexec.ipxe` and autoboots by DHCP, which reaches `/dispatch` when the bastion's DHCP or
 proxy-DHCP answers on that network. `--ipxe-dir` takes a newer iPXE build.

@@ -143,7 +143,7 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-DISPATCH = f"http://{SERVER_IP}:8080/dispatch?mac=${{net0/mac}}"
+DISPATCH = f"http://{SERVER_IP}:8080/dispatch?mac=${{netX/mac}}"
 BOOT_ITEM = "2b07470480000000ff"  # option 43: PXE_BOOT_ITEM type 0x8000 layer 0
 
 

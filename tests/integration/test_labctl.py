@@ -672,7 +672,7 @@ def test_makeiso_is_hybrid_el_torito_bios_and_uefi(labctl, tmp_path):
     subprocess.run(["xorriso", "-osirrox", "on", "-indev", str(iso), "-extract", "/lab", str(out)],
                    capture_output=True, check=True, timeout=60)
     script = (out / "boot.ipxe").read_text()
-    assert script.startswith("#!ipxe\n") and "chain --replace http://10.1.2.3:8080/dispatch?mac=${net0/mac}" in script
+    assert script.startswith("#!ipxe\n") and "chain --replace http://10.1.2.3:8080/dispatch?mac=${netX/mac}" in script
     assert (out / "ipxe.lkrn").read_bytes() == Path("/usr/lib/ipxe/ipxe.lkrn").read_bytes()
     # the EFI image: ipxe.efi as the removable-media loader, the script as autoexec.ipxe
     subprocess.run(["xorriso", "-osirrox", "on", "-indev", str(iso), "-extract", "/efi.img", str(tmp_path / "efi.img")],

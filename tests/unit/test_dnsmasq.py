@@ -55,7 +55,7 @@ def test_proxy_mode_is_default_and_passes_dnsmasq_test(tmp_path):
     assert "dhcp-match=set:efi64,option:client-arch,9" in ls
     assert 'pxe-service=tag:!ipxe,x86PC,"lab-platform iPXE (BIOS)",undionly.kpxe' in ls
     assert 'pxe-service=tag:!ipxe,X86-64_EFI,"lab-platform iPXE (UEFI)",snponly.efi' in ls
-    assert "dhcp-boot=tag:ipxe,http://10.20.0.5:8080/dispatch?mac=${net0/mac}" in ls
+    assert "dhcp-boot=tag:ipxe,http://10.20.0.5:8080/dispatch?mac=${netX/mac}" in ls
     assert not any(ln.startswith("dhcp-range=") and "proxy" not in ln for ln in ls)
     dnsmasq_test(tmp_path, text)
 
@@ -66,7 +66,7 @@ def test_full_mode(tmp_path):
     ls = lines(text)
     assert "dhcp-range=10.20.0.100,10.20.0.200,255.255.255.0,12h" in ls
     assert "dhcp-option=option:router,10.20.0.1" in ls
-    assert "dhcp-boot=tag:ipxe,http://10.20.0.5:8080/dispatch?mac=${net0/mac}" in ls
+    assert "dhcp-boot=tag:ipxe,http://10.20.0.5:8080/dispatch?mac=${netX/mac}" in ls
     assert "dhcp-boot=tag:!ipxe,tag:efi64,snponly.efi" in ls
     assert "dhcp-boot=tag:!ipxe,tag:bios,undionly.kpxe" in ls
     assert not any("proxy" in ln or ln.startswith("pxe-service") for ln in ls)
@@ -76,7 +76,7 @@ def test_full_mode(tmp_path):
 def test_public_url_is_the_dispatch_base(tmp_path):
     cfg = make_cfg(tmp_path, public_url="http://bastion.lab:8080/pxe")
     text = dnsmasq.render_config(cfg, tmp_path / "tftp", IFACE)
-    assert "dhcp-boot=tag:ipxe,http://bastion.lab:8080/pxe/dispatch?mac=${net0/mac}\n" in text
+    assert "dhcp-boot=tag:ipxe,http://bastion.lab:8080/pxe/dispatch?mac=${netX/mac}\n" in text
     dnsmasq_test(tmp_path, text)
 
 
