@@ -609,8 +609,10 @@ DEMO_MACHINES = (
 def demo(root: Path, timeout: float = 900) -> int:
     """`make demo`: images, the lab, two machines (BIOS and UEFI) discovered; the lab keeps running."""
     if (root / "lab.json").exists():
-        print(f"demo: a lab is already recorded in {root}; stopping it first", flush=True)
-        Lab.load(root).down()
+        old = Lab.load(root)
+        if old.pids:
+            print(f"demo: a lab is still running from {root}; stopping it first", flush=True)
+        old.down()
     if root.exists():
         shutil.rmtree(root)
     say = lambda msg: print(msg, flush=True)  # noqa: E731
