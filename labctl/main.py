@@ -25,6 +25,7 @@ COMMANDS = {
     "roles": "labctl.roles:roles",
     "completion": "labctl.completion:completion",
     "init": "labctl.init_cmd:init",
+    "app": "labctl.app_k3s:app",
 }
 
 
