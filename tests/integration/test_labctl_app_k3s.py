@@ -117,7 +117,7 @@ def test_list_bastion_unreachable_and_bad_token(env, fleet, closed_port):
     assert p.returncode == 4, (p.stdout, p.stderr)
 
 
-def test_targets_validated_before_running(env, fleet):
+def test_targets_validated_before_running(env, fleet, tmp_path):
     p = labctl(env, "app", "k3s", "install", "k3s-nope")
     assert p.returncode == 5, (p.stdout, p.stderr)
     assert "no machine matches 'k3s-nope'" in p.stderr and "did you mean" in p.stderr
@@ -129,6 +129,12 @@ def test_targets_validated_before_running(env, fleet):
     assert "plain has role vanilla" in p.stderr
     p = labctl(env, "app", "k3s", "install", "-e", "not a key=1")
     assert p.returncode == 2 and "invalid -e" in p.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = labctl(env, "app", "k3s", "install", "--airgap-dir", str(empty))
+    assert p.returncode == 2 and "has no k3s binary" in p.stderr
+    p = labctl(env, "app", "k3s", "install", "--cluster", "bad name!")
+    assert p.returncode == 2 and "invalid --cluster" in p.stderr
     assert not (Path(env["LABCTL_HOME"]) / "runs").exists()  # nothing ran
 
 
