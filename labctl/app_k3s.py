@@ -245,15 +245,16 @@ def app() -> None:
 
 @app.group()
 def k3s() -> None:
-    """k3s clusters: installed infra/labcontroller machines are servers, worker machines agents.
+    """k3s clusters on the lab's machines: install, health, list.
 
+    Installed infra/labcontroller machines are the servers, installed worker machines the agents.
     The inventory is the lab.platform.lab plugin pointed at the configured bastion (as in AWX);
-    playbooks run through ansible-runner, artefacts are kept under ~/.labctl/runs/."""
+    playbooks run through ansible-runner, their artefacts are kept under ~/.labctl/runs/."""
 
 
 targets_argument = click.argument("target_args", metavar="[TARGETS]...", nargs=-1, shell_complete=complete_machines)
 ssh_options = [
-    click.option("--ssh-user", help="User the playbook logs in as (default: ansible's, or the inventory's)."),
+    click.option("--ssh-user", metavar="USER", help="User the playbook logs in as (default: ansible's, or the inventory's)."),
     click.option("--ssh-private-key", type=click.Path(dir_okay=False, exists=True),
                  help="Private key for the playbook's SSH login."),
     click.option("-e", "--extra-var", "extra", multiple=True, metavar="KEY=VALUE",
@@ -279,10 +280,9 @@ def with_ssh_options(f):
 @output_option
 @pass_ctx
 def install(obj: Ctx, target_args, cluster, airgap_dir, ssh_user, ssh_private_key, extra, timeout) -> None:
-    """Install or update k3s: run playbooks/k3s.yml on the installed machines of the bastion
-    (TARGETS, by host name, MAC or IP, limit the run).
+    """Install or update k3s on the bastion's machines (playbooks/k3s.yml).
 
-    Checked before anything runs: at least one installed server, an odd number of servers (embedded
+    TARGETS (host name, MAC or IP) limit the run. Checked before anything runs: at least one installed server, an odd number of servers (embedded
     etcd), every target an installed server or agent. Exit code: 0, 2 (validation), 10 + ansible rc
     when the play fails (12 a host failed, 14 a host unreachable), 9 timeout."""
     extravars: dict[str, Any] = {"k3s_server_lab_roles": list(SERVER_ROLES), "k3s_agent_lab_roles": list(AGENT_ROLES)}
@@ -304,9 +304,10 @@ def install(obj: Ctx, target_args, cluster, airgap_dir, ssh_user, ssh_private_ke
 @output_option
 @pass_ctx
 def health(obj: Ctx, target_args, ssh_user, ssh_private_key, extra, timeout) -> None:
-    """Check the cluster: run playbooks/k3s_health.yml (services, nodes Ready, API /readyz,
-    kube-system pods, Cilium, secrets encryption, certificates); changes nothing. Exit code as for
-    install."""
+    """Check the k3s cluster (playbooks/k3s_health.yml); changes nothing.
+
+    Services, nodes Ready, API /readyz, kube-system pods, Cilium, secrets encryption, certificate
+    expiry. TARGETS (host name, MAC or IP) limit the run. Exit codes as for install."""
     extravars = {**ssh_vars(ssh_user, ssh_private_key), **extra_vars(extra)}
     run(obj, "k3s_health.yml", "health", target_args, extravars, odd=False, timeout=timeout)
 
@@ -327,8 +328,11 @@ CLUSTER_WIDE: list[output.Column] = CLUSTER_COLUMNS + [
 @output_option
 @pass_ctx
 def list_cmd(obj: Ctx) -> None:
-    """The k3s clusters of the inventory: its installed servers and agents, grouped by the
-    k3s_server_cluster_name host variable (default: the role's, one cluster per bastion)."""
+    """List the k3s clusters of the inventory: name, servers, agents, bastion.
+
+    Installed servers and agents grouped by their k3s_server_cluster_name host variable; without
+    one (the usual case), one cluster per bastion named after the role's default. -o wide adds
+    the host names."""
     obj.client.machines()  # the bastion answers and takes the token (exit 3/4 otherwise)
     with inventory_file(obj) as path:
         found = clusters(read_inventory(obj, path), default_cluster_name())
