@@ -28,10 +28,6 @@ def proxy_lab(tmp_path_factory):
         the_lab.down()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 3 (dnsmasq proxy config): iPXE's proxyDHCP request (port 4011) is answered without a boot "
-    "file ('Nothing to boot'); adding pxe-service=tag:ipxe,x86PC,\"lab-platform dispatch\",<dispatch URL> "
-    "to the proxy section fixes it (tried in this lab). Remove this mark when it lands."))
 def test_bios_machine_gets_address_from_lan_and_boot_file_from_bastion(proxy_lab):
     lab = proxy_lab
     m = lab.machine("proxy-bios")
