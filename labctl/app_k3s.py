@@ -54,8 +54,6 @@ def plugin_config(url: str, token_file: Path | None = None) -> dict[str, Any]:
 #: for the plugin: the collection on the path; an inventory it cannot read is an error, never empty
 ANSIBLE_ENV = {"ANSIBLE_INVENTORY_UNPARSED_FAILED": "True", "ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED": "True",
                "ANSIBLE_NOCOLOR": "1"}
-#: never handed to ansible: ansible-runner records the whole environment in the artefacts
-SECRET_ENV = ("LABCTL_TOKEN", "LAB_BASTION_TOKEN")
 
 
 @contextmanager
@@ -73,23 +71,13 @@ def inventory_file(obj: Ctx) -> Iterator[Path]:
         yield path
 
 
-@contextmanager
-def _without_secrets() -> Iterator[None]:
-    """Take the tokens out of os.environ while ansible runs (ansible-runner copies os.environ)."""
-    saved = {k: os.environ.pop(k) for k in SECRET_ENV if k in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
 def read_inventory(obj: Ctx, path: Path) -> dict[str, Any]:
     """The inventory as ``ansible-inventory --list`` gives it ({group: {hosts}}, _meta.hostvars)."""
     exe = Path(sys.executable).parent / "ansible-inventory"
     cmd = [str(exe) if exe.exists() else (shutil.which("ansible-inventory") or "ansible-inventory"),
            "-i", str(path), "--list"]
     try:
-        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+        env = {k: v for k, v in os.environ.items() if k not in runner.SECRET_ENV}
         p = subprocess.run(cmd, env={**env, **runner.collections_env(), **ANSIBLE_ENV}, capture_output=True,
                            text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -208,7 +196,7 @@ def airgap_vars(directory: str) -> dict[str, Any]:
 
 # -- running a playbook ---------------------------------------------------------------------------
 def run(obj: Ctx, book: str, what: str, target_args: tuple[str, ...], extravars: dict[str, Any], *, odd: bool,
-        timeout: int) -> None:
+        timeout: int, check_mode: bool = False) -> None:
     playbook = runner.playbook_path(book)  # before anything else: a missing playbook runs nothing
     obj.client.machines()  # the bastion answers and takes the token (exit 3/4 otherwise)
     with inventory_file(obj) as inv_path:
@@ -216,9 +204,9 @@ def run(obj: Ctx, book: str, what: str, target_args: tuple[str, ...], extravars:
         check_servers(inv, odd=odd)
         limit = limit_for(obj, inv, target_args)
         quiet = obj.output in ("json", "yaml")
-        with _without_secrets():
-            result = runner.run_playbook(playbook, inventory=str(inv_path), extravars=extravars, limit=limit,
-                                         name=f"k3s-{what}", timeout=timeout, quiet=quiet, envvars=ANSIBLE_ENV)
+        result = runner.run_playbook(playbook, inventory=str(inv_path), extravars=extravars, limit=limit,
+                                     name=f"k3s-{what}", timeout=timeout, quiet=quiet, envvars=ANSIBLE_ENV,
+                                     check_mode=check_mode)
         if result.run_dir:  # keep the inventory source with the artefacts
             (result.run_dir / "inventory").mkdir(exist_ok=True)
             shutil.copy2(inv_path, result.run_dir / "inventory" / "lab.yml")
@@ -276,10 +264,11 @@ def with_ssh_options(f):
               "fetched to ~/.kube/NAME.yaml).")
 @click.option("--airgap-dir", type=click.Path(file_okay=False, exists=True), metavar="DIR",
               help="Directory with the k3s binary, k3s-airgap-images-*.tar* and optionally cilium-*.tgz.")
+@click.option("--check", "check_mode", is_flag=True, help="Check mode: report what would change, change nothing (--check --diff).")
 @with_ssh_options
 @output_option
 @pass_ctx
-def install(obj: Ctx, target_args, cluster, airgap_dir, ssh_user, ssh_private_key, extra, timeout) -> None:
+def install(obj: Ctx, target_args, cluster, airgap_dir, check_mode, ssh_user, ssh_private_key, extra, timeout) -> None:
     """Install or update k3s on the bastion's machines (playbooks/k3s.yml).
 
     TARGETS (host name, MAC or IP) limit the run. Checked before anything runs: at least one installed server, an odd number of servers (embedded
@@ -295,7 +284,7 @@ def install(obj: Ctx, target_args, cluster, airgap_dir, ssh_user, ssh_private_ke
         extravars.update(airgap_vars(airgap_dir))
     extravars.update(ssh_vars(ssh_user, ssh_private_key))
     extravars.update(extra_vars(extra))
-    run(obj, "k3s.yml", "install", target_args, extravars, odd=True, timeout=timeout)
+    run(obj, "k3s.yml", "install", target_args, extravars, odd=True, timeout=timeout, check_mode=check_mode)
 
 
 @k3s.command()

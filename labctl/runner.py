@@ -137,16 +137,22 @@ class _Printer:
         return True
 
 
+#: Environment variables that hold secrets; never handed to a playbook run (nor its artefacts).
+SECRET_ENV = ("LABCTL_TOKEN", "LAB_BASTION_TOKEN")
+
+
 def run_playbook(playbook: str | os.PathLike, *, inventory: dict[str, Any] | str, extravars: dict[str, Any] | None = None,
                  name: str = "run", limit: str | None = None, timeout: int | None = None, quiet: bool = False,
-                 envvars: dict[str, str] | None = None, verbosity: int = 0) -> RunResult:
+                 envvars: dict[str, str] | None = None, verbosity: int = 0, check_mode: bool = False) -> RunResult:
     """Run ``playbook`` with ansible-runner and return a :class:`RunResult` (it never raises for a
     failed play: call :func:`check` or use ``result.exit_code``).
 
     ``inventory`` is a dict (see :func:`inventory`) or an inventory source path/string; ``timeout``
     in seconds makes the run end with status ``timeout``. Artefacts stay in ``result.run_dir``.
     The lab.platform collection is found without installing it (:func:`collections_env`);
-    ``envvars`` add to or override the run's environment.
+    ``envvars`` add to or override the run's environment; ``check_mode`` runs with --check --diff.
+    Secrets in labctl's own environment (:data:`SECRET_ENV`) are kept out of the run: ansible-runner
+    writes the whole environment into the artefacts.
     """
     import ansible_runner
 
@@ -159,15 +165,18 @@ def run_playbook(playbook: str | os.PathLike, *, inventory: dict[str, Any] | str
            **collections_env(), **(envvars or {})}
     printer = _Printer(quiet)
     old_path = os.environ.get("PATH", "")
+    hidden = {k: os.environ.pop(k) for k in SECRET_ENV if k in os.environ}
     os.environ["PATH"] = env["PATH"]  # ansible-runner looks up ansible-playbook on this PATH
     try:
         r = ansible_runner.run(
             private_data_dir=str(run_dir), playbook=str(Path(playbook).resolve()), inventory=inventory,
             extravars=extravars or {}, limit=limit, envvars=env, quiet=True, event_handler=printer,
             timeout=timeout, verbosity=verbosity, json_mode=False, rotate_artifacts=0,
+            cmdline="--check --diff" if check_mode else None,
         )
     finally:
         os.environ["PATH"] = old_path
+        os.environ.update(hidden)
     totals = {v: 0 for v in _STAT_KEYS.values()}
     for key, per_host in (r.stats or {}).items():
         if key in _STAT_KEYS:

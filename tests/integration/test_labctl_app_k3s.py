@@ -215,3 +215,12 @@ def test_health_limited_to_a_target_json(env, fleet, closed_port):
     assert "TASK [Read the k3s service state]" in stdout
     assert "fatal: [k3s-b]: UNREACHABLE!" in stdout and "k3s-a" not in stdout
 
+
+
+def test_install_check_mode_passes_check_to_ansible(env, fleet, closed_port):
+    p = labctl(env, "app", "k3s", "install", mac_of(2), "--check", "-o", "json", "--ssh-user", SSH_USER,
+               "-e", f"ansible_port={closed_port}")
+    assert p.returncode == 14, (p.stdout, p.stderr)
+    run = Path(json.loads(p.stdout)["run_dir"])
+    command = json.loads(next(run.glob("artifacts/*/command")).read_text())["command"]
+    assert "--check" in command and "--diff" in command
