@@ -93,3 +93,7 @@ def lab_bastion(tmp_path_factory):
     b = start_bastion(tmp_path_factory.mktemp("bastion") / "data", workers=2)
     yield b
     b.stop()
+
+
+# The molecule scenarios' testinfra checks run on the VM through molecule (test_molecule.py), not here.
+collect_ignore_glob = ["molecule/*"]
