@@ -12,12 +12,8 @@ ratio shows what the state work costs on top of HTTP.
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,6 +27,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.conftest import Bastion, start_bastion  # noqa: E402
 from tests.support import synthetic_mac  # noqa: E402
 
 TOKEN_RE = re.compile(r"token=([A-Za-z0-9_-]+)")
@@ -41,51 +38,12 @@ def mac(i: int) -> str:
     return synthetic_mac(i, "52:54:03")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_server(data_dir: Path, workers: int = 4, extra: list[str] | None = None) -> Bastion:
+    """A real `lab-bastion serve --no-dnsmasq` on a free loopback port (the tests' own starter)."""
+    return start_bastion(data_dir, *(extra or []), workers=workers, timeout=60)
 
 
-@dataclass
-class Server:
-    url: str
-    token: str
-    proc: subprocess.Popen
-    data_dir: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-
-
-def start_server(data_dir: Path, workers: int = 4, extra: list[str] | None = None) -> Server:
-    port = free_port()
-    log = open(data_dir.parent / "bastion.log", "ab")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "bastion_app.cli", "serve", "--data-dir", str(data_dir), "--listen",
-                             f"127.0.0.1:{port}", "--workers", str(workers), "--no-dnsmasq", *(extra or [])],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("lab-bastion serve exited; see " + str(data_dir.parent / "bastion.log"))
-        try:
-            if requests.get(url + "/healthz", timeout=1).ok:
-                break
-        except requests.RequestException:
-            time.sleep(0.2)
-    else:
-        raise RuntimeError("lab-bastion serve did not answer /healthz in 60 s")
-    return Server(url, (data_dir / "token").read_text().strip(), proc, data_dir)
-
-
-def queue_machines(server: Server, macs: list[str], concurrency: int = 16) -> None:
+def queue_machines(server: Bastion, macs: list[str], concurrency: int = 16) -> None:
     hw = {"cpu": {"threads": 2}, "memory_mb": 2048, "firmware": "bios"}
 
     def one(i_m):

@@ -138,8 +138,7 @@ def main() -> int:
                 plugin_s.append(timed_list(plugin, env)[0])
             requests_made = machines_requests(server.url) - before
         finally:
-            server.proc.terminate()
-            server.proc.wait(timeout=30)
+            server.stop()
     p, s = statistics.median(plugin_s), statistics.median(static_s)
     ratio = p / s
     print(f"hosts: {hosts}, groups: {len([k for k in listing if k not in ('_meta', 'all')])}")
