@@ -36,7 +36,7 @@ def _prereqs() -> None:
     need(shutil.which("molecule", path=str(Path(sys.executable).parent)) is not None, "needs molecule in the venv (make venv)")
 
 
-@pytest.mark.timeout(3600)
+@pytest.mark.timeout(5400)
 def test_molecule_k3s(tmp_path):
     _prereqs()
     from tests.vm.ansible import ansible_env
@@ -64,7 +64,7 @@ def test_molecule_k3s(tmp_path):
                     current, step_started = m.group(1), now
                 elif m and "Executed" in plain and current == m.group(1):
                     steps[current] = steps.get(current, 0.0) + (now - step_started)
-            returncode = proc.wait(timeout=3500)
+            returncode = proc.wait(timeout=5300)
     finally:
         # Whatever happened, no VM outlives the test.
         subprocess.run([sys.executable, "-m", "tests.vm", "down", *VM_NAMES], cwd=REPO, capture_output=True)
