@@ -27,7 +27,7 @@ VM_NAMES = ["k3s-server-1", "k3s-agent-1"]
 ANSI = re.compile(r"\x1b\[[0-9;]*m|\x1b\]8;;[^\x1b]*\x1b\\")
 STEP = re.compile(rf"\[{SCENARIO} > (\w+)\]")
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.vm]
 
 
 def _prereqs() -> None:
