@@ -5,6 +5,11 @@ from one host costs the bastion little and does not slow dispatch for the machin
 Each worker keeps its own token buckets (no shared state is needed for a rough bound): a client
 may make ``burst`` errors at once and ``rate`` more per second; a request that the budget refuses
 costs nothing further. Successful requests never spend budget.
+
+A refused answer is also slowed down (a short tarpit, for at most ``TARPIT_SLOTS`` requests at a
+time per worker, so it can never tie up the threads that serve machines) and closes the
+connection: a flooding client then spends its time waiting and reconnecting instead of making the
+bastion parse requests, which keeps dispatch fast for everyone else.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from flask import Flask, request
 from bastion_app.errors import error_response
 
 MAX_CLIENTS = 4096
+TARPIT_SECONDS = 0.2
+TARPIT_SLOTS = 4
 
 
 class ErrorBudget:
@@ -44,14 +51,21 @@ class ErrorBudget:
 def init_app(app: Flask, rate: float, burst: float) -> None:
     budget = ErrorBudget(rate, burst)
     app.extensions["lab_error_budget"] = budget
+    tarpit = threading.BoundedSemaphore(TARPIT_SLOTS)
 
     @app.before_request
     def _refuse_flooders():
         ip = request.remote_addr or "?"
         if not budget.allowed(ip):
+            if tarpit.acquire(blocking=False):
+                try:
+                    time.sleep(TARPIT_SECONDS)
+                finally:
+                    tarpit.release()
             resp = error_response(429, "too many bad requests from this host",
                                   f"this host's requests keep failing; slow down (at most {rate:g} errors/s)")
             resp.headers["Retry-After"] = "1"
+            resp.headers["Connection"] = "close"
             return resp
         return None
 
