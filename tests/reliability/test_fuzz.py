@@ -17,12 +17,12 @@ from tests.support import need
 CHECKS = "all"
 
 
-def _schemathesis(bastion, tmp_path: Path, *headers: str, max_examples: int):
+def _schemathesis(bastion, tmp_path: Path, *headers: str, max_examples: int, seed: str = "1"):
     exe = Path(sys.executable).with_name("schemathesis")
     need(exe.exists() or shutil.which("schemathesis") is not None, "schemathesis is not installed (make venv)")
     cmd = [str(exe if exe.exists() else "schemathesis"), "run", f"{bastion.url}/api/openapi.json", "--checks", CHECKS,
            "--max-examples", str(max_examples), "--phases", "examples,coverage,fuzzing", "-w", "2",
-           "--seed", "1", "--suppress-health-check", "all"]
+           "--seed", seed, "--suppress-health-check", "all"]
     for h in headers:
         cmd += ["-H", h]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
@@ -52,6 +52,10 @@ def test_schemathesis(bastion, tmp_path, record, with_token):
     headers = [f"Authorization: Bearer {bastion.token}"] if with_token else []
     # without the token nearly everything is a 401: a few examples per operation show that
     rc, out, generated = _schemathesis(bastion, tmp_path, *headers, max_examples=10 if with_token else 3)
+    if rc != 0 and "Runtime Error" in out and "Failures:" not in out:
+        # schemathesis' own generator occasionally crashes (hypothesis "AST constructor recursion");
+        # that is not a finding about the bastion: run once more with another seed
+        rc, out, generated = _schemathesis(bastion, tmp_path, *headers, max_examples=10 if with_token else 3, seed="2")
     tail = "\n".join(out.splitlines()[-60:])
     assert rc == 0, f"schemathesis found problems:\n{tail}"
     assert generated > (500 if with_token else 100), tail
