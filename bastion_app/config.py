@@ -51,7 +51,7 @@ class Config:
     db_synchronous: str = "FULL"
     max_body_bytes: int = 1024 * 1024
     #: per client host and worker: 4xx answers allowed per second (and at once) before 429s
-    error_rate: int = 20
+    error_rate: int = 5
     error_burst: int = 100
     #: discovery environment: 'image' (lab-bastion images build-discovery) or 'kickstart'
     discovery: str = "image"
