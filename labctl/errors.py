@@ -36,32 +36,18 @@ class LabctlError(Exception):
             self.exit_code = exit_code
 
 
-class UsageError(LabctlError):
-    exit_code = 2
+def _error_class(name: str, exit_code: int) -> type[LabctlError]:
+    """A LabctlError that differs from the others only by its exit code (documented by EXIT_CODES)."""
+    return type(name, (LabctlError,), {"exit_code": exit_code, "__module__": __name__, "__doc__": EXIT_CODES[exit_code]})
 
 
-class Unreachable(LabctlError):
-    exit_code = 3
-
-
-class Unauthorized(LabctlError):
-    exit_code = 4
-
-
-class NotFound(LabctlError):
-    exit_code = 5
-
-
-class Conflict(LabctlError):
-    exit_code = 6
-
-
-class InstallFailed(LabctlError):
-    exit_code = 7
-
-
-class ChecksFailed(LabctlError):
-    exit_code = 8
+UsageError = _error_class("UsageError", 2)
+Unreachable = _error_class("Unreachable", 3)
+Unauthorized = _error_class("Unauthorized", 4)
+NotFound = _error_class("NotFound", 5)
+Conflict = _error_class("Conflict", 6)
+InstallFailed = _error_class("InstallFailed", 7)
+ChecksFailed = _error_class("ChecksFailed", 8)
 
 
 class PlaybookFailed(LabctlError):
