@@ -1,11 +1,13 @@
-"""Role documentation kept in one place: meta/argument_specs.yml.
+"""Role documentation kept in one place: meta/argument_specs.yml. The one README generator of every role.
 
     python -m tests.roles.role_docs readme [--check] [ROLE...]   write (or check) roles/<role>/README.md
     python -m tests.roles.role_docs spec ROLE                    draft argument_specs from defaults/main.yml
 
-`readme` renders each role's README from its argument_specs (plus the role's meta description), so
-the README cannot drift from what Ansible validates; tests/roles/test_role_docs.py fails when a
-README is stale or when argument_specs and defaults/main.yml list different variables.
+`readme` renders the README of each role under roles/ that has meta/argument_specs.yml (all of them
+without ROLE arguments) from its argument_specs, the role's meta/main.yml (description, dependencies,
+platforms) and its optional README.intro.md (hand-written text placed before the variables), so the
+README cannot drift from what Ansible validates; tests/roles/test_role_docs.py fails when a README is
+stale or when argument_specs and defaults/main.yml list different variables or defaults.
 `spec` is a one-off helper for a new role: it drafts the spec from the defaults file, taking each
 variable's description from the comment block right above it.
 """
@@ -21,7 +23,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 ROLES = REPO / "roles"
-K3S_ROLES = ["k3s_host_prep", "k3s_networking", "k3s_hardening", "k3s_server", "k3s_agent", "_common"]
+
+
+def all_roles() -> list[str]:
+    """Every role under roles/ with meta/argument_specs.yml."""
+    return sorted(p.parent.parent.name for p in ROLES.glob("*/meta/argument_specs.yml"))
 
 
 def load_specs(role: str) -> dict:
@@ -34,9 +40,9 @@ def load_defaults(role: str) -> dict:
 
 
 def _markup(text: str) -> str:
-    """Ansible doc markup to Markdown: C(x) -> `x`, I(x) -> *x*."""
-    text = re.sub(r"C\(([^()]*(?:\([^()]*\)[^()]*)*)\)", r"`\1`", text)
-    return re.sub(r"I\(([^()]*)\)", r"*\1*", text)
+    """Ansible doc markup to Markdown: C(x), O(x), V(x), E(x) -> `x`; I(x) -> *x*."""
+    text = re.sub(r"\b[COVE]\(([^()]*(?:\([^()]*\)[^()]*)*)\)", r"`\1`", text)
+    return re.sub(r"\bI\(([^()]*)\)", r"*\1*", text)
 
 
 def _text(value) -> str:
@@ -56,43 +62,58 @@ def _default_cell(option: dict, name: str, defaults: dict) -> str:
     return f"`{dumped}`".replace("|", "\\|")
 
 
+def _lead(short: str, description: str) -> str:
+    """The spec's short description, unless the meta description already starts with it, then the latter."""
+    short, description = short.strip().rstrip("."), description.strip().rstrip(".")
+    if not short or description.lower().startswith(short.lower()):
+        return f"{description}."
+    return f"{short}. {description}." if description else f"{short}."
+
+
+def _platforms(meta: dict) -> str:
+    names = []
+    for platform in meta.get("galaxy_info", {}).get("platforms", []):
+        versions = [str(v) for v in platform.get("versions", [])]
+        shown = "all versions" if versions == ["all"] else ", ".join(versions)
+        names.append(f"{platform['name']} ({shown})" if shown else platform["name"])
+    return "Hosts with systemd: " + "; ".join(names) + "."
+
+
 def render_readme(role: str) -> str:
     specs = load_specs(role)
     defaults = load_defaults(role)
     meta = yaml.safe_load((ROLES / role / "meta/main.yml").read_text())
+    intro_path = ROLES / role / "README.intro.md"
+    intro = intro_path.read_text().strip() if intro_path.exists() else ""
     lines = [
         f"# lab.platform.{role}",
         "",
         "<!-- Generated from meta/argument_specs.yml by `python -m tests.roles.role_docs readme`; do not edit. -->",
         "",
-        _text(meta.get("galaxy_info", {}).get("description")).strip(),
+        _lead(_text(specs.get("main", {}).get("short_description")), _text(meta.get("galaxy_info", {}).get("description"))),
         "",
     ]
     for entry, spec in specs.items():
         title = "Variables" if entry == "main" else f"Entry point `{entry}`"
         if spec.get("description"):
-            lines += [_text(d) for d in spec["description"]]
+            lines += [f"- {_text(d)}" for d in spec["description"]]
             lines.append("")
+        if entry == "main" and intro:
+            lines += [intro, ""]
         lines += [f"## {title}", "", "| Variable | Type | Default | Description |", "|---|---|---|---|"]
         for name, option in spec.get("options", {}).items():
             kind = option.get("type", "str")
             if kind == "list" and option.get("elements"):
                 kind = f"list of {option['elements']}"
-            if option.get("choices"):
-                kind += " (" + ", ".join(str(c) for c in option["choices"]) + ")"
             desc = _text(option.get("description")).replace("\n", " ").replace("|", "\\|")
+            if option.get("choices"):
+                desc += " One of: " + ", ".join(f"`{c}`" for c in option["choices"]) + "."
             lines.append(f"| `{name}` | {kind} | {_default_cell(option, name, defaults)} | {desc} |")
         lines.append("")
     deps = [d["role"] if isinstance(d, dict) else d for d in meta.get("dependencies", [])]
     if deps:
         lines += ["## Dependencies", "", *[f"- `{d}`" for d in deps], ""]
-    lines += [
-        "## Platforms",
-        "",
-        "Debian/Ubuntu and Fedora/RHEL families with systemd; tested on Debian 12 VMs "
-        "(`molecule/k3s`, see docs/k3s.md).",
-        "",
-    ]
+    lines += ["## Platforms", "", _platforms(meta), ""]
     return "\n".join(lines)
 
 
@@ -155,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print(draft_spec(args.role), end="")
         return 0
     stale = []
-    for role in args.roles or K3S_ROLES:
+    for role in args.roles or all_roles():
         path = ROLES / role / "README.md"
         text = render_readme(role)
         if args.check:
