@@ -7,13 +7,12 @@ PIP := $(VENV)/bin/pip
 STAMPS := .stamps
 PYTEST_ARGS ?=
 
-.PHONY: help test test-vm unit integration e2e lint bench deps deps-system venv clean demo demo-down
+.PHONY: help test unit integration e2e lint bench deps deps-system venv clean demo demo-down
 
 help:
 	@echo "make demo       virtual lab: a bastion PXE-boots QEMU machines and discovers them"
 	@echo "make demo-down  stop the demo lab"
-	@echo "make test       install everything and run every test (what CI runs) but the VM role scenarios"
-	@echo "make test-vm    the role scenarios on Debian 12 VMs (molecule under TCG: tens of minutes)"
+	@echo "make test       install everything and run every test (what CI runs)"
 	@echo "make unit | integration | e2e | lint | bench"
 
 deps: deps-system venv
@@ -33,10 +32,6 @@ venv: $(STAMPS)/venv-$(shell sha1sum pyproject.toml | cut -c1-12)
 test: deps
 	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
-
-# The role scenarios on full Debian 12 VMs (molecule; tens of minutes under TCG).
-test-vm: deps
-	LAB_VM_TESTS=1 $(PY) -m pytest -m vm $(PYTEST_ARGS)
 
 unit: deps
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -23,18 +23,6 @@ from tests.support import free_port, wait_for
 REPO = Path(__file__).resolve().parent.parent
 
 
-def pytest_collection_modifyitems(config, items):
-    """The VM role scenarios (molecule on Debian 12 VMs under TCG) take tens of minutes: they are
-    their own run (`make test-vm`, or LAB_VM_TESTS=1), so that `make test` stays under its time
-    budget. This is a deliberate split, not a missing prerequisite."""
-    if os.environ.get("LAB_VM_TESTS", "").lower() in ("1", "true", "yes"):
-        return
-    skip = pytest.mark.skip(reason="VM role scenario (tens of minutes under TCG): run `make test-vm` (LAB_VM_TESTS=1)")
-    for item in items:
-        if "vm" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture
 def data_dir(tmp_path) -> Path:
     d = tmp_path / "data"

@@ -14,18 +14,10 @@ import pytest
 import requests
 
 from tests.conftest import start_bastion
+from tests.vm.ansible import collections_path
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def collections_root(base: Path) -> Path:
-    """base/ansible_collections/lab/platform -> this checkout (how a checkout is used uninstalled)."""
-    link = base / "ansible_collections" / "lab" / "platform"
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.exists():
-        link.symlink_to(REPO)
-    return base
 
 
 def ansible_env(coll: Path, **extra: str) -> dict[str, str]:
@@ -85,7 +77,7 @@ def recap(stdout: str) -> dict[str, dict[str, int]]:
 
 @pytest.fixture(scope="module")
 def coll(tmp_path_factory) -> Path:
-    return collections_root(tmp_path_factory.mktemp("collections"))
+    return collections_path(tmp_path_factory.mktemp("collections"))
 
 
 @pytest.fixture(scope="module")

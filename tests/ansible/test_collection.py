@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ansible.conftest import BIN, REPO, ansible_env, collections_root, run
+from tests.ansible.conftest import BIN, REPO, ansible_env, run
+from tests.vm.ansible import collections_path
 
 PLUGINS = [("inventory", "lab.platform.lab"), ("module", "lab.platform.lab_machine"),
            ("module", "lab.platform.lab_machine_info"), ("module", "lab.platform.efi_bootnext")]
@@ -81,7 +82,7 @@ LINTED = ["roles/bastion", "roles/dnsmasq", "playbooks/bastion.yml", "playbooks/
 
 
 def test_ansible_lint_production(tmp_path):
-    env = ansible_env(collections_root(tmp_path / "coll"), ANSIBLE_HOME=str(tmp_path / "home"))
+    env = ansible_env(collections_path(tmp_path / "coll"), ANSIBLE_HOME=str(tmp_path / "home"))
     r = run([str(BIN / "ansible-lint"), "--profile", "production", "--offline", "--nocolor",
              *LINTED], env, cwd=REPO, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]

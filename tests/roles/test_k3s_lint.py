@@ -24,7 +24,7 @@ K3S_PATHS = [
     "playbooks/k3s_health.yml",
     "playbooks/k3s_upgrade.yml",
     "playbooks/k3s_reset.yml",
-    "molecule/k3s",
+    "tests/ansible/molecule/k3s",
 ]
 PLAYBOOKS = ["k3s.yml", "k3s_health.yml", "k3s_upgrade.yml", "k3s_reset.yml"]
 

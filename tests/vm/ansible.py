@@ -1,8 +1,5 @@
-"""Run the collection's playbooks against test VMs through ansible-runner.
-
-`run_playbook()` is the glue labctl can reuse (`labctl app k3s install` wants the same thing:
-an inventory, extra vars, a private data directory whose artefacts are kept, per-host stats and a
-return code). The collection is made importable as `lab.platform` by a symlink
+"""The Ansible environment for running the collection against the test VMs (molecule scenarios,
+bench/k3s_rerun.py through labctl's runner). The collection is made importable as `lab.platform` by a symlink
 `<dir>/ansible_collections/lab/platform -> <repo root>` on ANSIBLE_COLLECTIONS_PATH, which is how a
 checkout is used without `ansible-galaxy collection install`.
 """
@@ -11,8 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.vm.image import cache_dir
@@ -43,6 +38,9 @@ def ansible_env(extra: dict | None = None) -> dict[str, str]:
         "ANSIBLE_COLLECTIONS_PATH": os.pathsep.join(paths),
         "ANSIBLE_HOST_KEY_CHECKING": "False",
         "ANSIBLE_PIPELINING": "True",
+        # Connecting includes starting Python in the guest (with Mitogen: its bootstrap), seconds
+        # under TCG on a busy host; Ansible's default of 10 s gave spurious UNREACHABLEs.
+        "ANSIBLE_TIMEOUT": "120",
         "ANSIBLE_SSH_ARGS": "-o ControlMaster=auto -o ControlPersist=300s -o ServerAliveInterval=10",
         "ANSIBLE_RETRY_FILES_ENABLED": "False",
         "ANSIBLE_NOCOLOR": "True",
@@ -56,62 +54,26 @@ def ansible_env(extra: dict | None = None) -> dict[str, str]:
     path = os.environ.get("PATH", "")
     if bindir not in path.split(os.pathsep):
         env["PATH"] = os.pathsep.join([bindir, path]) if path else bindir
+    env.update(mitogen_env())
     env.update(extra or {})
     return env
 
 
-@dataclass
-class PlaybookResult:
-    rc: int
-    status: str
-    seconds: float
-    stats: dict = field(default_factory=dict)
-    artifact_dir: str = ""
+def mitogen_env() -> dict[str, str]:
+    """Run modules through Mitogen's strategy when it is installed (a test extra) and not turned off
+    with LAB_VM_MITOGEN=0.
 
-    def total(self, key: str) -> int:
-        """Sum of one stat (ok, changed, failures, dark, skipped) over hosts."""
-        return sum(self.stats.get(key, {}).values())
-
-
-def run_playbook(
-    playbook: str,
-    inventory: dict | str,
-    private_data_dir: str | Path,
-    extravars: dict | None = None,
-    check: bool = False,
-    tags: str | None = None,
-    quiet: bool = True,
-    event_handler=None,
-) -> PlaybookResult:
-    """Run `playbook` (a path or a collection playbook name like lab.platform.k3s) with ansible-runner.
-
-    `private_data_dir` keeps the run's artefacts (stdout, events, stats) for inspection.
-    `event_handler(event) -> bool` receives every runner event (for live per-host progress).
+    Under TCG every plain module run pays Python's start-up and compiles module_utils afresh in the
+    guest (~5 s a task here); Mitogen keeps one interpreter per host with its imports (~0.5 s).
+    The modules, the tasks and the hosts are the same ones.
     """
-    import ansible_runner
-
-    private_data_dir = Path(private_data_dir)
-    private_data_dir.mkdir(parents=True, exist_ok=True)
-    cmdline = []
-    if check:
-        cmdline.append("--check")
-    if tags:
-        cmdline += ["--tags", tags]
-    started = time.monotonic()
-    r = ansible_runner.run(
-        private_data_dir=str(private_data_dir),
-        playbook=playbook,
-        inventory=inventory,
-        extravars=extravars or {},
-        envvars=ansible_env(),
-        cmdline=" ".join(cmdline) or None,
-        quiet=quiet,
-        event_handler=event_handler,
-    )
-    return PlaybookResult(
-        rc=r.rc,
-        status=r.status,
-        seconds=round(time.monotonic() - started, 1),
-        stats=r.stats or {},
-        artifact_dir=str(r.config.artifact_dir),
-    )
+    if os.environ.get("LAB_VM_MITOGEN", "1") == "0":
+        return {}
+    try:
+        import ansible_mitogen
+    except ImportError:
+        return {}
+    return {
+        "ANSIBLE_STRATEGY_PLUGINS": str(Path(ansible_mitogen.__file__).parent / "plugins" / "strategy"),
+        "ANSIBLE_STRATEGY": "mitogen_linear",
+    }
