@@ -1,9 +1,14 @@
-"""The VM harness's fixed promises, checked without booting anything (fast)."""
+"""The VM harness's promises: its fixed settings (without booting anything) and the warm start
+(two VMs resumed from the booted snapshot, as the molecule scenarios get them)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import pytest
+
+from tests.support import need_binary, need_root
 from tests.vm import image, machine
 
 
@@ -47,3 +52,23 @@ def test_qemu_is_isolated_tcg_with_a_loopback_ssh_port(tmp_path):
 def test_hostnames_are_rfc1123():
     assert machine._hostname("k3s-server-1") == "k3s-server-1"
     assert machine._hostname("Bench_K3S rerun!") == "bench-k3s-rerun"
+
+
+@pytest.mark.slow
+def test_warm_started_vms_have_their_own_name_clock_and_disk(monkeypatch):
+    need_root()
+    need_binary("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "ssh")
+    monkeypatch.delenv("LAB_VM_WARM", raising=False)
+    vms = []
+    try:
+        for name in ("warmtest-a", "warmtest-b"):
+            vms.append(machine.up(name, memory_mb=1536, cpus=1))
+        for vm in vms:
+            hostname, now = vm.ssh("hostname; date +%s").stdout.split()
+            assert hostname == vm.name
+            assert abs(int(now) - time.time()) < 60, "the resumed guest kept the snapshot's clock"
+        vms[0].ssh("touch /root/only-in-a")
+        assert vms[1].ssh("test -e /root/only-in-a", check=False).returncode == 1, "the VMs share a disk"
+    finally:
+        for vm in vms:
+            vm.stop()

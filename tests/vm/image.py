@@ -164,7 +164,7 @@ def is_built(image: Image | None = None) -> bool:
 
 
 @contextlib.contextmanager
-def _lock(path: Path):
+def file_lock(path: Path):
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -189,7 +189,7 @@ def ensure_image(log_path: Path | None = None, echo=print) -> Image:
     missing = missing_tools()
     if missing:
         raise RuntimeError(f"missing tools to build the VM image: {', '.join(missing)} (make deps-system)")
-    with _lock(cache_dir() / "build.lock"):
+    with file_lock(cache_dir() / "build.lock"):
         if is_built(image):
             return image
         log_path = log_path or image.record.with_suffix(".build.log")

@@ -7,12 +7,21 @@ forwarded loopback port). A VM's state lives in `cache_dir()/run/<name>/state.js
 processes (molecule's create and destroy playbooks, pytest fixtures, the bench) can share it.
 
 QEMU runs under `timeout`, so a VM whose owner died without calling `down` still goes away.
+
+Warm start: booting under TCG takes 45-75 s (most of a molecule `create`). So the first VM of a
+given image, memory size and vCPU count is booted once, its RAM and devices saved with QEMU's
+migration stream (`-incoming` format) and its disk kept as a read-only layer; every later VM of
+that shape resumes from there on its own overlay in a few seconds, then gets its host name and the
+current time over SSH. `vmgenid` tells the guest kernel it was cloned, so it reseeds its random
+number generator. LAB_VM_WARM=0 boots every VM from cold.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -21,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tests.vm.image import Image, cache_dir, ensure_image
+from tests.vm.image import Image, cache_dir, ensure_image, file_lock
 
 DEFAULT_MEMORY_MB = 2048
 DEFAULT_CPUS = 2
@@ -200,8 +209,101 @@ def qemu_argv(
         "-drive", f"file={overlay},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
         "-nic", f"user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22",
         "-device", "virtio-rng-pci",
+        "-device", "vmgenid,guid=auto",
         "-pidfile", str(pidfile),
     ]
+
+
+#: the host name a warm-start snapshot is booted with (each resumed VM then gets its own)
+WARM_HOSTNAME = "labvm"
+
+
+def _launch(name: str, rundir: Path, backing: Path, image: Image, memory_mb: int, cpus: int, lifetime_s: int,
+            hostname: str, extra: list[str]) -> VM:
+    """Start QEMU for VM `name` on a fresh overlay of `backing` (SSH not yet waited for)."""
+    shutil.rmtree(rundir, ignore_errors=True)
+    rundir.mkdir(parents=True)
+    overlay = rundir / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "qcow2", str(overlay)],
+                   check=True)
+    console = rundir / "console.log"
+    port = _free_port()
+    argv = ["timeout", "--kill-after=10", str(lifetime_s)] + qemu_argv(
+        image, overlay, console, port, memory_mb, cpus, rundir / "qemu.pid", hostname) + extra
+    with open(rundir / "qemu.log", "w") as qlog:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT, start_new_session=True)
+    vm = VM(name=name, port=port, pid=proc.pid, key=str(image.key), overlay=str(overlay), console=str(console),
+            rundir=str(rundir), started=time.time())
+    vm.save()
+    return vm
+
+
+def _qmp(sock: Path, *commands: dict) -> list:
+    """Send QMP commands to a QEMU monitor socket; return their results (events are skipped)."""
+    results = []
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(60)
+        s.connect(str(sock))
+        f = s.makefile("rw")
+        json.loads(f.readline())  # greeting
+        for command in ({"execute": "qmp_capabilities"}, *commands):
+            f.write(json.dumps(command) + "\n")
+            f.flush()
+            while True:
+                reply = json.loads(f.readline())
+                if "return" in reply or "error" in reply:
+                    break
+            if "error" in reply:
+                raise VMError(f"QMP {command['execute']}: {reply['error']}")
+            results.append(reply["return"])
+    return results[1:]
+
+
+def warm_state(image: Image, memory_mb: int, cpus: int, boot_timeout: float = 600) -> tuple[Path, Path]:
+    """(disk layer, migration stream) of a VM booted once from `image` with this memory and vCPU
+    count, made on first use and cached beside the image, keyed by everything the stream depends on."""
+    version = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    probe = qemu_argv(image, Path("D"), Path("C"), 0, memory_mb, cpus, Path("P"), WARM_HOSTNAME)
+    key = hashlib.sha256(json.dumps([image.qcow2.name, version, probe]).encode()).hexdigest()[:12]
+    disk = cache_dir() / f"warm-{key}.qcow2"
+    state = cache_dir() / f"warm-{key}.vmstate"
+    with file_lock(cache_dir() / "warm.lock"):
+        if disk.exists() and state.exists():
+            return disk, state
+        name = f"warm-{key}"
+        rundir = run_root() / name
+        sock = rundir.parent / f"{name}.qmp"
+        sock.unlink(missing_ok=True)
+        vm = _launch(name, rundir, image.qcow2, image, memory_mb, cpus, 3600, WARM_HOSTNAME,
+                     ["-qmp", f"unix:{sock},server=on,wait=off"])
+        try:
+            vm.wait_ssh(boot_timeout)
+            vm.ssh("sync")
+            time.sleep(3)  # let the SSH connection's teardown finish on both sides
+            partial = state.with_suffix(".partial")
+            # Migrated while running: the stream then records a running guest, so a VM started
+            # with -incoming from it runs (a stopped source would leave it paused).
+            _qmp(sock, {"execute": "migrate", "arguments": {"uri": f"exec:cat > {shlex.quote(str(partial))}"}})
+            deadline = time.monotonic() + 300
+            while True:
+                status = _qmp(sock, {"execute": "query-migrate"})[0].get("status")
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                    raise VMError(f"saving the warm-start state of {name}: migration {status}")
+                time.sleep(0.5)
+            _qmp(sock, {"execute": "quit"})
+            deadline = time.monotonic() + 30
+            while vm.alive and time.monotonic() < deadline:
+                time.sleep(0.2)
+            with _suppress():
+                os.waitpid(vm.pid, 0)
+            Path(vm.overlay).rename(disk)
+            partial.rename(state)
+        finally:
+            vm.stop()
+            sock.unlink(missing_ok=True)
+    return disk, state
 
 
 def up(
@@ -221,29 +323,20 @@ def up(
             raise VMError(f"VM {name} is already running (pid {existing.pid}); `python -m tests.vm down {name}`")
         existing.stop()
     image = ensure_image()
-    rundir = run_root() / name
-    shutil.rmtree(rundir, ignore_errors=True)
-    rundir.mkdir(parents=True)
-    overlay = rundir / "disk.qcow2"
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.qcow2), "-F", "qcow2", str(overlay)],
-        check=True,
-    )
-    console = rundir / "console.log"
-    port = _free_port()
-    argv = ["timeout", "--kill-after=10", str(lifetime_s)] + qemu_argv(
-        image, overlay, console, port, memory_mb, cpus, rundir / "qemu.pid", _hostname(name)
-    )
+    warm = os.environ.get("LAB_VM_WARM", "1") != "0"
     started = time.monotonic()
-    with open(rundir / "qemu.log", "w") as qlog:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=subprocess.STDOUT, start_new_session=True)
-    vm = VM(
-        name=name, port=port, pid=proc.pid, key=str(image.key), overlay=str(overlay), console=str(console),
-        rundir=str(rundir), started=time.time(),
-    )
-    vm.save()
+    if warm:
+        disk, state = warm_state(image, memory_mb, cpus)
+        started = time.monotonic()
+        vm = _launch(name, run_root() / name, disk, image, memory_mb, cpus, lifetime_s, WARM_HOSTNAME,
+                     ["-incoming", f"exec:cat {shlex.quote(str(state))}"])
+    else:
+        vm = _launch(name, run_root() / name, image.qcow2, image, memory_mb, cpus, lifetime_s, _hostname(name), [])
     try:
         ready = vm.wait_ssh(boot_timeout)
+        if warm:  # a resumed VM still has the snapshot's host name and clock
+            vm.ssh("hostname", _hostname(name))
+            vm.ssh("date", "-u", "-s", f"@{time.time():.3f}")
     except BaseException:
         vm.stop()
         raise
