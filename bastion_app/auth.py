@@ -10,6 +10,7 @@ from pathlib import Path
 from flask import current_app, request
 
 from bastion_app.errors import ApiError
+from labcore import validate
 
 
 def ensure_token(path: Path) -> str:
@@ -21,7 +22,7 @@ def ensure_token(path: Path) -> str:
         pass
     else:
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
+            f.write(validate.new_token(32) + "\n")
             f.flush()
             os.fsync(f.fileno())
     mode = path.stat().st_mode & 0o777

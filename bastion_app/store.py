@@ -20,6 +20,7 @@ from typing import Any
 
 from bastion_app.db import Database, StorageUnavailable, StoreError  # noqa: F401 - re-exported
 from labcore.lifecycle import INSTALL_TOKEN_STATES, Action, IllegalTransition, State, transition
+from labcore.validate import new_token
 
 #: Each migration is a list of statements, applied in one transaction; user_version counts them.
 MIGRATIONS: list[list[str]] = [
@@ -83,10 +84,6 @@ class Conflict(StoreError):
 class Forbidden(StoreError):
     status = 403
     code = "forbidden"
-
-
-def new_token() -> str:
-    return secrets.token_urlsafe(24)
 
 
 class Store(Database):

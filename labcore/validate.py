@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import re
+import secrets
 
 import netaddr
 
@@ -170,6 +171,18 @@ def ssh_keys(value: object, field: str = "ssh_keys") -> list[str]:
     if len(value) > MAX_SSH_KEYS:
         raise ValidationError(field, f"at most {MAX_SSH_KEYS} SSH keys")
     return [ssh_key(k, field) for k in value]
+
+
+def new_token(nbytes: int = 24) -> str:
+    """A fresh random token that matches TOKEN_PATTERN and never begins with '-'.
+
+    A leading '-' would make the token read as an option when an operator pastes it into a command
+    line (`labctl config set token ...`, curl, a shell script), so such draws are discarded.
+    """
+    while True:
+        value = secrets.token_urlsafe(nbytes)
+        if not value.startswith("-"):
+            return value
 
 
 def token(value: object, field: str = "token") -> str:

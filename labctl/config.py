@@ -40,8 +40,8 @@ def check_value(key: str, value: str) -> str:
         raise UsageError(f"{key}: {value!r} is not an http(s) URL", "e.g. http://10.0.0.1:8080")
     if key == "output" and value not in OUTPUTS:
         raise UsageError(f"output: {value!r} is not one of {', '.join(OUTPUTS)}")
-    if key == "token" and (any(c.isspace() for c in value) or len(value) > 512):
-        raise UsageError("token: must be one word (the output of `lab-bastion token`)")
+    if key == "token" and value and (any(c.isspace() for c in value) or not 16 <= len(value) <= 512):
+        raise UsageError("token: must be one word of 16-512 characters (the output of `lab-bastion token`)")
     return value.rstrip("/") if key.endswith("Url") else value
 
 

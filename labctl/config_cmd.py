@@ -41,11 +41,23 @@ def get_cmd(obj: Ctx, key: str) -> None:
     click.echo(obj.settings[key])
 
 
-@config.command("set")
+class _KeyValueCommand(click.Command):
+    """`set KEY VALUE`: the word after KEY is always the value, even when it begins with '-'."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if len(args) == 2 and not args[0].startswith("-") and "--" not in args:
+            args = [args[0], "--", args[1]]
+        return super().parse_args(ctx, args)
+
+
+@config.command("set", cls=_KeyValueCommand)
 @click.argument("key", type=click.Choice(cfgmod.KEYS))
 @click.argument("value")
 def set_cmd(key: str, value: str) -> None:
-    """Store KEY=VALUE in the settings file (created with mode 0600). An empty VALUE removes KEY."""
+    """Store KEY=VALUE in the settings file (created with mode 0600). An empty VALUE removes KEY.
+
+    A VALUE that begins with '-' (a token may) is taken as the value, not as an option.
+    """
     values = cfgmod.read_file()
     value = cfgmod.check_value(key, value) if value.strip() else ""
     if value:

@@ -108,6 +108,10 @@ def test_config_set_get_list_path_and_file_mode(labctl, env):
     cfg = Path(env["LABCTL_CONFIG"])
     r = labctl("config", "path")
     assert r.exit_code == 0 and r.stdout.strip() == str(cfg)
+    # a token may begin with '-' (older bastions drew them so): it is the value, not an option
+    r = labctl("config", "set", "token", "-dash-token-123456")
+    assert r.exit_code == 0, r.stderr
+    assert yaml.safe_load(cfg.read_text()) == {"token": "-dash-token-123456"}
     assert labctl("config", "set", "token", "file-token-123456").exit_code == 0
     assert labctl("config", "set", "output", "yaml").exit_code == 0
     assert cfg.stat().st_mode & 0o777 == 0o600
@@ -134,6 +138,8 @@ def test_config_set_get_list_path_and_file_mode(labctl, env):
     assert r.exit_code == 2 and "not an http(s) URL" in r.stderr
     r = labctl("config", "set", "output", "xml")
     assert r.exit_code == 2
+    r = labctl("config", "set", "token", "-h")  # the value, too short to be a token; not the help option
+    assert r.exit_code == 2 and "16-512 characters" in r.stderr
     assert cfg.read_text() == before
     # removing a key
     assert labctl("config", "set", "output", "").exit_code == 0

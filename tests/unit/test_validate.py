@@ -119,3 +119,14 @@ def test_no_accepted_ssh_key_has_a_line_break_or_quote(comment):
 @given(st.from_regex(r"[a-z]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z]([a-z0-9-]{0,10}[a-z0-9])?){0,3}", fullmatch=True))
 def test_valid_hostnames_round_trip(name):
     assert v.hostname(name) == name
+
+
+def test_new_token_matches_the_pattern_and_never_begins_with_a_dash(monkeypatch):
+    draws = iter(["-leading-dash-token-xyz", "--another-dashed-one-xx", "plain_token-1234567890"])
+    monkeypatch.setattr(v.secrets, "token_urlsafe", lambda n: next(draws))
+    assert v.new_token() == "plain_token-1234567890"
+    monkeypatch.undo()
+    for _ in range(500):  # a dash starts 1 draw in 64: unfiltered, 500 draws show one
+        t = v.new_token()
+        assert v.token(t) == t and not t.startswith("-")
+    assert len(v.new_token(32)) == 43
