@@ -74,17 +74,6 @@ def build_wheelhouse(dest: Path, source: Path = REPO) -> Path:
 
 
 # -- running the playbook ----------------------------------------------------------------------------
-def collections_env() -> dict[str, str]:
-    """ANSIBLE_COLLECTIONS_PATH with lab.platform -> this source tree (the repository is the collection)."""
-    base = runner.runs_dir().parent / "collections"
-    link = base / "ansible_collections" / "lab" / "platform"
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.exists():
-        link.symlink_to(REPO)
-    paths = [str(base)] + ([os.environ["ANSIBLE_COLLECTIONS_PATH"]] if os.environ.get("ANSIBLE_COLLECTIONS_PATH") else [])
-    return {"ANSIBLE_COLLECTIONS_PATH": os.pathsep.join(paths)}
-
-
 _TARGET = re.compile(r"(?:(?P<user>[a-z_][a-z0-9_-]*)@)?(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\])(?::(?P<port>\d{1,5}))?")
 
 
@@ -177,7 +166,7 @@ def start(target, ssh_key, wheelhouse, listen, interface, dhcp_mode, dhcp_range,
                  "bastion_interface": interface, "bastion_dhcp_mode": dhcp_mode, "bastion_dhcp_range": dhcp_range,
                  "bastion_public_url": public_url, "bastion_firewall_enabled": not no_firewall}
     result = runner.run_playbook(runner.playbook_path("bastion.yml"), inventory=target_inventory(target, ssh_key),
-                                 extravars=extravars, name="init-bastion", timeout=timeout, envvars=collections_env())
+                                 extravars=extravars, name="init-bastion", timeout=timeout)
     runner.check(result, "bastion.yml")
     port = int(listen.rsplit(":", 1)[1])
     deadline = time.monotonic() + 30

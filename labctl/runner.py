@@ -31,6 +31,8 @@ from typing import Any
 
 from labctl import config, errors, output
 
+#: the source tree labctl runs from; it is the lab.platform collection when it has galaxy.yml
+REPO = Path(__file__).resolve().parents[1]
 #: where labctl looks for the collection's playbooks, in order
 PLAYBOOK_DIRS_ENV = "LABCTL_PLAYBOOK_DIR"
 _STAT_KEYS = {"ok": "ok", "changed": "changed", "failures": "failed", "dark": "unreachable", "skipped": "skipped"}
@@ -84,19 +86,29 @@ def playbook_path(name: str) -> Path:
                              f"install the lab.platform collection or set {PLAYBOOK_DIRS_ENV}")
 
 
+def link_collection(base: Path, source: Path = REPO) -> Path:
+    """Make ``base/ansible_collections/lab/platform`` a symlink to *source* (a checkout: the
+    repository is the collection) and return *base*, for ANSIBLE_COLLECTIONS_PATH. A link to another
+    checkout is replaced, atomically, so a moved or second clone never runs a stale collection."""
+    link = base / "ansible_collections" / "lab" / "platform"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() and Path(os.readlink(link)) != source:
+        link.unlink(missing_ok=True)
+    if not link.exists():
+        tmp = link.with_name(f".platform-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(source)
+        tmp.rename(link)
+    return base
+
+
 def collections_env() -> dict[str, str]:
-    """ANSIBLE_COLLECTIONS_PATH that finds lab.platform: the source tree labctl runs from (the
-    repository is the collection; linked as ~/.labctl/collections/ansible_collections/lab/platform),
-    then whatever the environment already names. Empty when labctl runs from an installed wheel."""
-    repo = Path(__file__).resolve().parents[1]
+    """ANSIBLE_COLLECTIONS_PATH that finds lab.platform: the source tree labctl runs from (linked as
+    ~/.labctl/collections/ansible_collections/lab/platform, :func:`link_collection`), then whatever
+    the environment already names. Empty when labctl runs from an installed wheel."""
     paths = []
-    if (repo / "galaxy.yml").is_file():
-        base = runs_dir().parent / "collections"
-        link = base / "ansible_collections" / "lab" / "platform"
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists() and not link.is_symlink():
-            link.symlink_to(repo)
-        paths.append(str(base))
+    if (REPO / "galaxy.yml").is_file():
+        paths.append(str(link_collection(runs_dir().parent / "collections")))
     if os.environ.get("ANSIBLE_COLLECTIONS_PATH"):
         paths.append(os.environ["ANSIBLE_COLLECTIONS_PATH"])
     return {"ANSIBLE_COLLECTIONS_PATH": os.pathsep.join(paths)} if paths else {}

@@ -181,3 +181,15 @@ def test_playbook_path_lookup(tmp_path, monkeypatch):
     assert str(tmp_path) in e.value.message and runner.PLAYBOOK_DIRS_ENV in e.value.hint
     assert runner.inventory({"n1": {"ansible_host": "10.0.0.5"}}) == {
         "all": {"children": {"targets": {"hosts": {"n1": {"ansible_host": "10.0.0.5"}}}}}}
+
+
+def test_link_collection_points_at_the_checkout_and_replaces_a_stale_link(tmp_path):
+    other = tmp_path / "old-clone"
+    other.mkdir()
+    link = tmp_path / "c" / "ansible_collections" / "lab" / "platform"
+    assert runner.link_collection(tmp_path / "c", other) == tmp_path / "c"
+    assert link.resolve() == other
+    runner.link_collection(tmp_path / "c")  # the checkout labctl runs from replaces the old clone
+    assert link.resolve() == runner.REPO and (link / "galaxy.yml").is_file()
+    runner.link_collection(tmp_path / "c")  # idempotent
+    assert link.resolve() == runner.REPO and [p.name for p in link.parent.iterdir()] == ["platform"]

@@ -10,24 +10,15 @@ import os
 import sys
 from pathlib import Path
 
+from labctl.runner import link_collection
 from tests.vm.image import cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def collections_path(root: Path | None = None) -> Path:
-    """A directory holding ansible_collections/lab/platform -> this checkout."""
-    base = root or (cache_dir() / "collections")
-    link = base / "ansible_collections" / "lab" / "platform"
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() and Path(os.readlink(link)) != REPO_ROOT:
-        link.unlink()
-    if not link.exists():
-        tmp = link.with_name(f".platform-{os.getpid()}")
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(REPO_ROOT)
-        tmp.rename(link)
-    return base
+    """A directory holding ansible_collections/lab/platform -> this checkout (labctl's own link)."""
+    return link_collection(root or (cache_dir() / "collections"), REPO_ROOT)
 
 
 def ansible_env(extra: dict | None = None) -> dict[str, str]:
