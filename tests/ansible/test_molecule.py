@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -38,7 +39,7 @@ TIMEOUT_S = 2300
 
 
 class MoleculeRun:
-    """`molecule test -s SCENARIO` in the background, its output copied to a time-stamped log."""
+    """`molecule test -s SCENARIO`, its output copied to a time-stamped log as it runs."""
 
     def __init__(self, scenario: str, work: Path, wheelhouse: Path):
         self.scenario = scenario
@@ -57,34 +58,43 @@ class MoleculeRun:
             LAB_WHEELHOUSE=str(wheelhouse),
             NO_COLOR="1",
         )
-        self.proc = subprocess.Popen([str(BIN / "molecule"), "test", "-s", scenario], cwd=HERE, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-        self.pump = threading.Thread(target=self._copy, daemon=True)
-        self.pump.start()
+        self.env = env
+        self.proc: subprocess.Popen | None = None
 
-    def _copy(self) -> None:
+    def run(self) -> int:
+        """Run to the end (killed after TIMEOUT_S, even when silent); the VMs are stopped either way."""
         step = re.compile(rf"\[{self.scenario} > (\w+)\] (Executing|Executed)")
         current, since = None, 0.0
-        with open(self.log, "w", buffering=1) as out:
-            for line in self.proc.stdout:
-                now = time.monotonic()
-                out.write(f"[{now - self.started:7.1f}s] {line}")
-                m = step.search(ANSI.sub("", line))
-                if m and m.group(2) == "Executing":
-                    current, since = m.group(1), now
-                elif m and m.group(1) == current:
-                    self.steps[current] = self.steps.get(current, 0.0) + now - since
-
-    def wait(self) -> int:
+        self.proc = subprocess.Popen([str(BIN / "molecule"), "test", "-s", self.scenario], cwd=HERE, env=self.env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                     start_new_session=True)
+        watchdog = threading.Timer(TIMEOUT_S, self.kill)
+        watchdog.start()
         try:
-            return self.proc.wait(timeout=max(1.0, TIMEOUT_S - (time.monotonic() - self.started)))
+            with open(self.log, "w", buffering=1) as out:
+                for line in self.proc.stdout:
+                    now = time.monotonic()
+                    out.write(f"[{now - self.started:7.1f}s] {line}")
+                    m = step.search(ANSI.sub("", line))
+                    if m and m.group(2) == "Executing":
+                        current, since = m.group(1), now
+                    elif m and m.group(1) == current:
+                        self.steps[current] = self.steps.get(current, 0.0) + now - since
+            return self.proc.wait()
         finally:
+            watchdog.cancel()
             self.stop()
-            self.pump.join(timeout=10)
+
+    def kill(self) -> None:
+        """molecule and its ansible-playbook children (they hold the output pipe open too)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
             self.proc.wait()
         # Whatever happened, no VM of this scenario outlives the test.
         platforms = yaml.safe_load((HERE / "molecule" / self.scenario / "molecule.yml").read_text())["platforms"]
@@ -100,7 +110,7 @@ def test_molecule(scenario, tmp_path):
     need_binary("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "ssh")
     ensure_image()
     run = MoleculeRun(scenario, tmp_path, build_wheelhouse(tmp_path / "wheelhouse"))
-    returncode = run.wait()
+    returncode = run.run()
     text = ANSI.sub("", run.log.read_text(errors="replace"))
     print(f"molecule test -s {scenario}: {time.monotonic() - run.started:.0f}s; steps: "
           + ", ".join(f"{k} {v:.0f}s" for k, v in run.steps.items()))

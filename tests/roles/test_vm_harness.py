@@ -55,7 +55,7 @@ def test_hostnames_are_rfc1123():
 
 
 @pytest.mark.slow
-def test_warm_started_vms_have_their_own_name_clock_and_disk(monkeypatch):
+def test_warm_started_vms_have_their_own_name_clock_disk_and_identity(monkeypatch):
     need_root()
     need_binary("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "ssh")
     monkeypatch.delenv("LAB_VM_WARM", raising=False)
@@ -63,10 +63,16 @@ def test_warm_started_vms_have_their_own_name_clock_and_disk(monkeypatch):
     try:
         for name in ("warmtest-a", "warmtest-b"):
             vms.append(machine.up(name, memory_mb=1536, cpus=1))
+        identities = set()
         for vm in vms:
-            hostname, now = vm.ssh("hostname; date +%s").stdout.split()
+            hostname, now, machine_id, host_key = vm.ssh(
+                "hostname; date +%s; cat /etc/machine-id; cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()
             assert hostname == vm.name
             assert abs(int(now) - time.time()) < 60, "the resumed guest kept the snapshot's clock"
+            assert len(machine_id) == 32
+            identities |= {machine_id, host_key}
+            assert vm.ssh("true").returncode == 0  # sshd answers with its new host keys
+        assert len(identities) == 4, "the warm-started VMs share a machine-id or an SSH host key"
         vms[0].ssh("touch /root/only-in-a")
         assert vms[1].ssh("test -e /root/only-in-a", check=False).returncode == 1, "the VMs share a disk"
     finally:

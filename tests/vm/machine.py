@@ -158,8 +158,9 @@ class VM:
             time.sleep(1)
         raise VMError(f"VM {self.name}: no SSH after {timeout:.0f}s; console:\n{self.console_tail()}")
 
-    def stop(self, timeout: float = 20) -> None:
-        """Stop QEMU (SIGTERM, then SIGKILL) and remove the overlay and state."""
+    def stop(self, timeout: float = 20, keep_overlay_as: Path | None = None) -> None:
+        """Stop QEMU (SIGTERM, then SIGKILL) and remove the overlay and state; with keep_overlay_as,
+        the overlay is first moved there (once QEMU has exited)."""
         if self.alive:
             with _suppress():
                 os.killpg(self.pid, signal.SIGTERM)
@@ -172,6 +173,8 @@ class VM:
         # Reap if it is our child (same process that started it).
         with _suppress():
             os.waitpid(self.pid, os.WNOHANG)
+        if keep_overlay_as is not None:
+            Path(self.overlay).rename(keep_overlay_as)
         keep = os.environ.get("LAB_VM_KEEP_LOGS")
         rundir = Path(self.rundir)
         if keep:
@@ -293,12 +296,7 @@ def warm_state(image: Image, memory_mb: int, cpus: int, boot_timeout: float = 60
                     raise VMError(f"saving the warm-start state of {name}: migration {status}")
                 time.sleep(0.5)
             _qmp(sock, {"execute": "quit"})
-            deadline = time.monotonic() + 30
-            while vm.alive and time.monotonic() < deadline:
-                time.sleep(0.2)
-            with _suppress():
-                os.waitpid(vm.pid, 0)
-            Path(vm.overlay).rename(disk)
+            vm.stop(timeout=30, keep_overlay_as=disk)
             partial.rename(state)
         finally:
             vm.stop()
@@ -324,19 +322,17 @@ def up(
         existing.stop()
     image = ensure_image()
     warm = os.environ.get("LAB_VM_WARM", "1") != "0"
-    started = time.monotonic()
     if warm:
         disk, state = warm_state(image, memory_mb, cpus)
-        started = time.monotonic()
-        vm = _launch(name, run_root() / name, disk, image, memory_mb, cpus, lifetime_s, WARM_HOSTNAME,
-                     ["-incoming", f"exec:cat {shlex.quote(str(state))}"])
+        base, hostname, extra = disk, WARM_HOSTNAME, ["-incoming", f"exec:cat {shlex.quote(str(state))}"]
     else:
-        vm = _launch(name, run_root() / name, image.qcow2, image, memory_mb, cpus, lifetime_s, _hostname(name), [])
+        base, hostname, extra = image.qcow2, _hostname(name), []
+    started = time.monotonic()
+    vm = _launch(name, run_root() / name, base, image, memory_mb, cpus, lifetime_s, hostname, extra)
     try:
         ready = vm.wait_ssh(boot_timeout)
-        if warm:  # a resumed VM still has the snapshot's host name and clock
-            vm.ssh("hostname", _hostname(name))
-            vm.ssh("date", "-u", "-s", f"@{time.time():.3f}")
+        if warm:  # a resumed VM is a clone of the snapshot: its own identity and the current clock
+            vm.ssh(f"sh -ec {shlex.quote(_clone_identity(_hostname(name), time.time()))}")
     except BaseException:
         vm.stop()
         raise
@@ -360,6 +356,18 @@ def running() -> list[VM]:
         if vm is not None:
             vms.append(vm)
     return vms
+
+
+def _clone_identity(hostname: str, now: float) -> str:
+    """Guest shell script: host name, clock, a new machine-id and new SSH host keys (ed25519 and
+    ECDSA only: an RSA key takes ~10 s to make under TCG, and every client here offers ed25519)."""
+    keys = " && ".join(f"ssh-keygen -q -t {t} -N '' -f /etc/ssh/ssh_host_{t}_key" for t in ("ed25519", "ecdsa"))
+    return (f"hostname {shlex.quote(hostname)}\n"
+            f"date -u -s @{now:.3f} >/dev/null\n"
+            "tr -d - < /proc/sys/kernel/random/uuid > /etc/machine-id\n"
+            "rm -f /var/lib/dbus/machine-id /etc/ssh/ssh_host_*\n"
+            f"{keys}\n"
+            "systemctl reload ssh\n")
 
 
 def _hostname(name: str) -> str:
