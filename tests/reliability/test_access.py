@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import socket
-import statistics
 import threading
 import time
 
@@ -117,14 +116,14 @@ def _dispatch_latencies(url: str, n: int, macs: list[str]) -> list[float]:
     return out
 
 
-def _p99(xs):
+def _pct(xs, q):
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(0.99 * len(xs)))]
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def _flood(url: str, token: str, mac: str, stop, sent) -> None:
+def _flood(url: str, token: str, mac: str, stop, go, sent) -> None:
     """A separate process (so the measuring client is not slowed by the flood's GIL): 4 threads
-    sending bad requests back to back until told to stop."""
+    sending bad requests back to back while `go` is set, until told to stop."""
     bad = [
         ("POST", "/api/install", {"data": b"{not json"}),
         ("GET", "/api/machines", {"headers": {"Authorization": "Bearer wrong"}}),
@@ -148,6 +147,8 @@ def _flood(url: str, token: str, mac: str, stop, sent) -> None:
         s.mount("http://", FromOtherHost())
         i = k
         while not stop.is_set():
+            if not go.wait(0.05):
+                continue
             method, path, kw = bad[i % len(bad)]
             s.request(method, url + path, timeout=30, **kw)
             i += 1
@@ -161,6 +162,9 @@ def _flood(url: str, token: str, mac: str, stop, sent) -> None:
         t.join()
 
 
+ROUNDS, WINDOW = 6, 150
+
+
 @pytest.mark.timeout(300)
 def test_bad_request_flood_does_not_slow_dispatch(bastion, record):
     import multiprocessing as mp
@@ -169,26 +173,38 @@ def test_bad_request_flood_does_not_slow_dispatch(bastion, record):
     for m in macs:
         requests.post(bastion.url + "/api/discover", json={"mac": m, "hardware": {}})
     _dispatch_latencies(bastion.url, 50, macs)  # warm up
-    quiet = _dispatch_latencies(bastion.url, 600, macs)
     ctx = mp.get_context("fork")
-    stop, sent = ctx.Event(), ctx.Value("i", 0)
-    proc = ctx.Process(target=_flood, args=(bastion.url, bastion.token, macs[0], stop, sent), daemon=True)
+    stop, go, sent = ctx.Event(), ctx.Event(), ctx.Value("i", 0)
+    proc = ctx.Process(target=_flood, args=(bastion.url, bastion.token, macs[0], stop, go, sent), daemon=True)
     proc.start()
+    quiet, busy, flood_s = [], [], 0.0
     try:
-        time.sleep(2)  # the flood has spent its error budget: what remains is the steady state
-        t0 = time.monotonic()
-        busy = _dispatch_latencies(bastion.url, 600, macs)
-        elapsed = time.monotonic() - t0
+        go.set()
+        time.sleep(2)  # the flood spends its error budget: what remains is the steady state
+        # Quiet and flood windows alternate, so that drift in this shared machine's speed falls on
+        # both samples alike.
+        for _ in range(ROUNDS):
+            go.clear()
+            time.sleep(0.2)
+            quiet += _dispatch_latencies(bastion.url, WINDOW, macs)
+            go.set()
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            busy += _dispatch_latencies(bastion.url, WINDOW, macs)
+            flood_s += time.monotonic() - t0 + 0.2
     finally:
         stop.set()
         proc.join(30)
         if proc.is_alive():
             proc.kill()
-    ratio = _p99(busy) / _p99(quiet)
     # the flooder was answered 429, and a well-behaved host never is
     assert requests.get(bastion.url + "/healthz").status_code == 200
-    record(dispatch_p99_quiet_ms=round(_p99(quiet) * 1000, 1), dispatch_p99_flood_ms=round(_p99(busy) * 1000, 1),
-           dispatch_p50_quiet_ms=round(statistics.median(quiet) * 1000, 1),
-           dispatch_p50_flood_ms=round(statistics.median(busy) * 1000, 1),
-           bad_requests=sent.value, bad_requests_per_s=round(sent.value / (elapsed + 1)), p99_ratio=round(ratio, 2))
-    assert ratio <= 2.0, f"dispatch p99 {ratio:.2f}x slower under a flood of bad requests"
+    ratio = {q: _pct(busy, q) / _pct(quiet, q) for q in (0.5, 0.9, 0.99)}
+    record(**{f"dispatch_p{round(q * 100)}_{k}_ms": round(_pct(xs, q) * 1000, 1)
+              for q in (0.5, 0.9, 0.99) for k, xs in (("quiet", quiet), ("flood", busy))},
+           bad_requests=sent.value, bad_requests_per_s=round(sent.value / (flood_s + 2)),
+           **{f"p{round(q * 100)}_ratio": round(r, 2) for q, r in ratio.items()})
+    # p90, not p99: on this two-core machine the p99 of a few-millisecond request is scheduler noise
+    # (quiet against quiet it moved 0.5x-2.6x), while p90 separates the cases: 0.90-1.24 with the
+    # limiter, 1.72-2.45 with it switched off (LAB_BASTION_ERROR_RATE/BURST=1000000).
+    assert ratio[0.9] <= 1.5, f"dispatch p90 {ratio[0.9]:.2f}x slower under a flood of bad requests"
