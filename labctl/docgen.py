@@ -11,10 +11,10 @@ from pathlib import Path
 
 import click
 
-from labctl import completion, errors
+from labctl import completion, errors, runner
 from labctl.main import cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = runner.REPO
 DOC = REPO / "docs" / "cli.md"
 COMPLETIONS = REPO / "contrib" / "completions"
 

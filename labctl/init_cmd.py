@@ -24,7 +24,7 @@ import click
 
 from labctl import errors, output, runner
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = runner.REPO
 SERVICES = ("lab-bastion", "lab-dnsmasq")
 DEFAULT_DATA_DIR = "/var/lib/lab-bastion"
 
