@@ -14,7 +14,8 @@ def create_app(cfg: configmod.Config | None = None, test_config: dict | None = N
     """Build the app. Without ``cfg`` the configuration is loaded from LAB_BASTION_DATA_DIR (as
     gunicorn workers do); every worker builds its own app and store connections."""
     from bastion_app import auth, errors, limits, metrics
-    from bastion_app.routes import api, boot, ops
+    from bastion_app.logstore import LogStore
+    from bastion_app.routes import api, boot, logs, ops
     from bastion_app.store import Store
 
     if cfg is None:
@@ -31,6 +32,7 @@ def create_app(cfg: configmod.Config | None = None, test_config: dict | None = N
     store = Store(cfg.db_path, synchronous=cfg.db_synchronous)
     store.close()  # no connection or lock crosses a fork (gunicorn preloads the app, then forks)
     app.extensions["lab_store"] = store
+    app.extensions["lab_logs"] = LogStore(cfg.data_path / "logs.db", max_lines=cfg.log_lines)  # closes itself too
     app.json.sort_keys = False
     errors.register(app)
     metrics.init_app(app)
@@ -38,9 +40,7 @@ def create_app(cfg: configmod.Config | None = None, test_config: dict | None = N
     app.register_blueprint(boot.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(ops.bp)
-    from bastion_app.routes import logs as logs_routes
-
-    logs_routes.init_app(app)
+    app.register_blueprint(logs.bp)
     from bastion_app.routes import artefacts, installer
 
     app.register_blueprint(installer.bp)
@@ -53,3 +53,10 @@ def get_store():
     from flask import current_app
 
     return current_app.extensions["lab_store"]
+
+
+def get_logs():
+    """The app's :class:`~bastion_app.logstore.LogStore` (install logs, ``logs.db``)."""
+    from flask import current_app
+
+    return current_app.extensions["lab_logs"]

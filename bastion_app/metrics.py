@@ -34,8 +34,8 @@ class MachineCollector:
         for s in STORED_STATES:
             g_.add_metric([s.value], counts.get(s.value, 0))
         yield g_
-        stalled = self.store.conn().execute("SELECT count(*) FROM machines WHERE failure='stalled' AND state='failed'").fetchone()[0]
-        yield GaugeMetricFamily("lab_bastion_installs_stalled", "Installs marked stalled (no progress in time)", value=stalled)
+        yield GaugeMetricFamily("lab_bastion_installs_stalled", "Installs marked stalled (no progress in time)",
+                                value=self.store.count_stalled())
 
 
 def observe_install(machine: dict, result: str) -> None:

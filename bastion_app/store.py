@@ -154,6 +154,33 @@ class Store(Database):
             out.append(d)
         return out
 
+    def last_event_id(self) -> int:
+        """The newest event id (0 with no events). Ids only grow, so a reader that remembers it
+        can ask later what happened since (:meth:`macs_with_events`)."""
+        return self.conn().execute("SELECT COALESCE(max(id), 0) FROM events").fetchone()[0]
+
+    def macs_with_events(self, after: int, upto: int) -> set[str]:
+        """The machines that have an event with ``after < id <= upto``: which followers to wake."""
+        rows = self.conn().execute("SELECT DISTINCT mac FROM events WHERE id>? AND id<=?", (after, upto))
+        return {r[0] for r in rows}
+
+    def count_stalled(self) -> int:
+        """How many machines are failed because their install stalled (no progress in time)."""
+        return self.conn().execute("SELECT count(*) FROM machines WHERE failure='stalled' AND state='failed'").fetchone()[0]
+
+    def macs_by_ip(self) -> dict[str, str]:
+        """ip -> mac of every machine with a known address; where machines share an address, the
+        one seen most recently wins."""
+        rows = self.conn().execute(
+            "SELECT ip, mac FROM machines WHERE ip IS NOT NULL ORDER BY COALESCE(last_seen_at, updated_at)").fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def mac_for_ip(self, ip: str) -> str | None:
+        """The machine last seen at this address, or None."""
+        row = self.conn().execute(
+            "SELECT mac FROM machines WHERE ip=? ORDER BY COALESCE(last_seen_at, updated_at) DESC LIMIT 1", (ip,)).fetchone()
+        return row[0] if row else None
+
     # -- the one path for changes ------------------------------------------------------------
     def _event(self, c, mac, actor, kind, from_state, to_state, reason="", data=None, now=None) -> int:
         cur = c.execute(

@@ -184,10 +184,7 @@ class Resolver:
         self._loaded: float | None = None
 
     def _reload(self) -> None:
-        table: dict[str, str] = {}
-        rows = self.store.conn().execute(
-            "SELECT ip, mac FROM machines WHERE ip IS NOT NULL ORDER BY COALESCE(last_seen_at, updated_at)").fetchall()
-        table.update({r[0]: r[1] for r in rows})  # the most recently seen machine wins
+        table = self.store.macs_by_ip()  # the most recently seen machine wins
         table.update(read_leases(self.leases))
         table.update(read_neighbours())
         self._table, self._loaded = table, time.monotonic()
@@ -202,9 +199,7 @@ class Resolver:
             self._reload()
         mac = self._table.get(ip)
         if mac is None:  # a machine that called the bastion a moment ago: ask the store itself
-            row = self.store.conn().execute(
-                "SELECT mac FROM machines WHERE ip=? ORDER BY COALESCE(last_seen_at, updated_at) DESC LIMIT 1", (ip,)).fetchone()
-            mac = row[0] if row else None
+            mac = self.store.mac_for_ip(ip)
         self._cache[ip] = (mac, now + (self.ttl_s if mac else self.miss_ttl_s))
         return mac
 

@@ -13,72 +13,26 @@ docs/logs.md describes the event types and their data.
 
 from __future__ import annotations
 
-import heapq
 import json
 import re
-import threading
 import time
-from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
-from bastion_app import get_store
+from bastion_app import get_logs, get_store
 from bastion_app.auth import operator_required
 from bastion_app.errors import ApiError
+from bastion_app.follow import line_view, open_stream, timeline_items
 from bastion_app.logstore import UNATTRIBUTED, LogStore, advance, clean, keepalive_interval
 from bastion_app.routes import cfg, int_arg, json_body, mac_arg
 from labcore import progress as timeline
 from labcore import schemas, validate
-from labcore.lifecycle import INSTALL_TOKEN_STATES
 
 bp = Blueprint("logs", __name__, url_prefix="/api")
 
 _CURSOR = re.compile(r"(\d{1,18})-(\d{1,18})")
 _LEVELS = {"DEBUG": "debug", "INFO": "info", "WARN": "warning", "WARNING": "warning", "ERROR": "err", "CRITICAL": "crit"}
-#: After a machine reaches installed/failed, how long the stream waits for trailing log lines.
-END_LINGER_S = 0.5
-
-
-def get_logs() -> LogStore:
-    return current_app.extensions["lab_logs"]
-
-
-def init_app(app) -> None:
-    app.extensions["lab_logs"] = LogStore(app.config["LAB"].data_path / "logs.db", max_lines=app.config["LAB"].log_lines)
-    app.register_blueprint(bp)
-
-
-# -- views ---------------------------------------------------------------------------------------
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
-
-
-def line_view(r: dict[str, Any]) -> dict[str, Any]:
-    return {"id": r["id"], "ts": _iso(r["ts"]), "mac": r["mac"], "source": r["source"], "severity": r["severity"],
-            "app": r["app"], "host": r["host"], "ip": r["ip"], "text": r["text"]}
-
-
-def timeline_items(e: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """A store event as the follow stream shows it: a progress step, a state change, both or none."""
-    kind, d = e["kind"], e["data"] or {}
-    out: list[tuple[str, dict[str, Any]]] = []
-    base = {"id": e["id"], "ts": _iso(e["ts"])}
-    if kind in ("progress", "complete", "fail"):
-        raw = d.get("stage")
-        percent = 100 if kind == "complete" else d.get("percent")
-        out.append(("progress", {**base, "stage": timeline.canonical_stage(raw), "raw_stage": raw, "percent": percent,
-                                 "message": d.get("message") or "", "state": e["to_state"]}))
-    elif kind == "start":
-        out.append(("progress", {**base, "stage": "pxe", "raw_stage": "pxe", "percent": 0, "message": e["reason"],
-                                 "state": e["to_state"]}))
-    elif kind == "stall":
-        out.append(("progress", {**base, "stage": "failed", "raw_stage": "stalled", "percent": None,
-                                 "message": e["reason"], "state": e["to_state"]}))
-    if e["from_state"] != e["to_state"]:
-        out.append(("state", {**base, "from": e["from_state"], "to": e["to_state"], "reason": e["reason"],
-                              "actor": e["actor"], "kind": kind}))
-    return out
 
 
 def _target(mac: str) -> str:
@@ -199,91 +153,6 @@ def get_machine_logs(mac: str):
     })
 
 
-class Watcher:
-    """One thread per worker process polls both databases for new rows and wakes only the
-    followers of the machines that changed; an idle follower costs a sleeping thread, no queries."""
-
-    def __init__(self, store, logs: LogStore, interval_s: float = 0.1):
-        self.store, self.logs, self.interval_s = store, logs, interval_s
-        self.subs: dict[str, set[threading.Event]] = {}
-        self.lock = threading.Lock()
-        self.thread: threading.Thread | None = None
-
-    def subscribe(self, mac: str) -> threading.Event:
-        ev = threading.Event()
-        with self.lock:
-            self.subs.setdefault(mac, set()).add(ev)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="log-follow-watcher", daemon=True)
-                self.thread.start()
-        return ev
-
-    def unsubscribe(self, mac: str, ev: threading.Event) -> None:
-        with self.lock:
-            s = self.subs.get(mac)
-            if s is not None:
-                s.discard(ev)
-                if not s:
-                    del self.subs[mac]
-
-    def _run(self) -> None:
-        c = self.store.conn()
-        lid = self.logs.last_id()
-        eid = c.execute("SELECT COALESCE(max(id), 0) FROM events").fetchone()[0]
-        while True:
-            time.sleep(self.interval_s)
-            try:
-                lid, changed = self.logs.changed_macs(lid)
-                top = c.execute("SELECT COALESCE(max(id), 0) FROM events").fetchone()[0]
-                if top > eid:
-                    changed |= {r[0] for r in c.execute("SELECT DISTINCT mac FROM events WHERE id>? AND id<=?", (eid, top))}
-                    eid = top
-            except Exception:  # noqa: BLE001 - a locked or busy database: try again next round
-                continue
-            if changed:
-                with self.lock:
-                    wake = [ev for mac in changed for ev in self.subs.get(mac, ())]
-                for ev in wake:
-                    ev.set()
-
-
-_watchers: dict[int, Watcher] = {}
-_slots: dict[int, threading.BoundedSemaphore] = {}
-_init_lock = threading.Lock()
-
-
-def _process_state(app) -> tuple[Watcher, threading.BoundedSemaphore]:
-    key = id(app)
-    with _init_lock:
-        if key not in _watchers:
-            _watchers[key] = Watcher(app.extensions["lab_store"], app.extensions["lab_logs"])
-            _slots[key] = threading.BoundedSemaphore(app.config["LAB"].followers)
-        return _watchers[key], _slots[key]
-
-
-class _Stream:
-    """The follow body: the server closes it when the client goes away (even before the first
-    chunk), and closing frees the follower slot exactly once."""
-
-    def __init__(self, gen, release):
-        self.gen, self._release = gen, release
-        self._done = False
-
-    def __iter__(self):
-        return self.gen
-
-    def close(self) -> None:
-        self.gen.close()
-        if not self._done:
-            self._done = True
-            self._release()
-
-
-def _sse(event: str, data: dict[str, Any], cursor: str | None) -> str:
-    head = f"id: {cursor}\n" if cursor else ""
-    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
 @bp.get("/logs/<mac>/follow")
 @operator_required
 def follow(mac: str):
@@ -298,56 +167,7 @@ def follow(mac: str):
         if tail:
             newest = logs.tail(mac, tail)
             start = (0, newest[0]["id"] - 1 if newest else 0)
-    watcher, slots = _process_state(current_app._get_current_object())
-    if not slots.acquire(blocking=False):
+    body = open_stream(store, logs, mac, start, heartbeat=heartbeat, followers=cfg().followers)
+    if body is None:
         raise ApiError(503, "too many log followers on this worker", "retry in a few seconds")
-
-    def drain(eid: int, lid: int):
-        """Everything after (eid, lid), in time order, as SSE text; returns the new cursor."""
-        chunks = []
-        while True:
-            lines = logs.lines(mac, since=lid, limit=1000)
-            events = store.events(mac, since=eid, limit=1000) if mac != UNATTRIBUTED else []
-            if not lines and not events:
-                return eid, lid, chunks
-            merged = heapq.merge(((r["ts"], 1, "L", r) for r in lines), ((e["ts"], 0, "E", e) for e in events),
-                                 key=lambda x: (x[0], x[1]))
-            for _ts, _o, src, r in merged:
-                if src == "L":
-                    lid = r["id"]
-                    chunks.append(_sse("log", line_view(r), f"{eid}-{lid}"))
-                else:
-                    eid = r["id"]
-                    items = timeline_items(r)
-                    for i, (etype, data) in enumerate(items):
-                        chunks.append(_sse(etype, data, f"{eid}-{lid}" if i == len(items) - 1 else None))
-                    if not items:
-                        chunks.append(f"id: {eid}-{lid}\n: {r['kind']}\n\n")
-            if len(lines) < 1000 and len(events) < 1000:
-                return eid, lid, chunks
-
-    def stream():
-        ev = watcher.subscribe(mac)
-        eid, lid = start
-        try:
-            yield f"retry: 2000\n: following {mac} from {eid}-{lid}\n\n"
-            while True:
-                ev.clear()
-                m = store.get(mac) if mac != UNATTRIBUTED else None
-                eid, lid, chunks = drain(eid, lid)
-                if chunks:
-                    yield "".join(chunks)
-                if mac != UNATTRIBUTED and (m is None or m["state"] not in INSTALL_TOKEN_STATES):
-                    time.sleep(END_LINGER_S)
-                    eid, lid, chunks = drain(eid, lid)
-                    end = {"state": m["state"] if m else "removed", "failure": m["failure"] if m else None,
-                           "stalled": bool(m and m["failure"] == "stalled")}
-                    yield "".join(chunks) + _sse("end", end, f"{eid}-{lid}")
-                    return
-                if not ev.wait(heartbeat):
-                    yield f": keepalive {int(time.time())}\n\n"
-        finally:
-            watcher.unsubscribe(mac, ev)
-
-    return Response(_Stream(stream(), slots.release), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return Response(body, mimetype="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

@@ -85,6 +85,59 @@ def test_mark_stalled(store):
     assert store.events(MAC)[-1]["kind"] == "stall"
 
 
+def test_event_ids_and_the_machines_that_changed(store):
+    """What the follow watcher polls: the newest event id, and which machines have events in an
+    id range (after < id <= upto)."""
+    other = "52:54:00:00:00:02"
+    assert store.last_event_id() == 0
+    assert store.macs_with_events(0, 0) == set()
+    store.discover(MAC, HW, ip=None)
+    first = store.last_event_id()
+    assert first == store.events(MAC)[-1]["id"] > 0
+    store.discover(other, HW, ip=None)
+    store.queue_install(other, PARAMS, actor="t")
+    top = store.last_event_id()
+    assert top == store.events()[-1]["id"] > first
+    assert store.macs_with_events(0, top) == {MAC, other}
+    assert store.macs_with_events(first, top) == {other}
+    assert store.macs_with_events(0, first) == {MAC}
+    assert store.macs_with_events(top, top + 100) == set()
+
+
+def test_count_stalled(store):
+    """Only installs failed for lack of progress count, not those the installer reported failed."""
+    other = "52:54:00:00:00:02"
+    assert store.count_stalled() == 0
+    for mac, name in ((MAC, "node1"), (other, "node2")):
+        store.discover(mac, HW, ip=None)
+        store.queue_install(mac, {**PARAMS, "hostname": name}, actor="t")
+    m = store.start_install(other, ip=None)
+    store.progress(other, token=m["install_token"], stage="failed", percent=None, message="disk error", ip=None)
+    assert store.get(other)["state"] == "failed" and store.count_stalled() == 0
+    store.start_install(MAC, ip=None)
+    assert store.count_stalled() == 0
+    store.mark_stalled(60, now=time.time() + 120)
+    assert store.count_stalled() == 1
+
+
+def test_machine_addresses(store):
+    """ip -> mac from the machines' last known addresses: the most recently seen machine wins an
+    address that two share; machines without an address are left out."""
+    a, b, c = MAC, "52:54:00:00:00:02", "52:54:00:00:00:03"
+    assert store.macs_by_ip() == {} and store.mac_for_ip("10.0.0.5") is None
+    store.discover(a, HW, ip="10.0.0.5")
+    store.discover(c, HW, ip=None)
+    time.sleep(0.01)
+    store.discover(b, HW, ip="10.0.0.5")  # b took a's address (a DHCP lease moved on)
+    store.seen(c, "10.0.0.7")
+    assert store.macs_by_ip() == {"10.0.0.5": b, "10.0.0.7": c}
+    assert store.mac_for_ip("10.0.0.5") == b and store.mac_for_ip("10.0.0.7") == c
+    time.sleep(0.01)
+    store.seen(a, None)  # a called again (from an address the bastion did not see): a is newest
+    assert store.macs_by_ip()["10.0.0.5"] == a and store.mac_for_ip("10.0.0.5") == a
+    assert store.mac_for_ip("10.0.0.9") is None
+
+
 def _populate(store):
     store.discover(MAC, HW, ip="10.0.0.5")
     store.queue_install(MAC, PARAMS, actor="t")

@@ -1,0 +1,210 @@
+"""Following a machine's install live: the timeline views and the server-sent event stream.
+
+No Flask here: the route (``GET /api/logs/<mac>/follow`` in :mod:`bastion_app.routes.logs`) parses
+its arguments, checks the token and wraps :func:`open_stream`'s body in a response.
+
+- :class:`Watcher`: one thread per worker process polls both stores for new rows and wakes only
+  the followers of the machines that changed;
+- :func:`open_stream`: takes one of the worker's follower slots and returns the stream body, which
+  merges log lines and state events in time order into SSE text with ``E-L`` cursors (the last
+  event id and the last log line id delivered) and ends when the install does.
+
+docs/logs.md describes the event types and their data.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from bastion_app.logstore import UNATTRIBUTED, LogStore
+from labcore import progress as timeline
+from labcore.lifecycle import INSTALL_TOKEN_STATES
+
+#: After a machine reaches installed/failed, how long the stream waits for trailing log lines.
+END_LINGER_S = 0.5
+#: Rows read from each store per round while catching up.
+_PAGE = 1000
+
+
+# -- views ---------------------------------------------------------------------------------------
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def line_view(r: dict[str, Any]) -> dict[str, Any]:
+    return {"id": r["id"], "ts": _iso(r["ts"]), "mac": r["mac"], "source": r["source"], "severity": r["severity"],
+            "app": r["app"], "host": r["host"], "ip": r["ip"], "text": r["text"]}
+
+
+def timeline_items(e: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A store event as the follow stream shows it: a progress step, a state change, both or none."""
+    kind, d = e["kind"], e["data"] or {}
+    out: list[tuple[str, dict[str, Any]]] = []
+    base = {"id": e["id"], "ts": _iso(e["ts"])}
+    if kind in ("progress", "complete", "fail"):
+        raw = d.get("stage")
+        percent = 100 if kind == "complete" else d.get("percent")
+        out.append(("progress", {**base, "stage": timeline.canonical_stage(raw), "raw_stage": raw, "percent": percent,
+                                 "message": d.get("message") or "", "state": e["to_state"]}))
+    elif kind == "start":
+        out.append(("progress", {**base, "stage": "pxe", "raw_stage": "pxe", "percent": 0, "message": e["reason"],
+                                 "state": e["to_state"]}))
+    elif kind == "stall":
+        out.append(("progress", {**base, "stage": "failed", "raw_stage": "stalled", "percent": None,
+                                 "message": e["reason"], "state": e["to_state"]}))
+    if e["from_state"] != e["to_state"]:
+        out.append(("state", {**base, "from": e["from_state"], "to": e["to_state"], "reason": e["reason"],
+                              "actor": e["actor"], "kind": kind}))
+    return out
+
+
+# -- waking followers ----------------------------------------------------------------------------
+class Watcher:
+    """One thread per worker process polls both databases for new rows and wakes only the
+    followers of the machines that changed; an idle follower costs a sleeping thread, no queries."""
+
+    def __init__(self, store, logs: LogStore, interval_s: float = 0.1):
+        self.store, self.logs, self.interval_s = store, logs, interval_s
+        self.subs: dict[str, set[threading.Event]] = {}
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def subscribe(self, mac: str) -> threading.Event:
+        ev = threading.Event()
+        with self.lock:
+            self.subs.setdefault(mac, set()).add(ev)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="log-follow-watcher", daemon=True)
+                self.thread.start()
+        return ev
+
+    def unsubscribe(self, mac: str, ev: threading.Event) -> None:
+        with self.lock:
+            s = self.subs.get(mac)
+            if s is not None:
+                s.discard(ev)
+                if not s:
+                    del self.subs[mac]
+
+    def _run(self) -> None:
+        lid = self.logs.last_id()
+        eid = self.store.last_event_id()
+        while True:
+            time.sleep(self.interval_s)
+            try:
+                lid, changed = self.logs.changed_macs(lid)
+                top = self.store.last_event_id()
+                if top > eid:
+                    changed |= self.store.macs_with_events(eid, top)
+                    eid = top
+            except Exception:  # noqa: BLE001 - a locked or busy database: try again next round
+                continue
+            if changed:
+                with self.lock:
+                    wake = [ev for mac in changed for ev in self.subs.get(mac, ())]
+                for ev in wake:
+                    ev.set()
+
+
+#: Per worker process, per state store (one per app): its watcher and its follower slots.
+_watchers: dict[int, Watcher] = {}
+_slots: dict[int, threading.BoundedSemaphore] = {}
+_init_lock = threading.Lock()
+
+
+def _process_state(store, logs: LogStore, followers: int) -> tuple[Watcher, threading.BoundedSemaphore]:
+    key = id(store)  # the watcher keeps the store alive, so the id is never reused
+    with _init_lock:
+        if key not in _watchers:
+            _watchers[key] = Watcher(store, logs)
+            _slots[key] = threading.BoundedSemaphore(followers)
+        return _watchers[key], _slots[key]
+
+
+# -- the stream ----------------------------------------------------------------------------------
+class Stream:
+    """The follow body: the server closes it when the client goes away (even before the first
+    chunk), and closing frees the follower slot exactly once."""
+
+    def __init__(self, gen: Iterator[str], release):
+        self.gen, self._release = gen, release
+        self._done = False
+
+    def __iter__(self):
+        return self.gen
+
+    def close(self) -> None:
+        self.gen.close()
+        if not self._done:
+            self._done = True
+            self._release()
+
+
+def _sse(event: str, data: dict[str, Any], cursor: str | None) -> str:
+    head = f"id: {cursor}\n" if cursor else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _drain(store, logs: LogStore, mac: str, eid: int, lid: int) -> tuple[int, int, list[str]]:
+    """Everything after (eid, lid), in time order, as SSE text; returns the new cursor."""
+    chunks = []
+    while True:
+        lines = logs.lines(mac, since=lid, limit=_PAGE)
+        events = store.events(mac, since=eid, limit=_PAGE) if mac != UNATTRIBUTED else []
+        if not lines and not events:
+            return eid, lid, chunks
+        merged = heapq.merge(((r["ts"], 1, "L", r) for r in lines), ((e["ts"], 0, "E", e) for e in events),
+                             key=lambda x: (x[0], x[1]))
+        for _ts, _o, src, r in merged:
+            if src == "L":
+                lid = r["id"]
+                chunks.append(_sse("log", line_view(r), f"{eid}-{lid}"))
+            else:
+                eid = r["id"]
+                items = timeline_items(r)
+                for i, (etype, data) in enumerate(items):
+                    chunks.append(_sse(etype, data, f"{eid}-{lid}" if i == len(items) - 1 else None))
+                if not items:
+                    chunks.append(f"id: {eid}-{lid}\n: {r['kind']}\n\n")
+        if len(lines) < _PAGE and len(events) < _PAGE:
+            return eid, lid, chunks
+
+
+def _events(store, logs: LogStore, watcher: Watcher, mac: str, start: tuple[int, int], heartbeat: int) -> Iterator[str]:
+    ev = watcher.subscribe(mac)
+    eid, lid = start
+    try:
+        yield f"retry: 2000\n: following {mac} from {eid}-{lid}\n\n"
+        while True:
+            ev.clear()
+            m = store.get(mac) if mac != UNATTRIBUTED else None
+            eid, lid, chunks = _drain(store, logs, mac, eid, lid)
+            if chunks:
+                yield "".join(chunks)
+            if mac != UNATTRIBUTED and (m is None or m["state"] not in INSTALL_TOKEN_STATES):
+                time.sleep(END_LINGER_S)
+                eid, lid, chunks = _drain(store, logs, mac, eid, lid)
+                end = {"state": m["state"] if m else "removed", "failure": m["failure"] if m else None,
+                       "stalled": bool(m and m["failure"] == "stalled")}
+                yield "".join(chunks) + _sse("end", end, f"{eid}-{lid}")
+                return
+            if not ev.wait(heartbeat):
+                yield f": keepalive {int(time.time())}\n\n"
+    finally:
+        watcher.unsubscribe(mac, ev)
+
+
+def open_stream(store, logs: LogStore, mac: str, start: tuple[int, int], *, heartbeat: int,
+                followers: int) -> Stream | None:
+    """The SSE body following ``mac`` from the cursor ``start`` (event id, log line id), holding
+    one of this worker's ``followers`` slots until it is closed; None when no slot is free."""
+    watcher, slots = _process_state(store, logs, followers)
+    if not slots.acquire(blocking=False):
+        return None
+    return Stream(_events(store, logs, watcher, mac, start, heartbeat), slots.release)
