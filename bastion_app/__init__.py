@@ -29,10 +29,10 @@ def create_app(cfg: configmod.Config | None = None, test_config: dict | None = N
     )
     if test_config:
         app.config.update(test_config)
-    store = Store(cfg.db_path, synchronous=cfg.db_synchronous)
+    store = Store.from_config(cfg)
     store.close()  # no connection or lock crosses a fork (gunicorn preloads the app, then forks)
     app.extensions["lab_store"] = store
-    app.extensions["lab_logs"] = LogStore(cfg.data_path / "logs.db", max_lines=cfg.log_lines)  # closes itself too
+    app.extensions["lab_logs"] = LogStore.from_config(cfg)  # closes its connection itself, for the same reason
     app.json.sort_keys = False
     errors.register(app)
     metrics.init_app(app)

@@ -78,6 +78,11 @@ class LogStore(Database):
                 raise  # a read-only data directory can still be read, if there is something to read
         self.close()  # no connection crosses a fork (gunicorn preloads the app, then forks)
 
+    @classmethod
+    def from_config(cls, cfg) -> LogStore:
+        """The bastion's log store: ``<data>/logs.db``, ``log_lines`` lines kept per machine."""
+        return cls(cfg.data_path / "logs.db", max_lines=cfg.log_lines)
+
     # -- writes ------------------------------------------------------------------------------
     def append(self, rows: Iterable[Row]) -> int:
         """Store a batch of lines (texts already cleaned and clipped: :func:`clean`, :func:`clip`)

@@ -91,6 +91,11 @@ class Store(Database):
         super().__init__(path, synchronous=synchronous, busy_timeout_s=busy_timeout_s, queue_writers=True)
         self.migrate()
 
+    @classmethod
+    def from_config(cls, cfg) -> Store:
+        """The bastion's state store: ``db_path`` with ``db_synchronous``."""
+        return cls(cfg.db_path, synchronous=cfg.db_synchronous)
+
     def migrate(self) -> int:
         if self.path.exists() and self.schema_version() == len(MIGRATIONS):
             return len(MIGRATIONS)  # current: no write needed (a read-only data dir still starts)

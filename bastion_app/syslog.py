@@ -210,8 +210,8 @@ class Listener:
         from bastion_app.store import Store
 
         self.cfg, self.host, self.port = cfg, host, port
-        self.store = store or Store(cfg.db_path, synchronous=cfg.db_synchronous)
-        self.logs = logs or LogStore(cfg.data_path / "logs.db", max_lines=cfg.log_lines)
+        self.store = store or Store.from_config(cfg)
+        self.logs = logs or LogStore.from_config(cfg)
         self.resolver = Resolver(self.store, leases_path(cfg))
         self.queue: collections.deque = collections.deque()
         self.stopping = threading.Event()
