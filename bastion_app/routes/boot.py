@@ -10,13 +10,14 @@ from bastion_app import get_store
 from bastion_app.render import render
 from bastion_app.routes import base_url, cfg, mac_arg
 from bastion_app.store import StorageUnavailable
+from labcore import domain
 from labcore.lifecycle import BootMode, boot_mode
 
 bp = Blueprint("boot", __name__)
 log = logging.getLogger("bastion_app")
 
 #: The OS whose installer provides the rescue and kickstart-discovery environments.
-RESCUE_OS = "fedora-43"
+RESCUE_OS = domain.RESCUE_OS.name
 
 
 def ipxe_response(text: str) -> Response:
@@ -27,7 +28,7 @@ def discovery_method() -> str:
     c = cfg()
     if c.discovery == "image" and (c.images_path / "discovery" / "vmlinuz").exists():
         return "image"
-    if (c.images_path / RESCUE_OS / "vmlinuz").exists():
+    if (c.images_path / RESCUE_OS / domain.RESCUE_OS.kernel).exists():
         return "kickstart"
     return "none"
 
@@ -55,7 +56,8 @@ def dispatch():
     if mode == BootMode.INSTALL:
         machine = _best_effort(store.start_install, mac, ip=ip) or machine
         text = render("ipxe/install.ipxe.j2", base=base, mac=mac, token=machine["install_token"],
-                      os=machine["os"], role=machine["role"], hostname=machine["hostname"])
+                      os=machine["os"], role=machine["role"], hostname=machine["hostname"],
+                      installer=domain.operating_system(machine["os"]).installer)
     elif mode == BootMode.LOCAL:
         _best_effort(store.seen, mac, ip)
         efi = cfg().images_path / "local-boot" / "grubx64.efi"
