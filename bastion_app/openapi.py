@@ -8,7 +8,8 @@ from pathlib import Path
 import yaml
 from pydantic.json_schema import models_json_schema
 
-from labcore import schemas, validate
+from labcore import domain, schemas, validate
+from labcore.lifecycle import STORED_STATES
 
 SPEC = Path(__file__).with_name("openapi.yaml")
 
@@ -36,9 +37,13 @@ def document() -> dict:
             if isinstance(op, dict) and "responses" in op:
                 op["responses"].setdefault("429", {"$ref": "#/components/responses/TooManyBadRequests"})
     patterns = {"mac": validate.MAC_PATTERN, "token": validate.TOKEN_PATTERN}
+    # and every state, role and os filter by the names the lifecycle and the domain's tables define
+    enums = {"state": [s.value for s in STORED_STATES], "role": list(domain.ROLE_NAMES), "os": list(domain.OS_NAMES)}
     for param in _parameters(doc):
         if param.get("name") in patterns:
             param["schema"] = {"type": "string", "pattern": patterns[param["name"]]}
+        elif param.get("name") in enums:
+            param["schema"] = {"type": "string", "enum": enums[param["name"]]}
     return doc
 
 

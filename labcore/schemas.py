@@ -9,7 +9,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
+from labcore import domain
 from labcore import validate as v
+from labcore.lifecycle import STORED_STATES
 
 # The patterns are published in the JSON schema only (pydantic's own regex engine has no
 # look-arounds); the AfterValidator applies the very same pattern with Python's re.
@@ -17,8 +19,11 @@ Mac = Annotated[str, AfterValidator(v.mac), Field(description="MAC address (aa:b
                                                   examples=["52:54:00:12:34:56"], json_schema_extra={"pattern": v.MAC_PATTERN})]
 Hostname = Annotated[str, AfterValidator(v.hostname), Field(description="RFC 1123 host name", examples=["node1"],
                                                             json_schema_extra={"pattern": v.HOSTNAME_PATTERN})]
-Role = Literal["vanilla", "worker", "infra", "labcontroller"]
-OsName = Literal["fedora-43", "ubuntu-26.04"]
+# Literal[tuple] is the Literal of its items: the names come from the domain's tables
+Role = Literal[domain.ROLE_NAMES]
+OsName = Literal[domain.OS_NAMES]
+DebugMode = Literal[domain.DEBUG_MODES]
+StoredState = Literal[tuple(s.value for s in STORED_STATES)]
 Disk = Annotated[str, AfterValidator(v.disk), Field(description="'' = auto-detect (NVMe first), else /dev/...",
                                                     json_schema_extra={"pattern": v.DISK_PATTERN})]
 SshKey = Annotated[str, AfterValidator(v.ssh_key), Field(max_length=v.MAX_SSH_KEY_LEN, json_schema_extra={"pattern": v.SSH_KEY_PATTERN})]
@@ -133,7 +138,7 @@ class LogRequest(Strict):
 
 class DebugRequest(Strict):
     mac: Mac
-    mode: Literal["rescue", "pxe"] = "rescue"
+    mode: DebugMode = "rescue"
 
 
 class ReasonRequest(Strict):
@@ -152,7 +157,7 @@ class ErrorBody(Loose):
 
 class MachineView(Loose):
     mac: str
-    state: Literal["discovered", "install_queued", "installing", "installed", "failed"]
+    state: StoredState
     hostname: str | None
     role: str | None
     os: str | None

@@ -12,9 +12,7 @@ import secrets
 
 import netaddr
 
-ROLES = ("vanilla", "worker", "infra", "labcontroller")
-OSES = ("fedora-43", "ubuntu-26.04")
-DEBUG_MODES = ("rescue", "pxe")
+from labcore.domain import OS_NAMES, ROLE_NAMES
 
 MAX_SSH_KEYS = 16
 MAX_SSH_KEY_LEN = 16384
@@ -120,14 +118,14 @@ def hostname(value: object, field: str = "hostname") -> str:
 
 
 def role(value: object, field: str = "role") -> str:
-    if value not in ROLES:
-        raise ValidationError(field, f"unknown role {value!r} (one of: {', '.join(ROLES)})")
+    if value not in ROLE_NAMES:
+        raise ValidationError(field, f"unknown role {value!r} (one of: {', '.join(ROLE_NAMES)})")
     return value  # type: ignore[return-value]
 
 
 def os_name(value: object, field: str = "os") -> str:
-    if value not in OSES:
-        raise ValidationError(field, f"unknown os {value!r} (one of: {', '.join(OSES)})")
+    if value not in OS_NAMES:
+        raise ValidationError(field, f"unknown os {value!r} (one of: {', '.join(OS_NAMES)})")
     return value  # type: ignore[return-value]
 
 

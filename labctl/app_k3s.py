@@ -26,13 +26,12 @@ from typing import Any
 import click
 import yaml
 
-from labcore import validate
+from labcore import domain, validate
 from labctl import errors, output, runner, targets
 from labctl.context import Ctx, complete_machines, output_option, pass_ctx
 
 #: lab roles whose installed machines become k3s servers / agents (passed to k3s.yml as well)
-SERVER_ROLES = ("infra", "labcontroller")
-AGENT_ROLES = ("worker",)
+SERVER_ROLES, AGENT_ROLES = domain.K3S_SERVER_ROLES, domain.K3S_AGENT_ROLES
 SERVERS_GROUP, AGENTS_GROUP = "k3s_servers", "k3s_agents"
 #: the host variable that names a machine's cluster (the k3s_server role's variable)
 CLUSTER_VAR = "k3s_server_cluster_name"

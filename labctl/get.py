@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
+from labcore.domain import OS_NAMES, ROLE_NAMES
 from labcore.lifecycle import STORED_STATES
-from labcore.validate import OSES, ROLES
 from labctl import errors, output, targets
 from labctl.context import Ctx, complete_machines, output_option, pass_ctx, watch_options
 
@@ -17,8 +17,8 @@ RESOURCES = {"machines": "machines", "machine": "machines", "mc": "machines"}
 
 filter_options = [
     click.option("--state", type=click.Choice([s.value for s in STORED_STATES]), help="Only machines in this state."),
-    click.option("--role", type=click.Choice(ROLES), help="Only machines with this role."),
-    click.option("--os", "os_", type=click.Choice(OSES), help="Only machines with this OS."),
+    click.option("--role", type=click.Choice(ROLE_NAMES), help="Only machines with this role."),
+    click.option("--os", "os_", type=click.Choice(OS_NAMES), help="Only machines with this OS."),
 ]
 
 

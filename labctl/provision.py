@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from labcore import validate
-from labcore.validate import OSES, ROLES
+from labcore.domain import DEBUG_MODES, OS_NAMES, ROLE_NAMES
 from labctl import delete, errors, follow, get, output, runner, targets
 from labctl.context import Ctx, complete_machines, output_option, pass_ctx, watch_options
 from labctl.makeiso import makeiso
@@ -52,8 +52,8 @@ def read_ssh_keys(files: tuple[str, ...]) -> list[str]:
 @provision.command()
 @click.argument("target", shell_complete=complete_machines)
 @click.option("--hostname", required=True, help="RFC 1123 host name the machine gets.")
-@click.option("--role", required=True, type=click.Choice(ROLES), help="What the machine becomes (labctl roles).")
-@click.option("--os", "os_", required=True, type=click.Choice(OSES), help="Operating system to install.")
+@click.option("--role", required=True, type=click.Choice(ROLE_NAMES), help="What the machine becomes (labctl roles).")
+@click.option("--os", "os_", required=True, type=click.Choice(OS_NAMES), help="Operating system to install.")
 @click.option("--disk", default="", help="Install disk, e.g. /dev/nvme0n1 (default: auto-detect, NVMe first).")
 @click.option("--ssh-key", "ssh_key_files", multiple=True, metavar="FILE", type=click.Path(dir_okay=False),
               help="Public key file for root/admin login (repeatable).")
@@ -86,8 +86,8 @@ def install(obj: Ctx, target, hostname, role, os_, disk, ssh_key_files, wait, ti
 @provision.command()
 @click.argument("target", shell_complete=complete_machines)
 @click.option("--no-reboot", is_flag=True, help="Only queue the reinstall; do not touch the machine.")
-@click.option("--os", "os_", type=click.Choice(OSES), help="Install another OS this time.")
-@click.option("--role", type=click.Choice(ROLES), help="Change the role.")
+@click.option("--os", "os_", type=click.Choice(OS_NAMES), help="Install another OS this time.")
+@click.option("--role", type=click.Choice(ROLE_NAMES), help="Change the role.")
 @click.option("--reason", default="", help="Why (recorded in the event history).")
 @click.option("--ssh-user", default="root", show_default=True, help="User the playbook logs in as.")
 @click.option("--ssh-private-key", type=click.Path(dir_okay=False, exists=True), help="Private key for the playbook's SSH login.")
@@ -134,7 +134,7 @@ def forget(obj: Ctx, target) -> None:
 
 @provision.command()
 @click.argument("target", shell_complete=complete_machines)
-@click.option("--mode", type=click.Choice(validate.DEBUG_MODES), default="rescue", show_default=True,
+@click.option("--mode", type=click.Choice(DEBUG_MODES), default="rescue", show_default=True,
               help="rescue: installer rescue shell with SSH; pxe: iPXE diagnostics shell.")
 @output_option
 @pass_ctx

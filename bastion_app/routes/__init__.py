@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import current_app, request
 
 from bastion_app.errors import ApiError
-from labcore import validate
+from labcore import schemas, validate
 
 _HOST = re.compile(r"(?:[A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}(?::\d{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](?::\d{1,5})?")
 
@@ -62,40 +63,28 @@ def base_url() -> str:
     return c.base_url()
 
 
+def _iso(ts: float | None) -> str | None:
+    """Epoch seconds as the API shows a time: ISO 8601 in UTC with a Z."""
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z") if ts else None
+
+
+#: the fields of schemas.MachineView that are not the store's column of the same name
+_DERIVED = {"stalled": lambda m: m["failure"] == "stalled", "debug": lambda m: m["debug_mode"]}
+
+
 def machine_view(m: dict[str, Any]) -> dict[str, Any]:
-    """A machine as the API shows it (never its install token)."""
-    from datetime import UTC, datetime
-
-    def iso(ts):
-        return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z") if ts else None
-
-    return {
-        "mac": m["mac"],
-        "state": m["state"],
-        "hostname": m["hostname"],
-        "role": m["role"],
-        "os": m["os"],
-        "disk": m["disk"],
-        "ssh_keys": m["ssh_keys"],
-        "ip": m["ip"],
-        "hardware": m["hardware"],
-        "stage": m["stage"],
-        "percent": m["percent"],
-        "message": m["message"],
-        "failure": m["failure"],
-        "stalled": m["failure"] == "stalled",
-        "debug": m["debug_mode"],
-        "created_at": iso(m["created_at"]),
-        "updated_at": iso(m["updated_at"]),
-        "state_changed_at": iso(m["state_changed_at"]),
-        "last_seen_at": iso(m["last_seen_at"]),
-        "install_started_at": iso(m["install_started_at"]),
-        "last_progress_at": iso(m["last_progress_at"]),
-        "installed_at": iso(m["installed_at"]),
-    }
+    """A machine as the API shows it: the fields of :class:`schemas.MachineView`, in its order, from
+    the store's record (so never its install token); times (``*_at``) as ISO 8601."""
+    view = {}
+    for name in schemas.MachineView.model_fields:
+        if name in _DERIVED:
+            view[name] = _DERIVED[name](m)
+        elif name.endswith("_at"):
+            view[name] = _iso(m[name])
+        else:
+            view[name] = m[name]
+    return view
 
 
 def event_view(e: dict[str, Any]) -> dict[str, Any]:
-    from datetime import UTC, datetime
-
-    return {**e, "ts": datetime.fromtimestamp(e["ts"], UTC).isoformat().replace("+00:00", "Z")}
+    return {**e, "ts": _iso(e["ts"])}

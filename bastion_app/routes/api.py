@@ -9,8 +9,8 @@ from bastion_app.auth import actor, operator_required
 from bastion_app.errors import ApiError
 from bastion_app.routes import event_view, int_arg, json_body, mac_arg, machine_view
 from labcore import schemas
+from labcore.domain import OS_NAMES, ROLE_NAMES
 from labcore.lifecycle import STORED_STATES
-from labcore.validate import OSES, ROLES
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -62,8 +62,8 @@ def _filter(name: str, allowed) -> str | None:
 def machines():
     rows = get_store().list(
         state=_filter("state", [s.value for s in STORED_STATES]),
-        role=_filter("role", ROLES),
-        os=_filter("os", OSES),
+        role=_filter("role", ROLE_NAMES),
+        os=_filter("os", OS_NAMES),
     )
     return jsonify({"machines": [machine_view(m) for m in rows]})
 

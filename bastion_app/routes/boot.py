@@ -10,13 +10,11 @@ from bastion_app import get_store
 from bastion_app.render import render
 from bastion_app.routes import base_url, cfg, mac_arg
 from bastion_app.store import StorageUnavailable
+from labcore import domain, validate
 from labcore.lifecycle import BootMode, boot_mode
 
 bp = Blueprint("boot", __name__)
 log = logging.getLogger("bastion_app")
-
-#: The OS whose installer provides the rescue and kickstart-discovery environments.
-RESCUE_OS = "fedora-43"
 
 
 def ipxe_response(text: str) -> Response:
@@ -27,7 +25,7 @@ def discovery_method() -> str:
     c = cfg()
     if c.discovery == "image" and (c.images_path / "discovery" / "vmlinuz").exists():
         return "image"
-    if (c.images_path / RESCUE_OS / "vmlinuz").exists():
+    if (c.images_path / domain.RESCUE_OS.name / domain.RESCUE_OS.kernel).exists():
         return "kickstart"
     return "none"
 
@@ -55,19 +53,20 @@ def dispatch():
     if mode == BootMode.INSTALL:
         machine = _best_effort(store.start_install, mac, ip=ip) or machine
         text = render("ipxe/install.ipxe.j2", base=base, mac=mac, token=machine["install_token"],
-                      os=machine["os"], role=machine["role"], hostname=machine["hostname"])
+                      os=machine["os"], role=machine["role"], hostname=machine["hostname"],
+                      installer=domain.operating_system(validate.os_name(machine["os"])).installer)
     elif mode == BootMode.LOCAL:
         _best_effort(store.seen, mac, ip)
         efi = cfg().images_path / "local-boot" / "grubx64.efi"
         text = render("ipxe/local-boot.ipxe.j2", base=base, mac=mac, hostname=machine["hostname"],
                       efi_chain=f"{base}/images/local-boot/grubx64.efi" if efi.exists() else "")
     elif mode == BootMode.DEBUG:
-        text = render("ipxe/debug.ipxe.j2", base=base, mac=mac, installer_os=RESCUE_OS)
+        text = render("ipxe/debug.ipxe.j2", base=base, mac=mac, installer_os=domain.RESCUE_OS.name)
     elif mode == BootMode.PXE_DEBUG:
         text = render("ipxe/pxe-debug.ipxe.j2", base=base, mac=mac)
     else:
         if machine:
             _best_effort(store.seen, mac, ip)
         text = render("ipxe/discover.ipxe.j2", base=base, mac=mac, method=discovery_method(),
-                      action=cfg().discovery_action, installer_os=RESCUE_OS)
+                      action=cfg().discovery_action, installer_os=domain.RESCUE_OS.name)
     return ipxe_response(text)

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from bastion_app.images.sync import DEFAULT_MANIFEST
-from bastion_app.routes.installer import GIB, autoinstall_meta_data, autoinstall_user_data
+from bastion_app.installers import autoinstall_meta_data, autoinstall_user_data
+from labcore.layout import GIB
 from tests.unit.test_kickstart_pre import CHROOT, KEY, MAC, NVME_PARTS, TOKEN, FakeMachine
 
 # subiquity's published schema, kept beside the repository (../shared/schemas); LAB_AUTOINSTALL_SCHEMA

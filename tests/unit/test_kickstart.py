@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bastion_app.images.sync import DEFAULT_MANIFEST
-from bastion_app.routes.installer import debug_kickstart, debug_setup_script, discovery_kickstart, kickstart
+from bastion_app.installers import debug_kickstart, debug_setup_script, discovery_kickstart, kickstart
 from tests.support import need
 from tests.unit.test_kickstart_pre import KEY, MAC, NVME_PARTS, TOKEN, FakeMachine, machine, script, sections
 

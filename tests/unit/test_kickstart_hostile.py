@@ -20,9 +20,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bastion_app import installers as installer
 from bastion_app.images.sync import DEFAULT_MANIFEST
 from bastion_app.render import UnsafeValue, render
-from bastion_app.routes import installer
 from labcore import validate
 from tests.unit.test_kickstart_pre import KEY, MAC, TOKEN
 
@@ -195,7 +195,7 @@ def test_rescue_and_setup_scripts(v):
 @given(v=hostile, tpl=st.sampled_from(["install", "debug", "discover", "local-boot", "pxe-debug"]))
 def test_ipxe_templates_refuse(v, tpl):
     ctx = dict(base="http://10.0.0.1:8080", mac=MAC, token=TOKEN, os="fedora-43", role="worker", hostname="n1",
-               installer_os="fedora-43", method="kickstart", action="poweroff", efi_chain="")
+               installer_os="fedora-43", installer="kickstart", method="kickstart", action="poweroff", efi_chain="")
     for field in ("mac", "hostname", "base"):
         try:
             out = render(f"ipxe/{tpl}.ipxe.j2", **{**ctx, field: v})

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bastion_app.images.sync import DEFAULT_MANIFEST
-from bastion_app.routes.installer import kickstart
+from bastion_app.installers import kickstart
 from tests.support import need_binary
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl lab@test"

@@ -1,0 +1,124 @@
+"""What a machine receives while it installs, rendered from a machine record: the Fedora kickstart,
+the rescue and discovery kickstarts, the rescue shell's nc listener script and the Ubuntu
+autoinstall (cloud-init NoCloud user-data and meta-data).
+
+These functions know nothing about HTTP (the routes are in :mod:`bastion_app.routes.installer`).
+Every value is validated again here (labcore.validate) before it reaches a template, and the
+template callables refuse what could add a line (``ks``) or emit properly escaped YAML/JSON. The
+disk layout is :mod:`labcore.layout`; what a role installs follows the role table
+(:mod:`labcore.domain`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from bastion_app.images.sync import ImageError
+from bastion_app.render import UnsafeValue, render
+from labcore import domain, validate
+from labcore.layout import BOOT_MIB, EFI_MIB, TMP_SIZE, volumes_for
+
+DISCOVERY_LIB = Path(__file__).resolve().parent / "images" / "discovery" / "lib.sh"
+DEBUG_LISTEN_PORT = 4444
+
+
+# -- values into documents -------------------------------------------------------------------
+_PRINTABLE = re.compile(r"[\x20-\x7e]*")
+
+
+def ks(value) -> str:
+    """One kickstart/shell word: printable ASCII only (no newline can end the line or start a
+    `%` section), then shell-quoted."""
+    s = "" if value is None else str(value)
+    if not _PRINTABLE.fullmatch(s):
+        raise UnsafeValue(f"refusing to put {s!r} into a kickstart")
+    return shlex.quote(s)
+
+
+def _machine_values(m: dict) -> dict:
+    """The machine's install parameters, validated again (the store may predate a rule)."""
+    return {
+        "mac": validate.mac(m["mac"]),
+        "hostname": validate.hostname(m["hostname"]),
+        "role": validate.role(m["role"]),
+        "os": validate.os_name(m["os"]),
+        "disk": validate.disk(m.get("disk") or ""),
+        "ssh_keys": validate.ssh_keys(list(m.get("ssh_keys") or [])),
+        "token": validate.token(m["install_token"]),
+    }
+
+
+def _host(base: str) -> str:
+    try:
+        host = urlsplit(base).hostname or ""
+    except ValueError:
+        host = ""
+    if not re.fullmatch(r"[A-Za-z0-9.:-]{1,253}", host):
+        raise UnsafeValue(f"bastion host {host!r} cannot be used as a syslog host")
+    return host
+
+
+def kickstart(m: dict, *, base: str, syslog_port: int, manifest: dict) -> str:
+    """The Fedora 43 kickstart for machine record ``m`` (both fresh and reprovision paths)."""
+    v = _machine_values(m)
+    repos = manifest.get(v["os"], {}).get("repos") or []
+    if not repos:
+        raise ImageError(f"no package repositories for {v['os']} in the images manifest")
+    return render(
+        "kickstart/install.ks.j2", ks=ks, **v, base=base, syslog_host=_host(base), syslog_port=int(syslog_port),
+        repos=repos, k3s=v["role"] in domain.K3S_ROLES, volumes=volumes_for(v["role"]),
+        efi_mib=EFI_MIB, boot_mib=BOOT_MIB, tmp_size=TMP_SIZE,
+    )
+
+
+UBUNTU_PACKAGES = ("chrony", "curl", "efibootmgr", "lvm2", "xfsprogs")
+UBUNTU_K3S_PACKAGES = ("conntrack", "iptables")
+
+
+def autoinstall_user_data(m: dict, *, base: str, manifest: dict) -> str:
+    """The Ubuntu autoinstall (cloud-init NoCloud user-data) for machine record ``m``."""
+    v = _machine_values(m)
+    mirror = manifest.get(v["os"], {}).get("mirror")
+    if not mirror:
+        raise ImageError(f"no Ubuntu archive mirror for {v['os']} in the images manifest")
+    k3s = v["role"] in domain.K3S_ROLES
+    ctx = dict(ks=ks, **v, base=base, k3s=k3s, tmp_size=TMP_SIZE, volumes=volumes_for(v["role"]))
+    return render(
+        "autoinstall/user-data.j2", **ctx, mirror=mirror,
+        efi_mib=EFI_MIB, boot_mib=BOOT_MIB,
+        packages=UBUNTU_PACKAGES + (UBUNTU_K3S_PACKAGES if k3s else ()),
+        events_url=f"{base}/api/installer-events/{v['mac']}/{v['token']}",
+        early=render("autoinstall/early.sh.j2", **ctx),
+        late=render("autoinstall/late.sh.j2", **ctx),
+        error=render("autoinstall/error.sh.j2", **ctx),
+    )
+
+
+def autoinstall_meta_data(m: dict) -> str:
+    v = _machine_values(m)
+    # a new instance id per install, so cloud-init treats a reinstall as a new instance
+    digest = hashlib.sha256(v["token"].encode()).hexdigest()[:12]
+    return render("autoinstall/meta-data.j2", hostname=v["hostname"],
+                  instance_id=f"lab-{v['mac'].replace(':', '')}-{digest}")
+
+
+def debug_kickstart(*, base: str, ssh_keys: list[str]) -> str:
+    return render("kickstart/debug.ks.j2", ks=ks, base=base, ssh_keys=validate.ssh_keys(ssh_keys),
+                  listen_port=DEBUG_LISTEN_PORT)
+
+
+def debug_setup_script(*, base: str, port: int) -> str:
+    return render("scripts/debug-setup.sh.j2", ks=ks, base=base, bastion_host=_host(base), port=int(port))
+
+
+def discovery_kickstart(*, base: str, action: str) -> str:
+    if action not in ("poweroff", "reboot"):
+        raise UnsafeValue(f"discovery action {action!r}")
+    lib = DISCOVERY_LIB.read_text()
+    if any(line.lstrip().startswith("%") for line in lib.splitlines()):
+        raise UnsafeValue(f"{DISCOVERY_LIB} has a line starting with '%': it would end the kickstart section")
+    return render("kickstart/discover.ks.j2", ks=ks, base=base, action=action, inventory_lib=lib)
