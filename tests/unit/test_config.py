@@ -2,7 +2,7 @@
 
 import pytest
 
-from bastion_app import config as c
+from labcore import bastion_config as c
 
 
 def test_defaults_file_env_and_flags(tmp_path):
