@@ -7,7 +7,7 @@ import os
 
 from flask import Flask
 
-from bastion_app import config as configmod
+from labcore import bastion_config as configmod
 
 
 def create_app(cfg: configmod.Config | None = None, test_config: dict | None = None) -> Flask:

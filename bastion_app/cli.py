@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import pydantic
 
-from bastion_app import config as configmod
+from labcore import bastion_config as configmod
 
 data_dir_option = click.option(
     "--data-dir",
@@ -56,8 +56,6 @@ def serve(data_dir, listen, workers, syslog_port, no_dnsmasq, interface, dhcp_mo
     if no_dnsmasq:
         overrides["dnsmasq"] = False
     cfg = _load(data_dir, detect=True, **overrides)
-    if cfg.dhcp_mode == "full" and cfg.dnsmasq and not cfg.dhcp_range:
-        raise click.ClickException("--dhcp-mode full needs --dhcp-range START,END")
     click.echo(f"lab-bastion: serving {cfg.data_path} on {cfg.listen} (machines use {cfg.base_url()})", err=True)
     try:
         specs = children(cfg)
@@ -207,22 +205,11 @@ def dnsmasq_config_cmd(data_dir, output, tftp_root):
     from bastion_app import dnsmasq
 
     cfg = _load(data_dir, detect=True)
-    root = tftp_root or cfg.data_path / "tftp"
     try:
-        if not cfg.interface:
-            raise dnsmasq.DnsmasqError("no provisioning interface: set interface in bastion.yaml")
-        iface = dnsmasq.interface_address(cfg.interface, prefer=cfg.server_ip)
-        copied = dnsmasq.fill_tftp_root(root)
-        cfg.run_path.mkdir(parents=True, exist_ok=True)
-        text = dnsmasq.render_config(cfg, root, iface, user=dnsmasq._owner(cfg.data_path))
+        changed = dnsmasq.write_config(cfg, output, tftp_root)
     except dnsmasq.DnsmasqError as exc:
         raise click.ClickException(str(exc)) from None
-    same = output.is_file() and output.read_text() == text
-    if not same:
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(output)
-    click.echo("unchanged" if same and not copied else "changed")
+    click.echo("changed" if changed else "unchanged")
 
 
 if __name__ == "__main__":

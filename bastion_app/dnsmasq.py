@@ -1,13 +1,17 @@
 """dnsmasq for the provisioning network: its configuration, generated from the bastion's Config,
-the TFTP root (iPXE binaries from Debian's `ipxe` package) and the supervisor's ChildSpec.
+the TFTP root (iPXE binaries from Debian's `ipxe` package) and its command line. The supervisor
+(:func:`bastion_app.supervisor.dnsmasq_child`) runs it; `lab-bastion dnsmasq-config` writes the
+same files for a dnsmasq that runs as its own service.
 
 Proxy-DHCP is the default: the LAN keeps its DHCP server, dnsmasq only adds boot information for
 PXE clients. Full DHCP (`dhcp_mode: full`, `dhcp_range: START,END`) hands out addresses too.
 Firmware PXE gets an iPXE binary by TFTP (BIOS `undionly.kpxe`, UEFI x86-64 `snponly.efi`); iPXE
 then gets the HTTP `/dispatch?mac=${netX/mac}` URL. DNS is off (`port=0`).
 
-Every value that reaches the configuration is validated here (interface name, addresses, paths,
-URL): nothing can add a line.
+The settings are validated by the configuration model (labcore.bastion_config), again here before
+anything is written (a caller may have changed them); this module adds the checks that need the
+live interface address (the DHCP range lies in its subnet and leaves out the bastion's own
+address) and checks its own values (paths, user): nothing can add a line.
 """
 
 from __future__ import annotations
@@ -23,21 +27,17 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from bastion_app.config import Config, ConfigError
 from bastion_app.render import render
+from labcore import validate as v
+from labcore.bastion_config import URL, Config, ConfigError, dhcp_range, validate
+from labcore.bastion_files import BIOS_FILE, EFI_FILE, IPXE_FILES
 
 IPXE_DIR = Path("/usr/lib/ipxe")
-#: TFTP file name -> file in Debian's ipxe package
-IPXE_FILES = {"undionly.kpxe": "undionly.kpxe", "snponly.efi": "snponly.efi", "ipxe.efi": "ipxe.efi"}
-BIOS_FILE = "undionly.kpxe"
-EFI_FILE = "snponly.efi"
 LEASE_TIME = "12h"
 #: the BOOTP file field is 128 bytes including its terminating NUL
 MAX_BOOT_FILE = 127
 
-_IFACE = re.compile(r"[A-Za-z0-9_.@-]{1,15}")
 _PATH = re.compile(r"/[A-Za-z0-9._/+@-]*")
-_URL = re.compile(r"https?://[A-Za-z0-9.\[\]:-]+(/[A-Za-z0-9._~/-]*)?")
 _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 
 
@@ -57,7 +57,7 @@ class Interface:
 
 def interface_address(name: str, prefer: str = "") -> Interface:
     """The IPv4 address (with prefix) of interface ``name``; ``prefer`` picks one of several."""
-    _check(_IFACE, name, "interface")
+    _interface(name)
     try:
         out = subprocess.run(["ip", "-j", "-4", "addr", "show", "dev", name],
                              capture_output=True, text=True, timeout=5)
@@ -78,6 +78,13 @@ def interface_address(name: str, prefer: str = "") -> Interface:
     return Interface(name, addrs[0])
 
 
+def _interface(name: str) -> str:
+    try:
+        return v.interface_name(name)
+    except v.ValidationError as exc:
+        raise DnsmasqError(f"interface: {exc.message}") from None
+
+
 def _check(pattern: re.Pattern, value: str, what: str) -> str:
     if not isinstance(value, str) or not pattern.fullmatch(value):
         raise DnsmasqError(f"{what}: {value!r} cannot go into a dnsmasq configuration")
@@ -93,7 +100,7 @@ def _ipv4(value: str, what: str) -> ipaddress.IPv4Address:
 
 def dispatch_url(cfg: Config) -> str:
     """The URL iPXE gets as its boot file; iPXE expands ${netX/mac} itself."""
-    base = _check(_URL, cfg.base_url(), "bastion URL (public_url or server_ip and listen port)")
+    base = _check(URL, cfg.base_url(), "bastion URL (public_url or server_ip and listen port)")
     url = base + "/dispatch?mac=${netX/mac}"
     if len(url) > MAX_BOOT_FILE:
         raise DnsmasqError(f"the dispatch URL {url!r} is longer than a DHCP boot file name may be "
@@ -104,9 +111,13 @@ def dispatch_url(cfg: Config) -> str:
 def render_config(cfg: Config, tftp_root: Path, iface: Interface, *, run_dir: Path | None = None,
                   user: str = "root", log_dhcp: bool = True) -> str:
     """The dnsmasq configuration for ``cfg`` on ``iface`` (whose address decides the subnet)."""
+    try:
+        cfg = validate(cfg)
+    except ConfigError as exc:
+        raise DnsmasqError(str(exc)) from None
     run_dir = Path(run_dir or cfg.run_path)
     ctx = {
-        "interface": _check(_IFACE, iface.name, "interface"),
+        "interface": _interface(iface.name),
         "user": _check(_USER, user, "dnsmasq user"),
         "pid_file": _check(_PATH, str(run_dir / "dnsmasq.pid"), "run directory"),
         "lease_file": _check(_PATH, str(run_dir / "dnsmasq.leases"), "run directory"),
@@ -123,19 +134,12 @@ def render_config(cfg: Config, tftp_root: Path, iface: Interface, *, run_dir: Pa
         "gateway": "",
         "dns": "",
     }
-    if cfg.dhcp_mode == "full":
-        if not cfg.dhcp_range:
-            raise DnsmasqError("full DHCP needs a range: --dhcp-range START,END")
-        parts = cfg.dhcp_range.split(",")
-        if len(parts) != 2:
-            raise DnsmasqError(f"dhcp_range must be START,END, not {cfg.dhcp_range!r}")
-        start, end = (_ipv4(p, "dhcp_range") for p in parts)
+    if cfg.dhcp_mode == "full":  # the model saw START,END in order; the live subnet is checked here
+        start, end = dhcp_range(cfg.dhcp_range)
         for ip in (start, end):
             if ip not in iface.network:
                 raise DnsmasqError(f"dhcp_range: {ip} is outside {iface.network}, the subnet of "
                                    f"{iface.name} ({iface.address})")
-        if end < start:
-            raise DnsmasqError(f"dhcp_range: {start} comes after {end}")
         if start <= iface.address.ip <= end:
             raise DnsmasqError(f"dhcp_range: {start}-{end} contains the bastion's own address {iface.address.ip}")
         ctx.update(range_start=str(start), range_end=str(end))
@@ -143,8 +147,6 @@ def render_config(cfg: Config, tftp_root: Path, iface: Interface, *, run_dir: Pa
             gw = _ipv4(cfg.gateway, "gateway")
             # the router and resolver machines are told about; a lab network's gateway is usually both
             ctx.update(gateway=str(gw), dns=str(gw))
-    elif cfg.dhcp_mode != "proxy":
-        raise DnsmasqError(f"dhcp_mode must be proxy or full, not {cfg.dhcp_mode!r}")
     return render("dnsmasq/dnsmasq.conf.j2", **ctx)
 
 
@@ -183,8 +185,8 @@ def write_config(cfg: Config, conf: Path, tftp_root: Path | None = None) -> bool
     """Fill the TFTP root (default <data>/tftp) and write the configuration for ``cfg`` to ``conf``
     (atomically, only when its content changes). True when anything changed."""
     if not cfg.interface:
-        raise DnsmasqError("no provisioning interface: pass --interface IFACE (or set interface in "
-                           "bastion.yaml; --no-dnsmasq to run without dnsmasq)")
+        raise DnsmasqError("no provisioning interface: set interface in bastion.yaml (lab-bastion serve: "
+                           "--interface IFACE, or --no-dnsmasq to run without dnsmasq)")
     iface = interface_address(cfg.interface, prefer=cfg.server_ip)
     tftp_root = tftp_root or cfg.data_path / "tftp"
     copied = fill_tftp_root(tftp_root)
@@ -198,17 +200,18 @@ def write_config(cfg: Config, conf: Path, tftp_root: Path | None = None) -> bool
     return True
 
 
-def child_spec(cfg: Config):
-    """Write the TFTP root and the configuration; return the supervisor's ChildSpec for dnsmasq."""
-    from bastion_app.supervisor import ChildSpec
-
-    binary = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if Path("/usr/sbin/dnsmasq").exists() else None)
-    if not binary:
+def binary() -> str:
+    """The dnsmasq executable."""
+    found = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if Path("/usr/sbin/dnsmasq").exists() else None)
+    if not found:
         raise DnsmasqError("dnsmasq is not installed: install Debian's dnsmasq-base (make deps-system) "
                            "or run with --no-dnsmasq")
-    conf = cfg.run_path / "dnsmasq.conf"
-    write_config(cfg, conf)
-    return ChildSpec("dnsmasq", argv(conf, binary))
+    return found
+
+
+def conf_path(cfg: Config) -> Path:
+    """Where `lab-bastion serve` writes the configuration of the dnsmasq it runs."""
+    return cfg.run_path / "dnsmasq.conf"
 
 
 def argv(conf: Path, binary: str = "dnsmasq") -> list[str]:

@@ -1,18 +1,24 @@
-"""gunicorn settings for `lab-bastion serve` (read from the environment the supervisor sets)."""
+"""gunicorn settings for `lab-bastion serve`, read from the bastion's configuration model (the
+supervisor passes every effective setting down as LAB_BASTION_*; labcore.bastion_config loads
+them as it loads them everywhere)."""
 
 import os
 
-bind = os.environ.get("LAB_BASTION_LISTEN", "0.0.0.0:8080")
-workers = int(os.environ.get("LAB_BASTION_WORKERS", "4"))
+from labcore import bastion_config
+
+_cfg = bastion_config.load(os.environ.get(bastion_config.DATA_DIR_ENV), detect=False)
+
+bind = _cfg.listen
+workers = _cfg.workers
 # gthread: each worker serves many connections with a thread pool, so a slow or long-lived client
 # (a follower, a machine on a bad link) holds a thread, not a whole worker process.
 # Log followers (SSE, GET /api/logs/<mac>/follow) hold their thread for the whole install, so each
-# worker gets LAB_BASTION_FOLLOWERS threads on top of LAB_BASTION_THREADS, and the follow route
-# refuses (503) a follower beyond that cap: machines always find LAB_BASTION_THREADS free threads.
+# worker gets `followers` threads on top of `threads`, and the follow route refuses (503) a
+# follower beyond that cap: machines always find `threads` free threads.
 # Why not gevent: sqlite3 calls (and their busy-timeout waits) block the whole event loop of a
 # worker, so one writer waiting on the lock would stall every machine on that worker. docs/logs.md.
 worker_class = "gthread"
-threads = int(os.environ.get("LAB_BASTION_THREADS", "16")) + int(os.environ.get("LAB_BASTION_FOLLOWERS", "128"))
+threads = _cfg.threads + _cfg.followers
 # The app is imported once in the master and forked: a restart does not pay for four parallel
 # imports (the store holds no connection or lock at fork time: create_app closes them).
 preload_app = True
@@ -23,9 +29,9 @@ keepalive = 5
 limit_request_line = 4094
 limit_request_fields = 50
 limit_request_field_size = 8190
-accesslog = os.environ.get("LAB_BASTION_ACCESS_LOG") or None
+accesslog = _cfg.access_log or None
 errorlog = "-"
-loglevel = os.environ.get("LAB_BASTION_LOG_LEVEL", "info")
+loglevel = _cfg.log_level
 proc_name = "lab-bastion"
 
 

@@ -18,8 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bastion_app.config import Config
+from bastion_app import dnsmasq
 from bastion_app.store import Store
+from labcore.bastion_config import Config
 
 log = logging.getLogger("lab-bastion")
 
@@ -95,10 +96,17 @@ def children(cfg: Config) -> list[ChildSpec]:
     ]
     specs.append(ChildSpec("syslog", [sys.executable, "-m", "bastion_app.syslog"]))
     if cfg.dnsmasq:
-        from bastion_app.dnsmasq import child_spec
-
-        specs.append(child_spec(cfg))
+        specs.append(dnsmasq_child(cfg))
     return specs
+
+
+def dnsmasq_child(cfg: Config) -> ChildSpec:
+    """dnsmasq's child: its TFTP root and configuration written (the same write_config as
+    `lab-bastion dnsmasq-config`), then its command line."""
+    binary = dnsmasq.binary()
+    conf = dnsmasq.conf_path(cfg)
+    dnsmasq.write_config(cfg, conf)
+    return ChildSpec("dnsmasq", dnsmasq.argv(conf, binary))
 
 
 class Supervisor:

@@ -397,7 +397,7 @@ def _report(listener: Listener) -> None:
 
 
 def main() -> int:
-    from bastion_app import config as configmod
+    from labcore import bastion_config as configmod
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = configmod.load(os.environ.get(configmod.DATA_DIR_ENV), detect=False)

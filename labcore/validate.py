@@ -31,6 +31,9 @@ HOSTNAME_PATTERN = rf"^(?=.{{1,253}}$)(?:{_HN_LABEL}\.)*(?![0-9]+$){_HN_LABEL}$"
 DISK_PATTERN = r"^(?:|/dev/(?!.*/\.\.(?:/|$))[A-Za-z0-9_][A-Za-z0-9_.:+@/-]{0,120})$"
 TOKEN_PATTERN = r"^[A-Za-z0-9_-]{16,128}$"
 STAGE_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+# A Linux interface name (at most 15 bytes, no '/', ':' or white space; '.' and '..' are not
+# names), kept to characters that are safe in a dnsmasq line, an argv and a /sys path.
+INTERFACE_PATTERN = r"^(?!\.{1,2}$)[A-Za-z0-9_.@-]{1,15}$"
 
 _MAC = re.compile(MAC_PATTERN)
 _HOSTNAME = re.compile(HOSTNAME_PATTERN)
@@ -80,6 +83,7 @@ SSH_KEY_PATTERN = _ssh_key_pattern()
 _SSH_KEY = re.compile(SSH_KEY_PATTERN)
 _TOKEN = re.compile(TOKEN_PATTERN)
 _STAGE = re.compile(STAGE_PATTERN)
+_INTERFACE = re.compile(INTERFACE_PATTERN)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -192,6 +196,15 @@ def token(value: object, field: str = "token") -> str:
 def stage(value: object, field: str = "stage") -> str:
     if not isinstance(value, str) or not _STAGE.fullmatch(value):
         raise ValidationError(field, "a stage is 1-64 lowercase letters, digits, '_', '.' or '-'")
+    return value
+
+
+def interface_name(value: object, field: str = "interface") -> str:
+    """A network interface name (eth0, enp3s0, br-lab, eth0.10): the one rule for every place that
+    takes one (bastion settings, dnsmasq's configuration, labctl options)."""
+    if not isinstance(value, str) or not _INTERFACE.fullmatch(value):
+        raise ValidationError(field, f"{value!r} is not an interface name: 1-15 letters, digits or _.@- "
+                                     "(see `ip -br link`)")
     return value
 
 

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 import click
 
+from labcore import bastion_config, validate
+from labcore.bastion_files import BOOT_ARTEFACTS, IPXE_FILES
 from labctl import errors, output
 from labctl.context import Ctx, output_option, pass_ctx
 
@@ -159,12 +161,10 @@ def probe_dhcp(interface: str, timeout: float = 5.0) -> list[dict[str, Any]]:
 
 
 # -- the checks ----------------------------------------------------------------------------------
-def _bastion_config(data_dir: Path):
-    from bastion_app import config as bconfig
-
+def _bastion_config(data_dir: Path) -> bastion_config.Config:
     try:
-        return bconfig.load(data_dir, detect=True)
-    except bconfig.ConfigError as exc:
+        return bastion_config.load(data_dir, detect=True)
+    except bastion_config.ConfigError as exc:
         raise errors.UsageError(f"bastion configuration in {data_dir}: {exc}") from None
 
 
@@ -208,18 +208,14 @@ def check_local(cfg, bastion_url: str) -> dict[str, list[Check]]:
               "" if (proto, port) in bound or not needed else f"nothing listens on {port}/{proto}: is `lab-bastion serve` running?")
         for proto, port, what, needed in wanted
     ]
-    from bastion_app.dnsmasq import IPXE_FILES
-
     tftp = cfg.data_path / "tftp"
     missing = [n for n in IPXE_FILES if not (tftp / n).is_file()]
     out["tftp"] = [Check("tftp files", "fail" if missing else "pass",
                          f"missing in {tftp}: {', '.join(missing)}" if missing else f"{', '.join(IPXE_FILES)} in {tftp}",
                          "lab-bastion serve fills it from Debian's ipxe package (apt-get install ipxe)" if missing else "")]
     img = cfg.images_path
-    arts = {"discovery": ["vmlinuz", "initrd.img"], "fedora-43": ["vmlinuz", "initrd.img"],
-            "ubuntu-26.04": ["vmlinuz", "initrd"], "local-boot": ["grubx64.efi"]}
     checks = []
-    for name, files in arts.items():
+    for name, files in BOOT_ARTEFACTS.items():
         miss = [f for f in files if not (img / name / f).is_file()]
         status = "pass" if not miss else ("fail" if name == "discovery" else "warn")
         checks.append(Check(f"artefacts {name}", status,
@@ -272,6 +268,11 @@ def check_dhcp(cfg, interface: str | None, timeout: float) -> list[Check]:
 @pass_ctx
 def doctor(obj: Ctx, data_dir: Path, interface, only, skip, dhcp_timeout) -> None:
     """Check the bastion and this host; exit 8 if any check fails."""
+    if interface:
+        try:
+            validate.interface_name(interface)
+        except validate.ValidationError as exc:
+            raise errors.UsageError(f"invalid --interface: {exc.message}") from None
     selected = [c for c in (only or CHECKS) if c not in skip]
     results: list[Check] = []
     if {"bastion", "token"} & set(selected):

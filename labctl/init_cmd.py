@@ -22,6 +22,7 @@ from pathlib import Path
 
 import click
 
+from labcore import bastion_config
 from labctl import errors, output, runner
 
 REPO = runner.REPO
@@ -158,8 +159,11 @@ def standalone() -> None:
 @click.option("--timeout", type=int, default=1800, show_default=True, help="Seconds before the playbook run is stopped.")
 def start(target, ssh_key, wheelhouse, listen, interface, dhcp_mode, dhcp_range, public_url, no_firewall, timeout) -> None:
     """Install (or update) and start the bastion, then check that it answers."""
-    if dhcp_mode == "full" and not dhcp_range:
-        raise errors.UsageError("--dhcp-mode full needs --dhcp-range START,END", "nothing was changed")
+    try:  # the bastion's own rules, before anything is installed
+        bastion_config.build({"listen": listen, "interface": interface, "dhcp_mode": dhcp_mode,
+                              "dhcp_range": dhcp_range, "public_url": public_url})
+    except bastion_config.ConfigError as exc:
+        raise errors.UsageError(str(exc), "nothing was changed") from None
     if not wheelhouse:
         wheelhouse = build_wheelhouse(cache_dir() / "current")
     extravars = {"bastion_wheelhouse": str(Path(wheelhouse).resolve()), "bastion_listen": listen,

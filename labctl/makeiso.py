@@ -26,8 +26,8 @@ import tempfile
 from pathlib import Path
 
 import click
-import jinja2
 
+from labcore.templating import environment
 from labctl import config, errors, output
 from labctl.context import Ctx, output_option, pass_ctx
 
@@ -41,10 +41,9 @@ VOLUME_ID = "LAB_IPXE"
 
 
 def render(name: str, **ctx) -> str:
-    """Our templates, rendered with the bastion's one Jinja environment (its `ipxe` filter)."""
-    from bastion_app.render import env
-
-    return env().overlay(loader=jinja2.FileSystemLoader(str(TEMPLATES))).get_template(name).render(**ctx)
+    """Our templates, rendered with the Jinja environment the bastion's boot scripts use (its
+    `ipxe` filter refuses a value that could end an iPXE line)."""
+    return environment(TEMPLATES).get_template(name).render(**ctx)
 
 
 def _run(cmd: list[str], what: str) -> str:

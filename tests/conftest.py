@@ -32,8 +32,8 @@ def data_dir(tmp_path) -> Path:
 
 @pytest.fixture
 def app(data_dir):
-    from bastion_app import config as configmod
     from bastion_app import create_app
+    from labcore import bastion_config as configmod
 
     cfg = configmod.load(data_dir, overrides={"listen": "127.0.0.1:8080", "server_ip": "192.0.2.1",
                                               "subnet": "192.0.2.0/24", "dnsmasq": False}, env={}, detect=False)

@@ -310,8 +310,8 @@ def test_host_header_cannot_inject_into_ipxe(client, host):
 
 
 def test_a_host_that_keeps_failing_gets_429_and_others_do_not(data_dir):
-    from bastion_app import config as configmod
     from bastion_app import create_app
+    from labcore import bastion_config as configmod
 
     cfg = configmod.load(data_dir, overrides={"error_rate": 1, "error_burst": 30, "dnsmasq": False}, env={}, detect=False)
     client = create_app(cfg).test_client()

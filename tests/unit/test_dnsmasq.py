@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bastion_app import config as configmod
 from bastion_app import dnsmasq
+from bastion_app.supervisor import dnsmasq_child
+from labcore import bastion_config as configmod
 from tests.support import need_binary
 
 IFACE = dnsmasq.Interface("eth0", ipaddress.IPv4Interface("10.20.0.5/24"))
@@ -94,7 +95,10 @@ def test_full_mode_bad_range_is_a_clear_error(tmp_path, rng, msg):
 
 
 def test_full_mode_without_range(tmp_path):
-    cfg = make_cfg(tmp_path, dhcp_mode="full")
+    with pytest.raises(configmod.ConfigError, match="--dhcp-range"):
+        make_cfg(tmp_path, dhcp_mode="full")  # the configuration model refuses it
+    cfg = make_cfg(tmp_path)
+    cfg.dhcp_mode = "full"  # bypass config validation: the renderer checks again
     with pytest.raises(dnsmasq.DnsmasqError, match="--dhcp-range"):
         dnsmasq.render_config(cfg, tmp_path / "tftp", IFACE)
 
@@ -154,7 +158,7 @@ def test_child_spec_writes_config_for_a_real_interface(tmp_path):
     `dnsmasq --test` accepting that file."""
     need_binary("dnsmasq")
     cfg = make_cfg(tmp_path, interface="lo", server_ip="", subnet="")
-    spec = dnsmasq.child_spec(cfg)
+    spec = dnsmasq_child(cfg)
     conf = tmp_path / "data" / "run" / "dnsmasq.conf"
     assert spec.name == "dnsmasq"
     assert spec.argv[1:] == ["--keep-in-foreground", f"--conf-file={conf}"]
@@ -167,7 +171,7 @@ def test_child_spec_writes_config_for_a_real_interface(tmp_path):
 def test_unknown_interface_is_a_clear_error(tmp_path):
     cfg = make_cfg(tmp_path, interface="nosuchif0")
     with pytest.raises(dnsmasq.DnsmasqError, match="does not exist"):
-        dnsmasq.child_spec(cfg)
+        dnsmasq_child(cfg)
 
 
 def test_supervisor_children_include_dnsmasq_unless_disabled(tmp_path):

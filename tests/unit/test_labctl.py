@@ -193,3 +193,31 @@ def test_link_collection_points_at_the_checkout_and_replaces_a_stale_link(tmp_pa
     assert link.resolve() == runner.REPO and (link / "galaxy.yml").is_file()
     runner.link_collection(tmp_path / "c")  # idempotent
     assert link.resolve() == runner.REPO and [p.name for p in link.parent.iterdir()] == ["platform"]
+
+
+def test_labctl_and_labcore_do_not_import_the_bastion():
+    """labctl runs where no bastion is installed and labd will share labcore: no import of
+    bastion_app (nor Flask, for labcore) anywhere in their modules, function bodies included."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    found = []
+    for pkg, banned in (("labctl", {"bastion_app"}), ("labcore", {"bastion_app", "flask"})):
+        for f in sorted((root / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                found += [f"{f.relative_to(root)}:{node.lineno} {n}" for n in names if n.split(".")[0] in banned]
+    assert found == []
+
+
+def test_doctor_checks_the_boot_files_of_every_operating_system(tmp_path):
+    from labcore import bastion_config
+    from labcore.domain import OPERATING_SYSTEMS
+
+    cfg = bastion_config.load(tmp_path, overrides={"dnsmasq": False}, env={}, detect=False)
+    checks = {c.name: c for c in doctor.check_local(cfg, "http://127.0.0.1:8080")["artefacts"]}
+    for o in OPERATING_SYSTEMS:
+        assert f"missing {o.kernel}, {o.initrd}" in checks[f"artefacts {o.name}"].detail
+    assert checks["artefacts discovery"].status == "fail" and checks["artefacts local-boot"].status == "warn"

@@ -130,3 +130,14 @@ def test_new_token_matches_the_pattern_and_never_begins_with_a_dash(monkeypatch)
         t = v.new_token()
         assert v.token(t) == t and not t.startswith("-")
     assert len(v.new_token(32)) == 43
+
+
+@pytest.mark.parametrize("name", ["eth0", "enp3s0", "br-lab", "eth0.10", "vs_a@b", "lo", "a" * 15])
+def test_interface_name_ok(name):
+    assert v.interface_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a" * 16, "eth0:1", "eth 0", "eth0\nport=53", "a/b", 3, None])
+def test_interface_name_rejected(name):
+    with pytest.raises(v.ValidationError, match="not an interface name"):
+        v.interface_name(name)

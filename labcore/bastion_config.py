@@ -1,0 +1,342 @@
+"""A bastion's configuration: one validated model (:class:`Config`) and its loading order.
+
+Defaults, then ``bastion.yaml`` in the data directory, then environment variables
+(``LAB_BASTION_<KEY>``), then command-line flags; the result is validated once, here: types (strings
+from YAML or the environment are accepted: ``"8"`` for a number, ``yes``/``off`` for a switch),
+bounds, choices, formats and the rules that tie settings together. Network settings left empty are
+then auto-detected from the host (the interface with the default route, its address, subnet and
+gateway): a separate step, after validation.
+
+What needs the live interface address (is the DHCP range inside its subnet?) is checked where the
+address is read: :mod:`bastion_app.dnsmasq`. Every error names the setting and what to change.
+
+The bastion (``lab-bastion``, its gunicorn workers, dnsmasq's generator) and ``labctl doctor``,
+which reads a bastion's settings on its host, share this module.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pydantic
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+from labcore import validate as v
+
+ENV_PREFIX = "LAB_BASTION_"
+DATA_DIR_ENV = "LAB_BASTION_DATA_DIR"
+CONFIG_NAME = "bastion.yaml"
+
+
+class ConfigError(Exception):
+    pass
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """HOST:PORT (``[::1]:8080`` for IPv6; an empty host means every address) -> (host, port)."""
+    m = re.fullmatch(r"\[?([0-9A-Za-z.:-]*?)\]?:(\d{1,5})", listen or "")
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise ConfigError(f"listen must be HOST:PORT with a port of 1-65535, not {listen!r}")
+    return m.group(1) or "0.0.0.0", int(m.group(2))
+
+
+# -- field types: each check raises ValueError with what is wrong (the setting's name is added) ----
+_BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+#: an http(s) URL of host[:port][/path] whose characters are safe in a boot script or a DHCP option
+URL = re.compile(r"https?://[A-Za-z0-9.\[\]:-]+(/[A-Za-z0-9._~/-]*)?")
+
+
+def _switch(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    try:
+        return _BOOL[str(raw).strip().lower()]
+    except KeyError:
+        raise ValueError(f"invalid value {raw!r}: use true or false (yes/no, on/off, 1/0)") from None
+
+
+def _mapping(raw: Any) -> Any:
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            raise ValueError(f"invalid value {raw!r}: expected a JSON object") from None
+    return raw
+
+
+def _listen(value: str) -> str:
+    try:
+        split_listen(value)
+    except ConfigError:
+        raise ValueError(f"must be HOST:PORT with a port of 1-65535 (e.g. 0.0.0.0:8080), not {value!r}") from None
+    return value
+
+
+def _ip(value: str) -> str:
+    if value:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address") from None
+    return value
+
+
+def _subnet(value: str) -> str:
+    if value:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a network (e.g. 10.0.0.0/24)") from None
+    return value
+
+
+def dhcp_range(value: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+    """START,END -> the two addresses (ValueError says what is wrong)."""
+    parts = value.split(",")
+    if len(parts) != 2:
+        raise ValueError(f"must be START,END (two IPv4 addresses), not {value!r}")
+    try:
+        start, end = (ipaddress.IPv4Address(p.strip()) for p in parts)
+    except ValueError:
+        raise ValueError(f"{value!r} is not START,END of two IPv4 addresses (e.g. 10.0.0.100,10.0.0.199)") from None
+    if end < start:
+        raise ValueError(f"{start} comes after {end}: give the lower address first")
+    return start, end
+
+
+def _range(value: str) -> str:
+    if value:
+        dhcp_range(value)
+    return value
+
+
+def _interface(value: str) -> str:
+    if value:
+        try:
+            v.interface_name(value)
+        except v.ValidationError as exc:
+            raise ValueError(exc.message) from None
+    return value
+
+
+def _public_url(value: str) -> str:
+    if value and not URL.fullmatch(value):
+        raise ValueError(f"{value!r} is not an http(s) URL of host[:port][/path]")
+    return value
+
+
+def _access_log(value: str) -> str:
+    if value and value != "-" and not (value.startswith("/") and value.isprintable()):
+        raise ValueError(f"{value!r}: use '' (no access log), '-' (standard output) or an absolute file path")
+    return value
+
+
+Switch = Annotated[bool, BeforeValidator(_switch)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+AtLeastOne = Annotated[int, Field(ge=1)]
+
+
+class Config(BaseModel):
+    """The bastion's settings (``lab-bastion config`` prints them). Changing an attribute after
+    loading is not validated: call :func:`validate` on a changed configuration."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+    data_dir: str = ""
+    listen: Annotated[str, AfterValidator(_listen)] = "0.0.0.0:8080"
+    #: the URL machines use to reach this bastion; '' = http://<server_ip>:<listen port>
+    public_url: Annotated[str, AfterValidator(_public_url)] = ""
+    #: gunicorn worker processes and threads per worker
+    workers: AtLeastOne = 4
+    threads: AtLeastOne = 16
+    syslog_port: Port = 5514
+    interface: Annotated[str, AfterValidator(_interface)] = ""
+    server_ip: Annotated[str, AfterValidator(_ip)] = ""
+    subnet: Annotated[str, AfterValidator(_subnet)] = ""
+    gateway: Annotated[str, AfterValidator(_ip)] = ""
+    dhcp_mode: Literal["proxy", "full"] = "proxy"
+    #: START,END of the addresses handed out in full mode
+    dhcp_range: Annotated[str, AfterValidator(_range)] = ""
+    dnsmasq: Switch = True
+    #: seconds without progress before an install is marked stalled (failed, reason stalled)
+    stall_timeout: AtLeastOne = 3600
+    #: install log lines kept per machine in logs.db (older ones are trimmed)
+    log_lines: Annotated[int, Field(ge=10)] = 20000
+    #: concurrent log followers (SSE) per gunicorn worker; each holds one extra thread
+    followers: AtLeastOne = 128
+    #: SQLite synchronous mode: FULL (an acknowledged change survives power loss) or NORMAL
+    db_synchronous: Annotated[Literal["FULL", "NORMAL", "EXTRA"],
+                              BeforeValidator(lambda s: s.upper() if isinstance(s, str) else s)] = "FULL"
+    max_body_bytes: AtLeastOne = 1024 * 1024
+    #: per client host and worker: 4xx answers allowed per second (and at once) before 429s
+    error_rate: AtLeastOne = 5
+    error_burst: AtLeastOne = 100
+    #: discovery environment: 'image' (lab-bastion images build-discovery) or 'kickstart'
+    discovery: Literal["image", "kickstart"] = "image"
+    #: what discovery does when done: poweroff | reboot
+    discovery_action: Literal["poweroff", "reboot"] = "poweroff"
+    #: gunicorn's access log: '' none, '-' standard output, or a file
+    access_log: Annotated[str, AfterValidator(_access_log)] = ""
+    #: gunicorn's log level
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    extra: Annotated[dict[str, Any], BeforeValidator(_mapping)] = Field(default_factory=dict)
+
+    @pydantic.model_validator(mode="after")
+    def _full_dhcp_needs_a_range(self) -> Config:
+        if self.dhcp_mode == "full" and not self.dhcp_range:
+            raise ValueError("dhcp_mode full needs dhcp_range START,END (--dhcp-range START,END), "
+                             "the addresses to hand out; or use dhcp_mode proxy")
+        return self
+
+    # derived paths
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_path / "state.db"
+
+    @property
+    def token_path(self) -> Path:
+        return self.data_path / "token"
+
+    @property
+    def images_path(self) -> Path:
+        return self.data_path / "images"
+
+    @property
+    def run_path(self) -> Path:
+        return self.data_path / "run"
+
+    @property
+    def listen_host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return split_listen(self.listen)[1]
+
+    def base_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = self.server_ip or (self.listen_host if self.listen_host not in ("0.0.0.0", "::", "") else "127.0.0.1")
+        return f"http://{host}:{self.listen_port}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+SETTINGS: tuple[str, ...] = tuple(Config.model_fields)
+
+
+def _describe(exc: pydantic.ValidationError) -> str:
+    """One line per problem, each naming the setting."""
+    out = []
+    for err in exc.errors(include_url=False):
+        name = ".".join(str(p) for p in err["loc"])
+        kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+        if kind == "value_error":
+            msg = str(ctx["error"])
+        elif kind == "literal_error":
+            msg = f"must be {ctx['expected'].replace(chr(39), '')}, not {value!r}"
+        elif kind == "greater_than_equal":
+            msg = f"must be at least {ctx['ge']}, not {value!r}"
+        elif kind == "less_than_equal":
+            msg = f"must be at most {ctx['le']}, not {value!r}"
+        else:  # a wrong type: "many" for a number, a list for a string
+            msg = f"invalid value {value!r}: {err['msg'][0].lower()}{err['msg'][1:]}"
+        out.append(f"{name}: {msg}" if name else msg)
+    return "; ".join(out)
+
+
+def build(values: dict[str, Any]) -> Config:
+    """A validated Config from ``values`` (ConfigError names each bad setting)."""
+    unknown = sorted(set(values) - set(SETTINGS))
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)} (known: {', '.join(sorted(SETTINGS))})")
+    try:
+        return Config.model_validate(values)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def validate(cfg: Config) -> Config:
+    """Check ``cfg`` again (after its attributes were changed); returns the validated copy."""
+    return build(cfg.as_dict())
+
+
+def load(data_dir: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None, env=None,
+         detect: bool = True) -> Config:
+    env = os.environ if env is None else env
+    data_dir = str(data_dir or env.get(DATA_DIR_ENV) or "")
+    if not data_dir:
+        raise ConfigError(f"no data directory: pass --data-dir or set {DATA_DIR_ENV}")
+    values: dict[str, Any] = {}
+    cfg_file = Path(data_dir) / CONFIG_NAME
+    if cfg_file.exists():
+        try:
+            doc = yaml.safe_load(cfg_file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{cfg_file}: not valid YAML: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{cfg_file}: expected a mapping of settings")
+        values.update(doc)
+    for name in SETTINGS:
+        key = ENV_PREFIX + name.upper()
+        if key in env and name != "data_dir":
+            values[name] = env[key]
+    for k, val in (overrides or {}).items():
+        if val is not None:
+            values[k] = val
+    values["data_dir"] = data_dir
+    cfg = build(values)
+    if detect:
+        fill_network(cfg)
+    return cfg
+
+
+# -- network auto-detection ------------------------------------------------------------------
+def _ip_json(*args: str) -> list[dict[str, Any]]:
+    cmd = ["ip", "-j", *args]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=5, check=True).stdout
+        return json.loads(out or "[]")
+    except (OSError, subprocess.SubprocessError, json.JSONDecodeError):
+        return []
+
+
+def detect_network(interface: str = "") -> dict[str, str]:
+    """Interface (the default route's, unless given), its IPv4 address, subnet and gateway."""
+    result = {"interface": interface, "server_ip": "", "subnet": "", "gateway": ""}
+    routes = _ip_json("-4", "route", "show", "default")
+    for r in routes:
+        if not interface or r.get("dev") == interface:
+            result["interface"] = result["interface"] or r.get("dev", "")
+            result["gateway"] = r.get("gateway", "")
+            break
+    if result["interface"]:
+        for link in _ip_json("-4", "addr", "show", "dev", result["interface"]):
+            for a in link.get("addr_info", []):
+                if a.get("family") == "inet":
+                    result["server_ip"] = a["local"]
+                    result["subnet"] = str(ipaddress.ip_network(f"{a['local']}/{a['prefixlen']}", strict=False))
+                    break
+    return result
+
+
+def fill_network(cfg: Config) -> None:
+    """Fill the network settings that were not given explicitly."""
+    if cfg.server_ip and cfg.subnet and (cfg.interface or not cfg.dnsmasq):
+        return
+    found = detect_network(cfg.interface)
+    for k in ("interface", "server_ip", "subnet", "gateway"):
+        if not getattr(cfg, k) and found.get(k):
+            setattr(cfg, k, found[k])
