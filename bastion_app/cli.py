@@ -82,7 +82,7 @@ def export_cmd(data_dir, output):
     from bastion_app.store import Store
 
     cfg = _load(data_dir)
-    doc = json.dumps(Store(cfg.db_path).export_state(), indent=2, sort_keys=True) + "\n"
+    doc = json.dumps(Store.from_config(cfg).export_state(), indent=2, sort_keys=True) + "\n"
     if output:
         tmp = output.with_name(output.name + ".tmp")
         tmp.write_text(doc)
@@ -103,7 +103,7 @@ def import_cmd(data_dir, source, replace):
     cfg = _load(data_dir)
     try:
         doc = validate_state_doc(json.load(source))
-        n = Store(cfg.db_path).import_state(doc, actor="lab-bastion import", replace=replace)
+        n = Store.from_config(cfg).import_state(doc, actor="lab-bastion import", replace=replace)
     except json.JSONDecodeError as exc:
         raise click.ClickException(f"{source.name}: not valid JSON: {exc}") from None
     except (pydantic.ValidationError, ValueError, StoreError) as exc:

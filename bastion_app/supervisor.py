@@ -124,7 +124,7 @@ class Supervisor:
 
         self.cfg.data_path.mkdir(parents=True, exist_ok=True)
         ensure_token(self.cfg.token_path)
-        Store(self.cfg.db_path, synchronous=self.cfg.db_synchronous).migrate()
+        Store.from_config(self.cfg).migrate()
         self._take_serve_lock()
         self.metrics = new_metrics_dir()
         self.env = child_env(self.cfg, self.metrics)
@@ -159,7 +159,7 @@ class Supervisor:
         log.info("started %s (pid %d)", spec.name, proc.pid)
 
     def _stall_loop(self) -> None:
-        store = Store(self.cfg.db_path, synchronous=self.cfg.db_synchronous)
+        store = Store.from_config(self.cfg)
         interval = max(1.0, min(30.0, self.cfg.stall_timeout / 4))
         while not self.stopping.wait(interval):
             try:
