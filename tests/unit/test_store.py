@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 
@@ -189,3 +192,23 @@ def test_import_rejects_bad_documents(store, mutate):
     mutate(doc)
     with pytest.raises((ValueError,)):
         validate_state_doc(doc)
+
+
+def test_sql_lives_only_behind_the_stores():
+    """Every SQL statement of the product sits in db.py, store.py or logstore.py, so labd can put a
+    second store behind the same methods: no string literal elsewhere reads like SQL."""
+    root = Path(__file__).resolve().parents[2]
+    sql = re.compile(r"\b(SELECT\s.+\sFROM|INSERT\s+INTO|UPDATE\s+\w+\s+SET|DELETE\s+FROM|CREATE\s+(TABLE|INDEX)|PRAGMA)\b",
+                     re.S)
+    homes = {"bastion_app/db.py", "bastion_app/store.py", "bastion_app/logstore.py"}
+    found = []
+    for pkg in ("bastion_app", "labcore", "labctl", "plugins"):
+        for path in sorted((root / pkg).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if rel in homes:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), rel)):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and sql.search(node.value):
+                    found.append(f"{rel}:{node.lineno}: {node.value[:60]!r}")
+    assert not found, "SQL outside the stores:\n" + "\n".join(found)
+    assert sql.search("SELECT count(*) FROM machines")  # the probe itself finds SQL
