@@ -14,7 +14,7 @@ from tests.support import need
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 K3S_PATHS = [
-    "roles/_common",
+    "roles/k3s_common",
     "roles/k3s_host_prep",
     "roles/k3s_networking",
     "roles/k3s_hardening",
