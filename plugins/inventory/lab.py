@@ -79,6 +79,7 @@ plugin: lab.platform.lab
 sources:
   - http://10.0.0.2:8080
 
+---
 # lab.yml: two bastions, all machines, extra groups, cached for 10 minutes
 # (if a bastion is down, its cached machines are used with a warning)
 plugin: lab.platform.lab

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import requests
+import yaml
 
 from tests.ansible.conftest import BIN, ansible_env, inventory_list, machines_requests, run, unsafe
 from tests.conftest import start_bastion
@@ -159,3 +160,16 @@ def test_wrong_token_is_a_clear_error(seeded, coll, tmp_path):
     r = run([str(BIN / "ansible-inventory"), "-i", str(inv), "--list"], {**ansible_env(coll), "ANSIBLE_INVENTORY_UNPARSED_FAILED": "True"})
     assert r.returncode != 0
     assert "HTTP 401" in r.stderr and "LAB_BASTION_TOKEN" in r.stderr
+
+
+def test_examples_are_inventory_files(coll):
+    """EXAMPLES holds complete inventory files, `---` between them (ansible-lint reads it as YAML):
+    each names the plugin and uses documented options only."""
+    r = run([str(BIN / "ansible-doc"), "-t", "inventory", "--json", "lab.platform.lab"], ansible_env(coll))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)["lab.platform.lab"]
+    files = list(yaml.safe_load_all(doc["examples"]))
+    assert len(files) == 2, doc["examples"]
+    for example in files:
+        assert example["plugin"] == "lab.platform.lab"
+        assert set(example) <= set(doc["doc"]["options"]), sorted(set(example) - set(doc["doc"]["options"]))

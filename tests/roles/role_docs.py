@@ -94,13 +94,18 @@ def render_readme(role: str) -> str:
         "",
     ]
     for entry, spec in specs.items():
-        title = "Variables" if entry == "main" else f"Entry point `{entry}`"
+        if entry != "main":  # an entry point of include_role's tasks_from: its heading, then its text
+            lines += [f"## Entry point `{entry}`", ""]
+            if spec.get("short_description"):
+                lines += [_lead(_text(spec["short_description"]), ""), ""]
         if spec.get("description"):
             lines += [f"- {_text(d)}" for d in spec["description"]]
             lines.append("")
-        if entry == "main" and intro:
-            lines += [intro, ""]
-        lines += [f"## {title}", "", "| Variable | Type | Default | Description |", "|---|---|---|---|"]
+        if entry == "main":
+            if intro:
+                lines += [intro, ""]
+            lines += ["## Variables", ""]
+        lines += ["| Variable | Type | Default | Description |", "|---|---|---|---|"]
         for name, option in spec.get("options", {}).items():
             kind = option.get("type", "str")
             if kind == "list" and option.get("elements"):
