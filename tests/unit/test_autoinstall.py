@@ -15,7 +15,7 @@ import yaml
 
 from bastion_app.images.sync import DEFAULT_MANIFEST
 from bastion_app.routes.installer import GIB, autoinstall_meta_data, autoinstall_user_data
-from tests.unit.test_kickstart_pre import CHROOT, KEY, MAC, NVME_PARTS, TOKEN, FakeMachine
+from tests.support import CHROOT, KEY, MAC, NVME_PARTS, TOKEN, FakeMachine, install_params, need
 
 # subiquity's published schema, kept beside the repository (../shared/schemas); LAB_AUTOINSTALL_SCHEMA
 # names another copy.
@@ -26,8 +26,7 @@ BASE = "http://10.0.0.1:8080"
 
 
 def machine(role="worker", disk=""):
-    return {"mac": MAC, "hostname": "node1", "role": role, "os": "ubuntu-26.04", "disk": disk,
-            "ssh_keys": [KEY], "install_token": TOKEN}
+    return install_params(role, disk, os_name="ubuntu-26.04")
 
 
 def render(role="worker", disk=""):
@@ -35,8 +34,6 @@ def render(role="worker", disk=""):
 
 
 def schema():
-    from tests.support import need
-
     need(SCHEMA_PATH.exists(), f"needs the subiquity schema at {SCHEMA_PATH}")
     return json.loads(SCHEMA_PATH.read_text())
 
