@@ -403,6 +403,16 @@ class FakeMachine:
                "LAB_PART_INCLUDE": str(self.root / "part-include"), "HOME": str(self.root)}
         return subprocess.run(["bash", "-c", body], env=env, capture_output=True, text=True, timeout=60)
 
+    def target(self, name: str, fstab: str, efi: str) -> Path:
+        """A target root for %post or late-commands, ``<root>/<name>`` with ``etc/fstab`` holding
+        ``fstab``; efibootmgr prints ``efi`` and chroot only records what it would run (chroot.log)."""
+        self.shim("chroot", CHROOT)
+        target = self.root / name
+        (target / "etc").mkdir(parents=True)
+        (target / "etc" / "fstab").write_text(fstab)
+        (self.root / "efi.txt").write_text(efi)
+        return target
+
     @property
     def include(self) -> str:
         return (self.root / "part-include").read_text()

@@ -15,7 +15,7 @@ import yaml
 
 from bastion_app.images.sync import DEFAULT_MANIFEST
 from bastion_app.routes.installer import GIB, autoinstall_meta_data, autoinstall_user_data
-from tests.support import CHROOT, KEY, MAC, NVME_PARTS, TOKEN, FakeMachine, install_params, need
+from tests.support import KEY, MAC, NVME_PARTS, TOKEN, FakeMachine, install_params, need
 
 # subiquity's published schema, kept beside the repository (../shared/schemas); LAB_AUTOINSTALL_SCHEMA
 # names another copy.
@@ -206,11 +206,7 @@ def test_early_commands_reprovision_without_boot_partition_fails(tmp_path):
 def test_late_commands_set_up_target_and_report_complete(tmp_path, role):
     doc = yaml.safe_load(render(role))
     fm = fake_ubuntu(tmp_path)
-    fm.shim("chroot", CHROOT)
-    target = tmp_path / "target"
-    (target / "etc").mkdir(parents=True)
-    (target / "etc" / "fstab").write_text("")
-    (tmp_path / "efi.txt").write_text("BootOrder: 0000,0001\nBoot0000* ubuntu\nBoot0001* UEFI PXEv4 (MAC:525400123456)\n")
+    target = fm.target("target", fstab="", efi="BootOrder: 0000,0001\nBoot0000* ubuntu\nBoot0001* UEFI PXEv4 (MAC:525400123456)\n")
     body = command(doc, "late-commands")
     assert "LAB_ROOT=/target " in body
     res = fm.run(body.replace("LAB_ROOT=/target ", f"LAB_ROOT={target} ", 1))

@@ -12,7 +12,7 @@ import pytest
 
 from bastion_app.images.sync import DEFAULT_MANIFEST
 from bastion_app.routes.installer import kickstart
-from tests.support import CHROOT, MAC, NVME_PARTS, TOKEN, FakeMachine, install_params, script, sections
+from tests.support import MAC, NVME_PARTS, TOKEN, FakeMachine, install_params, script, sections
 
 
 def render(role="worker", disk=""):
@@ -270,11 +270,7 @@ def test_pre_runs_under_set_u_without_unbound_variables(tmp_path):
 @pytest.mark.parametrize("role", ["vanilla", "worker"])
 def test_post_host_setup_writes_the_files(tmp_path, role):
     fm = FakeMachine(tmp_path)
-    fm.shim("chroot", CHROOT)
-    root = tmp_path / "root"
-    (root / "etc").mkdir(parents=True)
-    (root / "etc" / "fstab").write_text("UUID=x / xfs defaults 0 0\n")
-    (tmp_path / "efi.txt").write_text("BootOrder: 0001\nBoot0001* Fedora\n")
+    root = fm.target("root", fstab="UUID=x / xfs defaults 0 0\n", efi="BootOrder: 0001\nBoot0001* Fedora\n")
     body = script(render(role), "post")
     assert 'LAB_ROOT="" ' in body
     body = body.replace('LAB_ROOT="" ', f"LAB_ROOT={root} ", 1)
