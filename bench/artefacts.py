@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support import free_port, start_bastion, stop_process  # noqa: E402
 
 NGINX_CONF = """\
 daemon off;
@@ -51,12 +52,6 @@ http {{
     }}
 }}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 30.0) -> None:
@@ -110,18 +105,14 @@ def main() -> int:
                 f.write(os.urandom(1024 * 1024))
         path = "/images/bench/artefact.bin"
 
-        bport, nport = free_port(), free_port()
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        log = open(tmp / "bastion.log", "wb")  # noqa: SIM115
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "bastion_app.cli", "serve", "--data-dir", str(data), "--listen",
-             f"127.0.0.1:{bport}", "--workers", str(args.workers), "--no-dnsmasq"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True))
+        bastion = start_bastion(data, workers=args.workers, timeout=60, log_dir=tmp)
+        procs.append(bastion.proc)
+        nport = free_port()
         conf = tmp / "nginx.conf"
         conf.write_text(NGINX_CONF.format(workers=args.workers, tmp=tmp, port=nport, data=data))
         procs.append(subprocess.Popen([nginx, "-p", str(tmp), "-c", str(conf)], stdout=subprocess.DEVNULL,
                                       stderr=open(tmp / "nginx.log", "wb"), start_new_session=True))  # noqa: SIM115
-        urls = {"nginx": f"http://127.0.0.1:{nport}{path}", "bastion": f"http://127.0.0.1:{bport}{path}"}
+        urls = {"nginx": f"http://127.0.0.1:{nport}{path}", "bastion": bastion.url + path}
         for url in urls.values():
             wait_http(url)
         # warm the page cache and both servers once
@@ -143,13 +134,7 @@ def main() -> int:
         return 0
     finally:
         for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
+            stop_process(p, 20, group=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

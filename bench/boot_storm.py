@@ -12,7 +12,6 @@ ratio shows what the state work costs on top of HTTP.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 import tempfile
@@ -27,10 +26,8 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import Bastion, start_bastion  # noqa: E402
-from tests.support import synthetic_mac  # noqa: E402
+from tests.support import SMALL_HW, TOKEN_RE, Bastion, start_bastion, synthetic_mac  # noqa: E402
 
-TOKEN_RE = re.compile(r"token=([A-Za-z0-9_-]+)")
 STAGES = [("partitioning", 10), ("packages", 40), ("packages", 70), ("post-install", 90), ("post-install", 95)]
 
 
@@ -44,13 +41,11 @@ def start_server(data_dir: Path, workers: int = 4, extra: list[str] | None = Non
 
 
 def queue_machines(server: Bastion, macs: list[str], concurrency: int = 16) -> None:
-    hw = {"cpu": {"threads": 2}, "memory_mb": 2048, "firmware": "bios"}
-
     def one(i_m):
         i, m = i_m
         s = requests.Session()
         s.headers["Authorization"] = f"Bearer {server.token}"
-        assert s.post(server.url + "/api/discover", json={"mac": m, "hardware": hw}).ok
+        assert s.post(server.url + "/api/discover", json={"mac": m, "hardware": SMALL_HW}).ok
         r = s.post(server.url + "/api/install", json={"mac": m, "hostname": f"storm{i}", "role": "worker", "os": "fedora-43"})
         assert r.status_code == 202, r.text
 

@@ -27,8 +27,8 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.boot_storm import TOKEN_RE, queue_machines, run_storm, start_server  # noqa: E402
-from tests.support import synthetic_mac  # noqa: E402
+from bench.boot_storm import queue_machines, run_storm, start_server  # noqa: E402
+from tests.support import TOKEN_RE, synthetic_mac  # noqa: E402
 
 
 class Follower(threading.Thread):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -31,9 +30,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.boot_storm import start_server  # noqa: E402
-from tests.support import synthetic_mac  # noqa: E402
+from tests.support import BIN, ansible_env, machines_requests, synthetic_mac, unsafe  # noqa: E402
+from tests.vm.ansible import collections_path  # noqa: E402
 
-BIN = Path(sys.executable).parent
 ROLES = ["worker", "worker", "worker", "infra", "labcontroller", "vanilla"]
 OSES = ["fedora-43", "ubuntu-26.04"]
 
@@ -58,29 +57,9 @@ def state_doc(n: int) -> dict:
     return {"installed": installed}
 
 
-def machines_requests(url: str) -> float:
-    import requests
-
-    total = 0.0
-    for line in requests.get(url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith("lab_bastion_requests_total{") and 'endpoint="/api/machines"' in line and 'method="GET"' in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def unwrap(value):
-    if isinstance(value, dict):
-        if set(value) == {"__ansible_unsafe"}:
-            return value["__ansible_unsafe"]
-        return {k: unwrap(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [unwrap(v) for v in value]
-    return value
-
-
 def static_inventory(listing: dict) -> dict:
     """The --list output of the plugin as a YAML inventory: groups with their hosts, host variables."""
-    hostvars = unwrap(listing["_meta"]["hostvars"])
+    hostvars = unsafe(listing["_meta"]["hostvars"])
     groups = {}
     for name, body in listing.items():
         if name in ("_meta", "all", "ungrouped") or not isinstance(body, dict):
@@ -114,12 +93,7 @@ def main() -> int:
         print(f"loaded {args.machines} installed machines with lab-bastion import in {time.perf_counter() - t0:.1f} s")
         server = start_server(data, workers=2)
         try:
-            coll = tmp / "collections"
-            (coll / "ansible_collections" / "lab").mkdir(parents=True)
-            (coll / "ansible_collections" / "lab" / "platform").symlink_to(REPO)
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "LAB_BASTION_"))}
-            env.update(ANSIBLE_COLLECTIONS_PATH=str(coll), ANSIBLE_HOME=str(tmp / "ansible-home"),
-                       ANSIBLE_INVENTORY_UNPARSED_FAILED="True", PATH=f"{BIN}:{env.get('PATH', '')}")
+            env = ansible_env(collections_path(tmp / "collections"), ANSIBLE_INVENTORY_UNPARSED_FAILED="True")
             plugin = tmp / "lab.yml"
             plugin.write_text(yaml.safe_dump({"plugin": "lab.platform.lab", "sources": [server.url], "token": server.token}))
             # Warm-up run (also the source of the static file), then the timed rounds.
@@ -134,7 +108,7 @@ def main() -> int:
             for _ in range(args.rounds):
                 seconds, static_listing = timed_list(static, env)
                 static_s.append(seconds)
-                assert unwrap(static_listing["_meta"]["hostvars"]) == unwrap(listing["_meta"]["hostvars"]), "static inventory differs"
+                assert unsafe(static_listing["_meta"]["hostvars"]) == unsafe(listing["_meta"]["hostvars"]), "static inventory differs"
                 plugin_s.append(timed_list(plugin, env)[0])
             requests_made = machines_requests(server.url) - before
         finally:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -31,16 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.boot_storm import start_server  # noqa: E402
+from tests.support import free_port, stop_process  # noqa: E402
 
 MAC = "52:54:00:be:e0:01"
 RATES = [5000, 10000, 20000, 30000, 40000, 60000, 80000, 120000, 160000, 240000]
 LINE = "<30>Nov 26 12:00:01 localhost anaconda[1234]: INFO:program:Running... /usr/bin/rpm --import key step {step} line {i:08d}"
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def send(port: int, rate: int, seconds: float, step: int) -> tuple[int, float]:
@@ -114,12 +108,7 @@ action(type="omfile" file="{self.out}" template="msgonly")
             return 0
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_process(self.proc, 10)
 
 
 def ladder(targets: dict[str, tuple[int, object]], seconds: float, max_rate: int) -> dict[str, tuple[float, str]]:
@@ -163,7 +152,7 @@ def main() -> int:
     # Attribute the sender (127.0.0.1) to one machine, as the dnsmasq leases would.
     (data / "run" / "dnsmasq.leases").write_text(f"{int(time.time()) + 3600} {MAC} 127.0.0.1 bench *\n")
     os.environ["LAB_BASTION_LOG_LINES"] = "100000000"  # count everything: no trimming during the bench
-    ours_port, rs_port = free_udp_port(), free_udp_port()
+    ours_port, rs_port = free_port(kind=socket.SOCK_DGRAM), free_port(kind=socket.SOCK_DGRAM)
     server = start_server(data, workers=2, extra=["--syslog-port", str(ours_port)])
     rs = None
     try:

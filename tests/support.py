@@ -1,4 +1,10 @@
-"""Shared test helpers: prerequisites, free ports, waiting.
+"""The tests' and benchmarks' one support module: prerequisites, ports, waiting and processes;
+shared test data (MACs, SSH keys, hardware reports, install parameters); a real `lab-bastion serve`
+and the machine side of its protocol; the fake machine that runs the installers' shell for real;
+helpers for the ansible CLIs; the end-to-end lab's start and timings.
+
+conftest files wrap these in fixtures; test modules and bench/*.py import them from here (never
+from a conftest or another test module: tests/unit/test_test_layout.py checks that).
 
 A missing prerequisite skips the test with a reason on a developer machine, and fails it under
 CI=true (CI runs as root with every package installed by the project's own files).
@@ -6,16 +12,30 @@ CI=true (CI runs as root with every package installed by the project's own files
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import http.client
+import json
 import os
+import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+import requests
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the virtualenv's console scripts (ansible-*, lab-bastion, labctl)
 
 
+# -- prerequisites ---------------------------------------------------------------------------------
 def need(condition: bool, reason: str) -> None:
     """Skip (laptop) or fail (CI) when a prerequisite is missing."""
     if condition:
@@ -34,6 +54,7 @@ def need_binary(*names: str) -> None:
         need(shutil.which(name) is not None, f"needs `{name}` on PATH (make deps-system installs it)")
 
 
+# -- ports, waiting, processes ---------------------------------------------------------------------
 def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind((host, 0))
@@ -54,6 +75,467 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f": {last_exc!r}" if last_exc else ""))
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 20.0, *, group: bool = False) -> None:
+    """SIGTERM a child (its whole process group with ``group=True``), then SIGKILL what is left after
+    ``timeout`` seconds: its process group when it leads one (``start_new_session=True``), so nothing
+    it started outlives it."""
+    if proc.poll() is not None:
+        return
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            leads_group = os.getpgid(proc.pid) == proc.pid
+        except ProcessLookupError:
+            leads_group = False
+        if leads_group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait()
+
+
+# -- test data -------------------------------------------------------------------------------------
+MAC = "52:54:00:12:34:56"
+TOKEN = "tok_0123456789abcdefXYZ"
+TOKEN_RE = re.compile(r"token=([A-Za-z0-9_-]+)")  # the install token in a served iPXE script
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl lab@test"
+
+
+def ed25519_key(seed: int, comment: str = "op@lab") -> str:
+    """A well-formed ed25519 public key whose 32 key bytes are all ``seed``."""
+    blob = b"\0\0\0\x0bssh-ed25519" + b"\0\0\0\x20" + bytes([seed]) * 32
+    return " ".join(part for part in ("ssh-ed25519", base64.b64encode(blob).decode(), comment) if part)
+
+
+ED25519 = ed25519_key(0, comment="")  # no comment
+HW = {"cpu": {"model": "QEMU", "cores": 2, "threads": 2, "arch": "x86_64"}, "memory_mb": 2048,
+      "disks": [{"name": "vda", "size_bytes": 10 * 2**30, "model": "", "serial": "d1", "rotational": False,
+                 "removable": False, "transport": "virtio"}],
+      "nics": [{"name": "eth0", "mac": MAC, "driver": "virtio_net", "link": True, "speed_mbps": None}],
+      "dmi": {"vendor": "QEMU", "product": "Standard PC", "serial": "", "uuid": "", "bios_vendor": "SeaBIOS", "bios_version": "1.16"},
+      "firmware": "bios"}
+UEFI_HW = {"cpu": {"model": "QEMU", "cores": 4, "threads": 8, "arch": "x86_64"}, "memory_mb": 8192, "firmware": "uefi",
+           "disks": [{"name": "nvme0n1", "size_bytes": 512 * 10**9, "transport": "nvme"}]}
+SMALL_HW = {"cpu": {"threads": 2}, "memory_mb": 2048, "firmware": "bios"}  # the least a report carries
+INSTALL = {"mac": MAC, "hostname": "node1", "role": "worker", "os": "fedora-43", "disk": "", "ssh_keys": [ED25519]}
+
+
+def install_params(role: str = "worker", disk: str = "", os_name: str = "fedora-43") -> dict:
+    """A machine record as the installer renderers get it (with its install token)."""
+    return {"mac": MAC, "hostname": "node1", "role": role, "os": os_name, "disk": disk,
+            "ssh_keys": [KEY], "install_token": TOKEN}
+
+
 def synthetic_mac(i: int, prefix: str = "52:54:01") -> str:
     """The i-th MAC address under a locally administered 3-byte prefix (tests and benches)."""
     return f"{prefix}:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}"
+
+
+# -- the Flask app through its test client -----------------------------------------------------------
+def queue_install(client, auth, os_name="fedora-43", mac="52:54:00:ab:cd:01", **over) -> str:
+    """discover -> install -> GET /dispatch through the test client; returns the install token."""
+    assert client.post("/api/discover", json={"mac": mac}).status_code == 200
+    body = {"mac": mac, "hostname": over.pop("hostname", "node-ks"), "role": "worker", "os": os_name,
+            "disk": "", "ssh_keys": [KEY], **over}
+    r = client.post("/api/install", json=body, headers=auth)
+    assert r.status_code == 202, r.json
+    text = client.get(f"/dispatch?mac={mac}").get_data(as_text=True)
+    return TOKEN_RE.search(text).group(1)
+
+
+# -- a real `lab-bastion serve` ----------------------------------------------------------------------
+@dataclass
+class Bastion:
+    """A running `lab-bastion serve` subprocess."""
+
+    url: str
+    data_dir: Path
+    token: str
+    proc: subprocess.Popen
+    log_path: Path
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def session(self) -> requests.Session:
+        s = requests.Session()
+        s.headers.update(self.headers)
+        return s
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=20)
+
+
+def start_bastion(data_dir: Path, *args: str, env: dict | None = None, workers: int = 4, port: int | None = None,
+                  timeout: float = 30.0, log_dir: Path | None = None) -> Bastion:
+    """Start `lab-bastion serve` and wait for /healthz. Extra CLI args pass through."""
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = (log_dir or data_dir.parent) / f"bastion-{port}.log"
+    if "--syslog-port" not in args:  # never the shared default 5514: tests run side by side
+        args = ("--syslog-port", str(free_port(kind=socket.SOCK_DGRAM)), *args)
+    cmd = [sys.executable, "-m", "bastion_app.cli", "serve", "--data-dir", str(data_dir),
+           "--listen", f"127.0.0.1:{port}", "--workers", str(workers), "--no-dnsmasq", *args]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    with open(log_path, "ab") as logf:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=full_env, cwd=REPO, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        if proc.poll() is not None:
+            raise RuntimeError(f"lab-bastion serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        return requests.get(url + "/healthz", timeout=1).status_code == 200
+
+    try:
+        wait_for(healthy, timeout=timeout, interval=0.1, what="lab-bastion serve /healthz")
+    except BaseException:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    token = (data_dir / "token").read_text().strip()
+    return Bastion(url, data_dir, token, proc, log_path, list(args))
+
+
+class Machines:
+    """The machine side of the protocol against a live bastion (reports hardware ``UEFI_HW``)."""
+
+    def __init__(self, bastion: Bastion):
+        self.b = bastion
+        self.http = bastion.session()
+
+    def discover(self, mac: str) -> None:
+        r = requests.post(self.b.url + "/api/discover", json={"mac": mac, "hardware": UEFI_HW}, timeout=10)
+        assert r.status_code == 200, r.text
+
+    def boot(self, mac: str) -> str:
+        """PXE-boot: fetch /dispatch; return the install token from the install script."""
+        text = requests.get(self.b.url + "/dispatch", params={"mac": mac}, timeout=10).text
+        m = re.search(r"token=([A-Za-z0-9_-]{16,128})", text)
+        assert m, text
+        return m.group(1)
+
+    def progress(self, mac: str, token: str, stage: str, percent: int | None = None, message: str = "") -> None:
+        r = requests.post(self.b.url + "/api/progress", json={"mac": mac, "token": token, "stage": stage,
+                                                              "percent": percent, "message": message}, timeout=10)
+        assert r.status_code == 200, r.text
+
+    def log(self, mac: str, token: str, *lines: str) -> None:
+        r = requests.post(self.b.url + "/api/log", json={"mac": mac, "token": token, "lines": list(lines)}, timeout=10)
+        assert r.status_code == 200, r.text
+
+    def api(self, path: str):
+        r = self.http.get(self.b.url + path, timeout=10)
+        return r.status_code, r.json()
+
+    def events(self, mac: str) -> int:
+        return len(self.api(f"/api/events?mac={mac}")[1]["events"])
+
+
+def udp_port(b: Bastion) -> int:
+    """The bastion's syslog port (start_bastion always passes one)."""
+    return int(b.extra_args[b.extra_args.index("--syslog-port") + 1])
+
+
+def send_udp(port: int, *datagrams: bytes, source: str = "127.0.0.1") -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((source, 0))
+        for d in datagrams:
+            s.sendto(d, ("127.0.0.1", port))
+
+
+def call_from(b: Bastion, source: str, method: str, path: str, body: dict | None = None, auth: bool = False):
+    """An HTTP request from a chosen loopback source address (what the machine's IP will be)."""
+    host, port = b.url.split("//")[1].split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=30, source_address=(source, 0))
+    headers = {"Content-Type": "application/json", **(b.headers if auth else {})}
+    c.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    return r.status, data.decode()
+
+
+def installing(b: Bastion, mac: str, hostname: str, *, os_name: str = "fedora-43", source: str = "127.0.0.1") -> str:
+    """discover -> install -> dispatch (the machine is installing); returns its install token."""
+    st, _ = call_from(b, source, "POST", "/api/discover", {"mac": mac})
+    assert st == 200
+    r = requests.post(b.url + "/api/install", headers=b.headers, timeout=10,
+                      json={"mac": mac, "hostname": hostname, "role": "worker", "os": os_name})
+    assert r.status_code == 202, r.text
+    st, text = call_from(b, source, "GET", f"/dispatch?mac={mac}")
+    assert st == 200
+    return TOKEN_RE.search(text).group(1)
+
+
+def machines_requests(url: str) -> float:
+    """lab_bastion_requests_total for GET /api/machines (all statuses), from /metrics."""
+    text = requests.get(url + "/metrics", timeout=30).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("lab_bastion_requests_total{") and 'endpoint="/api/machines"' in line and 'method="GET"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# -- a fake machine for the installers' shell (kickstart %pre/%post, autoinstall commands) -----------
+# The shims are bash (a Python start per call would make %pre's many lsblk calls slow); their
+# answers are files that FakeMachine.run() writes from its tables.
+LSBLK = r'''#!/bin/bash
+# fake lsblk: `lsblk -dno COL DEV` and `lsblk -lnpo NAME,TYPE DISK`, from $FAKE/lsblk/<dev>/
+dev="${@: -1}" cols="${@: -2:1}"
+d="$FAKE/lsblk/$(printf '%s' "$dev" | tr / _)"
+[ -d "$d" ] || { echo "lsblk: $dev: not a block device" >&2; exit 32; }
+if [ "$cols" = NAME,TYPE ]; then cat "$d/list"; else cat "$d/$cols" 2>/dev/null; fi
+exit 0
+'''
+
+LVM = r'''#!/bin/bash
+# fake lvm: vgs / pvs / lvs for labvg from $FAKE/lvm/
+[ -d "$FAKE/lvm/labvg" ] || exit 5
+case "$1" in
+    vgs) echo "  labvg" ;;
+    pvs) sed 's/^/  /' "$FAKE/lvm/labvg/pvs" ;;
+    lvs) case "$*" in
+             *lv_size*) sed 's/^/  /; s/$/ 10737418240/' "$FAKE/lvm/labvg/lvs" ;;  # every volume 10 GiB
+             *) sed 's/^/  /' "$FAKE/lvm/labvg/lvs" ;;
+         esac ;;
+esac
+'''
+
+CURL = r'''#!/bin/bash
+# fake curl: records URL and body of each call (tab-separated)
+body="" url="${@: -1}"
+while [ $# -gt 0 ]; do [ "$1" = -d ] && body="$2"; shift; done
+printf '%s\t%s\n' "$url" "$body" >> "$FAKE/curl.log"
+'''
+
+EFIBOOTMGR = r'''#!/bin/bash
+# fake efibootmgr: prints $FAKE/efi.txt; -o ORDER is recorded
+if [ "${1:-}" = -o ]; then printf '%s' "$2" > "$FAKE/bootorder"; else cat "$FAKE/efi.txt"; fi
+'''
+
+CHROOT = r'''#!/bin/bash
+# fake chroot: records the command run inside the target
+root="$1"; shift
+echo "$*" >> "$FAKE/chroot.log"
+'''
+
+NVME_PARTS = {"/dev/nvme0n1p1": {"FSTYPE": "vfat", "PARTTYPE": "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"},
+              "/dev/nvme0n1p2": {"FSTYPE": "ext4", "PARTTYPE": "0fc63daf-8483-4772-8e79-3d69d8477de4"},
+              "/dev/nvme0n1p3": {"FSTYPE": "LVM2_member", "PARTTYPE": "e6d6d379-f507-44c2-a23c-238f2a3df928"}}
+
+
+class FakeMachine:
+    """A fake /sys/block tree plus lsblk/lvm state; runs %pre for real."""
+
+    def __init__(self, root: Path, uefi: bool = True):
+        self.root = root
+        self.sys = root / "sys"
+        (self.sys / "block").mkdir(parents=True)
+        if uefi:
+            (self.sys / "firmware" / "efi").mkdir(parents=True)
+        self.bin = root / "bin"
+        self.bin.mkdir()
+        for name, body in (("lsblk", LSBLK), ("lvm", LVM), ("curl", CURL), ("efibootmgr", EFIBOOTMGR)):
+            self.shim(name, body)
+        self.lsblk: dict = {}
+        self.lvm: dict = {}
+
+    def shim(self, name: str, body: str) -> None:
+        """Put an executable ``name`` first on the scripts' PATH."""
+        p = self.bin / name
+        p.write_text(body)
+        p.chmod(0o755)
+
+    def disk(self, name, *, tran="sata", removable=0, ro=0, size=1_000_000_000, parts=None, aliases=()):
+        d = self.sys / "block" / name
+        d.mkdir()
+        (d / "removable").write_text(f"{removable}\n")
+        (d / "ro").write_text(f"{ro}\n")
+        (d / "size").write_text(f"{size}\n")
+        self.lsblk[f"/dev/{name}"] = {"TRAN": tran, "parts": parts or {}, "aliases": list(aliases)}
+        for number, part in enumerate(parts or {}, start=1):  # /sys/class/block/<part>/{partition,size}
+            p = self.sys / "class" / "block" / part.rsplit("/", 1)[-1]
+            p.mkdir(parents=True)
+            (p / "partition").write_text(f"{number}\n")
+            (p / "size").write_text(f"{number * 2048 * 1024}\n")  # number GiB, in 512-byte sectors
+
+    def labvg(self, pv, lvs):
+        self.lvm = {"labvg": {"pvs": [pv], "lvs": list(lvs)}}
+
+    def _write_tables(self) -> None:
+        def entry(path: str, rows: dict[str, str], listing: list[str] | None = None):
+            d = self.root / "lsblk" / path.replace("/", "_")
+            d.mkdir(parents=True, exist_ok=True)
+            for col, value in rows.items():
+                (d / col).write_text(f"{value}\n")
+            if listing is not None:
+                (d / "list").write_text("".join(f"{line}\n" for line in listing))
+
+        for disk, info in self.lsblk.items():
+            kname = disk.rsplit("/", 1)[-1]
+            rows = {"TYPE": "disk", "TRAN": info["TRAN"], "KNAME": kname}
+            listing = [f"{disk} disk"] + [f"{p} part" for p in info["parts"]]
+            for name in [disk, *info["aliases"]]:
+                entry(name, rows, listing)
+            for part, pinfo in info["parts"].items():
+                entry(part, {"TYPE": "part", "KNAME": part.rsplit("/", 1)[-1], "PKNAME": kname, **pinfo})
+        if self.lvm:
+            vg = self.root / "lvm" / "labvg"
+            vg.mkdir(parents=True, exist_ok=True)
+            (vg / "pvs").write_text("".join(f"{pv}\n" for pv in self.lvm["labvg"]["pvs"]))
+            (vg / "lvs").write_text("".join(f"{lv}\n" for lv in self.lvm["labvg"]["lvs"]))
+
+    def run(self, body: str) -> subprocess.CompletedProcess:
+        need_binary("bash")
+        self._write_tables()
+        env = {"PATH": f"{self.bin}:/usr/bin:/bin", "FAKE": str(self.root), "LAB_SYSFS": str(self.sys),
+               "LAB_PART_INCLUDE": str(self.root / "part-include"), "HOME": str(self.root)}
+        return subprocess.run(["bash", "-c", body], env=env, capture_output=True, text=True, timeout=60)
+
+    def target(self, name: str, fstab: str, efi: str) -> Path:
+        """A target root for %post or late-commands, ``<root>/<name>`` with ``etc/fstab`` holding
+        ``fstab``; efibootmgr prints ``efi`` and chroot only records what it would run (chroot.log)."""
+        self.shim("chroot", CHROOT)
+        target = self.root / name
+        (target / "etc").mkdir(parents=True)
+        (target / "etc" / "fstab").write_text(fstab)
+        (self.root / "efi.txt").write_text(efi)
+        return target
+
+    @property
+    def include(self) -> str:
+        return (self.root / "part-include").read_text()
+
+    def progress(self) -> list[dict]:
+        log = self.root / "curl.log"
+        calls = [line.split("\t", 1) for line in log.read_text().splitlines()] if log.exists() else []
+        return [json.loads(body) for url, body in calls if url.endswith("/api/progress")]
+
+
+def sections(text: str):
+    """A kickstart parsed by pykickstart (F43); returns its handler."""
+    from pykickstart.parser import KickstartParser
+    from pykickstart.version import makeVersion
+
+    handler = makeVersion("F43")
+    KickstartParser(handler, followIncludes=False).readKickstartFromString(text)
+    return handler
+
+
+def script(text: str, kind: str, chroot: bool = True) -> str:
+    """The body of a kickstart's one %pre, %pre-install, %post (in or out of the chroot) or %onerror."""
+    from pykickstart.constants import KS_SCRIPT_ONERROR, KS_SCRIPT_POST, KS_SCRIPT_PRE, KS_SCRIPT_PREINSTALL
+
+    t = {"pre": KS_SCRIPT_PRE, "pre-install": KS_SCRIPT_PREINSTALL, "post": KS_SCRIPT_POST,
+         "onerror": KS_SCRIPT_ONERROR}[kind]
+    found = [s for s in sections(text).scripts if s.type == t and (kind != "post" or s.inChroot == chroot)]
+    assert len(found) == 1, f"expected one %{kind} section"
+    return found[0].script
+
+
+# -- the ansible CLIs against this checkout ----------------------------------------------------------
+def ansible_env(coll: Path, **extra: str) -> dict[str, str]:
+    """A clean environment (no ANSIBLE_* or LAB_BASTION_* of the caller) with the collection on ``coll``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "LAB_BASTION_"))}
+    env.update(
+        ANSIBLE_COLLECTIONS_PATH=str(coll),
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_LOCALHOST_WARNING="False",
+        ANSIBLE_INVENTORY_UNPARSED_WARNING="False",
+        ANSIBLE_RETRY_FILES_ENABLED="False",
+        ANSIBLE_PYTHON_INTERPRETER=sys.executable,
+        ANSIBLE_HOME=str(coll / "ansible-home"),
+        PATH=f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}",
+    )
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], env: dict[str, str], cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def inventory_list(inv: Path, env: dict[str, str], *args: str) -> dict:
+    r = run([str(BIN / "ansible-inventory"), "-i", str(inv), "--list", *args], env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def unsafe(value):
+    """ansible-inventory --list shows unsafe strings as {"__ansible_unsafe": "..."}; unwrap them."""
+    if isinstance(value, dict):
+        if set(value) == {"__ansible_unsafe"}:
+            return value["__ansible_unsafe"]
+        return {k: unsafe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unsafe(v) for v in value]
+    return value
+
+
+def recap(stdout: str) -> dict[str, dict[str, int]]:
+    """PLAY RECAP counters per host."""
+    out = {}
+    for m in re.finditer(r"^(\S+)\s+:\s+((?:\w+=\d+\s*)+)$", stdout, re.M):
+        out[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
+    return out
+
+
+# -- the end-to-end lab (tests/e2e/lab.py) -----------------------------------------------------------
+E2E_TIMES: list[tuple[str, float, str]] = []  # (what, seconds, note), printed at the end of the e2e run
+
+
+def e2e_prerequisites() -> None:
+    from tests.e2e import lab as labmod
+
+    need_root()
+    need_binary("ip", "qemu-system-x86_64", "dnsmasq", "grub-mkstandalone", "mformat", "apt-get", "dpkg-deb")
+    need(Path("/dev/net/tun").exists(), "needs /dev/net/tun (QEMU tap devices)")
+    for f in (labmod.OVMF_CODE, labmod.OVMF_VARS):
+        need(f.exists(), f"needs {f} (Debian package ovmf)")
+    need(Path("/usr/lib/ipxe/snponly.efi").exists(), "needs /usr/lib/ipxe/snponly.efi (Debian package ipxe)")
+    need(Path("/usr/lib/ipxe/qemu/pxe-virtio.rom").exists(), "needs QEMU's iPXE ROMs (Debian package ipxe-qemu)")
+
+
+@contextlib.contextmanager
+def e2e_lab(root: Path, what: str, **kw):
+    """A virtual lab (tests.e2e.lab.Lab(root, **kw)) that is up inside the block and down after it;
+    the time it took to come up is recorded in E2E_TIMES under ``what``."""
+    from tests.e2e import lab as labmod
+
+    the_lab = labmod.Lab(root, **kw)
+    try:
+        started = time.monotonic()
+        the_lab.up()
+        E2E_TIMES.append((what, time.monotonic() - started, the_lab.ns))
+        yield the_lab
+    finally:
+        the_lab.down()
+
+
+class LabMachines:
+    """Creates QEMU machines in an e2e lab and stops them when the test ends (pass or fail)."""
+
+    def __init__(self, lab, prefix: str):
+        self.lab = lab
+        self.prefix = prefix
+        self.made: list = []
+
+    def __call__(self, name: str, **kw):
+        m = self.lab.machine(f"{self.prefix}-{name}", **kw)
+        self.made.append(m)
+        return m
+
+    def stop_all(self) -> None:
+        for m in self.made:
+            self.lab.stop_machine(m)

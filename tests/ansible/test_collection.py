@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ansible.conftest import BIN, REPO, ansible_env, run
+from tests.support import BIN, REPO, ansible_env, run
 
 PLUGINS = [("inventory", "lab.platform.lab"), ("module", "lab.platform.lab_machine"),
            ("module", "lab.platform.lab_machine_info"), ("module", "lab.platform.efi_bootnext")]

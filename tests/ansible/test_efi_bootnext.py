@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from tests.ansible.conftest import REPO
+from tests.support import REPO
 
 spec = importlib.util.spec_from_file_location("efi_bootnext", REPO / "plugins/modules/efi_bootnext.py")
 efi = importlib.util.module_from_spec(spec)

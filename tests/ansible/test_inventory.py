@@ -11,8 +11,7 @@ import pytest
 import requests
 import yaml
 
-from tests.ansible.conftest import BIN, ansible_env, inventory_list, machines_requests, run, unsafe
-from tests.conftest import start_bastion
+from tests.support import BIN, ansible_env, inventory_list, machines_requests, run, start_bastion, unsafe
 
 INJECT = "{{ lookup('pipe','id') }}"
 INSTALLED = {

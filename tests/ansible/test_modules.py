@@ -10,7 +10,7 @@ import sys
 import pytest
 import requests
 
-from tests.ansible.conftest import BIN, REPO, ansible_env, recap, run
+from tests.support import BIN, REPO, ansible_env, recap, run
 
 MAC = "52:54:00:dd:00:01"
 

@@ -27,8 +27,7 @@ import pytest
 import yaml
 
 from labctl.init_cmd import build_wheelhouse
-from tests.ansible.conftest import BIN, REPO
-from tests.support import need_binary, need_root
+from tests.support import BIN, REPO, need_binary, need_root
 from tests.vm.ansible import ansible_env, collections_path
 from tests.vm.image import ensure_image
 

@@ -9,23 +9,17 @@ import time
 import pytest
 
 from tests.e2e import lab as labmod
-from tests.e2e.conftest import TIMES, prerequisites
+from tests.support import e2e_lab, e2e_prerequisites
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def proxy_lab(tmp_path_factory):
-    prerequisites()
-    root = tmp_path_factory.mktemp("proxylab")
-    the_lab = labmod.Lab(root, dhcp_mode="proxy")
-    try:
-        started = time.monotonic()
-        the_lab.up()
-        TIMES.append(("proxy lab up (netns, LAN DHCP router, bastion proxy-DHCP)", time.monotonic() - started, the_lab.ns))
+    e2e_prerequisites()
+    with e2e_lab(tmp_path_factory.mktemp("proxylab"), "proxy lab up (netns, LAN DHCP router, bastion proxy-DHCP)",
+                 dhcp_mode="proxy") as the_lab:
         yield the_lab
-    finally:
-        the_lab.down()
 
 
 def test_bios_machine_gets_address_from_lan_and_boot_file_from_bastion(proxy_lab):

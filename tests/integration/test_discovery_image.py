@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import need, need_binary, need_root, wait_for
+from tests.support import need, need_binary, need_root, stop_process, wait_for
 
 LIB = Path(__file__).resolve().parents[2] / "bastion_app" / "images" / "discovery" / "lib.sh"
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
@@ -258,11 +258,7 @@ def lab_net(tmp_path):
         if server:
             server.stop()
         if dnsmasq:
-            dnsmasq.terminate()
-            try:
-                dnsmasq.wait(10)
-            except subprocess.TimeoutExpired:
-                dnsmasq.kill()
+            stop_process(dnsmasq, 10)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 

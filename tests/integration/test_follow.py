@@ -13,9 +13,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import start_bastion
-from tests.integration.test_logs import call_from, installing, send_udp, udp_port
-from tests.support import free_port, wait_for
+from tests.support import call_from, free_port, installing, send_udp, start_bastion, udp_port, wait_for
 
 
 class SSE:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import need, need_binary, need_root, wait_for
+from tests.support import need, need_binary, need_root, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER_IP = "10.77.0.1"
@@ -133,16 +133,6 @@ def serve(ns: dict, data: Path, *args: str) -> subprocess.Popen:
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 DISPATCH = f"http://{SERVER_IP}:8080/dispatch?mac=${{netX/mac}}"
 BOOT_ITEM = "2b07470480000000ff"  # option 43: PXE_BOOT_ITEM type 0x8000 layer 0
 
@@ -186,7 +176,7 @@ def test_proxy_dhcp_answers_bios_uefi_and_ipxe(netns, tmp_path):
         log = (tmp_path / "serve.log").read_text()
         assert "proxy on subnet 10.77.0.0" in log and "DNS disabled" in log
     finally:
-        stop(proc)
+        stop_process(proc, group=True)
     assert proc.returncode == 0
 
 
@@ -204,7 +194,7 @@ def test_full_dhcp_hands_out_addresses(netns, tmp_path):
         ipxe = client(netns, iface=netns["cli_if"], mac="52:54:00:bb:00:03", arch=0, ipxe=True)
         assert ipxe[0]["file"] == DISPATCH
     finally:
-        stop(proc)
+        stop_process(proc, group=True)
 
 
 def test_interface_without_address_is_a_clear_error(netns, tmp_path):
@@ -212,7 +202,7 @@ def test_interface_without_address_is_a_clear_error(netns, tmp_path):
     try:
         proc.wait(timeout=60)
     finally:
-        stop(proc)
+        stop_process(proc, group=True)
     log = (tmp_path / "serve.log").read_text()
     assert proc.returncode != 0
     assert f"interface '{netns['bare_if']}' has no IPv4 address" in log
@@ -229,4 +219,4 @@ def test_dnsmasq_is_restarted_by_the_supervisor(netns, tmp_path):
         time.sleep(0.5)
         assert ipxe_boot_file(netns, "52:54:00:cc:00:01") == DISPATCH
     finally:
-        stop(proc)
+        stop_process(proc, group=True)

@@ -18,9 +18,7 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import start_bastion
-from tests.support import need_binary
-from tests.unit.test_kickstart_pre import KEY, script
+from tests.support import KEY, need_binary, script, start_bastion
 
 MAC_F = "52:54:00:ee:00:01"
 MAC_U = "52:54:00:ee:00:02"

@@ -9,7 +9,6 @@ GET /dispatch?mac= (whose install script carries the install token), then /api/p
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -24,17 +23,9 @@ import yaml
 from click.testing import CliRunner
 
 from labctl.main import cli
-from tests.conftest import start_bastion
-from tests.support import wait_for
+from tests.support import Machines, ed25519_key, start_bastion, wait_for
 
 LABCTL = [sys.executable, "-m", "labctl.main"]
-HW = {"cpu": {"model": "QEMU", "cores": 4, "threads": 8, "arch": "x86_64"}, "memory_mb": 8192, "firmware": "uefi",
-      "disks": [{"name": "nvme0n1", "size_bytes": 512 * 10**9, "transport": "nvme"}]}
-
-
-def ed25519_key(seed: int, comment: str = "op@lab") -> str:
-    blob = b"\0\0\0\x0bssh-ed25519" + b"\0\0\0\x20" + bytes([seed]) * 32
-    return f"ssh-ed25519 {base64.b64encode(blob).decode()} {comment}"
 
 
 @pytest.fixture(scope="module")
@@ -57,41 +48,6 @@ def labctl(env):
 
 def run_sub(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([*LABCTL, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
-
-
-class Machines:
-    """The machine side of the protocol."""
-
-    def __init__(self, bastion):
-        self.b = bastion
-        self.http = bastion.session()
-
-    def discover(self, mac: str) -> None:
-        r = requests.post(self.b.url + "/api/discover", json={"mac": mac, "hardware": HW}, timeout=10)
-        assert r.status_code == 200, r.text
-
-    def boot(self, mac: str) -> str:
-        """PXE-boot: fetch /dispatch; return the install token from the install script."""
-        text = requests.get(self.b.url + "/dispatch", params={"mac": mac}, timeout=10).text
-        m = re.search(r"token=([A-Za-z0-9_-]{16,128})", text)
-        assert m, text
-        return m.group(1)
-
-    def progress(self, mac: str, token: str, stage: str, percent: int | None = None, message: str = "") -> None:
-        r = requests.post(self.b.url + "/api/progress", json={"mac": mac, "token": token, "stage": stage,
-                                                              "percent": percent, "message": message}, timeout=10)
-        assert r.status_code == 200, r.text
-
-    def log(self, mac: str, token: str, *lines: str) -> None:
-        r = requests.post(self.b.url + "/api/log", json={"mac": mac, "token": token, "lines": list(lines)}, timeout=10)
-        assert r.status_code == 200, r.text
-
-    def api(self, path: str):
-        r = self.http.get(self.b.url + path, timeout=10)
-        return r.status_code, r.json()
-
-    def events(self, mac: str) -> int:
-        return len(self.api(f"/api/events?mac={mac}")[1]["events"])
 
 
 @pytest.fixture(scope="module")

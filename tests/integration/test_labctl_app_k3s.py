@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import start_bastion
-from tests.integration.test_labctl import Machines
+from tests.support import Machines, start_bastion
 
 LABCTL = [sys.executable, "-m", "labctl.main"]
 SSH_USER = "labctl-k3s-test-nobody"

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.support import need_binary, need_root, wait_for
+from tests.support import need_binary, need_root, stop_process, wait_for
 
 LABCTL = [sys.executable, "-m", "labctl.main"]
 
@@ -52,11 +52,7 @@ def segment(tmp_path):
         yield {"cli": cli, "iface": f"vc{tag}", "dnsmasq": dnsmasq, "tmp": tmp_path}
     finally:
         for p in procs:
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop_process(p, 10)
         subprocess.run(["ip", "netns", "del", srv], capture_output=True)
         subprocess.run(["ip", "netns", "del", cli], capture_output=True)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from labctl.makeiso import build_iso
-from tests.support import need, need_binary, wait_for
+from tests.support import need, need_binary, stop_process, wait_for
 
 OVMF = Path("/usr/share/ovmf/OVMF.fd")
 MAC = "52:54:00:1a:2b:3c"
@@ -68,15 +68,6 @@ def boot(iso: Path, port: int, serial: Path, *firmware: str) -> subprocess.Popen
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def test_bios_boot_reaches_dispatch_with_the_mac(iso, dispatch_server, tmp_path):
     port, hits = dispatch_server
     vm = boot(iso, port, tmp_path / "serial.log")
@@ -84,7 +75,7 @@ def test_bios_boot_reaches_dispatch_with_the_mac(iso, dispatch_server, tmp_path)
         wait_for(lambda: hits or vm.poll() is not None, timeout=240, interval=0.5, what="GET /dispatch from the VM")
         assert vm.poll() is None, vm.stderr.read().decode()
     finally:
-        stop(vm)
+        stop_process(vm, 10)
     assert hits[0] == "/dispatch?mac=" + MAC.replace(":", "%3A")
 
 
@@ -101,7 +92,7 @@ def test_uefi_boot_starts_ipxe_from_the_iso(iso, dispatch_server, tmp_path):
         wait_for(lambda: "Nothing to boot" in text() or hits or vm.poll() is not None, timeout=300, interval=1,
                  what="iPXE from the ISO's EFI image")
     finally:
-        stop(vm)
+        stop_process(vm, 10)
     log = text()
     assert 'starting Boot0001 "UEFI QEMU DVD-ROM' in log
     assert "iPXE initialising devices" in log and f"net0: {MAC}" in log and "net0: 10.0.2.15" in log

@@ -8,9 +8,6 @@ unknown one lands in the `unattributed` bucket.
 
 from __future__ import annotations
 
-import http.client
-import json
-import re
 import socket
 import time
 from pathlib import Path
@@ -18,49 +15,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import start_bastion
-from tests.support import free_port, wait_for
+from tests.support import free_port, installing, send_udp, start_bastion, udp_port, wait_for
 
 MAC_LEASE = "52:54:00:10:00:21"  # known from the lease file as 127.0.0.21
 MAC_SEEN = "52:54:00:10:00:22"  # known because it called the bastion from 127.0.0.22
 MAC_UBUNTU = "52:54:00:10:00:23"
-TOKEN_RE = re.compile(r"token=([A-Za-z0-9_-]+)")
-
-
-# -- helpers shared with test_follow.py --------------------------------------------------------
-def udp_port(b) -> int:
-    return int(b.extra_args[b.extra_args.index("--syslog-port") + 1])
-
-
-def send_udp(port: int, *datagrams: bytes, source: str = "127.0.0.1") -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((source, 0))
-        for d in datagrams:
-            s.sendto(d, ("127.0.0.1", port))
-
-
-def call_from(b, source: str, method: str, path: str, body: dict | None = None, auth: bool = False):
-    """An HTTP request from a chosen loopback source address (what the machine's IP will be)."""
-    host, port = b.url.split("//")[1].split(":")
-    c = http.client.HTTPConnection(host, int(port), timeout=30, source_address=(source, 0))
-    headers = {"Content-Type": "application/json", **(b.headers if auth else {})}
-    c.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
-    r = c.getresponse()
-    data = r.read()
-    c.close()
-    return r.status, data.decode()
-
-
-def installing(b, mac: str, hostname: str, *, os_name: str = "fedora-43", source: str = "127.0.0.1") -> str:
-    """discover -> install -> dispatch (the machine is installing); returns its install token."""
-    st, _ = call_from(b, source, "POST", "/api/discover", {"mac": mac})
-    assert st == 200
-    r = requests.post(b.url + "/api/install", headers=b.headers, timeout=10,
-                      json={"mac": mac, "hostname": hostname, "role": "worker", "os": os_name})
-    assert r.status_code == 202, r.text
-    st, text = call_from(b, source, "GET", f"/dispatch?mac={mac}")
-    assert st == 200
-    return TOKEN_RE.search(text).group(1)
 
 
 def logs(b, mac: str, **params) -> dict:

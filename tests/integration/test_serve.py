@@ -12,9 +12,7 @@ from collections import Counter
 
 import requests
 
-from tests.conftest import REPO
-from tests.support import synthetic_mac
-from tests.unit.test_api import HW
+from tests.support import HW, REPO, synthetic_mac
 
 
 def lab_bastion(*args, check=True, **kw):

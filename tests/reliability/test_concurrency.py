@@ -12,7 +12,7 @@ import time
 import requests
 from requests.adapters import HTTPAdapter
 
-from tests.conftest import start_bastion
+from tests.support import start_bastion
 
 MACHINES = 8
 PROGRESS_PER_MACHINE = 60

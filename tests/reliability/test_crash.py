@@ -14,8 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from tests.conftest import start_bastion
-from tests.support import synthetic_mac
+from tests.support import REPO, start_bastion, synthetic_mac
 
 MACHINES = 1000
 
@@ -38,8 +37,6 @@ def _import_queued(data_dir, n):
     """Load n queued machines with known install tokens straight through `lab-bastion import`."""
     import json
     import sys
-
-    from tests.conftest import REPO
 
     doc = {"install_queue": {synthetic_mac(i, "52:54:09"): {"hostname": f"crash{i}", "role": "vanilla", "os": "fedora-43",
                                                              "status": "installing", "token": f"crashtoken{i:012d}xx"}

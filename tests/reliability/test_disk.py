@@ -12,10 +12,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import start_bastion
-from tests.support import need_root, synthetic_mac
-
-HW = {"cpu": {"threads": 2}, "memory_mb": 1024, "firmware": "bios"}
+from tests.support import SMALL_HW, need_root, start_bastion, synthetic_mac
 
 
 @pytest.fixture
@@ -49,7 +46,7 @@ def fill(path) -> None:
 
 
 def discover(b, i):
-    return requests.post(b.url + "/api/discover", json={"mac": synthetic_mac(i, "52:54:0a"), "hardware": HW}, timeout=10)
+    return requests.post(b.url + "/api/discover", json={"mac": synthetic_mac(i, "52:54:0a"), "hardware": SMALL_HW}, timeout=10)
 
 
 def test_disk_full_then_read_only_then_recovered(small_disk, tmp_path, record):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import need
+from tests.support import need, start_bastion
 
 CHECKS = "all"
 
@@ -35,8 +35,6 @@ def _schemathesis(bastion, tmp_path: Path, *headers: str, max_examples: int, see
 def bastion(tmp_path_factory):
     """A bastion whose error budget (429 for hosts that keep failing) is out of the fuzzer's way,
     so that every generated request reaches the code it is meant to test."""
-    from tests.conftest import start_bastion
-
     b = start_bastion(tmp_path_factory.mktemp("fuzz") / "data", env={"LAB_BASTION_ERROR_RATE": "100000",
                                                                      "LAB_BASTION_ERROR_BURST": "100000"})
     yield b

@@ -8,16 +8,7 @@ import re
 import pytest
 
 from labcore import schemas
-from tests.unit.test_validate import ED25519
-
-MAC = "52:54:00:12:34:56"
-HW = {"cpu": {"model": "QEMU", "cores": 2, "threads": 2, "arch": "x86_64"}, "memory_mb": 2048,
-      "disks": [{"name": "vda", "size_bytes": 10 * 2**30, "model": "", "serial": "d1", "rotational": False,
-                 "removable": False, "transport": "virtio"}],
-      "nics": [{"name": "eth0", "mac": MAC, "driver": "virtio_net", "link": True, "speed_mbps": None}],
-      "dmi": {"vendor": "QEMU", "product": "Standard PC", "serial": "", "uuid": "", "bios_vendor": "SeaBIOS", "bios_version": "1.16"},
-      "firmware": "bios"}
-INSTALL = {"mac": MAC, "hostname": "node1", "role": "worker", "os": "fedora-43", "disk": "", "ssh_keys": [ED25519]}
+from tests.support import ED25519, HW, INSTALL, MAC
 
 
 def discover(client, mac=MAC):

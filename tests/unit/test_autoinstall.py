@@ -16,7 +16,7 @@ import yaml
 from bastion_app.images.sync import DEFAULT_MANIFEST
 from bastion_app.installers import autoinstall_meta_data, autoinstall_user_data
 from labcore.layout import GIB
-from tests.unit.test_kickstart_pre import CHROOT, KEY, MAC, NVME_PARTS, TOKEN, FakeMachine
+from tests.support import KEY, MAC, NVME_PARTS, TOKEN, FakeMachine, install_params, need
 
 # subiquity's published schema, kept beside the repository (../shared/schemas); LAB_AUTOINSTALL_SCHEMA
 # names another copy.
@@ -27,8 +27,7 @@ BASE = "http://10.0.0.1:8080"
 
 
 def machine(role="worker", disk=""):
-    return {"mac": MAC, "hostname": "node1", "role": role, "os": "ubuntu-26.04", "disk": disk,
-            "ssh_keys": [KEY], "install_token": TOKEN}
+    return install_params(role, disk, os_name="ubuntu-26.04")
 
 
 def render(role="worker", disk=""):
@@ -36,8 +35,6 @@ def render(role="worker", disk=""):
 
 
 def schema():
-    from tests.support import need
-
     need(SCHEMA_PATH.exists(), f"needs the subiquity schema at {SCHEMA_PATH}")
     return json.loads(SCHEMA_PATH.read_text())
 
@@ -210,11 +207,7 @@ def test_early_commands_reprovision_without_boot_partition_fails(tmp_path):
 def test_late_commands_set_up_target_and_report_complete(tmp_path, role):
     doc = yaml.safe_load(render(role))
     fm = fake_ubuntu(tmp_path)
-    fm.shim("chroot", CHROOT)
-    target = tmp_path / "target"
-    (target / "etc").mkdir(parents=True)
-    (target / "etc" / "fstab").write_text("")
-    (tmp_path / "efi.txt").write_text("BootOrder: 0000,0001\nBoot0000* ubuntu\nBoot0001* UEFI PXEv4 (MAC:525400123456)\n")
+    target = fm.target("target", fstab="", efi="BootOrder: 0000,0001\nBoot0000* ubuntu\nBoot0001* UEFI PXEv4 (MAC:525400123456)\n")
     body = command(doc, "late-commands")
     assert "LAB_ROOT=/target " in body
     res = fm.run(body.replace("LAB_ROOT=/target ", f"LAB_ROOT={target} ", 1))

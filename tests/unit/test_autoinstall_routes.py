@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import yaml
 
-from tests.unit.test_kickstart_routes import queue
+from tests.support import queue_install
 
 MAC = "52:54:00:ab:cd:02"
 
 
 def test_nocloud_user_data_and_meta_data(client, auth):
-    token = queue(client, auth, os_name="ubuntu-26.04", mac=MAC, hostname="node-ai")
+    token = queue_install(client, auth, os_name="ubuntu-26.04", mac=MAC, hostname="node-ai")
     dispatch = client.get(f"/dispatch?mac={MAC}").get_data(as_text=True)
     assert f"/autoinstall/{MAC}/{token}/" in dispatch  # the iPXE script points here
     r = client.get(f"/autoinstall/{MAC}/{token}/user-data")
@@ -22,7 +22,7 @@ def test_nocloud_user_data_and_meta_data(client, auth):
 
 
 def test_refusals(client, auth):
-    token = queue(client, auth, os_name="ubuntu-26.04", mac=MAC)
+    token = queue_install(client, auth, os_name="ubuntu-26.04", mac=MAC)
     assert client.get(f"/autoinstall/{MAC}/{'x' * 24}/user-data").status_code == 403
     assert client.get(f"/autoinstall/{MAC}/bad/user-data").status_code == 400
     assert client.get(f"/autoinstall/nope/{token}/meta-data").status_code == 400
@@ -30,6 +30,6 @@ def test_refusals(client, auth):
 
 
 def test_fedora_machine_gets_no_autoinstall(client, auth):
-    token = queue(client, auth, os_name="fedora-43", mac=MAC)
+    token = queue_install(client, auth, os_name="fedora-43", mac=MAC)
     r = client.get(f"/autoinstall/{MAC}/{token}/user-data")
     assert r.status_code == 409 and "fedora-43" in r.json["error"]

@@ -13,8 +13,7 @@ import pytest
 
 from bastion_app.images.sync import DEFAULT_MANIFEST
 from bastion_app.installers import debug_kickstart, debug_setup_script, discovery_kickstart, kickstart
-from tests.support import need
-from tests.unit.test_kickstart_pre import KEY, MAC, NVME_PARTS, TOKEN, FakeMachine, machine, script, sections
+from tests.support import KEY, MAC, NVME_PARTS, TOKEN, FakeMachine, install_params, need, script, sections
 
 ROLES = ["vanilla", "worker", "infra", "labcontroller"]
 BASE = "http://10.0.0.1:8080"
@@ -34,7 +33,7 @@ def validate_f43(tmp_path: Path, text: str, name: str = "ks.cfg") -> None:
 
 
 def render(role="worker", disk=""):
-    return kickstart(machine(role, disk), base=BASE, syslog_port=5514, manifest=DEFAULT_MANIFEST)
+    return kickstart(install_params(role, disk), base=BASE, syslog_port=5514, manifest=DEFAULT_MANIFEST)
 
 
 @pytest.mark.parametrize("role", ROLES)

