@@ -80,7 +80,10 @@ class Watcher:
         with self.lock:
             self.subs.setdefault(mac, set()).add(ev)
             if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="log-follow-watcher", daemon=True)
+                # the starting point is read here, so a change made after subscribe() returns wakes
+                # its followers however late the thread gets to run
+                start = (self.logs.last_id(), self.store.last_event_id())
+                self.thread = threading.Thread(target=self._run, args=start, name="log-follow-watcher", daemon=True)
                 self.thread.start()
         return ev
 
@@ -92,9 +95,7 @@ class Watcher:
                 if not s:
                     del self.subs[mac]
 
-    def _run(self) -> None:
-        lid = self.logs.last_id()
-        eid = self.store.last_event_id()
+    def _run(self, lid: int, eid: int) -> None:
         while True:
             time.sleep(self.interval_s)
             try:
