@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
-import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from labcore import validate as v
+from labcore.yamlfile import YamlFileError, read_mapping
 
 ENV_PREFIX = "LAB_BASTION_"
 DATA_DIR_ENV = "LAB_BASTION_DATA_DIR"
@@ -79,22 +79,20 @@ def _listen(value: str) -> str:
     return value
 
 
-def _ip(value: str) -> str:
-    if value:
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            raise ValueError(f"{value!r} is not an IP address") from None
-    return value
+def _parses_as(parse, what: str):
+    """A check for an optional setting: '' or a value that ``parse`` accepts."""
+    def check(value: str) -> str:
+        if value:
+            try:
+                parse(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not {what}") from None
+        return value
+    return check
 
 
-def _subnet(value: str) -> str:
-    if value:
-        try:
-            ipaddress.ip_network(value, strict=False)
-        except ValueError:
-            raise ValueError(f"{value!r} is not a network (e.g. 10.0.0.0/24)") from None
-    return value
+_ip = _parses_as(ipaddress.ip_address, "an IP address")
+_subnet = _parses_as(lambda text: ipaddress.ip_network(text, strict=False), "a network (e.g. 10.0.0.0/24)")
 
 
 def dhcp_range(value: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
@@ -141,6 +139,10 @@ def _access_log(value: str) -> str:
 Switch = Annotated[bool, BeforeValidator(_switch)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 AtLeastOne = Annotated[int, Field(ge=1)]
+
+
+def _in_data_dir(name: str) -> property:
+    return property(lambda cfg: cfg.data_path / name, doc=f"<data_dir>/{name}")
 
 
 class Config(BaseModel):
@@ -195,26 +197,15 @@ class Config(BaseModel):
                              "the addresses to hand out; or use dhcp_mode proxy")
         return self
 
-    # derived paths
+    # derived paths: the data directory and what lives in it (docs/bastion.md, "Data directory")
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
 
-    @property
-    def db_path(self) -> Path:
-        return self.data_path / "state.db"
-
-    @property
-    def token_path(self) -> Path:
-        return self.data_path / "token"
-
-    @property
-    def images_path(self) -> Path:
-        return self.data_path / "images"
-
-    @property
-    def run_path(self) -> Path:
-        return self.data_path / "run"
+    db_path = _in_data_dir("state.db")
+    token_path = _in_data_dir("token")
+    images_path = _in_data_dir("images")
+    run_path = _in_data_dir("run")
 
     @property
     def listen_host(self) -> str:
@@ -279,16 +270,10 @@ def load(data_dir: str | os.PathLike | None = None, overrides: dict[str, Any] | 
     data_dir = str(data_dir or env.get(DATA_DIR_ENV) or "")
     if not data_dir:
         raise ConfigError(f"no data directory: pass --data-dir or set {DATA_DIR_ENV}")
-    values: dict[str, Any] = {}
-    cfg_file = Path(data_dir) / CONFIG_NAME
-    if cfg_file.exists():
-        try:
-            doc = yaml.safe_load(cfg_file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{cfg_file}: not valid YAML: {exc}") from None
-        if not isinstance(doc, dict):
-            raise ConfigError(f"{cfg_file}: expected a mapping of settings")
-        values.update(doc)
+    try:
+        values: dict[str, Any] = read_mapping(Path(data_dir) / CONFIG_NAME)
+    except YamlFileError as exc:
+        raise ConfigError(str(exc)) from None
     for name in SETTINGS:
         key = ENV_PREFIX + name.upper()
         if key in env and name != "data_dir":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from labcore.yamlfile import YamlFileError, read_mapping
 from labctl.errors import UsageError
 
 OUTPUTS = ("table", "wide", "json", "yaml")
@@ -47,14 +48,10 @@ def check_value(key: str, value: str) -> str:
 
 def read_file(p: Path | None = None) -> dict[str, str]:
     p = p or path()
-    if not p.exists():
-        return {}
     try:
-        doc = yaml.safe_load(p.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise UsageError(f"{p}: cannot read the configuration: {exc}", "fix or delete the file") from None
-    if not isinstance(doc, dict):
-        raise UsageError(f"{p}: expected a mapping of settings", f"known settings: {', '.join(KEYS)}")
+        doc = read_mapping(p)
+    except YamlFileError as exc:
+        raise UsageError(str(exc), f"fix or delete the file (known settings: {', '.join(KEYS)})") from None
     unknown = sorted(set(doc) - set(KEYS))
     if unknown:
         raise UsageError(f"{p}: unknown setting(s) {', '.join(unknown)}", f"known settings: {', '.join(KEYS)}")

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import requests
-import yaml
+
+from labcore.yamlfile import YamlFileError, read_mapping
 
 MANIFEST_NAME = "images.yaml"
 
@@ -121,14 +122,13 @@ def load_manifest(data_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """The built-in manifest with <data>/images.yaml applied on top."""
     manifest = copy.deepcopy(DEFAULT_MANIFEST)
     path = Path(data_dir) / MANIFEST_NAME
-    if path.exists():
-        try:
-            doc = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ImageError(f"{path}: not valid YAML: {exc}") from None
-        validate_manifest(doc, str(path))
-        for os_name, entry in doc.items():
-            manifest.setdefault(os_name, {}).update(entry)
+    try:
+        doc = read_mapping(path, "OS name -> entry")
+    except YamlFileError as exc:
+        raise ImageError(str(exc)) from None
+    validate_manifest(doc, str(path))
+    for os_name, entry in doc.items():
+        manifest.setdefault(os_name, {}).update(entry)
     return validate_manifest(manifest, "manifest")
 
 

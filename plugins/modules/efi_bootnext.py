@@ -20,13 +20,8 @@ author:
   - lab-platform maintainers (@lab-platform)
 requirements:
   - efibootmgr (on UEFI hosts)
-attributes:
-  check_mode:
-    description: Can run in check mode and return the changed status without changing anything.
-    support: full
-  diff_mode:
-    description: Returns details on what changed (or would change in check mode) in diff mode.
-    support: full
+extends_documentation_fragment:
+  - lab.platform.attributes
 options:
   entry:
     description:

@@ -18,13 +18,7 @@ author:
   - lab-platform maintainers (@lab-platform)
 extends_documentation_fragment:
   - lab.platform.bastion
-attributes:
-  check_mode:
-    description: Can run in check mode and return the changed status without changing anything.
-    support: full
-  diff_mode:
-    description: Returns details on what changed (or would change in check mode) in diff mode.
-    support: full
+  - lab.platform.attributes
 options:
   mac:
     description: MAC address of the machine (any common form; the bastion normalises it).
