@@ -12,7 +12,7 @@ import pytest
 
 from bastion_app.images.sync import DEFAULT_MANIFEST
 from bastion_app.installers import kickstart
-from tests.support import MAC, NVME_PARTS, TOKEN, FakeMachine, install_params, script, sections
+from tests.support import MAC, NVME_PARTS, TOKEN, FakeMachine, install_params, script, sections, seed_mib
 
 
 def render(role="worker", disk=""):
@@ -98,9 +98,11 @@ def test_given_disk_that_does_not_exist_fails(tmp_path):
 
 
 # -- fresh install layout ----------------------------------------------------------------------
-EXPECTED_COMMON = {
-    "swap": ("swap", 27 * 1024, False), "root": ("/", 33 * 1024, False), "var": ("/var", 100 * 1024, False),
-    "varlog": ("/var/log", 10 * 1024, False), "home": ("/home", 10 * 1024, False), "srv": ("/srv", 20 * 1024, False),
+GB = 10**9
+EXPECTED_COMMON = {  # the seed's sizes (GB) in MiB, rounded up
+    "swap": ("swap", seed_mib(27 * GB), False), "root": ("/", seed_mib(33 * GB), False),
+    "var": ("/var", seed_mib(100 * GB), False), "varlog": ("/var/log", seed_mib(10 * GB), False),
+    "home": ("/home", seed_mib(10 * GB), False), "srv": ("/srv", seed_mib(20 * GB), False),
 }
 
 
@@ -117,18 +119,18 @@ def test_fresh_layout_per_role(tmp_path, role, uefi):
     if role == "worker":
         expected["longhorn"] = ("/var/lib/longhorn", 1, True)
     if role in ("infra", "labcontroller"):
-        expected["rancher"] = ("/var/lib/rancher", 20 * 1024, False)
+        expected["rancher"] = ("/var/lib/rancher", seed_mib(20 * GB), False)
     assert {n: (v["mount"], v["size"], v["grow"]) for n, v in lvs.items()} == expected
     assert all(v["fstype"] == ("swap" if n == "swap" else "xfs") for n, v in lvs.items())
     assert all(lv.vgname == "labvg" for lv in h.logvol.lvList)
     assert [vg.vgname for vg in h.volgroup.vgList] == ["labvg"]
     parts = {p.mountpoint: p for p in h.partition.partitions}
     if uefi:
-        assert parts["/boot/efi"].size == 600 and parts["/boot/efi"].fstype == "efi"
+        assert parts["/boot/efi"].size == seed_mib(600 * 10**6) == 573 and parts["/boot/efi"].fstype == "efi"
         assert "biosboot" not in parts
     else:
         assert parts["biosboot"].fstype == "biosboot" and "/boot/efi" not in parts
-    assert parts["/boot"].size == 3072 and parts["/boot"].fstype == "ext4"
+    assert parts["/boot"].size == seed_mib(3 * GB) and parts["/boot"].fstype == "ext4"
     assert parts["pv.01"].grow
     assert h.clearpart.initAll and h.zerombr.zerombr
     assert h.ignoredisk.onlyuse == ["nvme0n1"]
@@ -165,7 +167,7 @@ def test_reprovision_keeps_data_volumes(tmp_path, role):
         assert "longhorn" not in lvs  # left alone, not mounted
     if role in ("infra", "labcontroller"):
         # did not exist before: created in the existing volume group
-        assert lvs["rancher"]["size"] == 20 * 1024 and lvs["rancher"]["format"] and not lvs["rancher"]["preexist"]
+        assert lvs["rancher"]["size"] == seed_mib(20 * GB) and lvs["rancher"]["format"] and not lvs["rancher"]["preexist"]
     msg = [p["message"] for p in fm.progress()][-1]
     assert msg.startswith("reprovision on /dev/nvme0n1: keeping /home /srv")
 
@@ -204,7 +206,7 @@ def test_reprovision_given_disk_matching_labvg(tmp_path):
 def test_reprovision_without_efi_partition_fails_clearly(tmp_path):
     fm = FakeMachine(tmp_path)
     fm.disk("nvme0n1", tran="nvme", parts={"/dev/nvme0n1p3": {"FSTYPE": "LVM2_member"}})
-    fm.labvg("/dev/nvme0n1p3", ["root"])
+    fm.labvg("/dev/nvme0n1p3", ["root"], free=400 * 10**9)  # room for the missing volumes
     res, _ = run_pre(fm)
     assert res.returncode != 0 and "no EFI system partition" in res.stderr
 
@@ -298,3 +300,51 @@ def test_post_host_setup_writes_the_files(tmp_path, role):
     # running it twice (Anaconda never does, but idempotence is cheap) keeps one tmpfs line
     assert fm.run(body).returncode == 0
     assert (etc / "fstab").read_text().count("tmpfs /tmp") == 1
+
+
+# -- room for the layout (checked in %pre, before anything is written) ------------------------------
+GB_240 = 240 * 10**9 // 512  # sectors of a disk sold as 240 GB
+GIB_20 = 20 * 2**30 // 512
+
+
+@pytest.mark.parametrize("role", ["infra", "labcontroller", "worker"])
+def test_fresh_install_fits_a_240_gb_disk(tmp_path, role):
+    fm = FakeMachine(tmp_path)
+    fm.disk("sda", size=GB_240)
+    res, _ = run_pre(fm, role=role)
+    assert res.returncode == 0, res.stderr
+    assert "clearpart --all --initlabel --disklabel=gpt --drives=sda\n" in fm.include
+
+
+def test_fresh_install_on_a_20_gib_disk_fails_with_the_numbers(tmp_path):
+    fm = FakeMachine(tmp_path)
+    fm.disk("vda", tran="", size=GIB_20)
+    res, _ = run_pre(fm, role="infra")
+    assert res.returncode != 0
+    assert ("disk /dev/vda is too small for role infra: 20480 MiB (21 GB), the layout needs 213263 MiB (224 GB)"
+            in res.stderr)
+    assert fm.progress()[-1]["stage"] == "failed" and "20480 MiB" in fm.progress()[-1]["message"]
+    assert not (tmp_path / "part-include").exists()  # nothing written for Anaconda
+
+
+def test_reprovision_worker_to_infra_without_room_for_rancher_fails(tmp_path):
+    fm = FakeMachine(tmp_path)
+    fm.disk("nvme0n1", tran="nvme", parts=NVME_PARTS)
+    # a worker's labvg: longhorn took the rest, 2 GiB are left; infra adds /var/lib/rancher (20 GB)
+    fm.labvg("/dev/nvme0n1p3", ["swap", "root", "var", "varlog", "home", "srv", "longhorn"], free=2 * 2**30)
+    res, _ = run_pre(fm, role="infra")
+    assert res.returncode != 0
+    assert ("labvg on /dev/nvme0n1 has 2048 MiB free but role infra needs 19076 MiB for: /var/lib/rancher (19076 MiB)"
+            in res.stderr)
+    assert "lvremove labvg/NAME" in res.stderr
+    assert fm.progress()[-1]["stage"] == "failed"
+    assert not (tmp_path / "part-include").exists()
+
+
+def test_reprovision_worker_to_infra_with_room_succeeds(tmp_path):
+    fm = FakeMachine(tmp_path)
+    fm.disk("nvme0n1", tran="nvme", parts=NVME_PARTS)
+    fm.labvg("/dev/nvme0n1p3", ["swap", "root", "var", "varlog", "home", "srv", "longhorn"], free=19076 * 2**20)
+    res, _ = run_pre(fm, role="infra")
+    assert res.returncode == 0, res.stderr
+    assert f"logvol /var/lib/rancher --vgname=labvg --name=rancher --fstype=xfs --size={seed_mib(20 * GB)}\n" in fm.include
