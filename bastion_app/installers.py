@@ -52,6 +52,12 @@ def _machine_values(m: dict) -> dict:
     }
 
 
+def _other_efi_dirs(os_name: str) -> list[str]:
+    """The ESP folders a reinstall with ``os_name`` removes: every other system's."""
+    own = domain.operating_system(os_name).efi_dir
+    return [d for d in domain.EFI_LOADER_DIRS if d != own]
+
+
 def _host(base: str) -> str:
     try:
         host = urlsplit(base).hostname or ""
@@ -78,6 +84,7 @@ def kickstart(m: dict, *, base: str, syslog_port: int, manifest: dict) -> str:
     return render(
         "kickstart/install.ks.j2", ks=ks, **v, base=base, syslog_host=_host(base), syslog_port=int(syslog_port),
         repos=repos, k3s=v["role"] in domain.K3S_ROLES, **layout_context(v["role"]),
+        other_efi_dirs=_other_efi_dirs(v["os"]),
     )
 
 
@@ -92,7 +99,7 @@ def autoinstall_user_data(m: dict, *, base: str, manifest: dict) -> str:
     if not mirror:
         raise ImageError(f"no Ubuntu archive mirror for {v['os']} in the images manifest")
     k3s = v["role"] in domain.K3S_ROLES
-    ctx = dict(ks=ks, **v, base=base, k3s=k3s, **layout_context(v["role"]))
+    ctx = dict(ks=ks, **v, base=base, k3s=k3s, **layout_context(v["role"]), other_efi_dirs=_other_efi_dirs(v["os"]))
     return render(
         "autoinstall/user-data.j2", **ctx, mirror=mirror,
         packages=UBUNTU_PACKAGES + (UBUNTU_K3S_PACKAGES if k3s else ()),

@@ -208,7 +208,15 @@ def test_early_commands_reprovision_without_boot_partition_fails(tmp_path):
 def test_late_commands_set_up_target_and_report_complete(tmp_path, role):
     doc = yaml.safe_load(render(role))
     fm = fake_ubuntu(tmp_path)
-    target = fm.target("target", fstab="", efi="BootOrder: 0000,0001\nBoot0000* ubuntu\nBoot0001* UEFI PXEv4 (MAC:525400123456)\n")
+    # reprovisioned from Fedora: its loader folder and boot entry are still there
+    efi = ("BootOrder: 0000,0002,0001\n"
+           "Boot0000* ubuntu\tHD(1,GPT,5d1c...,0x800,0x11e800)/File(\\EFI\\ubuntu\\shimx64.efi)\n"
+           "Boot0001* UEFI PXEv4 (MAC:525400123456)\tPciRoot(0x0)/Pci(0x2,0x0)/MAC(525400123456,1)"
+           "/IPv4(0.0.0.0,0,DHCP,0.0.0.0,0.0.0.0,0.0.0.0)N.....YM....R,Y.\n"
+           "Boot0002* Fedora\tHD(1,GPT,5d1c...,0x800,0x11e800)/File(\\EFI\\fedora\\shimx64.efi)\n")
+    target = fm.target("target", fstab="", efi=efi)
+    for d in ("fedora", "ubuntu", "BOOT"):
+        (target / "boot/efi/EFI" / d).mkdir(parents=True)
     body = command(doc, "late-commands")
     assert "LAB_ROOT=/target " in body
     res = fm.run(body.replace("LAB_ROOT=/target ", f"LAB_ROOT={target} ", 1))
@@ -219,7 +227,9 @@ def test_late_commands_set_up_target_and_report_complete(tmp_path, role):
     ran = (tmp_path / "chroot.log").read_text()
     assert "systemctl enable chrony.service" in ran
     assert ("systemctl mask ufw.service" in ran) == (role == "infra")
-    assert (tmp_path / "bootorder").read_text() == "0001,0000"
+    assert sorted(p.name for p in (target / "boot/efi/EFI").iterdir()) == ["BOOT", "ubuntu"]
+    assert (tmp_path / "efibootmgr.log").read_text() == "-b 0002 -B\n"
+    assert (tmp_path / "bootorder").read_text() == "0001,0000,0002"  # the fake does not delete 0002
     stages = [p["stage"] for p in fm.progress()]
     assert stages[:4] == ["post-install"] * 4 and stages[-1] == "complete"
 

@@ -67,7 +67,8 @@ def test_documents_revalidate_the_machine_record(v, field):
 def ks_context(**over):
     ctx = dict(ks=installer.ks, mac=MAC, hostname="node1", role="worker", disk="", ssh_keys=[KEY], token=TOKEN,
                base="http://10.0.0.1:8080", syslog_host="10.0.0.1", syslog_port=5514,
-               repos=DEFAULT_MANIFEST["fedora-43"]["repos"], k3s=True, **installer.layout_context("worker"))
+               repos=DEFAULT_MANIFEST["fedora-43"]["repos"], k3s=True, **installer.layout_context("worker"),
+               other_efi_dirs=["ubuntu", "debian"])
     ctx.update(over)
     return ctx
 
@@ -133,7 +134,8 @@ def test_autoinstall_template_escapes_or_refuses(v, field):
     base_ctx = dict(mac=MAC, hostname="node1", role="worker", disk="", ssh_keys=[KEY], token=TOKEN)
     ctx = {**base_ctx, field if field != "mirror" else "_": [v] if field == "ssh_keys" else v}
     ctx.pop("_", None)
-    common = dict(ks=installer.ks, base="http://10.0.0.1:8080", k3s=True, **installer.layout_context("worker"))
+    common = dict(ks=installer.ks, base="http://10.0.0.1:8080", k3s=True, **installer.layout_context("worker"),
+                  other_efi_dirs=["fedora", "debian"])
     try:
         scripts = {k: render(f"autoinstall/{k}.sh.j2", **common, **ctx) for k in ("early", "late", "error")}
         out = render("autoinstall/user-data.j2", **common, **ctx, **scripts,

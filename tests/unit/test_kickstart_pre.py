@@ -6,7 +6,6 @@ and parsed by pykickstart (F43), whose handler is checked for the layout."""
 from __future__ import annotations
 
 import subprocess
-import textwrap
 
 import pytest
 
@@ -227,36 +226,92 @@ def test_progress_payloads_are_json_with_the_install_token(tmp_path):
         assert p["mac"] == MAC and p["token"] == TOKEN and 0 <= p["percent"] <= 100
 
 
-# -- network-first boot order ---------------------------------------------------------------------
-EFI_OUT = textwrap.dedent("""\
-    BootCurrent: 0001
-    Timeout: 0 seconds
-    BootOrder: 0003,0001,0002,0000
-    Boot0000* UiApp
-    Boot0001* UEFI PXEv4 (MAC:525400123456)
-    Boot0002* UEFI HTTPv4 (MAC:525400123456)
-    Boot0003* Fedora\tHD(1,GPT,...)/File(\\EFI\\fedora\\shimx64.efi)
-    """)
+# -- network-first boot order and other systems' loaders (recorded `efibootmgr -v` outputs) ----------
+# OVMF (QEMU) with efibootmgr 18: PXE, HTTP boot over IPv4 and IPv6 on each of two NICs, the boot
+# NIC (52:54:00:12:34:56) first, then the installed system's entry.
+EFI_OVMF = (
+    "BootCurrent: 0001\n"
+    "Timeout: 3 seconds\n"
+    "BootOrder: 0007,0003,0004,0002,0001,0005,0006,0000\n"
+    "Boot0000* UiApp\tFvVol(7cb8bdc9-f8eb-4f34-aaea-3ee4af6516a1)/FvFile(462caa21-7614-4503-836e-8ab6f4662331)\n"
+    "Boot0001* UEFI PXEv4 (MAC:525400123456)\tPciRoot(0x0)/Pci(0x2,0x0)/MAC(525400123456,1)"
+    "/IPv4(0.0.0.0,0,DHCP,0.0.0.0,0.0.0.0,0.0.0.0)N.....YM....R,Y.\n"
+    "Boot0002* UEFI PXEv6 (MAC:525400123456)\tPciRoot(0x0)/Pci(0x2,0x0)/MAC(525400123456,1)"
+    "/IPv6([::]:<->[::]:,0,0)N.....YM....R,Y.\n"
+    "Boot0003* UEFI HTTPv4 (MAC:525400123456)\tPciRoot(0x0)/Pci(0x2,0x0)/MAC(525400123456,1)"
+    "/IPv4(0.0.0.0,0,DHCP,0.0.0.0,0.0.0.0,0.0.0.0)/Uri()N.....YM....R,Y.\n"
+    "Boot0004* UEFI HTTPv6 (MAC:525400123456)\tPciRoot(0x0)/Pci(0x2,0x0)/MAC(525400123456,1)"
+    "/IPv6([::]:<->[::]:,0,0)/Uri()N.....YM....R,Y.\n"
+    "Boot0005* UEFI PXEv4 (MAC:525400ABCDEF)\tPciRoot(0x0)/Pci(0x3,0x0)/MAC(525400abcdef,1)"
+    "/IPv4(0.0.0.0,0,DHCP,0.0.0.0,0.0.0.0,0.0.0.0)N.....YM....R,Y.\n"
+    "Boot0006* UEFI PXEv6 (MAC:525400ABCDEF)\tPciRoot(0x0)/Pci(0x3,0x0)/MAC(525400abcdef,1)"
+    "/IPv6([::]:<->[::]:,0,0)N.....YM....R,Y.\n"
+    "Boot0007* Fedora\tHD(1,GPT,0b9d3d51-2d2b-4a86-9d3c-1c5c3f5e0a11,0x800,0x11e800)/File(\\EFI\\fedora\\shimx64.efi)\n"
+)
+# A server's firmware with an older efibootmgr (efivar's IPv4(...<->...) form): two ports of one
+# card; the machine boots from the second port, the first port's PXE entry comes first.
+EFI_SERVER = (
+    "BootCurrent: 0003\n"
+    "Timeout: 1 seconds\n"
+    "BootOrder: 0000,0002,0004,0003,0005\n"
+    "Boot0000* ubuntu\tHD(1,GPT,7e1b1c2a-9f0e-4c1e-8f7a-2a4b5c6d7e8f,0x800,0x100000)/File(\\EFI\\ubuntu\\shimx64.efi)\n"
+    "Boot0002* UEFI: PXE IP4 Intel(R) I350 Gigabit Network Connection\tPciRoot(0x0)/Pci(0x1c,0x0)/Pci(0x0,0x0)"
+    "/MAC(0cc47a0a0b0c,1)/IPv4(0.0.0.0:0<->0.0.0.0:0,0,0)..BO\n"
+    "Boot0003* UEFI: PXE IP4 Intel(R) I350 Gigabit Network Connection\tPciRoot(0x0)/Pci(0x1c,0x0)/Pci(0x0,0x1)"
+    "/MAC(525400123456,1)/IPv4(0.0.0.0:0<->0.0.0.0:0,0,0)..BO\n"
+    "Boot0004* UEFI: PXE IP6 Intel(R) I350 Gigabit Network Connection\tPciRoot(0x0)/Pci(0x1c,0x0)/Pci(0x0,0x1)"
+    "/MAC(525400123456,1)/IPv6([::]:<->[::]:,0,0)..BO\n"
+    "Boot0005* UEFI: Built-in EFI Shell\tVenMedia(5023b95c-db26-429b-a648-bd47664c8012)..BO\n"
+)
+# No IPv4 PXE entry for the boot NIC (HTTP boot and IPv6 only): the order is left alone.
+EFI_NO_PXE4 = "".join(line + "\n" for line in EFI_OVMF.splitlines()
+                      if not line.startswith(("Boot0001", "Boot0005")))
 
 
-def test_boot_order_puts_network_first(tmp_path):
+def boot_functions(body: str) -> str:
+    """The boot-entry snippet (scripts/_bootorder.sh.j2) out of a rendered %post or late-commands."""
+    start = body.index("LAB_BOOT_MAC=")
+    return body[start : body.index('\nlab_remove_other_loaders "', start) + 1]
+
+
+@pytest.mark.parametrize("efi,order", [
+    (EFI_OVMF, "0001,0007,0003,0004,0002,0005,0006,0000"),
+    (EFI_SERVER, "0003,0000,0002,0004,0005"),
+])
+def test_boot_order_puts_only_the_boot_nics_ipv4_pxe_entry_first(tmp_path, efi, order):
     fm = FakeMachine(tmp_path)
-    (tmp_path / "efi.txt").write_text(EFI_OUT)
-    body = script(render(), "post")
-    start = body.index("lab_set_boot_order() {")
-    func = body[start : body.index("\n}\n", start) + 3]
-    res = fm.run(func + "\nlab_set_boot_order\n")
-    assert res.returncode == 0, res.stderr
-    assert (tmp_path / "bootorder").read_text() == "0001,0002,0003,0000"
+    (tmp_path / "efi.txt").write_text(efi)
+    res = fm.run(boot_functions(script(render(), "post")) + "lab_set_boot_order\n")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "bootorder").read_text() == order
+
+
+def test_boot_order_unchanged_without_an_ipv4_pxe_entry_for_the_boot_nic(tmp_path):
+    fm = FakeMachine(tmp_path)
+    (tmp_path / "efi.txt").write_text(EFI_NO_PXE4)
+    res = fm.run(boot_functions(script(render(), "post")) + "lab_set_boot_order\n")
+    assert res.returncode == 1 and "no IPv4 PXE boot entry for NIC 525400123456" in res.stdout
+    assert not (tmp_path / "bootorder").exists()
 
 
 def test_boot_order_left_alone_on_bios(tmp_path):
     fm = FakeMachine(tmp_path, uefi=False)
-    (tmp_path / "efi.txt").write_text(EFI_OUT)
-    body = script(render(), "post")
-    start = body.index("lab_set_boot_order() {")
-    res = fm.run(body[start : body.index("\n}\n", start) + 3] + "\nlab_set_boot_order\n")
+    (tmp_path / "efi.txt").write_text(EFI_OVMF)
+    res = fm.run(boot_functions(script(render(), "post")) + "lab_set_boot_order\n")
     assert res.returncode == 0 and not (tmp_path / "bootorder").exists()
+
+
+def test_fedora_removes_other_systems_loaders_and_their_entries(tmp_path):
+    fm = FakeMachine(tmp_path)
+    (tmp_path / "efi.txt").write_text(EFI_SERVER)  # a former Ubuntu install: EFI/ubuntu and its entry 0000
+    esp = tmp_path / "esp"
+    for d in ("fedora", "ubuntu", "debian", "BOOT", "Dell"):
+        (esp / "EFI" / d).mkdir(parents=True)
+        (esp / "EFI" / d / "grub.cfg").write_text("stale\n")
+    res = fm.run(boot_functions(script(render(), "post")) + f"lab_remove_other_loaders {esp}\n")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (esp / "EFI").iterdir()) == ["BOOT", "Dell", "fedora"]
+    assert (tmp_path / "efibootmgr.log").read_text() == "-b 0000 -B\n"
 
 
 def test_pre_runs_under_set_u_without_unbound_variables(tmp_path):
