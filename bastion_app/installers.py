@@ -75,6 +75,13 @@ def layout_context(role: str) -> dict:
                 disk_mib=disk_mib_needed(role), lv_alloc=lv_alloc_mib)
 
 
+def syslog_target(base: str, port: int) -> str:
+    """``host:port`` of the bastion's syslog listener, for Anaconda's ``inst.syslog=`` (an IPv6
+    address in brackets)."""
+    host = _host(base)
+    return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
+
+
 def kickstart(m: dict, *, base: str, syslog_port: int, manifest: dict) -> str:
     """The Fedora 43 kickstart for machine record ``m`` (both fresh and reprovision paths)."""
     v = _machine_values(m)
