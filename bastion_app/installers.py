@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from bastion_app.images.sync import ImageError
 from bastion_app.render import UnsafeValue, render
 from labcore import domain, validate
-from labcore.layout import BOOT_MIB, EFI_MIB, TMP_SIZE, volumes_for
+from labcore.layout import BOOT_MIB, EFI_MIB, TMP_SIZE, disk_mib_needed, lv_alloc_mib, volumes_for
 
 DISCOVERY_LIB = Path(__file__).resolve().parent / "images" / "discovery" / "lib.sh"
 DEBUG_LISTEN_PORT = 4444
@@ -52,6 +52,12 @@ def _machine_values(m: dict) -> dict:
     }
 
 
+def _other_efi_dirs(os_name: str) -> list[str]:
+    """The ESP folders a reinstall with ``os_name`` removes: every other system's."""
+    own = domain.operating_system(os_name).efi_dir
+    return [d for d in domain.EFI_LOADER_DIRS if d != own]
+
+
 def _host(base: str) -> str:
     try:
         host = urlsplit(base).hostname or ""
@@ -62,6 +68,20 @@ def _host(base: str) -> str:
     return host
 
 
+def layout_context(role: str) -> dict:
+    """The disk layout's numbers for a template (labcore.layout): the volumes, partition sizes,
+    and the space checks' figures that ``scripts/_install-disk.sh.j2`` compares with the disk."""
+    return dict(volumes=volumes_for(role), efi_mib=EFI_MIB, boot_mib=BOOT_MIB, tmp_size=TMP_SIZE,
+                disk_mib=disk_mib_needed(role), lv_alloc=lv_alloc_mib)
+
+
+def syslog_target(base: str, port: int) -> str:
+    """``host:port`` of the bastion's syslog listener, for Anaconda's ``inst.syslog=`` (an IPv6
+    address in brackets)."""
+    host = _host(base)
+    return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
+
+
 def kickstart(m: dict, *, base: str, syslog_port: int, manifest: dict) -> str:
     """The Fedora 43 kickstart for machine record ``m`` (both fresh and reprovision paths)."""
     v = _machine_values(m)
@@ -70,8 +90,8 @@ def kickstart(m: dict, *, base: str, syslog_port: int, manifest: dict) -> str:
         raise ImageError(f"no package repositories for {v['os']} in the images manifest")
     return render(
         "kickstart/install.ks.j2", ks=ks, **v, base=base, syslog_host=_host(base), syslog_port=int(syslog_port),
-        repos=repos, k3s=v["role"] in domain.K3S_ROLES, volumes=volumes_for(v["role"]),
-        efi_mib=EFI_MIB, boot_mib=BOOT_MIB, tmp_size=TMP_SIZE,
+        repos=repos, k3s=v["role"] in domain.K3S_ROLES, **layout_context(v["role"]),
+        other_efi_dirs=_other_efi_dirs(v["os"]),
     )
 
 
@@ -86,10 +106,9 @@ def autoinstall_user_data(m: dict, *, base: str, manifest: dict) -> str:
     if not mirror:
         raise ImageError(f"no Ubuntu archive mirror for {v['os']} in the images manifest")
     k3s = v["role"] in domain.K3S_ROLES
-    ctx = dict(ks=ks, **v, base=base, k3s=k3s, tmp_size=TMP_SIZE, volumes=volumes_for(v["role"]))
+    ctx = dict(ks=ks, **v, base=base, k3s=k3s, **layout_context(v["role"]), other_efi_dirs=_other_efi_dirs(v["os"]))
     return render(
         "autoinstall/user-data.j2", **ctx, mirror=mirror,
-        efi_mib=EFI_MIB, boot_mib=BOOT_MIB,
         packages=UBUNTU_PACKAGES + (UBUNTU_K3S_PACKAGES if k3s else ()),
         events_url=f"{base}/api/installer-events/{v['mac']}/{v['token']}",
         early=render("autoinstall/early.sh.j2", **ctx),

@@ -54,12 +54,19 @@ class OperatingSystem:
     #: the kernel and initrd file names under images/<name>/
     kernel: str
     initrd: str
+    #: its loader's folder on the EFI system partition (EFI/<efi_dir>/)
+    efi_dir: str
 
 
 OPERATING_SYSTEMS: tuple[OperatingSystem, ...] = (
-    OperatingSystem("fedora-43", "kickstart", True, "vmlinuz", "initrd.img"),
-    OperatingSystem("ubuntu-26.04", "autoinstall", False, "vmlinuz", "initrd"),
+    OperatingSystem("fedora-43", "kickstart", True, "vmlinuz", "initrd.img", "fedora"),
+    OperatingSystem("ubuntu-26.04", "autoinstall", False, "vmlinuz", "initrd", "ubuntu"),
 )
+
+#: The ESP folders (EFI/<dir>/) of every system a lab machine may have had installed: these
+#: operating systems' and Debian's (the image deploy's). A reinstall removes all but its own, and
+#: the local-boot GRUB looks for loaders in these folders, in this order.
+EFI_LOADER_DIRS: tuple[str, ...] = (*dict.fromkeys(o.efi_dir for o in OPERATING_SYSTEMS), "debian")
 
 DEBUG_MODES = ("rescue", "pxe")
 

@@ -1,9 +1,19 @@
-"""The disk layout (seed: "Disk Layout"): one table for the Fedora kickstart and the Ubuntu
-autoinstall alike.
+"""The disk layout (seed: "Disk Layout"): one table for the Fedora kickstart, the Ubuntu
+autoinstall and the image deploy alike, and the space it needs.
 
 Every role gets :data:`COMMON` (``/home`` and ``/srv`` kept on reprovision); a role's own data
 volumes are the mount points its :attr:`labcore.domain.Role.kept_volumes` names, sized here in
 :data:`DATA_VOLUMES`. So which volumes a reprovision keeps is said once, in the role table.
+
+Units: the seed's table gives decimal sizes (600 MB, 3 GB, 27 GB, ...), as disks are sold; the
+installers take MiB (kickstart ``--size``, curtin ``<n>M``). Each size here is the seed's size in
+MiB, rounded up, so every volume holds at least what the seed promises. In GiB the same numbers
+made an infra machine need 223.6 GiB (240.1 GB), more than a 240 GB disk holds; in GB it needs
+223.6 GB (208.3 GiB).
+
+:func:`disk_mib_needed` and :func:`lv_alloc_mib` are the space arithmetic; the install scripts
+get their results rendered in (``_install-disk.sh.j2``) and compare them with the disk and the
+volume group before anything is written.
 """
 
 from __future__ import annotations
@@ -11,6 +21,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from labcore import domain
+
+MIB = 2**20
+GB = 10**9
+
+
+def mib_of(n_bytes: int) -> int:
+    """``n_bytes`` in MiB, rounded up."""
+    return -(-n_bytes // MIB)
+
+
+def gb(n: int) -> int:
+    """The seed's ``n GB`` (decimal) in MiB, rounded up."""
+    return mib_of(n * GB)
 
 
 @dataclass(frozen=True)
@@ -22,24 +45,31 @@ class Volume:
     preserve: bool  # kept on reprovision
 
 
-GIB = 1024
-EFI_MIB = 600
-BOOT_MIB = 3 * GIB
-TMP_SIZE = "4G"
+EFI_MIB = mib_of(600 * 10**6)  # 573
+BOOT_MIB = gb(3)  # 2862
+BIOS_BOOT_MIB = 1  # the autoinstall creates it beside the ESP; the kickstart instead of it (BIOS)
+TMP_SIZE = "4G"  # tmpfs /tmp (memory, not disk)
+#: LVM's default physical extent (Anaconda/blivet and curtin create labvg with it): every logical
+#: volume takes a whole number of extents.
+EXTENT_MIB = 4
+#: the GPT: the first partition starts at 1 MiB, the backup table sits in the last MiB
+GPT_MIB = 2
+#: LVM metadata at the start of the physical volume (the data area starts at 1 MiB)
+PV_METADATA_MIB = 1
 
 #: every role's logical volumes
 COMMON = (
-    Volume("swap", "swap", 27 * GIB, "swap", False),
-    Volume("/", "root", 33 * GIB, "xfs", False),
-    Volume("/var", "var", 100 * GIB, "xfs", False),
-    Volume("/var/log", "varlog", 10 * GIB, "xfs", False),
-    Volume("/home", "home", 10 * GIB, "xfs", True),
-    Volume("/srv", "srv", 20 * GIB, "xfs", True),
+    Volume("swap", "swap", gb(27), "swap", False),
+    Volume("/", "root", gb(33), "xfs", False),
+    Volume("/var", "var", gb(100), "xfs", False),
+    Volume("/var/log", "varlog", gb(10), "xfs", False),
+    Volume("/home", "home", gb(10), "xfs", True),
+    Volume("/srv", "srv", gb(20), "xfs", True),
 )
 #: the roles' own data volumes by mount point (always kept); which role has which: Role.kept_volumes
 DATA_VOLUMES = {v.mount: v for v in (
     Volume("/var/lib/longhorn", "longhorn", None, "xfs", True),
-    Volume("/var/lib/rancher", "rancher", 20 * GIB, "xfs", True),
+    Volume("/var/lib/rancher", "rancher", gb(20), "xfs", True),
 )}
 LAYOUT = COMMON + tuple(DATA_VOLUMES.values())
 
@@ -47,3 +77,17 @@ LAYOUT = COMMON + tuple(DATA_VOLUMES.values())
 def volumes_for(role: str) -> list[Volume]:
     """The logical volumes of a machine with ``role`` (a validated role name)."""
     return [*COMMON, *(DATA_VOLUMES[mount] for mount in domain.role(role).kept_volumes)]
+
+
+def lv_alloc_mib(v: Volume) -> int:
+    """What creating ``v`` takes from labvg: its size rounded up to whole extents; a volume that
+    takes the rest of the group needs at least one extent."""
+    size = v.size_mib or 1
+    return -(-size // EXTENT_MIB) * EXTENT_MIB
+
+
+def disk_mib_needed(role: str) -> int:
+    """The smallest disk (MiB) a fresh install of ``role`` fits on: partition table, BIOS boot
+    partition, ESP, ``/boot``, the physical volume's metadata and every logical volume."""
+    return (GPT_MIB + BIOS_BOOT_MIB + EFI_MIB + BOOT_MIB + PV_METADATA_MIB
+            + sum(lv_alloc_mib(v) for v in volumes_for(role)))

@@ -1,7 +1,8 @@
 """`labctl doctor`: is this bastion healthy? Each check passes or fails with a hint.
 
 Checks: the bastion answers and takes the token; dnsmasq runs; the DHCP (67), TFTP (69), HTTP and
-syslog (5514) ports are bound; the TFTP root holds iPXE; the boot artefacts exist; and a real
+syslog (5514) ports are bound; the TFTP root holds iPXE, and whether its UEFI binaries are signed
+(Debian's are not: UEFI machines must boot with Secure Boot off); the boot artefacts exist; and a real
 DHCPDISCOVER on the provisioning interface lists every DHCP server that answers (a second DHCP or
 PXE server on the segment breaks PXE boots in confusing ways).
 
@@ -160,6 +161,27 @@ def probe_dhcp(interface: str, timeout: float = 5.0) -> list[dict[str, Any]]:
         s.close()
 
 
+def pe_signed(path: Path) -> bool:
+    """Whether the PE/COFF (EFI) binary at ``path`` carries an Authenticode signature: a non-empty
+    Certificate Table (data directory 4 of the optional header). Firmware with Secure Boot on
+    loads only signed binaries."""
+    data = path.read_bytes()
+    try:
+        (pe,) = struct.unpack_from("<I", data, 0x3C)
+        if data[pe : pe + 4] != b"PE\0\0":
+            return False
+        opt = pe + 24  # after the signature and the 20-byte COFF header
+        (magic,) = struct.unpack_from("<H", data, opt)
+        dirs = {0x10B: 96, 0x20B: 112}[magic]  # PE32, PE32+: where the data directories start
+        (count,) = struct.unpack_from("<I", data, opt + dirs - 4)
+        if count <= 4:
+            return False
+        _offset, size = struct.unpack_from("<II", data, opt + dirs + 4 * 8)
+    except (struct.error, KeyError):
+        return False
+    return size > 0
+
+
 # -- the checks ----------------------------------------------------------------------------------
 def _bastion_config(data_dir: Path) -> bastion_config.Config:
     try:
@@ -213,6 +235,13 @@ def check_local(cfg, bastion_url: str) -> dict[str, list[Check]]:
     out["tftp"] = [Check("tftp files", "fail" if missing else "pass",
                          f"missing in {tftp}: {', '.join(missing)}" if missing else f"{', '.join(IPXE_FILES)} in {tftp}",
                          "lab-bastion serve fills it from Debian's ipxe package (apt-get install ipxe)" if missing else "")]
+    efi = [n for n in IPXE_FILES if n.endswith(".efi") and (tftp / n).is_file()]
+    unsigned = [n for n in efi if not pe_signed(tftp / n)]
+    out["tftp"].append(
+        Check("secure boot", "skip", "no UEFI iPXE binary to inspect") if not efi else
+        Check("secure boot", "warn", f"{', '.join(unsigned)} unsigned: UEFI machines with Secure Boot on will not load them",
+              "turn Secure Boot off in the firmware of every UEFI lab machine (docs/installer.md)") if unsigned else
+        Check("secure boot", "pass", f"{', '.join(efi)} signed"))
     img = cfg.images_path
     checks = []
     for name, files in BOOT_ARTEFACTS.items():

@@ -16,6 +16,7 @@ import base64
 import contextlib
 import http.client
 import json
+import math
 import os
 import re
 import shutil
@@ -129,6 +130,12 @@ def install_params(role: str = "worker", disk: str = "", os_name: str = "fedora-
     """A machine record as the installer renderers get it (with its install token)."""
     return {"mac": MAC, "hostname": "node1", "role": role, "os": os_name, "disk": disk,
             "ssh_keys": [KEY], "install_token": TOKEN}
+
+
+def seed_mib(n_bytes: int) -> int:
+    """A size of the seed's disk layout table (decimal MB/GB, as ``n_bytes``) in whole MiB, rounded
+    up: what the installers are expected to ask for."""
+    return math.ceil(n_bytes / 2**20)
 
 
 def synthetic_mac(i: int, prefix: str = "52:54:01") -> str:
@@ -303,7 +310,10 @@ LVM = r'''#!/bin/bash
 # fake lvm: vgs / pvs / lvs for labvg from $FAKE/lvm/
 [ -d "$FAKE/lvm/labvg" ] || exit 5
 case "$1" in
-    vgs) echo "  labvg" ;;
+    vgs) case "$*" in
+             *vg_free*) echo "  $(cat "$FAKE/lvm/labvg/free")" ;;  # bytes (--units b --nosuffix)
+             *) echo "  labvg" ;;
+         esac ;;
     pvs) sed 's/^/  /' "$FAKE/lvm/labvg/pvs" ;;
     lvs) case "$*" in
              *lv_size*) sed 's/^/  /; s/$/ 10737418240/' "$FAKE/lvm/labvg/lvs" ;;  # every volume 10 GiB
@@ -313,15 +323,21 @@ esac
 '''
 
 CURL = r'''#!/bin/bash
-# fake curl: records URL and body of each call (tab-separated)
-body="" url="${@: -1}"
-while [ $# -gt 0 ]; do [ "$1" = -d ] && body="$2"; shift; done
+# fake curl: records URL and body of each call (tab-separated); a reachable bastion that answers 200
+body="" url="${@: -1}" status=""
+while [ $# -gt 0 ]; do [ "$1" = -d ] && body="$2"; [ "$1" = -w ] && status=200; shift; done
 printf '%s\t%s\n' "$url" "$body" >> "$FAKE/curl.log"
+printf '%s' "$status"
 '''
 
 EFIBOOTMGR = r'''#!/bin/bash
-# fake efibootmgr: prints $FAKE/efi.txt; -o ORDER is recorded
-if [ "${1:-}" = -o ]; then printf '%s' "$2" > "$FAKE/bootorder"; else cat "$FAKE/efi.txt"; fi
+# fake efibootmgr: `efibootmgr [-v]` prints $FAKE/efi.txt; `-o ORDER` is recorded in $FAKE/bootorder,
+# every other change (`-b NNNN -B`, ...) in $FAKE/efibootmgr.log
+case "${1:-}" in
+    ""|-v) cat "$FAKE/efi.txt" ;;
+    -o) printf '%s' "$2" > "$FAKE/bootorder" ;;
+    *) echo "$*" >> "$FAKE/efibootmgr.log" ;;
+esac
 '''
 
 CHROOT = r'''#!/bin/bash
@@ -370,8 +386,10 @@ class FakeMachine:
             (p / "partition").write_text(f"{number}\n")
             (p / "size").write_text(f"{number * 2048 * 1024}\n")  # number GiB, in 512-byte sectors
 
-    def labvg(self, pv, lvs):
-        self.lvm = {"labvg": {"pvs": [pv], "lvs": list(lvs)}}
+    def labvg(self, pv, lvs, free=100 * 10**9):
+        """labvg on physical volume ``pv`` with logical volumes ``lvs`` (10 GiB each) and ``free``
+        bytes unallocated."""
+        self.lvm = {"labvg": {"pvs": [pv], "lvs": list(lvs), "free": free}}
 
     def _write_tables(self) -> None:
         def entry(path: str, rows: dict[str, str], listing: list[str] | None = None):
@@ -395,6 +413,7 @@ class FakeMachine:
             vg.mkdir(parents=True, exist_ok=True)
             (vg / "pvs").write_text("".join(f"{pv}\n" for pv in self.lvm["labvg"]["pvs"]))
             (vg / "lvs").write_text("".join(f"{lv}\n" for lv in self.lvm["labvg"]["lvs"]))
+            (vg / "free").write_text(f"{self.lvm['labvg']['free']}\n")
 
     def run(self, body: str) -> subprocess.CompletedProcess:
         need_binary("bash")

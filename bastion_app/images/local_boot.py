@@ -19,14 +19,16 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from labcore import domain
+
 GRUB_EFI_DIR = Path("/usr/lib/grub/x86_64-efi")
 
 #: Loaders tried in order: a distribution's shim or GRUB first (what its NVRAM entry would
-#: boot), then the removable-media fallback path every UEFI installer writes.
+#: boot), then the removable-media fallback path every UEFI installer writes. A reinstall removes
+#: the other systems' folders (scripts/_bootorder.sh.j2), so the first loader found is the
+#: installed system's.
 LOADERS: tuple[str, ...] = (
-    "/EFI/fedora/shimx64.efi", "/EFI/fedora/grubx64.efi",
-    "/EFI/ubuntu/shimx64.efi", "/EFI/ubuntu/grubx64.efi",
-    "/EFI/debian/shimx64.efi", "/EFI/debian/grubx64.efi",
+    *(f"/EFI/{d}/{f}" for d in domain.EFI_LOADER_DIRS for f in ("shimx64.efi", "grubx64.efi")),
     "/EFI/BOOT/BOOTX64.EFI",
 )
 

@@ -41,7 +41,8 @@ DEFAULT_MANIFEST: dict[str, dict[str, Any]] = {
         "files": {
             "vmlinuz": {"url": f"{_FEDORA}/images/pxeboot/vmlinuz"},
             "initrd.img": {"url": f"{_FEDORA}/images/pxeboot/initrd.img"},
-            # inst.stage2=<bastion>/images/fedora-43/tree finds images/install.img through .treeinfo
+            # inst.stage2=<bastion>/images/fedora-43/tree: dracut's anaconda module reads [stage2]
+            # mainimage from tree/.treeinfo when there is one, else it takes images/install.img
             "tree/.treeinfo": {"url": f"{_FEDORA}/.treeinfo"},
             "tree/images/install.img": {"url": f"{_FEDORA}/images/install.img"},
         },

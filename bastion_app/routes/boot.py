@@ -7,6 +7,7 @@ import logging
 from flask import Blueprint, Response, request
 
 from bastion_app import get_store
+from bastion_app.installers import syslog_target
 from bastion_app.render import render
 from bastion_app.routes import base_url, cfg, mac_arg
 from bastion_app.store import StorageUnavailable
@@ -54,7 +55,8 @@ def dispatch():
         machine = _best_effort(store.start_install, mac, ip=ip) or machine
         text = render("ipxe/install.ipxe.j2", base=base, mac=mac, token=machine["install_token"],
                       os=machine["os"], role=machine["role"], hostname=machine["hostname"],
-                      installer=domain.operating_system(validate.os_name(machine["os"])).installer)
+                      installer=domain.operating_system(validate.os_name(machine["os"])).installer,
+                      syslog=syslog_target(base, cfg().syslog_port))
     elif mode == BootMode.LOCAL:
         _best_effort(store.seen, mac, ip)
         efi = cfg().images_path / "local-boot" / "grubx64.efi"

@@ -4,7 +4,8 @@ scripted PXE client in a second namespace checks what each kind of client is tol
 - BIOS firmware (arch 0): proxy offer with a PXE boot menu, then the boot-server request on port
   4011 answers `undionly.kpxe`, fetched by TFTP byte for byte;
 - UEFI x86-64 firmware (arch 7): the port-4011 request answers `snponly.efi`;
-- iPXE (option 175, user class iPXE): the proxy offer carries the HTTP dispatch URL;
+- iPXE (option 175, user class iPXE), BIOS and UEFI: the proxy offer carries the HTTP dispatch URL
+  and the bastion as next-server, and no boot menu;
 - full DHCP: an address from the range plus the same boot files.
 """
 
@@ -137,23 +138,28 @@ DISPATCH = f"http://{SERVER_IP}:8080/dispatch?mac=${{netX/mac}}"
 BOOT_ITEM = "2b07470480000000ff"  # option 43: PXE_BOOT_ITEM type 0x8000 layer 0
 
 
-def ipxe_boot_file(ns: dict, mac: str) -> str:
-    """What iPXE gets from the proxy: like real iPXE (seen in the e2e proxy scenario), it asks
-    the proxy again on port 4011 after its DHCP; that answer carries the dispatch URL."""
-    item = client(ns, iface=ns["cli_if"], mac=mac, msgtype=3, arch=7, ipxe=True, dest=SERVER_IP,
-                  dport=4011, sport=4011, ciaddr=CLIENT_IP)
-    return item[0]["file"]
+def ipxe_offer(ns: dict, mac: str, arch: int) -> dict:
+    """The proxy offer iPXE gets for its DHCPDISCOVER. iPXE takes a ProxyDHCP offer as complete
+    when it has a next-server and a file name (dhcp_has_pxeopts in iPXE's net/udp/dhcp.c: then it
+    sends no ProxyDHCPREQUEST to port 4011), and it boots that file name when the offer has no PXE
+    boot menu (have_pxe_menu in usr/autoboot.c)."""
+    [offer] = client(ns, iface=ns["cli_if"], mac=mac, arch=arch, ipxe=True)
+    assert offer["yiaddr"] == "0.0.0.0"  # proxy: no address from us
+    assert bytes.fromhex(offer["opts"]["60"]) == b"PXEClient"
+    vendor = bytes.fromhex(offer["opts"].get("43", ""))
+    assert b"lab-platform" not in vendor  # no boot menu (option 43, sub-option 9) for iPXE
+    return offer
 
 
 def test_proxy_dhcp_answers_bios_uefi_and_ipxe(netns, tmp_path):
     data = tmp_path / "data"
     proc = serve(netns, data, "--interface", netns["srv_if"])
     try:
-        ipxe = wait_for(lambda: client(netns, iface=netns["cli_if"], mac="52:54:00:aa:00:01", arch=7, ipxe=True),
-                        timeout=30, interval=0.5, what="dnsmasq proxy offer")
-        assert ipxe[0]["yiaddr"] == "0.0.0.0"  # proxy: no address from us
-        assert bytes.fromhex(ipxe[0]["opts"]["60"]) == b"PXEClient"
-        assert ipxe_boot_file(netns, "52:54:00:aa:00:01") == DISPATCH
+        wait_for(lambda: client(netns, iface=netns["cli_if"], mac="52:54:00:aa:00:01", arch=7, ipxe=True),
+                 timeout=30, interval=0.5, what="dnsmasq proxy offer")
+        for arch in (0, 7):  # iPXE on BIOS (undionly.kpxe, a NIC's iPXE ROM) and UEFI (snponly.efi)
+            offer = ipxe_offer(netns, "52:54:00:aa:00:01", arch)
+            assert (offer["siaddr"], offer["file"]) == (SERVER_IP, DISPATCH), arch
 
         bios = client(netns, iface=netns["cli_if"], mac="52:54:00:aa:00:02", arch=0)
         assert bios and bios[0]["yiaddr"] == "0.0.0.0"
@@ -217,6 +223,6 @@ def test_dnsmasq_is_restarted_by_the_supervisor(netns, tmp_path):
         os.kill(int(first), signal.SIGKILL)
         wait_for(lambda: pidfile.read_text().strip() not in ("", first), timeout=30, what="dnsmasq restarted")
         time.sleep(0.5)
-        assert ipxe_boot_file(netns, "52:54:00:cc:00:01") == DISPATCH
+        assert ipxe_offer(netns, "52:54:00:cc:00:01", 7)["file"] == DISPATCH
     finally:
         stop_process(proc, group=True)

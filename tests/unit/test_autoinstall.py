@@ -15,8 +15,7 @@ import yaml
 
 from bastion_app.images.sync import DEFAULT_MANIFEST
 from bastion_app.installers import autoinstall_meta_data, autoinstall_user_data
-from labcore.layout import GIB
-from tests.support import KEY, MAC, NVME_PARTS, TOKEN, FakeMachine, install_params, need
+from tests.support import KEY, MAC, NVME_PARTS, TOKEN, FakeMachine, install_params, need, seed_mib
 
 # subiquity's published schema, kept beside the repository (../shared/schemas); LAB_AUTOINSTALL_SCHEMA
 # names another copy.
@@ -85,18 +84,20 @@ def test_layout_per_role(role):
     doc = yaml.safe_load(render(role))
     s = storage(doc)
     assert doc["autoinstall"]["storage"]["swap"] == {"size": 0}
-    assert s["lab-efi"]["size"] == "600M" and s["lab-efi-fs"]["fstype"] == "fat32"
+    assert s["lab-efi"]["size"] == f"{seed_mib(600 * 10**6)}M" and s["lab-efi-fs"]["fstype"] == "fat32"
     assert s["lab-efi-mount"]["path"] == "/boot/efi"
-    assert s["lab-boot"]["size"] == f"{3 * GIB}M" and s["lab-boot-mount"]["path"] == "/boot"
+    assert s["lab-boot"]["size"] == f"{seed_mib(3 * 10**9)}M" and s["lab-boot-mount"]["path"] == "/boot"
     assert s["lab-vg"]["name"] == "labvg" and s["lab-vg"]["devices"] == ["lab-pv"]
     lvs = {i["name"]: i.get("size") for i in s.values() if i["type"] == "lvm_partition"}
     mounts = {s[i["device"]]["volume"]: i["path"] for i in s.values() if i["type"] == "mount"}
-    expected = {"swap": "27648M", "root": "33792M", "var": "102400M", "varlog": "10240M", "home": "10240M",
-                "srv": "20480M"}
+    # the seed's sizes are GB (decimal), in MiB rounded up: swap 27 GB is 25750 MiB
+    expected = {name: f"{seed_mib(gb * 10**9)}M" for name, gb in
+                (("swap", 27), ("root", 33), ("var", 100), ("varlog", 10), ("home", 10), ("srv", 20))}
+    assert expected["swap"] == "25750M"
     if role == "worker":
         expected["longhorn"] = None  # the rest of labvg
     if role in ("infra", "labcontroller"):
-        expected["rancher"] = "20480M"
+        expected["rancher"] = f"{seed_mib(20 * 10**9)}M"
     assert lvs == expected
     assert mounts["lab-lv-root"] == "/" and mounts["lab-lv-home"] == "/home" and mounts["lab-lv-swap"] == "none"
     assert s["lab-fs-swap"]["fstype"] == "swap" and s["lab-fs-var"]["fstype"] == "xfs"
@@ -185,7 +186,7 @@ def test_early_commands_reprovision_keeps_the_data_volumes(tmp_path, role):
         assert "longhorn" not in lvs  # a former role's volume is left alone
     if role == "infra":  # did not exist: created in the kept volume group
         assert lvs["rancher"] == {"type": "lvm_partition", "id": "lab-lv-rancher", "volgroup": "lab-vg",
-                                  "name": "rancher", "size": "20480M", "preserve": False}
+                                  "name": "rancher", "size": f"{seed_mib(20 * 10**9)}M", "preserve": False}
     msg = fm.progress()[-1]["message"]
     assert msg == "reprovision on /dev/nvme0n1: keeping /home /srv" + (" /var/lib/longhorn" if role == "worker" else "")
 
@@ -194,7 +195,7 @@ def test_early_commands_reprovision_without_boot_partition_fails(tmp_path):
     doc = yaml.safe_load(render())
     fm = fake_ubuntu(tmp_path)
     fm.disk("nvme0n1", tran="nvme", parts={"/dev/nvme0n1p1": {"FSTYPE": "LVM2_member"}})
-    fm.labvg("/dev/nvme0n1p1", ["root"])
+    fm.labvg("/dev/nvme0n1p1", ["root"], free=400 * 10**9)  # room for the missing volumes
     ai_file = tmp_path / "autoinstall.yaml"
     ai_file.write_text(yaml.safe_dump(doc))
     res = fm.run(f"export LAB_AUTOINSTALL={ai_file}\n" + command(doc, "early-commands"))
@@ -207,7 +208,15 @@ def test_early_commands_reprovision_without_boot_partition_fails(tmp_path):
 def test_late_commands_set_up_target_and_report_complete(tmp_path, role):
     doc = yaml.safe_load(render(role))
     fm = fake_ubuntu(tmp_path)
-    target = fm.target("target", fstab="", efi="BootOrder: 0000,0001\nBoot0000* ubuntu\nBoot0001* UEFI PXEv4 (MAC:525400123456)\n")
+    # reprovisioned from Fedora: its loader folder and boot entry are still there
+    efi = ("BootOrder: 0000,0002,0001\n"
+           "Boot0000* ubuntu\tHD(1,GPT,5d1c...,0x800,0x11e800)/File(\\EFI\\ubuntu\\shimx64.efi)\n"
+           "Boot0001* UEFI PXEv4 (MAC:525400123456)\tPciRoot(0x0)/Pci(0x2,0x0)/MAC(525400123456,1)"
+           "/IPv4(0.0.0.0,0,DHCP,0.0.0.0,0.0.0.0,0.0.0.0)N.....YM....R,Y.\n"
+           "Boot0002* Fedora\tHD(1,GPT,5d1c...,0x800,0x11e800)/File(\\EFI\\fedora\\shimx64.efi)\n")
+    target = fm.target("target", fstab="", efi=efi)
+    for d in ("fedora", "ubuntu", "BOOT"):
+        (target / "boot/efi/EFI" / d).mkdir(parents=True)
     body = command(doc, "late-commands")
     assert "LAB_ROOT=/target " in body
     res = fm.run(body.replace("LAB_ROOT=/target ", f"LAB_ROOT={target} ", 1))
@@ -218,7 +227,9 @@ def test_late_commands_set_up_target_and_report_complete(tmp_path, role):
     ran = (tmp_path / "chroot.log").read_text()
     assert "systemctl enable chrony.service" in ran
     assert ("systemctl mask ufw.service" in ran) == (role == "infra")
-    assert (tmp_path / "bootorder").read_text() == "0001,0000"
+    assert sorted(p.name for p in (target / "boot/efi/EFI").iterdir()) == ["BOOT", "ubuntu"]
+    assert (tmp_path / "efibootmgr.log").read_text() == "-b 0002 -B\n"
+    assert (tmp_path / "bootorder").read_text() == "0001,0000,0002"  # the fake does not delete 0002
     stages = [p["stage"] for p in fm.progress()]
     assert stages[:4] == ["post-install"] * 4 and stages[-1] == "complete"
 
@@ -243,3 +254,61 @@ def test_no_serial_console_or_tail():
         assert "ttyS" not in text and "tail -f" not in text
 
 
+
+
+# -- room for the layout (checked in the early-commands, before the storage config is rewritten) ----
+def early(tmp_path, fm: FakeMachine, role: str, disk: str = ""):
+    doc = yaml.safe_load(render(role, disk))
+    ai_file = tmp_path / "autoinstall.yaml"
+    ai_file.write_text(yaml.safe_dump(doc))
+    res = fm.run(f"export LAB_AUTOINSTALL={ai_file}\n" + command(doc, "early-commands"))
+    return res, doc, yaml.safe_load(ai_file.read_text())
+
+
+def test_early_commands_fit_infra_on_a_240_gb_disk(tmp_path):
+    fm = fake_ubuntu(tmp_path)
+    fm.disk("sda", size=240 * 10**9 // 512)
+    res, _, out = early(tmp_path, fm, "infra")
+    assert res.returncode == 0, res.stderr
+    assert storage(out)["lab-disk"]["path"] == "/dev/sda"
+
+
+def test_early_commands_refuse_a_20_gib_disk_with_the_numbers(tmp_path):
+    fm = fake_ubuntu(tmp_path)
+    fm.disk("vda", tran="", size=20 * 2**30 // 512)
+    res, doc, out = early(tmp_path, fm, "worker")
+    assert res.returncode != 0
+    assert "disk /dev/vda is too small for role worker: 20480 MiB (21 GB), the layout needs 194191 MiB (204 GB)" in res.stderr
+    assert fm.progress()[-1]["stage"] == "failed"
+    assert out == doc  # the storage config is left as it was
+
+
+def test_early_commands_refuse_worker_to_infra_without_room(tmp_path):
+    fm = fake_ubuntu(tmp_path)
+    fm.disk("nvme0n1", tran="nvme", parts=NVME_PARTS)
+    fm.labvg("/dev/nvme0n1p3", ["swap", "root", "var", "varlog", "home", "srv", "longhorn"], free=0)
+    res, doc, out = early(tmp_path, fm, "infra")
+    assert res.returncode != 0
+    assert "labvg on /dev/nvme0n1 has 0 MiB free but role infra needs 19076 MiB for: /var/lib/rancher (19076 MiB)" in res.stderr
+    assert fm.progress()[-1]["stage"] == "failed"
+    assert out == doc
+
+
+def test_early_commands_give_subiquity_the_kernel_name_of_a_by_id_disk(tmp_path):
+    # subiquity matches a disk action's path exactly against the probed /dev/<name> paths
+    fm = fake_ubuntu(tmp_path)
+    fm.disk("nvme0n1", tran="nvme")
+    fm.disk("sdb", aliases=["/dev/disk/by-id/ata-DISK_B"])
+    res, _, out = early(tmp_path, fm, "worker", disk="/dev/disk/by-id/ata-DISK_B")
+    assert res.returncode == 0, res.stderr
+    assert storage(out)["lab-disk"]["path"] == "/dev/sdb"
+    jsonschema.validate(out["autoinstall"], schema())
+
+
+def test_early_commands_reprovision_by_id_disk_uses_the_kernel_name(tmp_path):
+    fm = fake_ubuntu(tmp_path)
+    fm.disk("nvme0n1", tran="nvme", parts=NVME_PARTS, aliases=["/dev/disk/by-id/nvme-X"])
+    fm.labvg("/dev/nvme0n1p3", ["swap", "root", "var", "varlog", "home", "srv"])
+    res, _, out = early(tmp_path, fm, "vanilla", disk="/dev/disk/by-id/nvme-X")
+    assert res.returncode == 0, res.stderr
+    assert storage(out)["lab-disk"]["path"] == "/dev/nvme0n1"

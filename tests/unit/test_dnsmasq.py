@@ -56,7 +56,13 @@ def test_proxy_mode_is_default_and_passes_dnsmasq_test(tmp_path):
     assert "dhcp-match=set:efi64,option:client-arch,9" in ls
     assert 'pxe-service=tag:!ipxe,x86PC,"lab-platform iPXE (BIOS)",undionly.kpxe' in ls
     assert 'pxe-service=tag:!ipxe,X86-64_EFI,"lab-platform iPXE (UEFI)",snponly.efi' in ls
-    assert "dhcp-boot=tag:ipxe,http://10.20.0.5:8080/dispatch?mac=${netX/mac}" in ls
+    # iPXE: the dispatch URL with this server as next-server in the proxy offer, and no pxe-service
+    # of its own (a menu would send iPXE into a port-4011 boot-server request)
+    assert "dhcp-boot=tag:ipxe,http://10.20.0.5:8080/dispatch?mac=${netX/mac},,10.20.0.5" in ls
+    assert [ln for ln in ls if ln.startswith("pxe-service=")] == [
+        'pxe-service=tag:!ipxe,x86PC,"lab-platform iPXE (BIOS)",undionly.kpxe',
+        'pxe-service=tag:!ipxe,X86-64_EFI,"lab-platform iPXE (UEFI)",snponly.efi',
+        'pxe-service=tag:!ipxe,BC_EFI,"lab-platform iPXE (UEFI)",snponly.efi']
     assert not any(ln.startswith("dhcp-range=") and "proxy" not in ln for ln in ls)
     dnsmasq_test(tmp_path, text)
 
@@ -77,7 +83,7 @@ def test_full_mode(tmp_path):
 def test_public_url_is_the_dispatch_base(tmp_path):
     cfg = make_cfg(tmp_path, public_url="http://bastion.lab:8080/pxe")
     text = dnsmasq.render_config(cfg, tmp_path / "tftp", IFACE)
-    assert "dhcp-boot=tag:ipxe,http://bastion.lab:8080/pxe/dispatch?mac=${netX/mac}\n" in text
+    assert "dhcp-boot=tag:ipxe,http://bastion.lab:8080/pxe/dispatch?mac=${netX/mac},,10.20.0.5\n" in text
     dnsmasq_test(tmp_path, text)
 
 

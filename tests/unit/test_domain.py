@@ -152,3 +152,17 @@ def test_machine_view_has_the_fields_of_its_schema_in_order_and_no_token(client,
     assert list(listed) == list(schemas.MachineView.model_fields) and "install_token" not in listed
     assert listed["debug"] == "pxe" and listed["stalled"] is False and listed["installed_at"] is None
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", listed["created_at"])
+
+
+def test_layout_sizes_are_the_seeds_gb_and_fit_a_240_gb_disk():
+    from labcore import layout
+
+    # the seed's table is in GB: 27 GB of swap is 25750 MiB (not 27 GiB = 27648 MiB)
+    assert layout.COMMON[0].size_mib == 25750 and layout.EFI_MIB == 573 and layout.BOOT_MIB == 2862
+    disk_240gb_mib = 240 * 10**9 // 2**20
+    for role in ("vanilla", "worker", "infra", "labcontroller"):
+        assert layout.disk_mib_needed(role) < disk_240gb_mib, role
+    # infra: fixed volumes 220 GB + ESP + /boot + BIOS boot, GPT and LVM metadata, each volume in 4 MiB extents
+    assert layout.disk_mib_needed("infra") == 2 + 1 + 573 + 2862 + 1 + sum(
+        -(-v.size_mib // 4) * 4 for v in layout.volumes_for("infra"))
+    assert layout.lv_alloc_mib(layout.DATA_VOLUMES["/var/lib/longhorn"]) == 4  # the rest: at least one extent

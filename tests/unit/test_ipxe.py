@@ -21,8 +21,8 @@ CASES = {
     "discover-image": ("ipxe/discover.ipxe.j2", dict(base=BASE, mac=MAC, method="image", action="poweroff", installer_os="fedora-43")),
     "discover-kickstart": ("ipxe/discover.ipxe.j2", dict(base=BASE, mac=MAC, method="kickstart", action="poweroff", installer_os="fedora-43")),
     "discover-none": ("ipxe/discover.ipxe.j2", dict(base=BASE, mac=MAC, method="none", action="poweroff", installer_os="fedora-43")),
-    "install-fedora": ("ipxe/install.ipxe.j2", dict(base=BASE, mac=MAC, token=TOKEN, os="fedora-43", role="worker", hostname="node1", installer="kickstart")),
-    "install-ubuntu": ("ipxe/install.ipxe.j2", dict(base=BASE, mac=MAC, token=TOKEN, os="ubuntu-26.04", role="infra", hostname="node2", installer="autoinstall")),
+    "install-fedora": ("ipxe/install.ipxe.j2", dict(base=BASE, mac=MAC, token=TOKEN, os="fedora-43", role="worker", hostname="node1", installer="kickstart", syslog="10.0.0.1:5514")),
+    "install-ubuntu": ("ipxe/install.ipxe.j2", dict(base=BASE, mac=MAC, token=TOKEN, os="ubuntu-26.04", role="infra", hostname="node2", installer="autoinstall", syslog="10.0.0.1:5514")),
     "debug": ("ipxe/debug.ipxe.j2", dict(base=BASE, mac=MAC, installer_os="fedora-43")),
     "pxe-debug": ("ipxe/pxe-debug.ipxe.j2", dict(base=BASE, mac=MAC)),
     "local-boot": ("ipxe/local-boot.ipxe.j2", dict(base=BASE, mac=MAC, hostname="node1", efi_chain="")),
@@ -76,3 +76,12 @@ def test_no_input_adds_a_line(hostname, mac, token):
         out = render(template, **{**ctx, **{k: val for k, val in (("hostname", hostname), ("mac", mac), ("token", token)) if k in ctx}})
         assert out.count("\n") == ref.count("\n"), name
         assert [ln.split(" ", 1)[0] for ln in out.splitlines()] == [ln.split(" ", 1)[0] for ln in ref.splitlines()]
+
+
+def test_syslog_target_for_inst_syslog():
+    from bastion_app.installers import syslog_target
+
+    assert syslog_target("http://10.0.0.1:8080", 5514) == "10.0.0.1:5514"
+    assert syslog_target("http://[fd00::1]:8080", 5514) == "[fd00::1]:5514"
+    ctx = {**CASES["install-fedora"][1], "syslog": syslog_target("http://[fd00::1]:8080", 5514)}
+    assert " inst.syslog=[fd00::1]:5514 " in render("ipxe/install.ipxe.j2", **ctx)

@@ -110,7 +110,7 @@ def test_stages_and_onerror():
     assert "lab_progress packages" in script(text, "pre-install")
     post = script(text, "post")
     assert post.count("lab_progress post-install") >= 3
-    assert "lab_progress complete 100" in script(text, "post", chroot=False)
+    assert "lab_progress_final complete 100" in script(text, "post", chroot=False)
     assert "lab_progress failed" in script(text, "onerror")
 
 

@@ -67,8 +67,8 @@ def test_documents_revalidate_the_machine_record(v, field):
 def ks_context(**over):
     ctx = dict(ks=installer.ks, mac=MAC, hostname="node1", role="worker", disk="", ssh_keys=[KEY], token=TOKEN,
                base="http://10.0.0.1:8080", syslog_host="10.0.0.1", syslog_port=5514,
-               repos=DEFAULT_MANIFEST["fedora-43"]["repos"], k3s=True, volumes=installer.volumes_for("worker"),
-               efi_mib=600, boot_mib=3072, tmp_size="4G")
+               repos=DEFAULT_MANIFEST["fedora-43"]["repos"], k3s=True, **installer.layout_context("worker"),
+               other_efi_dirs=["ubuntu", "debian"])
     ctx.update(over)
     return ctx
 
@@ -134,13 +134,12 @@ def test_autoinstall_template_escapes_or_refuses(v, field):
     base_ctx = dict(mac=MAC, hostname="node1", role="worker", disk="", ssh_keys=[KEY], token=TOKEN)
     ctx = {**base_ctx, field if field != "mirror" else "_": [v] if field == "ssh_keys" else v}
     ctx.pop("_", None)
-    common = dict(ks=installer.ks, base="http://10.0.0.1:8080", k3s=True, tmp_size="4G",
-                  volumes=installer.volumes_for("worker"))
+    common = dict(ks=installer.ks, base="http://10.0.0.1:8080", k3s=True, **installer.layout_context("worker"),
+                  other_efi_dirs=["fedora", "debian"])
     try:
         scripts = {k: render(f"autoinstall/{k}.sh.j2", **common, **ctx) for k in ("early", "late", "error")}
         out = render("autoinstall/user-data.j2", **common, **ctx, **scripts,
                      mirror=v if field == "mirror" else "http://archive.ubuntu.com/ubuntu",
-                     efi_mib=600, boot_mib=3072,
                      packages=installer.UBUNTU_PACKAGES, events_url="http://10.0.0.1:8080/api/installer-events/x/y")
     except UnsafeValue:
         assert not v.isprintable() or not v.isascii()

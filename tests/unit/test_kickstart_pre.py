@@ -6,13 +6,12 @@ and parsed by pykickstart (F43), whose handler is checked for the layout."""
 from __future__ import annotations
 
 import subprocess
-import textwrap
 
 import pytest
 
 from bastion_app.images.sync import DEFAULT_MANIFEST
 from bastion_app.installers import kickstart
-from tests.support import MAC, NVME_PARTS, TOKEN, FakeMachine, install_params, script, sections
+from tests.support import MAC, NVME_PARTS, TOKEN, FakeMachine, install_params, script, sections, seed_mib
 
 
 def render(role="worker", disk=""):
@@ -98,9 +97,11 @@ def test_given_disk_that_does_not_exist_fails(tmp_path):
 
 
 # -- fresh install layout ----------------------------------------------------------------------
-EXPECTED_COMMON = {
-    "swap": ("swap", 27 * 1024, False), "root": ("/", 33 * 1024, False), "var": ("/var", 100 * 1024, False),
-    "varlog": ("/var/log", 10 * 1024, False), "home": ("/home", 10 * 1024, False), "srv": ("/srv", 20 * 1024, False),
+GB = 10**9
+EXPECTED_COMMON = {  # the seed's sizes (GB) in MiB, rounded up
+    "swap": ("swap", seed_mib(27 * GB), False), "root": ("/", seed_mib(33 * GB), False),
+    "var": ("/var", seed_mib(100 * GB), False), "varlog": ("/var/log", seed_mib(10 * GB), False),
+    "home": ("/home", seed_mib(10 * GB), False), "srv": ("/srv", seed_mib(20 * GB), False),
 }
 
 
@@ -117,18 +118,18 @@ def test_fresh_layout_per_role(tmp_path, role, uefi):
     if role == "worker":
         expected["longhorn"] = ("/var/lib/longhorn", 1, True)
     if role in ("infra", "labcontroller"):
-        expected["rancher"] = ("/var/lib/rancher", 20 * 1024, False)
+        expected["rancher"] = ("/var/lib/rancher", seed_mib(20 * GB), False)
     assert {n: (v["mount"], v["size"], v["grow"]) for n, v in lvs.items()} == expected
     assert all(v["fstype"] == ("swap" if n == "swap" else "xfs") for n, v in lvs.items())
     assert all(lv.vgname == "labvg" for lv in h.logvol.lvList)
     assert [vg.vgname for vg in h.volgroup.vgList] == ["labvg"]
     parts = {p.mountpoint: p for p in h.partition.partitions}
     if uefi:
-        assert parts["/boot/efi"].size == 600 and parts["/boot/efi"].fstype == "efi"
+        assert parts["/boot/efi"].size == seed_mib(600 * 10**6) == 573 and parts["/boot/efi"].fstype == "efi"
         assert "biosboot" not in parts
     else:
         assert parts["biosboot"].fstype == "biosboot" and "/boot/efi" not in parts
-    assert parts["/boot"].size == 3072 and parts["/boot"].fstype == "ext4"
+    assert parts["/boot"].size == seed_mib(3 * GB) and parts["/boot"].fstype == "ext4"
     assert parts["pv.01"].grow
     assert h.clearpart.initAll and h.zerombr.zerombr
     assert h.ignoredisk.onlyuse == ["nvme0n1"]
@@ -165,7 +166,7 @@ def test_reprovision_keeps_data_volumes(tmp_path, role):
         assert "longhorn" not in lvs  # left alone, not mounted
     if role in ("infra", "labcontroller"):
         # did not exist before: created in the existing volume group
-        assert lvs["rancher"]["size"] == 20 * 1024 and lvs["rancher"]["format"] and not lvs["rancher"]["preexist"]
+        assert lvs["rancher"]["size"] == seed_mib(20 * GB) and lvs["rancher"]["format"] and not lvs["rancher"]["preexist"]
     msg = [p["message"] for p in fm.progress()][-1]
     assert msg.startswith("reprovision on /dev/nvme0n1: keeping /home /srv")
 
@@ -204,7 +205,7 @@ def test_reprovision_given_disk_matching_labvg(tmp_path):
 def test_reprovision_without_efi_partition_fails_clearly(tmp_path):
     fm = FakeMachine(tmp_path)
     fm.disk("nvme0n1", tran="nvme", parts={"/dev/nvme0n1p3": {"FSTYPE": "LVM2_member"}})
-    fm.labvg("/dev/nvme0n1p3", ["root"])
+    fm.labvg("/dev/nvme0n1p3", ["root"], free=400 * 10**9)  # room for the missing volumes
     res, _ = run_pre(fm)
     assert res.returncode != 0 and "no EFI system partition" in res.stderr
 
@@ -225,36 +226,92 @@ def test_progress_payloads_are_json_with_the_install_token(tmp_path):
         assert p["mac"] == MAC and p["token"] == TOKEN and 0 <= p["percent"] <= 100
 
 
-# -- network-first boot order ---------------------------------------------------------------------
-EFI_OUT = textwrap.dedent("""\
-    BootCurrent: 0001
-    Timeout: 0 seconds
-    BootOrder: 0003,0001,0002,0000
-    Boot0000* UiApp
-    Boot0001* UEFI PXEv4 (MAC:525400123456)
-    Boot0002* UEFI HTTPv4 (MAC:525400123456)
-    Boot0003* Fedora\tHD(1,GPT,...)/File(\\EFI\\fedora\\shimx64.efi)
-    """)
+# -- network-first boot order and other systems' loaders (recorded `efibootmgr -v` outputs) ----------
+# OVMF (QEMU) with efibootmgr 18: PXE, HTTP boot over IPv4 and IPv6 on each of two NICs, the boot
+# NIC (52:54:00:12:34:56) first, then the installed system's entry.
+EFI_OVMF = (
+    "BootCurrent: 0001\n"
+    "Timeout: 3 seconds\n"
+    "BootOrder: 0007,0003,0004,0002,0001,0005,0006,0000\n"
+    "Boot0000* UiApp\tFvVol(7cb8bdc9-f8eb-4f34-aaea-3ee4af6516a1)/FvFile(462caa21-7614-4503-836e-8ab6f4662331)\n"
+    "Boot0001* UEFI PXEv4 (MAC:525400123456)\tPciRoot(0x0)/Pci(0x2,0x0)/MAC(525400123456,1)"
+    "/IPv4(0.0.0.0,0,DHCP,0.0.0.0,0.0.0.0,0.0.0.0)N.....YM....R,Y.\n"
+    "Boot0002* UEFI PXEv6 (MAC:525400123456)\tPciRoot(0x0)/Pci(0x2,0x0)/MAC(525400123456,1)"
+    "/IPv6([::]:<->[::]:,0,0)N.....YM....R,Y.\n"
+    "Boot0003* UEFI HTTPv4 (MAC:525400123456)\tPciRoot(0x0)/Pci(0x2,0x0)/MAC(525400123456,1)"
+    "/IPv4(0.0.0.0,0,DHCP,0.0.0.0,0.0.0.0,0.0.0.0)/Uri()N.....YM....R,Y.\n"
+    "Boot0004* UEFI HTTPv6 (MAC:525400123456)\tPciRoot(0x0)/Pci(0x2,0x0)/MAC(525400123456,1)"
+    "/IPv6([::]:<->[::]:,0,0)/Uri()N.....YM....R,Y.\n"
+    "Boot0005* UEFI PXEv4 (MAC:525400ABCDEF)\tPciRoot(0x0)/Pci(0x3,0x0)/MAC(525400abcdef,1)"
+    "/IPv4(0.0.0.0,0,DHCP,0.0.0.0,0.0.0.0,0.0.0.0)N.....YM....R,Y.\n"
+    "Boot0006* UEFI PXEv6 (MAC:525400ABCDEF)\tPciRoot(0x0)/Pci(0x3,0x0)/MAC(525400abcdef,1)"
+    "/IPv6([::]:<->[::]:,0,0)N.....YM....R,Y.\n"
+    "Boot0007* Fedora\tHD(1,GPT,0b9d3d51-2d2b-4a86-9d3c-1c5c3f5e0a11,0x800,0x11e800)/File(\\EFI\\fedora\\shimx64.efi)\n"
+)
+# A server's firmware with an older efibootmgr (efivar's IPv4(...<->...) form): two ports of one
+# card; the machine boots from the second port, the first port's PXE entry comes first.
+EFI_SERVER = (
+    "BootCurrent: 0003\n"
+    "Timeout: 1 seconds\n"
+    "BootOrder: 0000,0002,0004,0003,0005\n"
+    "Boot0000* ubuntu\tHD(1,GPT,7e1b1c2a-9f0e-4c1e-8f7a-2a4b5c6d7e8f,0x800,0x100000)/File(\\EFI\\ubuntu\\shimx64.efi)\n"
+    "Boot0002* UEFI: PXE IP4 Intel(R) I350 Gigabit Network Connection\tPciRoot(0x0)/Pci(0x1c,0x0)/Pci(0x0,0x0)"
+    "/MAC(0cc47a0a0b0c,1)/IPv4(0.0.0.0:0<->0.0.0.0:0,0,0)..BO\n"
+    "Boot0003* UEFI: PXE IP4 Intel(R) I350 Gigabit Network Connection\tPciRoot(0x0)/Pci(0x1c,0x0)/Pci(0x0,0x1)"
+    "/MAC(525400123456,1)/IPv4(0.0.0.0:0<->0.0.0.0:0,0,0)..BO\n"
+    "Boot0004* UEFI: PXE IP6 Intel(R) I350 Gigabit Network Connection\tPciRoot(0x0)/Pci(0x1c,0x0)/Pci(0x0,0x1)"
+    "/MAC(525400123456,1)/IPv6([::]:<->[::]:,0,0)..BO\n"
+    "Boot0005* UEFI: Built-in EFI Shell\tVenMedia(5023b95c-db26-429b-a648-bd47664c8012)..BO\n"
+)
+# No IPv4 PXE entry for the boot NIC (HTTP boot and IPv6 only): the order is left alone.
+EFI_NO_PXE4 = "".join(line + "\n" for line in EFI_OVMF.splitlines()
+                      if not line.startswith(("Boot0001", "Boot0005")))
 
 
-def test_boot_order_puts_network_first(tmp_path):
+def boot_functions(body: str) -> str:
+    """The boot-entry snippet (scripts/_bootorder.sh.j2) out of a rendered %post or late-commands."""
+    start = body.index("LAB_BOOT_MAC=")
+    return body[start : body.index('\nlab_remove_other_loaders "', start) + 1]
+
+
+@pytest.mark.parametrize("efi,order", [
+    (EFI_OVMF, "0001,0007,0003,0004,0002,0005,0006,0000"),
+    (EFI_SERVER, "0003,0000,0002,0004,0005"),
+])
+def test_boot_order_puts_only_the_boot_nics_ipv4_pxe_entry_first(tmp_path, efi, order):
     fm = FakeMachine(tmp_path)
-    (tmp_path / "efi.txt").write_text(EFI_OUT)
-    body = script(render(), "post")
-    start = body.index("lab_set_boot_order() {")
-    func = body[start : body.index("\n}\n", start) + 3]
-    res = fm.run(func + "\nlab_set_boot_order\n")
-    assert res.returncode == 0, res.stderr
-    assert (tmp_path / "bootorder").read_text() == "0001,0002,0003,0000"
+    (tmp_path / "efi.txt").write_text(efi)
+    res = fm.run(boot_functions(script(render(), "post")) + "lab_set_boot_order\n")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "bootorder").read_text() == order
+
+
+def test_boot_order_unchanged_without_an_ipv4_pxe_entry_for_the_boot_nic(tmp_path):
+    fm = FakeMachine(tmp_path)
+    (tmp_path / "efi.txt").write_text(EFI_NO_PXE4)
+    res = fm.run(boot_functions(script(render(), "post")) + "lab_set_boot_order\n")
+    assert res.returncode == 1 and "no IPv4 PXE boot entry for NIC 525400123456" in res.stdout
+    assert not (tmp_path / "bootorder").exists()
 
 
 def test_boot_order_left_alone_on_bios(tmp_path):
     fm = FakeMachine(tmp_path, uefi=False)
-    (tmp_path / "efi.txt").write_text(EFI_OUT)
-    body = script(render(), "post")
-    start = body.index("lab_set_boot_order() {")
-    res = fm.run(body[start : body.index("\n}\n", start) + 3] + "\nlab_set_boot_order\n")
+    (tmp_path / "efi.txt").write_text(EFI_OVMF)
+    res = fm.run(boot_functions(script(render(), "post")) + "lab_set_boot_order\n")
     assert res.returncode == 0 and not (tmp_path / "bootorder").exists()
+
+
+def test_fedora_removes_other_systems_loaders_and_their_entries(tmp_path):
+    fm = FakeMachine(tmp_path)
+    (tmp_path / "efi.txt").write_text(EFI_SERVER)  # a former Ubuntu install: EFI/ubuntu and its entry 0000
+    esp = tmp_path / "esp"
+    for d in ("fedora", "ubuntu", "debian", "BOOT", "Dell"):
+        (esp / "EFI" / d).mkdir(parents=True)
+        (esp / "EFI" / d / "grub.cfg").write_text("stale\n")
+    res = fm.run(boot_functions(script(render(), "post")) + f"lab_remove_other_loaders {esp}\n")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (esp / "EFI").iterdir()) == ["BOOT", "Dell", "fedora"]
+    assert (tmp_path / "efibootmgr.log").read_text() == "-b 0000 -B\n"
 
 
 def test_pre_runs_under_set_u_without_unbound_variables(tmp_path):
@@ -298,3 +355,51 @@ def test_post_host_setup_writes_the_files(tmp_path, role):
     # running it twice (Anaconda never does, but idempotence is cheap) keeps one tmpfs line
     assert fm.run(body).returncode == 0
     assert (etc / "fstab").read_text().count("tmpfs /tmp") == 1
+
+
+# -- room for the layout (checked in %pre, before anything is written) ------------------------------
+GB_240 = 240 * 10**9 // 512  # sectors of a disk sold as 240 GB
+GIB_20 = 20 * 2**30 // 512
+
+
+@pytest.mark.parametrize("role", ["infra", "labcontroller", "worker"])
+def test_fresh_install_fits_a_240_gb_disk(tmp_path, role):
+    fm = FakeMachine(tmp_path)
+    fm.disk("sda", size=GB_240)
+    res, _ = run_pre(fm, role=role)
+    assert res.returncode == 0, res.stderr
+    assert "clearpart --all --initlabel --disklabel=gpt --drives=sda\n" in fm.include
+
+
+def test_fresh_install_on_a_20_gib_disk_fails_with_the_numbers(tmp_path):
+    fm = FakeMachine(tmp_path)
+    fm.disk("vda", tran="", size=GIB_20)
+    res, _ = run_pre(fm, role="infra")
+    assert res.returncode != 0
+    assert ("disk /dev/vda is too small for role infra: 20480 MiB (21 GB), the layout needs 213263 MiB (224 GB)"
+            in res.stderr)
+    assert fm.progress()[-1]["stage"] == "failed" and "20480 MiB" in fm.progress()[-1]["message"]
+    assert not (tmp_path / "part-include").exists()  # nothing written for Anaconda
+
+
+def test_reprovision_worker_to_infra_without_room_for_rancher_fails(tmp_path):
+    fm = FakeMachine(tmp_path)
+    fm.disk("nvme0n1", tran="nvme", parts=NVME_PARTS)
+    # a worker's labvg: longhorn took the rest, 2 GiB are left; infra adds /var/lib/rancher (20 GB)
+    fm.labvg("/dev/nvme0n1p3", ["swap", "root", "var", "varlog", "home", "srv", "longhorn"], free=2 * 2**30)
+    res, _ = run_pre(fm, role="infra")
+    assert res.returncode != 0
+    assert ("labvg on /dev/nvme0n1 has 2048 MiB free but role infra needs 19076 MiB for: /var/lib/rancher (19076 MiB)"
+            in res.stderr)
+    assert "lvremove labvg/NAME" in res.stderr
+    assert fm.progress()[-1]["stage"] == "failed"
+    assert not (tmp_path / "part-include").exists()
+
+
+def test_reprovision_worker_to_infra_with_room_succeeds(tmp_path):
+    fm = FakeMachine(tmp_path)
+    fm.disk("nvme0n1", tran="nvme", parts=NVME_PARTS)
+    fm.labvg("/dev/nvme0n1p3", ["swap", "root", "var", "varlog", "home", "srv", "longhorn"], free=19076 * 2**20)
+    res, _ = run_pre(fm, role="infra")
+    assert res.returncode == 0, res.stderr
+    assert f"logvol /var/lib/rancher --vgname=labvg --name=rancher --fstype=xfs --size={seed_mib(20 * GB)}\n" in fm.include

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import pytest
 
 from tests.support import KEY, queue_install
@@ -17,6 +19,19 @@ def test_ks_for_the_installing_machine(client, auth):
     text = r.get_data(as_text=True)
     assert "--hostname=node-ks" in text and f'"token":"{token}"' in text
     assert "logging --host=192.0.2.1 --port=5514" in text or "logging --host=localhost --port=5514" in text
+
+
+def test_install_kernel_line_sends_anacondas_log_from_its_start(client, auth):
+    queue_install(client, auth)
+    script = client.get(f"/dispatch?mac={MAC}").get_data(as_text=True)
+    [kernel] = [ln for ln in script.splitlines() if ln.startswith("kernel ")]
+    words = kernel.split()
+    # inst.syslog: remote logging from Anaconda's start, before the kickstart (and %pre) is parsed
+    base = script.rsplit("chain --replace ", 1)[1].split("/dispatch", 1)[0]  # the bastion's URL
+    assert f"inst.syslog={urlsplit(base).hostname}:5514" in words
+    # ksdevice is ignored by current Anaconda (BOOTIF= picks the boot NIC)
+    assert not any(w.startswith(("inst.ksdevice", "ksdevice")) for w in words)
+    assert any(w.startswith("BOOTIF=01-") for w in words)
 
 
 @pytest.mark.parametrize("query, status", [

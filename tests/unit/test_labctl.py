@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 import requests
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 from labctl import config, docgen, doctor, errors, output, runner, targets
 from labctl.client import iter_sse
 from labctl.main import COMMANDS, cli
+from tests.support import need
 
 M = [
     {"mac": "52:54:00:00:00:01", "hostname": "node1", "ip": "10.0.0.1", "state": "installed"},
@@ -221,3 +223,44 @@ def test_doctor_checks_the_boot_files_of_every_operating_system(tmp_path):
     for o in OPERATING_SYSTEMS:
         assert f"missing {o.kernel}, {o.initrd}" in checks[f"artefacts {o.name}"].detail
     assert checks["artefacts discovery"].status == "fail" and checks["artefacts local-boot"].status == "warn"
+
+
+def _pe(cert_size: int, magic: int = 0x20B) -> bytes:
+    """A minimal PE/COFF image: DOS stub pointing at the PE header, a COFF header, an optional
+    header with 16 data directories, the Certificate Table (entry 4) ``cert_size`` bytes long."""
+    dirs = 112 if magic == 0x20B else 96
+    img = bytearray(0x40 + 24 + dirs + 16 * 8)
+    img[0:2] = b"MZ"
+    struct.pack_into("<I", img, 0x3C, 0x40)
+    img[0x40:0x44] = b"PE\0\0"
+    opt = 0x40 + 24
+    struct.pack_into("<H", img, opt, magic)
+    struct.pack_into("<I", img, opt + dirs - 4, 16)
+    struct.pack_into("<II", img, opt + dirs + 32, 0x400 if cert_size else 0, cert_size)
+    return bytes(img)
+
+
+def test_doctor_tells_whether_the_uefi_ipxe_binaries_are_signed(tmp_path):
+    from labcore import bastion_config
+
+    for name, data in (("signed.efi", _pe(0x100)), ("unsigned.efi", _pe(0)), ("pe32.efi", _pe(0x80, 0x10B)),
+                       ("not-pe.efi", b"MZ" + bytes(100))):
+        (tmp_path / name).write_bytes(data)
+    assert [doctor.pe_signed(tmp_path / n) for n in ("signed.efi", "unsigned.efi", "pe32.efi", "not-pe.efi")] == [
+        True, False, True, False]
+    debian = Path("/usr/lib/ipxe/snponly.efi")  # Debian's iPXE, what the bastion serves
+    need(debian.exists(), "needs Debian's ipxe package (/usr/lib/ipxe/snponly.efi)")
+    assert not doctor.pe_signed(debian)
+
+    cfg = bastion_config.load(tmp_path / "data", overrides={"dnsmasq": False}, env={}, detect=False)
+    tftp = cfg.data_path / "tftp"
+    tftp.mkdir(parents=True)
+    check = lambda: {c.name: c for c in doctor.check_local(cfg, "http://127.0.0.1:8080")["tftp"]}["secure boot"]  # noqa: E731
+    assert check().status == "skip"
+    (tftp / "snponly.efi").write_bytes(debian.read_bytes())
+    (tftp / "ipxe.efi").write_bytes(_pe(0x100))
+    c = check()
+    assert c.status == "warn" and c.detail.startswith("snponly.efi unsigned: UEFI machines with Secure Boot on")
+    assert "Secure Boot off" in c.hint
+    (tftp / "snponly.efi").write_bytes(_pe(0x200))
+    assert check().status == "pass"
