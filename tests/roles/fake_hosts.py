@@ -146,6 +146,6 @@ class FakeHosts:
         try:
             doc = json.loads(p.stdout)
         except json.JSONDecodeError:
-            raise AssertionError(f"ansible-playbook gave no JSON (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+            raise AssertionError(f"ansible-playbook gave no JSON (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}") from None
         calls = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         return Result(p.returncode, doc, calls, p.stderr)
