@@ -177,19 +177,34 @@ def extra_vars(pairs: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def airgap_vars(directory: str) -> dict[str, Any]:
-    """The airgap inputs in DIR: the k3s binary, k3s-airgap-images-*.tar[.zst|.gz] and an optional
-    cilium-*.tgz chart, as the roles' variables."""
-    d = Path(directory).resolve()
-    binary = d / "k3s"
-    if not binary.is_file():
-        raise errors.UsageError(f"--airgap-dir {d} has no k3s binary (a file named k3s)", "nothing was run")
-    images = sorted(str(p) for p in d.glob("k3s-airgap-images-*.tar*"))
-    out: dict[str, Any] = {"k3s_server_airgap_binary": str(binary), "k3s_agent_airgap_binary": str(binary),
-                           "k3s_server_airgap_images": images, "k3s_agent_airgap_images": images}
-    charts = sorted(d.glob("cilium-*.tgz"))
-    if charts:
-        out["k3s_networking_cilium_chart_archive"] = str(charts[-1])
+def airgap_vars(directory: str | None, cilium_images: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The air-gap inputs as the roles' variables: from DIR, the k3s binary, k3s-airgap-images-*.tar*,
+    the Cilium chart cilium-<version>.tgz, Cilium's images cilium-images*.tar* and, for the Red Hat
+    family, k3s-selinux-*.rpm; --cilium-images FILE adds image archives. Air-gapped, Cilium's chart and
+    images are required (no node becomes Ready without them): refused here, before anything runs."""
+    out: dict[str, Any] = {}
+    images_cilium = [str(Path(f).resolve()) for f in cilium_images]
+    if directory:
+        d = Path(directory).resolve()
+        binary = d / "k3s"
+        if not binary.is_file():
+            raise errors.UsageError(f"--airgap-dir {d} has no k3s binary (a file named k3s)", "nothing was run")
+        images = sorted(str(p) for p in d.glob("k3s-airgap-images-*.tar*"))
+        out.update({"k3s_server_airgap_binary": str(binary), "k3s_agent_airgap_binary": str(binary),
+                    "k3s_server_airgap_images": images, "k3s_agent_airgap_images": images})
+        charts = sorted(p for p in d.glob("cilium-*.tgz") if not p.name.startswith("cilium-images"))
+        images_cilium = sorted(str(p) for p in d.glob("cilium-images*.tar*")) + images_cilium
+        if not charts or not images_cilium:
+            missing = ([] if charts else ["Cilium chart (cilium-<version>.tgz)"]) + (
+                [] if images_cilium else ["Cilium images (cilium-images*.tar[.gz|.zst], or --cilium-images FILE)"])
+            raise errors.UsageError(f"--airgap-dir {d} has no {' and no '.join(missing)}: air-gapped, no node "
+                                    "would get a CNI and become Ready", "nothing was run")
+        out.update({"k3s_networking_airgap_enabled": True, "k3s_networking_cilium_chart_archive": str(charts[-1])})
+        rpms = sorted(d.glob("k3s-selinux-*.rpm"))
+        if rpms:
+            out["k3s_host_prep_selinux_rpm"] = str(rpms[-1])
+    if images_cilium:
+        out["k3s_networking_cilium_images"] = list(dict.fromkeys(images_cilium))
     return out
 
 
@@ -262,12 +277,18 @@ def with_ssh_options(f):
 @click.option("--cluster", metavar="NAME", help="Cluster name (k3s_server_cluster_name: the kubeconfig is "
               "fetched to ~/.kube/NAME.yaml).")
 @click.option("--airgap-dir", type=click.Path(file_okay=False, exists=True), metavar="DIR",
-              help="Directory with the k3s binary, k3s-airgap-images-*.tar* and optionally cilium-*.tgz.")
+              help="Air-gapped install from DIR: the k3s binary, k3s-airgap-images-*.tar*, the Cilium chart "
+                   "cilium-<version>.tgz, Cilium's images cilium-images*.tar* (required) and, for the Red Hat "
+                   "family, k3s-selinux-*.rpm.")
+@click.option("--cilium-images", "cilium_images", multiple=True, type=click.Path(dir_okay=False, exists=True),
+              metavar="FILE", help="Image archive with Cilium's images, copied beside k3s's to every node "
+                                   "(repeatable; with or instead of cilium-images*.tar* in --airgap-dir).")
 @click.option("--check", "check_mode", is_flag=True, help="Check mode: report what would change, change nothing (--check --diff).")
 @with_ssh_options
 @output_option
 @pass_ctx
-def install(obj: Ctx, target_args, cluster, airgap_dir, check_mode, ssh_user, ssh_private_key, extra, timeout) -> None:
+def install(obj: Ctx, target_args, cluster, airgap_dir, cilium_images, check_mode, ssh_user, ssh_private_key, extra,
+            timeout) -> None:
     """Install or update k3s on the bastion's machines (playbooks/k3s.yml).
 
     TARGETS (host name, MAC or IP) limit the run. Checked before anything runs: at least one installed server, an odd number of servers (embedded
@@ -279,8 +300,7 @@ def install(obj: Ctx, target_args, cluster, airgap_dir, check_mode, ssh_user, ss
             extravars[CLUSTER_VAR] = validate.hostname(cluster, "cluster")
         except validate.ValidationError as exc:
             raise errors.UsageError(f"invalid --cluster: {exc.message}", "nothing was run") from None
-    if airgap_dir:
-        extravars.update(airgap_vars(airgap_dir))
+    extravars.update(airgap_vars(airgap_dir, cilium_images))
     extravars.update(ssh_vars(ssh_user, ssh_private_key))
     extravars.update(extra_vars(extra))
     run(obj, "k3s.yml", "install", target_args, extravars, odd=True, timeout=timeout, check_mode=check_mode)

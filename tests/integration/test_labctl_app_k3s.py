@@ -132,6 +132,12 @@ def test_targets_validated_before_running(env, fleet, tmp_path):
     empty.mkdir()
     p = labctl(env, "app", "k3s", "install", "--airgap-dir", str(empty))
     assert p.returncode == 2 and "has no k3s binary" in p.stderr
+    (empty / "k3s").write_bytes(b"not really k3s\n")
+    (empty / "cilium-1.16.5.tgz").write_bytes(b"")
+    p = labctl(env, "app", "k3s", "install", "--airgap-dir", str(empty))
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "has no Cilium images (cilium-images*.tar[.gz|.zst], or --cilium-images FILE)" in p.stderr
+    assert "no node would get a CNI" in p.stderr
     p = labctl(env, "app", "k3s", "install", "--cluster", "bad name!")
     assert p.returncode == 2 and "invalid --cluster" in p.stderr
     assert not (Path(env["LABCTL_HOME"]) / "runs").exists()  # nothing ran
@@ -174,8 +180,12 @@ def test_install_runs_k3s_yml_every_host_unreachable(env, fleet, bastion, closed
     airgap.mkdir()
     (airgap / "k3s").write_bytes(b"not really k3s\n")
     (airgap / "k3s-airgap-images-amd64.tar.zst").write_bytes(b"")
+    (airgap / "cilium-1.16.5.tgz").write_bytes(b"")
+    (airgap / "cilium-images.tar.zst").write_bytes(b"")
+    extra_images = tmp_path / "cilium-envoy.tar"
+    extra_images.write_bytes(b"")
     p = labctl(env, "app", "k3s", "install", "--cluster", "edge", "--airgap-dir", str(airgap), "--ssh-user", SSH_USER,
-               "-e", f"ansible_port={closed_port}")
+               "--cilium-images", str(extra_images), "-e", f"ansible_port={closed_port}")
     assert p.returncode == 14, (p.stdout, p.stderr)  # 10 + ansible-playbook rc 4 (hosts unreachable)
     out = p.stdout
     assert "PLAY [Sort the inventory into k3s servers and agents]" in out
@@ -195,6 +205,9 @@ def test_install_runs_k3s_yml_every_host_unreachable(env, fleet, bastion, closed
     assert extravars["k3s_server_cluster_name"] == "edge" and extravars["ansible_port"] == closed_port
     assert extravars["k3s_server_airgap_binary"] == str(airgap / "k3s")
     assert extravars["k3s_agent_airgap_images"] == [str(airgap / "k3s-airgap-images-amd64.tar.zst")]
+    assert extravars["k3s_networking_airgap_enabled"] is True
+    assert extravars["k3s_networking_cilium_chart_archive"] == str(airgap / "cilium-1.16.5.tgz")
+    assert extravars["k3s_networking_cilium_images"] == [str(airgap / "cilium-images.tar.zst"), str(extra_images)]
     for f in run.rglob("*"):  # the operator token is handed over in the environment only
         if f.is_file():
             assert bastion.token not in f.read_text(errors="replace"), f

@@ -59,7 +59,9 @@ def test_readme_is_generated_from_argument_specs(role):
 
 
 def test_os_family_vars_exist_for_both_families():
-    for role in ("k3s_host_prep", "k3s_agent"):
-        for family in ("Debian", "RedHat"):
-            data = yaml.safe_load((ROLES / role / "vars" / f"{family}.yml").read_text())
-            assert data, f"roles/{role}/vars/{family}.yml is empty"
+    for family in ("Debian", "RedHat"):
+        data = yaml.safe_load((ROLES / "k3s_host_prep" / "vars" / f"{family}.yml").read_text())
+        assert data, f"roles/k3s_host_prep/vars/{family}.yml is empty"
+    # the Longhorn prerequisites (k3s_common's longhorn entry point, used by k3s_server and k3s_agent)
+    packages = yaml.safe_load((ROLES / "k3s_common" / "vars" / "main.yml").read_text())["_k3s_common_longhorn_packages"]
+    assert set(packages) == {"Debian", "RedHat"} and all(packages.values())

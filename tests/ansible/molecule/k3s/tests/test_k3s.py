@@ -118,6 +118,8 @@ def test_config_keys_are_documented_k3s_flags(host):
     unknown = {k.rstrip("+") for k in raw_keys} - documented
     assert not unknown, f"not k3s {'server' if is_server(host) else 'agent'} flags: {unknown}"
     assert merged["token-file"] == "/etc/rancher/k3s/cluster-token"
+    # node-name set explicitly: the lowercased full host name, as k3s would choose it
+    assert merged["node-name"] == host.check_output("uname -n").strip().lower()
     assert merged["protect-kernel-defaults"] is True
     assert arg_names(merged["kubelet-arg"]) <= KUBELET_FLAGS
     assert "streaming-connection-idle-timeout=5m" in merged["kubelet-arg"]
@@ -175,6 +177,11 @@ def test_cilium_helmchart_manifest(host):
     assert values["routingMode"] == "tunnel" and values["tunnelProtocol"] == "vxlan"
     assert values["hubble"]["enabled"] is True and values["hubble"]["relay"]["enabled"] is True
     assert values["ipam"] == {"mode": "kubernetes"}
+    # k3s's static CNI bin dir (k3s-io/k3s #10869); containerd's config.toml is checked after a real start
+    assert values["cni"] == {"binPath": "/var/lib/rancher/k3s/data/cni", "confPath": "/var/lib/rancher/k3s/agent/etc/cni/net.d"}
+    # one API endpoint for every server: the first server's address (the API endpoint in tls-san)
+    merged, _ = merged_config(host)
+    assert values["k8sServiceHost"] == merged["tls-san"][0]
 
 
 def test_admission_audit_and_network_policies(host):
@@ -189,7 +196,7 @@ def test_admission_audit_and_network_policies(host):
     plugins = {p["name"]: p["configuration"] for p in admission["plugins"]}
     psa = plugins["PodSecurity"]
     assert psa["defaults"]["enforce"] == "restricted"
-    assert psa["exemptions"]["namespaces"] == ["kube-system"]
+    assert psa["exemptions"]["namespaces"] == ["kube-system", "longhorn-system"]
     assert plugins["EventRateLimit"]["limits"][0]["type"] == "Server"
     audit = read_yaml(host, f"{server}/lab-audit-policy.yaml")
     assert audit["kind"] == "Policy" and audit["rules"]
@@ -197,6 +204,17 @@ def test_admission_audit_and_network_policies(host):
     policies = [p for p in policies if p]
     assert {p["metadata"]["namespace"] for p in policies} == {"default", "kube-public", "kube-node-lease"}
     assert all(p["kind"] == "NetworkPolicy" and p["spec"]["policyTypes"] == ["Ingress"] for p in policies)
+
+
+# -- Longhorn prerequisites on servers and agents ------------------------------------------------------
+def test_longhorn_prerequisites(host):
+    for package in ("open-iscsi", "nfs-common"):
+        assert host.package(package).is_installed
+    iscsid = host.service("iscsid")
+    assert iscsid.is_running and iscsid.is_enabled
+    assert host.file("/var/lib/longhorn").is_directory and host.file("/var/lib/longhorn").mode == 0o700
+    dropin = host.file("/etc/multipath/conf.d/lab-longhorn.conf").content_string
+    assert 'devnode "^sd[a-z0-9]+"' in dropin and "blacklist {" in dropin
 
 
 # -- k3s_agent -----------------------------------------------------------------------------------
