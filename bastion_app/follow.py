@@ -19,12 +19,12 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 from bastion_app.logstore import UNATTRIBUTED, LogStore
 from labcore import progress as timeline
 from labcore.lifecycle import INSTALL_TOKEN_STATES
+from labcore.schemas import api_time
 
 #: After a machine reaches installed/failed, how long the stream waits for trailing log lines.
 END_LINGER_S = 0.5
@@ -33,12 +33,8 @@ _PAGE = 1000
 
 
 # -- views ---------------------------------------------------------------------------------------
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
-
-
 def line_view(r: dict[str, Any]) -> dict[str, Any]:
-    return {"id": r["id"], "ts": _iso(r["ts"]), "mac": r["mac"], "source": r["source"], "severity": r["severity"],
+    return {"id": r["id"], "ts": api_time(r["ts"]), "mac": r["mac"], "source": r["source"], "severity": r["severity"],
             "app": r["app"], "host": r["host"], "ip": r["ip"], "text": r["text"]}
 
 
@@ -46,7 +42,7 @@ def timeline_items(e: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """A store event as the follow stream shows it: a progress step, a state change, both or none."""
     kind, d = e["kind"], e["data"] or {}
     out: list[tuple[str, dict[str, Any]]] = []
-    base = {"id": e["id"], "ts": _iso(e["ts"])}
+    base = {"id": e["id"], "ts": api_time(e["ts"])}
     if kind in ("progress", "complete", "fail"):
         raw = d.get("stage")
         percent = 100 if kind == "complete" else d.get("percent")

@@ -5,6 +5,7 @@ Field validators call :mod:`labcore.validate`, so the API, labctl and tests shar
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
@@ -146,6 +147,11 @@ class ReasonRequest(Strict):
 
 
 # -- responses (documented in the OpenAPI document; tests check answers against them) -----------
+def api_time(ts: float) -> str:
+    """Epoch seconds as every answer shows a time: ISO 8601 in UTC with a Z."""
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
 class Loose(BaseModel):
     model_config = ConfigDict(extra="allow")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
 from typing import Any
 
 from flask import current_app, request
@@ -63,11 +62,6 @@ def base_url() -> str:
     return c.base_url()
 
 
-def _iso(ts: float | None) -> str | None:
-    """Epoch seconds as the API shows a time: ISO 8601 in UTC with a Z."""
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z") if ts else None
-
-
 #: the fields of schemas.MachineView that are not the store's column of the same name
 _DERIVED = {"stalled": lambda m: m["failure"] == "stalled", "debug": lambda m: m["debug_mode"]}
 
@@ -80,11 +74,11 @@ def machine_view(m: dict[str, Any]) -> dict[str, Any]:
         if name in _DERIVED:
             view[name] = _DERIVED[name](m)
         elif name.endswith("_at"):
-            view[name] = _iso(m[name])
+            view[name] = schemas.api_time(m[name]) if m[name] else None
         else:
             view[name] = m[name]
     return view
 
 
 def event_view(e: dict[str, Any]) -> dict[str, Any]:
-    return {**e, "ts": _iso(e["ts"])}
+    return {**e, "ts": schemas.api_time(e["ts"])}
