@@ -38,7 +38,7 @@ class _Installed(_Install):
 
 class _Debug(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    mode: Literal["rescue", "pxe"] = "rescue"
+    mode: schemas.DebugMode = "rescue"
 
 
 class StateDoc(BaseModel):

@@ -123,6 +123,25 @@ def test_inventory_group_vars_name_known_operating_systems():
     assert files and files <= groups, f"group_vars for unknown operating systems: {sorted(files - groups)}"
 
 
+def test_images_manifest_has_an_entry_for_every_operating_system():
+    """What `lab-bastion images sync` fetches (its built-in manifest) covers the OS table exactly."""
+    from bastion_app.images.sync import DEFAULT_MANIFEST
+
+    assert set(DEFAULT_MANIFEST) == set(domain.OS_NAMES)
+
+
+def test_state_import_takes_the_debug_modes_of_the_table():
+    import pydantic
+
+    from bastion_app.stateio import validate_state_doc
+
+    mac = "52:54:00:00:00:09"
+    for mode in domain.DEBUG_MODES:
+        assert validate_state_doc({"debug": {mac: {"mode": mode}}})["debug"][mac]["mode"] == mode
+    with pytest.raises(pydantic.ValidationError):
+        validate_state_doc({"debug": {mac: {"mode": "shell"}}})
+
+
 def test_role_table_names_and_lookups():
     assert len(set(domain.ROLE_NAMES)) == len(domain.ROLES) and len(set(domain.OS_NAMES)) == len(domain.OPERATING_SYSTEMS)
     assert set(domain.K3S_ROLES) == set(domain.K3S_SERVER_ROLES) | set(domain.K3S_AGENT_ROLES)
