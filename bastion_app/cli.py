@@ -159,6 +159,83 @@ def build_local_boot_cmd(data_dir):
     click.echo(str(out))
 
 
+@images.command("build-installer")
+@data_dir_option
+@click.option("--force", is_flag=True, help="Rebuild even when the cache has one for the same inputs.")
+def build_installer_cmd(data_dir, force):
+    """Build the image deploy's installer environment into <data>/images/installer: the discovery
+    kernel and initramfs plus the install tools (copied from this host with their libraries) and
+    the LVM and filesystem modules. `build-os` runs it too."""
+    from bastion_app.images.installer import InstallerBuildError, build_installer
+
+    cfg = _load(data_dir)
+    try:
+        build_installer(cfg.images_path, force=force, progress=lambda msg: click.echo(msg, err=True))
+    except InstallerBuildError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(str(cfg.images_path / "installer"))
+
+
+@images.command("build-os")
+@data_dir_option
+@click.argument("os_names", metavar="OS...", nargs=-1, required=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where built images are cached (default /var/cache/lab-platform/os for root).")
+@click.option("--force", is_flag=True, help="Rebuild even when the cache has an image for the same inputs "
+              "(to take in new security updates).")
+def build_os_cmd(data_dir, os_names, cache_dir, force):
+    """Build an image-deployed OS (e.g. debian-12, debian-13) from Debian's archive into
+    <data>/images/<os>/ (rootfs.tar.zst and its manifest rootfs.json), and the installer
+    environment that writes it. Needs root (debootstrap). Cached: a second build with the same
+    inputs (suite, mirror, packages, recipe) takes seconds."""
+    from bastion_app.images.installer import InstallerBuildError, build_installer
+    from bastion_app.images.osimage import OsImageError, build_os, image_os
+
+    cfg = _load(data_dir)
+    say = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    try:
+        for name in os_names:
+            image_os(name)  # every name is checked before anything is built
+        for name in os_names:
+            img = build_os(name, cfg.images_path, cache_dir=cache_dir, force=force, progress=say)
+            click.echo(f"{img.rootfs} sha256:{img.sha256}{' (cached)' if img.cached else ''}")
+        build_installer(cfg.images_path, progress=say)
+    except (OsImageError, InstallerBuildError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@images.command("list")
+@data_dir_option
+def images_list_cmd(data_dir):
+    """What the bastion can serve: each boot artefact directory under <data>/images, whether its
+    files are there, their size, and for built OS images their build date and sha256."""
+    import json as jsonmod
+
+    from labcore.bastion_files import BOOT_ARTEFACTS, ROOTFS_MANIFEST
+
+    cfg = _load(data_dir)
+    rows = [("NAME", "STATUS", "SIZE", "DETAIL")]
+    for name, files in BOOT_ARTEFACTS.items():
+        folder = cfg.images_path / name
+        present = [f for f in files if (folder / f).is_file()]
+        size = sum((folder / f).stat().st_size for f in present)
+        status = "ready" if len(present) == len(files) else ("missing" if not present else "incomplete")
+        detail = ""
+        if ROOTFS_MANIFEST in files and (folder / ROOTFS_MANIFEST).is_file():
+            try:
+                m = jsonmod.loads((folder / ROOTFS_MANIFEST).read_text())
+                detail = (f"{m.get('suite')} kernel {m.get('kernel')}, {len(m.get('packages', []))} packages, "
+                          f"built {m.get('built_at')}, sha256:{str(m.get('sha256'))[:12]}")
+            except (OSError, ValueError, AttributeError):
+                status, detail = "invalid", f"{ROOTFS_MANIFEST} cannot be read"
+        elif status != "ready":
+            detail = "missing " + ", ".join(f for f in files if f not in present)
+        rows.append((name, status, f"{size / 1e6:.1f} MB" if present else "-", detail))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3])
+
+
 @images.command("sync")
 @data_dir_option
 @click.option("--os", "oses", multiple=True, metavar="NAME",

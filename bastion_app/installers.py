@@ -1,6 +1,6 @@
 """What a machine receives while it installs, rendered from a machine record: the Fedora kickstart,
-the rescue and discovery kickstarts, the rescue shell's nc listener script and the Ubuntu
-autoinstall (cloud-init NoCloud user-data and meta-data).
+the rescue and discovery kickstarts, the rescue shell's nc listener script, the Ubuntu
+autoinstall (cloud-init NoCloud user-data and meta-data) and the image deploy's install script.
 
 These functions know nothing about HTTP (the routes are in :mod:`bastion_app.routes.installer`).
 Every value is validated again here (labcore.validate) before it reaches a template, and the
@@ -19,8 +19,16 @@ from urllib.parse import urlsplit
 
 from bastion_app.images.sync import ImageError
 from bastion_app.render import UnsafeValue, render
-from labcore import domain, validate
-from labcore.layout import BOOT_MIB, EFI_MIB, TMP_SIZE, disk_mib_needed, lv_alloc_mib, volumes_for
+from labcore import bastion_files, domain, validate
+from labcore.layout import (
+    BOOT_MIB,
+    EFI_MIB,
+    TMP_SIZE,
+    disk_mib_needed,
+    lv_alloc_mib,
+    min_disk_mib,
+    volumes_for,
+)
 
 DISCOVERY_LIB = Path(__file__).resolve().parent / "images" / "discovery" / "lib.sh"
 DEBUG_LISTEN_PORT = 4444
@@ -115,6 +123,25 @@ def autoinstall_user_data(m: dict, *, base: str, manifest: dict) -> str:
         late=render("autoinstall/late.sh.j2", **ctx),
         error=render("autoinstall/error.sh.j2", **ctx),
     )
+
+
+def image_install_script(m: dict, *, base: str, image: dict | None) -> str:
+    """The image deploy's install script for machine record ``m`` (run by the installer
+    environment). ``image`` is the OS image's manifest (``images/<os>/rootfs.json``); without one
+    the script reports at once that the bastion has no image (nothing is written to the disk)."""
+    v = _machine_values(m)
+    o = domain.operating_system(v["os"])
+    image = image or {}
+    sha = str(image.get("sha256") or "")
+    if sha and not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise ImageError(f"the {v['os']} image manifest has an invalid sha256")
+    ctx = layout_context(v["role"])
+    # the image deploy scales the layout down on small disks (labcore.layout.scaled_sizes)
+    ctx["disk_mib"] = min_disk_mib(v["role"])
+    return render("image/install.sh.j2", ks=ks, **v, base=base, k3s=v["role"] in domain.K3S_ROLES, **ctx,
+                  other_efi_dirs=_other_efi_dirs(v["os"]), efi_dir=o.efi_dir,
+                  image_url=f"{base}/images/{v['os']}/{bastion_files.ROOTFS}", image_sha256=sha,
+                  image_bytes=int(image.get("size_bytes") or 0))
 
 
 def autoinstall_meta_data(m: dict) -> str:

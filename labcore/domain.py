@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 K3sKind = Literal["server", "agent", "none"]
-InstallerKind = Literal["kickstart", "autoinstall"]
+InstallerKind = Literal["kickstart", "autoinstall", "image"]
 
 
 @dataclass(frozen=True)
@@ -47,31 +47,40 @@ ROLES: tuple[Role, ...] = (
 @dataclass(frozen=True)
 class OperatingSystem:
     name: str
-    #: how it installs: an Anaconda kickstart or a subiquity autoinstall
+    #: how it installs: an Anaconda kickstart, a subiquity autoinstall, or the image deploy (the
+    #: bastion's installer environment writes a root-filesystem image it built itself)
     installer: InstallerKind
     #: its installer also provides the rescue shell and the kickstart-based discovery
     rescue: bool
-    #: the kernel and initrd file names under images/<name>/
+    #: the kernel and initrd file names under images/<name>/ (an image OS boots the shared
+    #: installer environment, images/installer/, instead)
     kernel: str
     initrd: str
     #: its loader's folder on the EFI system partition (EFI/<efi_dir>/)
     efi_dir: str
+    #: image OSes: the Debian suite the image is built from
+    suite: str = ""
 
 
 OPERATING_SYSTEMS: tuple[OperatingSystem, ...] = (
     OperatingSystem("fedora-43", "kickstart", True, "vmlinuz", "initrd.img", "fedora"),
     OperatingSystem("ubuntu-26.04", "autoinstall", False, "vmlinuz", "initrd", "ubuntu"),
+    OperatingSystem("debian-12", "image", False, "", "", "debian", suite="bookworm"),
+    OperatingSystem("debian-13", "image", False, "", "", "debian", suite="trixie"),
 )
 
-#: The ESP folders (EFI/<dir>/) of every system a lab machine may have had installed: these
-#: operating systems' and Debian's (the image deploy's). A reinstall removes all but its own, and
-#: the local-boot GRUB looks for loaders in these folders, in this order.
-EFI_LOADER_DIRS: tuple[str, ...] = (*dict.fromkeys(o.efi_dir for o in OPERATING_SYSTEMS), "debian")
+#: The ESP folders (EFI/<dir>/) of every system a lab machine may have had installed. A reinstall
+#: removes all but its own, and the local-boot GRUB looks for loaders in these folders, in this order.
+EFI_LOADER_DIRS: tuple[str, ...] = tuple(dict.fromkeys(o.efi_dir for o in OPERATING_SYSTEMS))
 
 DEBUG_MODES = ("rescue", "pxe")
 
 ROLE_NAMES: tuple[str, ...] = tuple(r.name for r in ROLES)
 OS_NAMES: tuple[str, ...] = tuple(o.name for o in OPERATING_SYSTEMS)
+#: operating systems installed from installer media (kernel, initrd under images/<name>/)
+MEDIA_OS_NAMES: tuple[str, ...] = tuple(o.name for o in OPERATING_SYSTEMS if o.installer != "image")
+#: operating systems deployed as an image the bastion builds (lab-bastion images build-os)
+IMAGE_OS_NAMES: tuple[str, ...] = tuple(o.name for o in OPERATING_SYSTEMS if o.installer == "image")
 K3S_SERVER_ROLES: tuple[str, ...] = tuple(r.name for r in ROLES if r.k3s == "server")
 K3S_AGENT_ROLES: tuple[str, ...] = tuple(r.name for r in ROLES if r.k3s == "agent")
 K3S_ROLES: tuple[str, ...] = tuple(r.name for r in ROLES if r.k3s != "none")

@@ -43,6 +43,9 @@ class Volume:
     size_mib: int | None  # None = the rest of the volume group
     fstype: str
     preserve: bool  # kept on reprovision
+    #: the smallest size the image deploy gives it on a disk too small for the seed's sizes
+    #: (:func:`scaled_sizes`); a multiple of EXTENT_MIB
+    min_mib: int = 512
 
 
 EFI_MIB = mib_of(600 * 10**6)  # 573
@@ -59,17 +62,17 @@ PV_METADATA_MIB = 1
 
 #: every role's logical volumes
 COMMON = (
-    Volume("swap", "swap", gb(27), "swap", False),
-    Volume("/", "root", gb(33), "xfs", False),
-    Volume("/var", "var", gb(100), "xfs", False),
-    Volume("/var/log", "varlog", gb(10), "xfs", False),
-    Volume("/home", "home", gb(10), "xfs", True),
-    Volume("/srv", "srv", gb(20), "xfs", True),
+    Volume("swap", "swap", gb(27), "swap", False, 512),
+    Volume("/", "root", gb(33), "xfs", False, 3072),
+    Volume("/var", "var", gb(100), "xfs", False, 2048),
+    Volume("/var/log", "varlog", gb(10), "xfs", False, 512),
+    Volume("/home", "home", gb(10), "xfs", True, 512),
+    Volume("/srv", "srv", gb(20), "xfs", True, 512),
 )
 #: the roles' own data volumes by mount point (always kept); which role has which: Role.kept_volumes
 DATA_VOLUMES = {v.mount: v for v in (
-    Volume("/var/lib/longhorn", "longhorn", None, "xfs", True),
-    Volume("/var/lib/rancher", "rancher", gb(20), "xfs", True),
+    Volume("/var/lib/longhorn", "longhorn", None, "xfs", True, 1024),
+    Volume("/var/lib/rancher", "rancher", gb(20), "xfs", True, 1024),
 )}
 LAYOUT = COMMON + tuple(DATA_VOLUMES.values())
 
@@ -91,3 +94,39 @@ def disk_mib_needed(role: str) -> int:
     partition, ESP, ``/boot``, the physical volume's metadata and every logical volume."""
     return (GPT_MIB + BIOS_BOOT_MIB + EFI_MIB + BOOT_MIB + PV_METADATA_MIB
             + sum(lv_alloc_mib(v) for v in volumes_for(role)))
+
+
+# -- small disks (the image deploy) ------------------------------------------------------------
+#
+# The seed's sizes need a 200+ GB disk. The image deploy also installs on smaller disks, by this
+# rule: when labvg is smaller than the volumes' seed sizes, every volume gets its ``min_mib``, and
+# the space beyond the minimums is shared among the fixed-size volumes in proportion to how far
+# each one's seed size is above its minimum (rounded down to whole extents); the volume without a
+# size (worker: /var/lib/longhorn) takes what is left. A 20 GiB disk gives a worker about 4.3 GiB
+# of / and 6.4 GiB of /var. Below :func:`min_disk_mib` the install fails before partitioning.
+# The partitions (BIOS boot, ESP, /boot) keep their sizes. ``image/install.sh.j2`` computes the
+# same rule in bash from labvg's real free space; a unit test holds the two to the same results.
+
+
+def scaled_sizes(role: str, vg_mib: int) -> dict[str, int | None]:
+    """Logical volume name -> size (MiB; None: the rest) for ``role`` in a labvg of ``vg_mib``."""
+    vols = volumes_for(role)
+    if vg_mib >= sum(lv_alloc_mib(v) for v in vols):
+        return {v.name: v.size_mib for v in vols}
+    extra = vg_mib - sum(v.min_mib for v in vols)
+    span = sum(v.size_mib - v.min_mib for v in vols if v.size_mib)
+    sizes: dict[str, int | None] = {}
+    for v in vols:
+        if v.size_mib is None:
+            sizes[v.name] = None
+        else:
+            share = max(extra, 0) * (v.size_mib - v.min_mib) // span
+            sizes[v.name] = (v.min_mib + share) // EXTENT_MIB * EXTENT_MIB
+    return sizes
+
+
+def min_disk_mib(role: str) -> int:
+    """The smallest disk (MiB) the image deploy installs ``role`` on: the partitions, the physical
+    volume's metadata and every volume at its minimum, plus one extent of alignment."""
+    return (GPT_MIB + BIOS_BOOT_MIB + EFI_MIB + BOOT_MIB + PV_METADATA_MIB + EXTENT_MIB
+            + sum(v.min_mib for v in volumes_for(role)))

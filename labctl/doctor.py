@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import click
 
 from labcore import bastion_config, validate
-from labcore.bastion_files import BOOT_ARTEFACTS, IPXE_FILES
+from labcore.bastion_files import BOOT_ARTEFACTS, IPXE_FILES, artefact_command
 from labctl import errors, output
 from labctl.context import Ctx, output_option, pass_ctx
 
@@ -249,7 +249,7 @@ def check_local(cfg, bastion_url: str) -> dict[str, list[Check]]:
         status = "pass" if not miss else ("fail" if name == "discovery" else "warn")
         checks.append(Check(f"artefacts {name}", status,
                             f"{img / name}: " + (f"missing {', '.join(miss)}" if miss else "present"),
-                            "" if not miss else f"lab-bastion images ... builds or fetches {name}"))
+                            "" if not miss else f"run `{artefact_command(name)}` on the bastion"))
     out["artefacts"] = checks
     return out
 

@@ -71,6 +71,8 @@ CMDLINE_ARGS = {
     "lab.retries": "how many times to try the POST before giving up (default 8)",
     "lab.debug": "1: trace the init script (set -x)",
     "lab.modules": "all: load every driver in the image (default: PCI drivers only for the devices present)",
+    "lab.script": "URL: the installer environment (images/installer) fetches and runs this install script",
+    "lab.syslog": "HOST:PORT: with lab.script, where the installer's output is forwarded (syslog over UDP)",
 }
 
 

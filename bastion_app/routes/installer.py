@@ -1,6 +1,7 @@
 """The installer's routes: the Fedora kickstart (GET /ks), the rescue and discovery kickstarts
-(GET /debug.ks, /discover.ks), the rescue shell's nc listener script (GET /debug-setup.sh) and the
-Ubuntu autoinstall as cloud-init NoCloud (GET /autoinstall/<mac>/<token>/user-data and /meta-data).
+(GET /debug.ks, /discover.ks), the rescue shell's nc listener script (GET /debug-setup.sh), the
+Ubuntu autoinstall as cloud-init NoCloud (GET /autoinstall/<mac>/<token>/user-data and /meta-data)
+and the image deploy's install script (GET /install.sh).
 
 The routes only check the request (MAC, install token, the machine's installer kind) and pick the
 machine; :mod:`bastion_app.installers` renders the documents.
@@ -12,6 +13,7 @@ from flask import Blueprint, Response, request
 
 from bastion_app import get_store
 from bastion_app.errors import ApiError
+from bastion_app.images.osimage import read_manifest
 from bastion_app.images.sync import ImageError, load_manifest
 from bastion_app.installers import (
     DEBUG_LISTEN_PORT,
@@ -20,6 +22,7 @@ from bastion_app.installers import (
     debug_kickstart,
     debug_setup_script,
     discovery_kickstart,
+    image_install_script,
     kickstart,
 )
 from bastion_app.routes import base_url, cfg, int_arg, mac_arg
@@ -58,6 +61,13 @@ def _manifest() -> dict:
 def ks_route():
     m = _install_machine(request.args.get("mac"), request.args.get("token"), "kickstart")
     return text_response(kickstart(m, base=base_url(), syslog_port=cfg().syslog_port, manifest=_manifest()))
+
+
+@bp.get("/install.sh")
+def image_install_route():
+    m = _install_machine(request.args.get("mac"), request.args.get("token"), "image")
+    return text_response(image_install_script(m, base=base_url(), image=read_manifest(cfg().images_path, m["os"])),
+                         "text/x-shellscript")
 
 
 @bp.get("/autoinstall/<mac>/<token>/user-data")

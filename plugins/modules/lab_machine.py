@@ -43,7 +43,7 @@ options:
   os:
     description: Operating system to install. Required with O(state=queued).
     type: str
-    choices: [fedora-43, ubuntu-26.04]
+    choices: [fedora-43, ubuntu-26.04, debian-12, debian-13]
   disk:
     description: Target disk such as C(/dev/nvme0n1); empty lets the installer pick (NVMe first).
     type: str
@@ -164,7 +164,7 @@ def main():
         state=dict(type="str", default="queued", choices=["queued", "debug", "absent"]),
         hostname=dict(type="str"),
         role=dict(type="str", choices=["vanilla", "worker", "infra", "labcontroller"]),
-        os=dict(type="str", choices=["fedora-43", "ubuntu-26.04"]),
+        os=dict(type="str", choices=["fedora-43", "ubuntu-26.04", "debian-12", "debian-13"]),
         disk=dict(type="str", default=""),
         ssh_keys=dict(type="list", elements="str", default=[], no_log=False),
         reprovision=dict(type="bool", default=False),

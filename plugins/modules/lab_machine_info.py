@@ -37,7 +37,7 @@ options:
   os:
     description: Only machines with this operating system.
     type: str
-    choices: [fedora-43, ubuntu-26.04]
+    choices: [fedora-43, ubuntu-26.04, debian-12, debian-13]
 """
 
 EXAMPLES = r"""
@@ -84,7 +84,7 @@ def main():
         mac=dict(type="str"),
         machine_state=dict(type="str", choices=["discovered", "install_queued", "installing", "installed", "failed"]),
         role=dict(type="str", choices=["vanilla", "worker", "infra", "labcontroller"]),
-        os=dict(type="str", choices=["fedora-43", "ubuntu-26.04"]),
+        os=dict(type="str", choices=["fedora-43", "ubuntu-26.04", "debian-12", "debian-13"]),
     )
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True,
                            mutually_exclusive=[("mac", "machine_state"), ("mac", "role"), ("mac", "os")])

@@ -225,16 +225,21 @@ def esp_marker_disk(path: Path, marker: str, work: Path, size: int = 64 << 20) -
 
 
 def prepare_images(data: Path, progress=lambda msg: None) -> dict:
-    """The bastion's boot artefacts for the lab: the real discovery image, the local-boot GRUB,
-    and stand-ins for the Fedora installer (Debian's kernel and the discovery initramfs: Fedora
-    media cannot be had here; the tests check that they are requested, with the install token)."""
+    """The bastion's boot artefacts for the lab: the real discovery image, the local-boot GRUB, the
+    debian-12 image and the installer environment that deploys it (built once, then cached), and
+    stand-ins for the Fedora installer (Debian's kernel and the discovery initramfs: Fedora media
+    cannot be had here; the tests check that they are requested, with the install token)."""
     from bastion_app.images.discovery import build_discovery
+    from bastion_app.images.installer import build_installer
     from bastion_app.images.local_boot import build_local_boot
+    from bastion_app.images.osimage import build_os
 
     images = Path(data) / "images"
     started = time.monotonic()
     img = build_discovery(None, images / "discovery", progress=progress)
     build_local_boot(images / "local-boot", progress=progress)
+    os_image = build_os("debian-12", images, progress=progress)
+    installer = build_installer(images, progress=progress)
     stand_in = images / "fedora-43"
     stand_in.mkdir(parents=True, exist_ok=True)
     for src, name in ((img.kernel, "vmlinuz"), (img.initrd, "initrd.img")):
@@ -244,7 +249,9 @@ def prepare_images(data: Path, progress=lambda msg: None) -> dict:
             os.link(src, dest)
         except OSError:
             shutil.copyfile(src, dest)
-    return {"discovery_bytes": img.size_bytes, "seconds": time.monotonic() - started, "cached": img.cached}
+    return {"discovery_bytes": img.size_bytes, "seconds": time.monotonic() - started,
+            "cached": img.cached and os_image.cached and installer["cached"],
+            "os_image_bytes": os_image.size_bytes, "installer_bytes": installer["size_bytes"]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -516,6 +523,25 @@ class Lab:
         token, and a labctl home of its own (no ~/.labctl changed)."""
         return {"LABCTL_BASTION_URL": self.api_url, "LABCTL_TOKEN": self.token, "LABCTL_HOME": str(self.root / "labctl")}
 
+    def ssh(self, ip: str, key: Path, command: str, *, user: str = "admin", timeout: float = 60,
+            options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        """``ssh user@ip command`` from the bastion's network (inside the namespace), key only."""
+        return self.ns_exec("ssh", *ssh_options(key), *options, f"{user}@{ip}", command, timeout=timeout)
+
+    def wait_ssh(self, ip: str, key: Path, timeout: float, machine: Machine | None = None) -> float:
+        """Wait until ``admin@ip`` answers over SSH; returns the seconds waited."""
+        started = time.monotonic()
+        last = None
+        while time.monotonic() - started < timeout:
+            last = self.ssh(ip, key, "true", timeout=30)
+            if last.returncode == 0:
+                return time.monotonic() - started
+            if machine is not None and not machine.running():
+                break
+            time.sleep(3)
+        tail = f"\n--- console tail ---\n{machine.console_text()[-2500:]}" if machine else ""
+        raise LabError(f"no SSH on {ip} within {timeout:.0f} s ({last and last.stderr.strip()}){tail}")
+
     def ns_exec(self, *argv: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
         """Run a command inside the lab's namespace (where the machines' network is)."""
         return subprocess.run(["ip", "netns", "exec", self.ns, *argv], capture_output=True, text=True,
@@ -541,6 +567,13 @@ class Lab:
         self.pids.clear()
         if self.state_file.exists():
             self.save()
+
+
+def ssh_options(key: Path) -> list[str]:
+    """ssh(1) options for a lab machine: this key only, no host key checks (each install makes new
+    host keys), short timeouts."""
+    return ["-i", str(key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
 
 
 def _free_port() -> int:

@@ -124,10 +124,14 @@ def test_inventory_group_vars_name_known_operating_systems():
 
 
 def test_images_manifest_has_an_entry_for_every_operating_system():
-    """What `lab-bastion images sync` fetches (its built-in manifest) covers the OS table exactly."""
+    """What `lab-bastion images sync` fetches (its built-in manifest) covers the OS table's
+    installer-media systems exactly; the image-deployed ones are built (images build-os)."""
+    from bastion_app.images.osimage import image_os
     from bastion_app.images.sync import DEFAULT_MANIFEST
 
-    assert set(DEFAULT_MANIFEST) == set(domain.OS_NAMES)
+    assert set(DEFAULT_MANIFEST) == set(domain.MEDIA_OS_NAMES)
+    assert domain.IMAGE_OS_NAMES and all(image_os(name).suite for name in domain.IMAGE_OS_NAMES)
+    assert set(domain.MEDIA_OS_NAMES) | set(domain.IMAGE_OS_NAMES) == set(domain.OS_NAMES)
 
 
 def test_state_import_takes_the_debug_modes_of_the_table():

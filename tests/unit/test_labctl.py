@@ -216,12 +216,18 @@ def test_labctl_and_labcore_do_not_import_the_bastion():
 
 def test_doctor_checks_the_boot_files_of_every_operating_system(tmp_path):
     from labcore import bastion_config
+    from labcore.bastion_files import BOOT_ARTEFACTS
     from labcore.domain import OPERATING_SYSTEMS
 
     cfg = bastion_config.load(tmp_path, overrides={"dnsmasq": False}, env={}, detect=False)
     checks = {c.name: c for c in doctor.check_local(cfg, "http://127.0.0.1:8080")["artefacts"]}
     for o in OPERATING_SYSTEMS:
-        assert f"missing {o.kernel}, {o.initrd}" in checks[f"artefacts {o.name}"].detail
+        files = ("rootfs.tar.zst", "rootfs.json") if o.installer == "image" else (o.kernel, o.initrd)
+        assert BOOT_ARTEFACTS[o.name] == files
+        assert f"missing {', '.join(files)}" in checks[f"artefacts {o.name}"].detail
+        verb = "build-os" if o.installer == "image" else "sync --os"
+        assert checks[f"artefacts {o.name}"].hint == f"run `lab-bastion images {verb} {o.name}` on the bastion"
+    assert checks["artefacts installer"].hint == "run `lab-bastion images build-installer` on the bastion"
     assert checks["artefacts discovery"].status == "fail" and checks["artefacts local-boot"].status == "warn"
 
 

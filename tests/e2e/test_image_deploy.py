@@ -1,0 +1,303 @@
+"""End to end: the image deploy of debian-12 on real QEMU machines (TCG), BIOS and UEFI, from
+power-on to SSH and Ansible, then a reset, a reprovision that keeps /home and /srv, and the
+failures that must stop before anything is written.
+
+Two machines are installed at once (one CPU each: the host has two), and every later check uses
+them: the install, the local boot after a reset, the inventory, a role applied twice and the
+reprovision share one installed disk per firmware.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from bastion_app.images.osimage import MANIFEST
+from tests.e2e.lab import Lab, Machine
+from tests.support import BIN, E2E_TIMES, REPO
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+INSTALL_TIMEOUT = 1500
+BOOT_TIMEOUT = 600
+GIB = 1 << 30
+
+
+def q(mac: str) -> str:
+    return mac.replace(":", "%3A")
+
+
+def labctl(lab: Lab, *args: str, timeout: float = 120, inside: bool = False) -> subprocess.CompletedProcess:
+    """`labctl ...` against the lab's bastion: from the host (through the forwarder), or from
+    inside the lab's network (``inside``: where the machines' addresses answer)."""
+    env = {**os.environ, **lab.labctl_env(), "PYTHONPATH": str(REPO)}
+    if inside:
+        env["LABCTL_BASTION_URL"] = lab.machine_url
+        return lab.ns_exec(str(BIN / "labctl"), *args, timeout=timeout, env=env)
+    return subprocess.run([str(BIN / "labctl"), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def discover_by_api(lab: Lab, mac: str, firmware: str) -> None:
+    r = requests.post(lab.api_url + "/api/discover", json={"mac": mac, "hardware": {"firmware": firmware}}, timeout=10)
+    assert r.status_code in (200, 201), r.text
+
+
+def queue(lab: Lab, mac: str, hostname: str, pubkey: Path, role: str = "worker") -> None:
+    r = labctl(lab, "provision", "install", mac, "--hostname", hostname, "--role", role, "--os", "debian-12",
+               "--ssh-key", str(pubkey))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def events(lab: Lab, mac: str) -> list[dict]:
+    return lab.machine_state(mac)["events"]
+
+
+def installs_started(lab: Lab, mac: str) -> int:
+    return sum(1 for e in events(lab, mac) if e["to_state"] == "installing" and e["from_state"] != "installing")
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ssh") / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "e2e@lab", "-f", str(path)], check=True)
+    return path
+
+
+def disk_untouched(path: str) -> bool:
+    """True when the sparse disk image holds no data at all (nothing was ever written to it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+    except OSError:
+        return True  # ENXIO: no data after offset 0
+    finally:
+        os.close(fd)
+    return False
+
+
+# --------------------------------------------------------------------------------------------------
+# failures that stop before the disk is written
+
+
+def _fail_once(lab: Lab, m: Machine, mark: int, timeout: float = 420) -> str:
+    """Reset ``m`` into its queued install; wait for `failed`; the failure's message."""
+    if m.running():
+        m.started = time.monotonic()
+        m.reset()
+    else:
+        lab.start(m)
+    got = lab.wait_state(m.mac, "failed", timeout, m)
+    assert lab.access_lines("/install.sh?mac=" + q(m.mac), since=mark), "the installer did not fetch its script"
+    return got.get("message") or " ".join(e.get("message") or "" for e in got["events"][-3:])
+
+
+def test_bad_input_fails_before_anything_is_written(lab, machines, key):
+    """A disk too small for the layout, an image whose checksum does not match, no image at all:
+    each gives the machine `failed` with the reason, and its disk stays untouched."""
+    mac = "52:54:00:e2:d0:09"
+    discover_by_api(lab, mac, "bios")
+    pub = key.with_suffix(".pub")
+    images = lab.data / "images" / "debian-12"
+    manifest = images / MANIFEST
+    original = manifest.read_text()
+    # 11 GiB: below a worker's minimum (11.4 GiB), above vanilla's (10.4 GiB)
+    queue(lab, mac, "e2e-small", pub, role="worker")
+    mark = lab.access_mark()
+    m = machines("small", mac=mac, memory_mb=1024, disk_bytes=11 * GIB)
+    reason = _fail_once(lab, m, mark)
+    assert "too small for role worker" in reason, reason
+    assert disk_untouched(m.disk)
+    try:
+        doc = json.loads(original)
+        doc["sha256"] = "0" * 64
+        tmp = manifest.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        tmp.replace(manifest)  # a new file: the cache's copy (hard link) stays as it was
+        queue(lab, mac, "e2e-small", pub, role="vanilla")
+        reason = _fail_once(lab, m, lab.access_mark())
+        assert "image checksum mismatch" in reason and "nothing was written" in reason, reason
+        assert disk_untouched(m.disk)
+        manifest.unlink()
+        queue(lab, mac, "e2e-small", pub, role="vanilla")
+        reason = _fail_once(lab, m, lab.access_mark())
+        assert "the bastion has no image for debian-12" in reason, reason
+        assert disk_untouched(m.disk)
+    finally:
+        tmp = manifest.with_suffix(".tmp")
+        tmp.write_text(original)
+        tmp.replace(manifest)
+    # the failure names its step and the log's last lines, and the installer's output reached the
+    # bastion's syslog listener (labctl provision logs shows it)
+    logs = labctl(lab, "provision", "logs", mac)
+    assert "lab-install" in logs.stdout or "the bastion has no image" in logs.stdout, logs.stdout[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# the install, BIOS and UEFI at once
+
+
+@pytest.fixture(scope="module")
+def deployed(lab, key, tmp_path_factory):
+    """A BIOS machine (discovered for real, then queued with labctl) and a UEFI machine (queued
+    through the API) installing debian-12 at the same time; both installed and answering SSH."""
+    pub = key.with_suffix(".pub")
+    made: dict[str, Machine] = {}
+    times: dict[str, dict[str, float]] = {}
+    try:
+        bios = lab.machine("img-bios", mac="52:54:00:e2:d0:01", cpus=1, memory_mb=1024, disk_bytes=20 * GIB)
+        made["bios"] = bios
+        uefi_mac = "52:54:00:e2:d0:02"
+        discover_by_api(lab, uefi_mac, "uefi")
+        queue(lab, uefi_mac, "e2e-img-uefi", pub, role="infra")
+        uefi = lab.machine("img-uefi", mac=uefi_mac, firmware="uefi", cpus=1, memory_mb=1024, disk_bytes=20 * GIB)
+        made["uefi"] = uefi
+        lab.wait_state(bios.mac, "discovered", 300, bios)
+        deadline = time.monotonic() + 60
+        while bios.running() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        queue(lab, bios.mac, "e2e-img-bios", pub, role="worker")
+        lab.start(bios)
+        for name, m in made.items():
+            got = lab.wait_state(m.mac, "installed", INSTALL_TIMEOUT, m)
+            installed_at = time.monotonic() - m.started
+            ssh_s = lab.wait_ssh(got["ip"], key, BOOT_TIMEOUT, m)
+            times[name] = {"installed": installed_at, "ssh": installed_at + ssh_s}
+            E2E_TIMES.append((f"image deploy {name}: power-on to installed / SSH", installed_at + ssh_s,
+                              f"installed after {installed_at:.0f} s"))
+        yield made, times
+    finally:
+        for m in made.values():
+            lab.stop_machine(m)
+
+
+def _sh(lab: Lab, m: Machine, key: Path, command: str) -> str:
+    ip = lab.machine_state(m.mac)["ip"]
+    r = lab.ssh(ip, key, command)
+    assert r.returncode == 0, f"{command}: {r.stdout}{r.stderr}"
+    return r.stdout
+
+
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+def test_installed_machine_answers_ssh_with_the_layout(lab, deployed, key, firmware):
+    made, _ = deployed
+    m = made[firmware]
+    hostname = f"e2e-img-{firmware}"
+    state = lab.machine_state(m.mac)
+    assert state["state"] == "installed" and state["os"] == "debian-12"
+    # after the install the machine rebooted, asked /dispatch and was sent to its local disk
+    assert f"booting {hostname} from its local disk" in m.console_text()
+    assert _sh(lab, m, key, "hostname").strip() == hostname
+    assert 'VERSION_ID="12"' in _sh(lab, m, key, "cat /etc/os-release")
+    mounts = {line.split()[0]: line.split()[1:] for line in _sh(lab, m, key, "findmnt -rno TARGET,SOURCE,FSTYPE").splitlines()}
+    assert mounts["/"] == ["/dev/mapper/labvg-root", "xfs"], mounts
+    assert mounts["/boot"][1] == "ext4" and mounts["/boot/efi"][1] == "vfat", mounts
+    for mount, lv in (("/var", "var"), ("/var/log", "varlog"), ("/home", "home"), ("/srv", "srv")):
+        assert mounts[mount] == [f"/dev/mapper/labvg-{lv}", "xfs"], mounts
+    data = "/var/lib/longhorn" if firmware == "bios" else "/var/lib/rancher"
+    assert mounts[data][1] == "xfs", mounts
+    lvs = set(_sh(lab, m, key, "sudo -n lvs --noheadings -o lv_name labvg").split())
+    assert {"swap", "root", "var", "varlog", "home", "srv"} <= lvs, lvs
+    assert "swap" in _sh(lab, m, key, "cat /proc/swaps")
+    sshd = _sh(lab, m, key, "sudo -n sshd -T")
+    assert re.search(r"^passwordauthentication no$", sshd, re.M), sshd
+    assert re.search(r"^kbdinteractiveauthentication no$", sshd, re.M), sshd
+    ip = lab.machine_state(m.mac)["ip"]
+    refused = lab.ssh(ip, key, "true", options=("-o", "PubkeyAuthentication=no", "-o", "PreferredAuthentications=password,keyboard-interactive"))
+    assert refused.returncode != 0 and "publickey" in refused.stderr and "password" not in refused.stderr.split("(")[-1], refused.stderr
+    assert _sh(lab, m, key, "id -u admin").strip() == "1000"
+    assert _sh(lab, m, key, "cat /proc/sys/kernel/sysrq").strip() == "1"
+    if firmware == "uefi":
+        efi = _sh(lab, m, key, "sudo -n efibootmgr -v")
+        order = re.search(r"^BootOrder: (\S+)", efi, re.M).group(1).split(",")
+        first = re.search(rf"^Boot{order[0]}\*? (.*)$", efi, re.M).group(1)
+        assert "MAC(" + m.mac.replace(":", "") in first.lower() and "IPv4(" in first, efi
+        assert re.search(r"^Boot[0-9A-F]{4}\*? debian\s.*File\(\\EFI\\debian\\", efi, re.M | re.I), efi
+        assert "br_netfilter" in _sh(lab, m, key, "cat /etc/modules-load.d/90-lab-k3s.conf")
+
+
+def test_a_reset_boots_the_disk_again_without_reinstalling(lab, deployed, key):
+    made, _ = deployed
+    for m in made.values():
+        mark = lab.access_mark()
+        m.started = time.monotonic()
+        m.reset()
+        lab.wait_access(f"/dispatch?mac={q(m.mac)}", BOOT_TIMEOUT, m, since=mark)
+        lab.wait_ssh(lab.machine_state(m.mac)["ip"], key, BOOT_TIMEOUT, m)
+        assert not lab.access_lines("/images/installer/", since=mark), "an installed machine fetched the installer"
+        assert lab.machine_state(m.mac)["state"] == "installed"
+        assert installs_started(lab, m.mac) == 1
+
+
+def test_inventory_and_a_role_through_labctls_runner(lab, deployed, key, tmp_path):
+    """The lab.platform.lab inventory lists the machine as installed with its address, and a
+    playbook run through labctl's runner reaches it: facts, then k3s_host_prep applied for real
+    (its second run changes nothing)."""
+    made, _ = deployed
+    m = made["bios"]
+    ip = lab.machine_state(m.mac)["ip"]
+    from tests.vm.ansible import collections_path
+
+    coll = collections_path(tmp_path / "collections")
+    env = {**os.environ, "LAB_BASTION_URL": lab.machine_url, "LAB_BASTION_TOKEN": lab.token,
+           "ANSIBLE_COLLECTIONS_PATH": str(coll), "PYTHONPATH": str(REPO), "LABCTL_HOME": str(tmp_path / "labctl"),
+           "ANSIBLE_HOST_KEY_CHECKING": "False", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    inv = lab.ns_exec(str(BIN / "ansible-inventory"), "-i", str(REPO / "inventory" / "lab.yml"), "--list",
+                      env=env, timeout=120)
+    assert inv.returncode == 0, inv.stderr
+    hostvars = json.loads(inv.stdout)["_meta"]["hostvars"]
+    host = hostvars["e2e-img-bios"]
+    plain = lambda v: v.get("__ansible_unsafe", v) if isinstance(v, dict) else v  # noqa: E731
+    assert plain(host["ansible_host"]) == ip and plain(host["lab_state"]) == "installed", host
+    book = tmp_path / "prep.yml"
+    book.write_text("- name: k3s host preparation on a freshly deployed machine\n  hosts: e2e-img-bios\n"
+                    "  become: true\n  roles:\n    - role: lab.platform.k3s_host_prep\n")
+    code = ("import sys, json; from labctl import runner; "
+            "r = runner.run_playbook(sys.argv[1], inventory=sys.argv[2], name='e2e-prep', timeout=900, "
+            "extravars={'ansible_user': 'admin', 'ansible_ssh_private_key_file': sys.argv[3]}); "
+            "print('RESULT ' + json.dumps({'status': r.status, 'rc': r.rc, 'stats': r.stats}))")
+    stats = []
+    for _ in range(2):
+        run = lab.ns_exec(sys.executable, "-c", code, str(book), str(REPO / "inventory" / "lab.yml"), str(key),
+                          env=env, timeout=1200)
+        found = re.search(r"^RESULT (.*)$", run.stdout, re.M)
+        assert run.returncode == 0 and found, run.stdout[-3000:] + run.stderr[-2000:]
+        result = json.loads(found.group(1))
+        assert result["status"] == "successful" and result["rc"] == 0, run.stdout[-3000:]
+        stats.append(result["stats"])
+    assert stats[0]["changed"] > 0, stats
+    assert stats[1]["changed"] == 0, stats
+    assert "br_netfilter" in _sh(lab, m, key, "lsmod")
+
+
+def test_reprovision_keeps_home_and_srv(lab, deployed, key):
+    """`labctl provision reprovision` (SSH, reboot to PXE): /home and /srv keep their files and
+    their logical volumes' UUIDs; / is recreated."""
+    made, times = deployed
+    m = made["bios"]
+    before_uuid = _sh(lab, m, key, "sudo -n lvs --noheadings -o lv_name,lv_uuid labvg")
+    _sh(lab, m, key, "echo kept | sudo -n tee /home/admin/marker /srv/marker >/dev/null && "
+                     "echo gone | sudo -n tee /root-marker >/dev/null && sync")
+    mark = lab.access_mark()
+    started = time.monotonic()
+    r = labctl(lab, "provision", "reprovision", m.mac, "--ssh-user", "root", "--ssh-private-key", str(key),
+               "--reason", "e2e reprovision", timeout=600, inside=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lab.wait_access(f"/install.sh?mac={q(m.mac)}", BOOT_TIMEOUT, m, since=mark)
+    got = lab.wait_state(m.mac, "installed", INSTALL_TIMEOUT, m)
+    lab.wait_ssh(got["ip"], key, BOOT_TIMEOUT, m)
+    E2E_TIMES.append(("image deploy: reprovision to SSH", time.monotonic() - started, "bios"))
+    assert _sh(lab, m, key, "cat /home/admin/marker /srv/marker").split() == ["kept", "kept"]
+    assert _sh(lab, m, key, "test -e /root-marker && echo present || echo absent").strip() == "absent"
+    after_uuid = _sh(lab, m, key, "sudo -n lvs --noheadings -o lv_name,lv_uuid labvg")
+    uuid = lambda text: dict(line.split() for line in text.splitlines() if line.strip())  # noqa: E731
+    for lv in ("home", "srv", "longhorn"):
+        assert uuid(before_uuid)[lv] == uuid(after_uuid)[lv], (before_uuid, after_uuid)
+    assert installs_started(lab, m.mac) == 2
