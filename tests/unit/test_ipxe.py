@@ -23,6 +23,7 @@ CASES = {
     "discover-none": ("ipxe/discover.ipxe.j2", dict(base=BASE, mac=MAC, method="none", action="poweroff", installer_os="fedora-43")),
     "install-fedora": ("ipxe/install.ipxe.j2", dict(base=BASE, mac=MAC, token=TOKEN, os="fedora-43", role="worker", hostname="node1", installer="kickstart", syslog="10.0.0.1:5514")),
     "install-ubuntu": ("ipxe/install.ipxe.j2", dict(base=BASE, mac=MAC, token=TOKEN, os="ubuntu-26.04", role="infra", hostname="node2", installer="autoinstall", syslog="10.0.0.1:5514")),
+    "install-debian": ("ipxe/install.ipxe.j2", dict(base=BASE, mac=MAC, token=TOKEN, os="debian-12", role="worker", hostname="node3", installer="image", syslog="10.0.0.1:5514")),
     "debug": ("ipxe/debug.ipxe.j2", dict(base=BASE, mac=MAC, installer_os="fedora-43")),
     "pxe-debug": ("ipxe/pxe-debug.ipxe.j2", dict(base=BASE, mac=MAC)),
     "local-boot": ("ipxe/local-boot.ipxe.j2", dict(base=BASE, mac=MAC, hostname="node1", efi_chain="")),

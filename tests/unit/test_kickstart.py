@@ -122,6 +122,7 @@ def test_no_known_issue_regressions():
     from bastion_app.render import TEMPLATES
 
     served += [p.read_text() for p in (TEMPLATES / "ipxe").glob("*.j2")]
+    served += [p.read_text() for p in (TEMPLATES / "image").glob("*.j2")]
     for text in served:
         assert "ttyS" not in text
         assert "tail -f" not in text and "tail -F" not in text
