@@ -136,6 +136,17 @@ def _access_log(value: str) -> str:
     return value
 
 
+_KERNEL_ARG = re.compile(r"[A-Za-z0-9._:/=,+-]{1,128}")
+
+
+def _kernel_args(value: str) -> str:
+    words = value.split()
+    if len(value) > 256 or not all(_KERNEL_ARG.fullmatch(w) for w in words):
+        raise ValueError(f"{value!r}: kernel arguments are words of letters, digits and . _ : / = , + - "
+                         "(at most 256 characters), e.g. console=ttyS1,115200")
+    return " ".join(words)
+
+
 Switch = Annotated[bool, BeforeValidator(_switch)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 AtLeastOne = Annotated[int, Field(ge=1)]
@@ -182,6 +193,10 @@ class Config(BaseModel):
     error_burst: AtLeastOne = 100
     #: discovery environment: 'image' (lab-bastion images build-discovery) or 'kickstart'
     discovery: Literal["image", "kickstart"] = "image"
+    #: extra kernel arguments for the environments the bastion boots (discovery, the installers),
+    #: e.g. console=ttyS1,115200 where machines have a serial console (IPMI SOL). None by default:
+    #: console=ttyS0 on hardware without that UART stalls every boot step
+    kernel_args: Annotated[str, AfterValidator(_kernel_args)] = ""
     #: what discovery does when done: poweroff | reboot
     discovery_action: Literal["poweroff", "reboot"] = "poweroff"
     #: gunicorn's access log: '' none, '-' standard output, or a file

@@ -37,11 +37,12 @@ from bastion_app.images import discovery as disc
 BUILD_FORMAT = 1
 SOURCE_DIR = Path(__file__).with_name("installer")
 
-#: Modules the installer loads besides the discovery image's drivers: device-mapper (LVM), the
-#: filesystems of the layout, efivarfs (UEFI boot entries), crc32c without CPU acceleration (XFS
-#: and ext4 checksums under emulation), the FAT code pages.
-MODULES: tuple[str, ...] = ("dm_mod", "xfs", "ext4", "vfat", "nls_cp437", "nls_ascii", "efivarfs",
-                            "crc32c_generic", "libcrc32c")
+#: Modules the installer loads besides the discovery image's drivers, in this order: crc32c without
+#: CPU acceleration first (libcrc32c, which XFS needs, asks the crypto API for it when it loads; an
+#: emulated CPU may have no SSE4.2), device-mapper (LVM), the filesystems of the layout, the FAT
+#: code pages, efivarfs (UEFI boot entries).
+MODULES: tuple[str, ...] = ("crc32c_generic", "dm_mod", "xfs", "ext4", "vfat", "nls_cp437", "nls_ascii",
+                            "efivarfs")
 
 #: Install tools (name on this host's PATH -> its name under /opt/lab/bin).
 TOOLS: tuple[str, ...] = ("bash", "lsblk", "blkid", "wipefs", "sfdisk", "blockdev", "lvm", "mkfs.xfs",

@@ -40,7 +40,7 @@ from pathlib import Path
 from labcore import bastion_files, domain
 
 #: Bumped when the build steps change in a way the other inputs do not show.
-RECIPE = 1
+RECIPE = 2
 
 ROOTFS = bastion_files.ROOTFS
 MANIFEST = bastion_files.ROOTFS_MANIFEST
@@ -172,6 +172,27 @@ def _run(cmd: list[str], log, *, what: str = "", echo: Callable[[str], object] |
     return "".join(lines)
 
 
+def _unmount_below(path: Path) -> None:
+    """Unmount everything mounted at or below ``path`` (deepest first): a build that was killed can
+    leave debootstrap's or the chroot's /proc, /sys and /dev mounted, and removing the directory
+    then would walk into the host's /dev."""
+    prefix = str(path.resolve())
+    try:
+        mounts = [line.split()[1].replace("\\040", " ") for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return
+    for target in sorted((m for m in mounts if m == prefix or m.startswith(prefix + "/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], capture_output=True)
+
+
+def _remove_build_dir(work: Path) -> None:
+    _unmount_below(work)
+    if any(line.split()[1].startswith(str(work.resolve()) + "/")
+           for line in Path("/proc/mounts").read_text().splitlines()):
+        raise OsImageError(f"{work} still has file systems mounted below it: not removing it")
+    shutil.rmtree(work, ignore_errors=True)
+
+
 class _Mounts:
     """/proc, /sys and /dev inside the chroot while packages configure themselves."""
 
@@ -188,8 +209,7 @@ class _Mounts:
         return self
 
     def __exit__(self, *exc):
-        for target in reversed(self.done):
-            subprocess.run(["umount", "-R", "-l", str(target)], capture_output=True)
+        _unmount_below(self.root)
 
 
 def _build(o: domain.OperatingSystem, work: Path, mirror: str, digest: str, log,
@@ -218,6 +238,15 @@ def _build(o: domain.OperatingSystem, work: Path, mirror: str, digest: str, log,
             _run(["chroot", str(root), "apt-get", "update", "-q"], log)
             upgraded = _run(["chroot", str(root), "apt-get", "-y", "-q", "-o", "Dpkg::Options::=--force-confold",
                              "dist-upgrade"], log)
+            # a security update can bring a new kernel ABI beside debootstrap's: keep only the
+            # one linux-image-amd64 depends on (each kernel is ~400 MB of modules)
+            wanted = re.search(r"(linux-image-[0-9]\S*-amd64)", _run(
+                ["chroot", str(root), "dpkg-query", "-W", "-f", "${Depends}", "linux-image-amd64"], log))
+            kernels = _run(["chroot", str(root), "dpkg-query", "-W", "-f", "${Package}\\n", "linux-image-[0-9]*"], log)
+            old = [k for k in kernels.split() if wanted and k != wanted.group(1)]
+            if old:
+                progress(f"{o.name}: removing superseded kernels {', '.join(old)}")
+                _run(["chroot", str(root), "apt-get", "-y", "-q", "purge", *old], log)
             progress(f"{o.name}: generic initramfs (MODULES=most, LVM)")
             _run(["chroot", str(root), "update-initramfs", "-u", "-k", "all"], log)
             packages = _run(["chroot", str(root), "dpkg-query", "-W", "-f", "${Package}=${Version}\\n"], log)
@@ -236,7 +265,7 @@ def _build(o: domain.OperatingSystem, work: Path, mirror: str, digest: str, log,
     kernels = sorted(p.name for p in (root / "boot").glob("vmlinuz-*"))
     if not kernels or not list((root / "boot").glob("initrd.img-*")):
         raise OsImageError(f"the image has no kernel or initramfs in /boot: {sorted(os.listdir(root / 'boot'))}")
-    upgrades = re.findall(r"^(\d+) upgraded", upgraded, re.M)
+    upgrades = re.findall(r"^(\d+) upgraded, (\d+) newly installed", upgraded, re.M)
 
     progress(f"{o.name}: packing {ROOTFS} (zstd)")
     out = work / ROOTFS
@@ -260,7 +289,8 @@ def _build(o: domain.OperatingSystem, work: Path, mirror: str, digest: str, log,
         "kernel": kernels[-1][len("vmlinuz-"):],
         "packages": sorted(line for line in packages.splitlines() if line),
         "requested_packages": list(PACKAGES),
-        "security_updates_applied": int(upgrades[-1]) if upgrades else 0,
+        "updates_applied": {"upgraded": int(upgrades[-1][0]), "newly_installed": int(upgrades[-1][1])}
+        if upgrades else {},
         "build_seconds": round(time.monotonic() - started, 1),
         "debootstrap_seconds": round(debootstrap_s, 1),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -308,6 +338,8 @@ def build_os(os_name: str, images_dir: Path, *, cache_dir: Path | None = None,
     with open(cache / ".lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         cached = (final / MANIFEST).is_file() and not force
+        for stale in cache.glob(".build-*"):  # a build that was killed (the lock is free, so it is not running)
+            _remove_build_dir(stale)
         if cached:
             progress(f"{o.name}: cached image {final.name}")
         else:
@@ -315,15 +347,14 @@ def build_os(os_name: str, images_dir: Path, *, cache_dir: Path | None = None,
             try:
                 with open(cache / f"{o.name}-{digest}.build.log", "w") as log:
                     manifest = _build(o, work, mirror, digest, log, progress)
-                shutil.rmtree(work / "root")
+                _remove_build_dir(work / "root")
                 (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(work, final)
             finally:
                 if work.exists():
-                    subprocess.run(["umount", "-R", "-l", str(work / "root" / "proc")], capture_output=True)
-                    shutil.rmtree(work, ignore_errors=True)
+                    _remove_build_dir(work)
             for old in cache.glob(f"{o.name}-*"):
                 if old.is_dir() and old != final:
                     shutil.rmtree(old, ignore_errors=True)

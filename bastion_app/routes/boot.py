@@ -56,7 +56,7 @@ def dispatch():
         text = render("ipxe/install.ipxe.j2", base=base, mac=mac, token=machine["install_token"],
                       os=machine["os"], role=machine["role"], hostname=machine["hostname"],
                       installer=domain.operating_system(validate.os_name(machine["os"])).installer,
-                      syslog=syslog_target(base, cfg().syslog_port))
+                      syslog=syslog_target(base, cfg().syslog_port), kernel_args=cfg().kernel_args)
     elif mode == BootMode.LOCAL:
         _best_effort(store.seen, mac, ip)
         efi = cfg().images_path / "local-boot" / "grubx64.efi"
@@ -70,5 +70,6 @@ def dispatch():
         if machine:
             _best_effort(store.seen, mac, ip)
         text = render("ipxe/discover.ipxe.j2", base=base, mac=mac, method=discovery_method(),
-                      action=cfg().discovery_action, installer_os=domain.RESCUE_OS.name)
+                      action=cfg().discovery_action, installer_os=domain.RESCUE_OS.name,
+                      kernel_args=cfg().kernel_args)
     return ipxe_response(text)

@@ -383,7 +383,10 @@ class Lab:
                 serve += ["--dhcp-range", DHCP_RANGE]
         else:
             serve += ["--no-dnsmasq"]
+        # the machines' serial ports are the tests' eyes (console.log): the lab's machines have
+        # one, so the bastion may ask for it (bastion.yaml kernel_args)
         env = {"LAB_BASTION_ACCESS_LOG": str(self.access_log), "LAB_BASTION_SERVER_IP": BASTION_IP,
+               "LAB_BASTION_KERNEL_ARGS": "console=ttyS0,115200",
                "LAB_BASTION_SUBNET": f"{SUBNET}.0/24", "PYTHONPATH": str(REPO)}
         self._spawn("bastion", ["ip", "netns", "exec", self.ns, *serve], self.bastion_log, env)
         port = _free_port()
@@ -634,13 +637,14 @@ def forward(ns: str, listen: str, target: str) -> None:
 #: where `make demo` keeps the lab's state (the Makefile's DEMO_DIR default)
 DEMO_DIR = Path("/run/lab-platform-demo")
 DEMO_MACHINES = (
-    {"name": "bios1", "firmware": "bios", "cpus": 2, "memory_mb": 1024, "disk_bytes": 8 << 30},
+    {"name": "bios1", "firmware": "bios", "cpus": 2, "memory_mb": 1024, "disk_bytes": 20 << 30},
     {"name": "uefi1", "firmware": "uefi", "cpus": 2, "memory_mb": 1024, "disk_bytes": 16 << 30},
 )
 
 
-def demo(root: Path, timeout: float = 900) -> int:
-    """`make demo`: images, the lab, two machines (BIOS and UEFI) discovered; the lab keeps running."""
+def demo(root: Path, timeout: float = 900, install_timeout: float = 1800) -> int:
+    """`make demo`: images, the lab, two machines (BIOS and UEFI) discovered, then the BIOS one
+    installed with debian-12 and reached over SSH; the lab keeps running."""
     if (root / "lab.json").exists():
         old = Lab.load(root)
         if old.pids:
@@ -651,7 +655,8 @@ def demo(root: Path, timeout: float = 900) -> int:
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     lab = Lab(root)
     try:
-        say("demo: building the discovery environment and the local-boot GRUB (cached after the first run)")
+        say("demo: building the discovery environment, the local-boot GRUB, the debian-12 image and its "
+            "installer (cached after the first run; the first debian-12 build takes several minutes)")
         info = prepare_images(lab.data, progress=say)
         lab.up()
         say(f"demo: bastion up in network namespace {lab.ns} (machines reach it at {lab.machine_url}; "
@@ -679,22 +684,51 @@ def demo(root: Path, timeout: float = 900) -> int:
     env_file = root / "env"
     env = {**lab.labctl_env(), "PATH": f"{REPO / '.venv' / 'bin'}:$PATH"}
     env_file.write_text("".join(f'export {k}="{v}"\n' for k, v in env.items()))
-    listing = subprocess.run([str(REPO / ".venv" / "bin" / "labctl"), "provision", "list"], capture_output=True,
-                             text=True, env={**os.environ, **lab.labctl_env()})
-    say("\n$ labctl provision list")
-    say((listing.stdout + listing.stderr).rstrip())
-    bios = made[0]
+    labctl = str(REPO / ".venv" / "bin" / "labctl")
+    run_env = {**os.environ, **lab.labctl_env()}
+
+    def show(*args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([labctl, *args], capture_output=True, text=True, env=run_env)
+        say(f"\n$ labctl {' '.join(args)}")
+        say((proc.stdout + proc.stderr).rstrip())
+        return proc
+
+    show("provision", "list")
+    # the main job: a real install of the BIOS machine (debian-12 through the image deploy), then SSH
+    bios, uefi = made
+    key = root / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "demo@lab", "-f", str(key)], check=True)
+    queued = show("provision", "install", bios.mac, "--hostname", "node1", "--role", "worker", "--os", "debian-12",
+                  "--ssh-key", f"{key}.pub")
+    if queued.returncode != 0:
+        raise LabError("queueing the install failed (see above)")
+    lab.start(bios)
+    say(f"demo: powered {bios.name} on again: it PXE-boots the installer and writes debian-12 "
+        f"(about 5-10 minutes under emulation); following its progress:")
+    follow = subprocess.run([labctl, "provision", "logs", "-f", bios.mac], env=run_env, timeout=install_timeout)
+    got = lab.wait_state(bios.mac, "installed", 60, bios)
+    waited = lab.wait_ssh(got["ip"], key, 600, bios)
+    say(f"demo: node1 installed ({follow.returncode == 0 and 'logs followed to the end' or 'logs stopped'}) and "
+        f"answering SSH {waited:.0f} s after its reboot")
+    ssh_cmd = f"ip netns exec {lab.ns} ssh -i {key} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null admin@{got['ip']}"
+    hello = lab.ssh(got["ip"], key, "hostname; grep PRETTY_NAME /etc/os-release; findmnt -rno TARGET,SOURCE /")
+    say(f"\n$ {ssh_cmd} 'hostname; ...'\n{hello.stdout.rstrip()}")
+    show("provision", "list")
     say(f"""
-The lab keeps running (state: {root}; discovery image {info['discovery_bytes'] / 1e6:.1f} MB).
-Use labctl against it:
+The lab keeps running (state: {root}; discovery image {info['discovery_bytes'] / 1e6:.1f} MB,
+debian-12 image {info['os_image_bytes'] / 1e6:.0f} MB, installer {info['installer_bytes'] / 1e6:.1f} MB).
+Log in to the installed machine (from the lab's network namespace):
+    {ssh_cmd}
+Use labctl against the lab:
     . {env_file}
     labctl provision list
-Queue an install, then power the machine on again (it powered off after discovery):
-    labctl provision install {bios.mac} --hostname node1 --role worker --os fedora-43
-    {sys.executable} -m tests.e2e.lab power-on {root} {bios.name}
-    labctl provision list        # node1: installing (its boot fetched the install script and installer)
-The installer itself is a stand-in here (Fedora media cannot be downloaded in this lab), so the
-install goes no further; the machine's serial console is {bios.console}.
+Install the UEFI machine too, then power it on again (it powered off after discovery):
+    labctl provision install {uefi.mac} --hostname node2 --role infra --os debian-12 --ssh-key {key}.pub
+    {sys.executable} -m tests.e2e.lab power-on {root} {uefi.name}
+    labctl provision logs -f node2
+Fedora and Ubuntu installs stop at a stand-in here (their media cannot be downloaded in this lab):
+the machine fetches its install script and installer, and goes no further.
+Serial consoles: {bios.console}, {uefi.console}
 Stop everything:
     make demo-down{'' if root == DEMO_DIR else f' DEMO_DIR={root}'}
 """)

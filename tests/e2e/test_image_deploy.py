@@ -24,7 +24,8 @@ from bastion_app.images.osimage import MANIFEST
 from tests.e2e.lab import Lab, Machine
 from tests.support import BIN, E2E_TIMES, REPO
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# the first test also builds the images when the cache is cold (debootstrap: several minutes)
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 INSTALL_TIMEOUT = 1500
 BOOT_TIMEOUT = 600

@@ -18,12 +18,12 @@ MAC = "52:54:00:12:34:56"
 TOKEN = "tok_ABCDEFGHIJKLMNOPQRSTUV"
 
 CASES = {
-    "discover-image": ("ipxe/discover.ipxe.j2", dict(base=BASE, mac=MAC, method="image", action="poweroff", installer_os="fedora-43")),
-    "discover-kickstart": ("ipxe/discover.ipxe.j2", dict(base=BASE, mac=MAC, method="kickstart", action="poweroff", installer_os="fedora-43")),
-    "discover-none": ("ipxe/discover.ipxe.j2", dict(base=BASE, mac=MAC, method="none", action="poweroff", installer_os="fedora-43")),
-    "install-fedora": ("ipxe/install.ipxe.j2", dict(base=BASE, mac=MAC, token=TOKEN, os="fedora-43", role="worker", hostname="node1", installer="kickstart", syslog="10.0.0.1:5514")),
-    "install-ubuntu": ("ipxe/install.ipxe.j2", dict(base=BASE, mac=MAC, token=TOKEN, os="ubuntu-26.04", role="infra", hostname="node2", installer="autoinstall", syslog="10.0.0.1:5514")),
-    "install-debian": ("ipxe/install.ipxe.j2", dict(base=BASE, mac=MAC, token=TOKEN, os="debian-12", role="worker", hostname="node3", installer="image", syslog="10.0.0.1:5514")),
+    "discover-image": ("ipxe/discover.ipxe.j2", dict(base=BASE, mac=MAC, method="image", action="poweroff", installer_os="fedora-43", kernel_args="")),
+    "discover-kickstart": ("ipxe/discover.ipxe.j2", dict(base=BASE, mac=MAC, method="kickstart", action="poweroff", installer_os="fedora-43", kernel_args="")),
+    "discover-none": ("ipxe/discover.ipxe.j2", dict(base=BASE, mac=MAC, method="none", action="poweroff", installer_os="fedora-43", kernel_args="")),
+    "install-fedora": ("ipxe/install.ipxe.j2", dict(base=BASE, mac=MAC, token=TOKEN, os="fedora-43", role="worker", hostname="node1", installer="kickstart", syslog="10.0.0.1:5514", kernel_args="")),
+    "install-ubuntu": ("ipxe/install.ipxe.j2", dict(base=BASE, mac=MAC, token=TOKEN, os="ubuntu-26.04", role="infra", hostname="node2", installer="autoinstall", syslog="10.0.0.1:5514", kernel_args="")),
+    "install-debian": ("ipxe/install.ipxe.j2", dict(base=BASE, mac=MAC, token=TOKEN, os="debian-12", role="worker", hostname="node3", installer="image", syslog="10.0.0.1:5514", kernel_args="console=ttyS1,115200 nomodeset")),
     "debug": ("ipxe/debug.ipxe.j2", dict(base=BASE, mac=MAC, installer_os="fedora-43")),
     "pxe-debug": ("ipxe/pxe-debug.ipxe.j2", dict(base=BASE, mac=MAC)),
     "local-boot": ("ipxe/local-boot.ipxe.j2", dict(base=BASE, mac=MAC, hostname="node1", efi_chain="")),
@@ -86,3 +86,17 @@ def test_syslog_target_for_inst_syslog():
     assert syslog_target("http://[fd00::1]:8080", 5514) == "[fd00::1]:5514"
     ctx = {**CASES["install-fedora"][1], "syslog": syslog_target("http://[fd00::1]:8080", 5514)}
     assert " inst.syslog=[fd00::1]:5514 " in render("ipxe/install.ipxe.j2", **ctx)
+
+
+def test_kernel_args_reach_the_kernel_lines_and_are_validated():
+    from labcore import bastion_config
+
+    ctx = {**CASES["install-fedora"][1], "kernel_args": "console=ttyS1,115200 nomodeset"}
+    kernel = next(ln for ln in render("ipxe/install.ipxe.j2", **ctx).splitlines() if ln.startswith("kernel "))
+    assert kernel.endswith(" console=ttyS1,115200 nomodeset")
+    assert render(*CASES["discover-image"][:1], **{**CASES["discover-image"][1], "kernel_args": "console=ttyS1"}).count(" console=ttyS1\n") == 1
+    for bad in ("x;reboot", "$(id)", "a\\b", "a" * 300):
+        with pytest.raises(bastion_config.ConfigError):
+            bastion_config.load(Path("/nonexistent"), overrides={"kernel_args": bad}, env={}, detect=False)
+    assert bastion_config.load(Path("/nonexistent"), overrides={"kernel_args": " console=ttyS1 \n quiet "}, env={},
+                               detect=False).kernel_args == "console=ttyS1 quiet"

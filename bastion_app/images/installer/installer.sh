@@ -23,6 +23,9 @@ lab_install() {
 		mount -t efivarfs efivarfs /sys/firmware/efi/efivars || log "efivarfs not mounted: boot entries cannot be changed"
 	fi
 	mkdir -p /run/lock/lvm /var/log /target
+	# bash's process substitution and /dev/stdin need these (devtmpfs has no /dev/fd)
+	[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
+	for n in 0:stdin 1:stdout 2:stderr; do [ -e "/dev/${n#*:}" ] || ln -s "/proc/self/fd/${n%%:*}" "/dev/${n#*:}"; done
 	if [ -n "$LAB_SYSLOG" ]; then
 		syslogd -R "$LAB_SYSLOG" -L -O /var/log/messages && log "installer output also goes to $LAB_SYSLOG"
 	fi
