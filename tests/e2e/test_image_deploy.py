@@ -97,7 +97,7 @@ def _fail_once(lab: Lab, m: Machine, mark: int, timeout: float = 420) -> str:
         lab.start(m)
     got = lab.wait_state(m.mac, "failed", timeout, m)
     assert lab.access_lines("/install.sh?mac=" + q(m.mac), since=mark), "the installer did not fetch its script"
-    return got.get("message") or " ".join(e.get("message") or "" for e in got["events"][-3:])
+    return got.get("failure") or ""
 
 
 def test_bad_input_fails_before_anything_is_written(lab, machines, key):
