@@ -33,6 +33,9 @@ from labctl import config, errors, output
 
 #: the source tree labctl runs from; it is the lab.platform collection when it has galaxy.yml
 REPO = Path(__file__).resolve().parents[1]
+#: the copy of the collection that ships in the wheel (setup.py puts it there); absent in a checkout
+BUNDLED = Path(__file__).resolve().parent / "collection"
+COLLECTION = Path("ansible_collections", "lab", "platform")
 #: where labctl looks for the collection's playbooks, in order
 PLAYBOOK_DIRS_ENV = "LABCTL_PLAYBOOK_DIR"
 _STAT_KEYS = {"ok": "ok", "changed": "changed", "failures": "failed", "dark": "unreachable", "skipped": "skipped"}
@@ -70,15 +73,42 @@ def runs_dir() -> Path:
     return config.home() / "runs"
 
 
+def _has_collection(base: Path) -> bool:
+    return (base / COLLECTION).is_dir()
+
+
+def _env_collection_paths() -> list[Path]:
+    """ANSIBLE_COLLECTIONS_PATH's entries as bases (ansible also accepts a path that ends in
+    ansible_collections)."""
+    out = []
+    for entry in os.environ.get("ANSIBLE_COLLECTIONS_PATH", "").split(os.pathsep):
+        if entry:
+            p = Path(entry).expanduser()
+            out.append(p.parent if p.name == "ansible_collections" else p)
+    return out
+
+
+def collection_base() -> Path:
+    """The directory that holds the lab.platform collection labctl runs (``<base>/ansible_collections/
+    lab/platform``), in order: the source tree labctl runs from (linked, :func:`link_collection`), a
+    collection installed on ANSIBLE_COLLECTIONS_PATH, the copy that ships in the wheel (:data:`BUNDLED`)."""
+    if (REPO / "galaxy.yml").is_file():
+        return link_collection(runs_dir().parent / "collections")
+    for base in [*_env_collection_paths(), BUNDLED]:
+        if _has_collection(base):
+            return base
+    raise errors.LabctlError(
+        "the lab.platform collection was not found (not on ANSIBLE_COLLECTIONS_PATH, and this labctl has no copy)",
+        "reinstall lab-platform, or `ansible-galaxy collection install` lab.platform and set ANSIBLE_COLLECTIONS_PATH")
+
+
 def playbook_path(name: str) -> Path:
-    """A playbook of the lab.platform collection: $LABCTL_PLAYBOOK_DIR, the source tree this labctl
-    runs from (the repository is the collection), or the installed collection."""
+    """A playbook of the lab.platform collection: $LABCTL_PLAYBOOK_DIR, else the collection's
+    playbooks/ (:func:`collection_base`)."""
     candidates = []
     if os.environ.get(PLAYBOOK_DIRS_ENV):
         candidates.append(Path(os.environ[PLAYBOOK_DIRS_ENV]))
-    candidates.append(Path(__file__).resolve().parents[1] / "playbooks")
-    for root in (Path.home() / ".ansible/collections", Path("/usr/share/ansible/collections")):
-        candidates.append(root / "ansible_collections/lab/platform/playbooks")
+    candidates.append(collection_base() / COLLECTION / "playbooks")
     for d in candidates:
         if (d / name).is_file():
             return d / name
@@ -90,7 +120,7 @@ def link_collection(base: Path, source: Path = REPO) -> Path:
     """Make ``base/ansible_collections/lab/platform`` a symlink to *source* (a checkout: the
     repository is the collection) and return *base*, for ANSIBLE_COLLECTIONS_PATH. A link to another
     checkout is replaced, atomically, so a moved or second clone never runs a stale collection."""
-    link = base / "ansible_collections" / "lab" / "platform"
+    link = base / COLLECTION
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() and Path(os.readlink(link)) != source:
         link.unlink(missing_ok=True)
@@ -103,15 +133,11 @@ def link_collection(base: Path, source: Path = REPO) -> Path:
 
 
 def collections_env() -> dict[str, str]:
-    """ANSIBLE_COLLECTIONS_PATH that finds lab.platform: the source tree labctl runs from (linked as
-    ~/.labctl/collections/ansible_collections/lab/platform, :func:`link_collection`), then whatever
-    the environment already names. Empty when labctl runs from an installed wheel."""
-    paths = []
-    if (REPO / "galaxy.yml").is_file():
-        paths.append(str(link_collection(runs_dir().parent / "collections")))
-    if os.environ.get("ANSIBLE_COLLECTIONS_PATH"):
-        paths.append(os.environ["ANSIBLE_COLLECTIONS_PATH"])
-    return {"ANSIBLE_COLLECTIONS_PATH": os.pathsep.join(paths)} if paths else {}
+    """ANSIBLE_COLLECTIONS_PATH for a run: the base of the collection labctl uses
+    (:func:`collection_base`) first, then whatever the environment already names."""
+    paths = [str(collection_base())]
+    paths += [p for p in os.environ.get("ANSIBLE_COLLECTIONS_PATH", "").split(os.pathsep) if p and p not in paths]
+    return {"ANSIBLE_COLLECTIONS_PATH": os.pathsep.join(paths)}
 
 
 def inventory(hosts: dict[str, dict[str, Any]], group: str = "targets") -> dict[str, Any]:
@@ -161,7 +187,7 @@ def run_playbook(playbook: str | os.PathLike, *, inventory: dict[str, Any] | str
 
     ``inventory`` is a dict (see :func:`inventory`) or an inventory source path/string; ``timeout``
     in seconds makes the run end with status ``timeout``. Artefacts stay in ``result.run_dir``.
-    The lab.platform collection is found without installing it (:func:`collections_env`);
+    The lab.platform collection is the one :func:`collection_base` finds (:func:`collections_env`);
     ``envvars`` add to or override the run's environment; ``check_mode`` runs with --check --diff.
     Secrets in labctl's own environment (:data:`SECRET_ENV`) are kept out of the run: ansible-runner
     writes the whole environment into the artefacts.
