@@ -57,6 +57,7 @@ class RunResult:
     rc: int
     stats: dict[str, int] = field(default_factory=dict)
     run_dir: Path | None = None
+    failures: list[str] = field(default_factory=list)  # "failed: host: msg" lines, also of a quiet run
 
     @property
     def ok(self) -> bool:
@@ -151,12 +152,13 @@ class _Printer:
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.console = output.console()
+        self.failures: list[str] = []
 
     def __call__(self, event: dict[str, Any]) -> bool:
-        if self.quiet:
-            return True
         kind = event.get("event", "")
         data = event.get("event_data", {})
+        if self.quiet and kind not in _HOST_EVENTS:
+            return True
         if kind == "playbook_on_play_start":
             self.console.print(f"PLAY [{data.get('play', '')}]", markup=False, highlight=False)
         elif kind == "playbook_on_task_start":
@@ -170,6 +172,10 @@ class _Printer:
             msg = res.get("msg") if status in ("failed", "unreachable") else None
             if msg:
                 line += f": {str(msg).splitlines()[0][:300]}"
+            if status in ("failed", "unreachable"):
+                self.failures.append(line.strip())
+            if self.quiet:
+                return True
             self.console.print(line, markup=False, highlight=False,
                                style={"failed": "red", "unreachable": "red", "changed": "yellow"}.get(status))
         return True
@@ -219,7 +225,8 @@ def run_playbook(playbook: str | os.PathLike, *, inventory: dict[str, Any] | str
     for key, per_host in (r.stats or {}).items():
         if key in _STAT_KEYS:
             totals[_STAT_KEYS[key]] += sum(per_host.values())
-    result = RunResult(status=r.status, rc=int(r.rc if r.rc is not None else 1), stats=totals, run_dir=run_dir)
+    result = RunResult(status=r.status, rc=int(r.rc if r.rc is not None else 1), stats=totals, run_dir=run_dir,
+                       failures=printer.failures)
     if not quiet:
         summary = " ".join(f"{k}={v}" for k, v in totals.items())
         output.console().print(f"{summary}  (status {result.status}, rc {result.rc}; artefacts in {run_dir})",
@@ -234,6 +241,7 @@ def check(result: RunResult, what: str = "the playbook") -> RunResult:
         return result
     raise errors.PlaybookFailed(
         f"{what} ended {result.status} (ansible rc {result.rc}; "
-        f"failed={result.stats.get('failed', 0)} unreachable={result.stats.get('unreachable', 0)})",
+        f"failed={result.stats.get('failed', 0)} unreachable={result.stats.get('unreachable', 0)})"
+        + (f"; {result.failures[0]}" if result.failures else ""),
         result.status, result.rc,
         hint=f"read {result.run_dir}/artifacts/*/stdout for the full output")
