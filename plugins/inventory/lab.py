@@ -24,8 +24,8 @@ description:
     C(lab_bastion), C(lab_hardware) (the full hardware inventory) and the flattened hardware facts
     C(lab_firmware), C(lab_memory_mb), C(lab_cpu_model), C(lab_cpu_cores), C(lab_cpu_threads),
     C(lab_cpu_arch), C(lab_dmi_vendor), C(lab_dmi_product), C(lab_dmi_serial), C(lab_disks), C(lab_nics).
-    C(ansible_host) is the machine's address when it is installed or its reinstall is queued (the
-    running system keeps its address until it reboots into the installer)."
+    C(ansible_host) is the machine's address when it is installed, or when it was installed and its
+    reinstall is queued (the running system keeps its address until it reboots into the installer)."
   - The configuration file must be named C(lab.yml), C(lab.yaml) or end in C(.lab.yml) / C(.lab.yaml).
 author:
   - lab-platform maintainers (@lab-platform)
@@ -125,8 +125,6 @@ except ImportError:  # ansible-core 2.18: strings are plain unless wrapped by wr
 
 _NOT_GROUP_CHARS = re.compile(r"[^A-Za-z0-9_]")
 _TEMPLATE_CHARS = re.compile(r"[{}]")
-#: states whose machines run an operating system at their address (ansible_host)
-_REACHABLE_STATES = ("installed", "install_queued")
 
 
 def group_name(value):
@@ -182,7 +180,8 @@ def host_vars(machine, bastion):
         "lab_disks": hw.get("disks") or [],
         "lab_nics": hw.get("nics") or [],
     }
-    if machine.get("state") in _REACHABLE_STATES and machine.get("ip"):
+    running = machine.get("state") == "installed" or (machine.get("state") == "install_queued" and machine.get("installed_at"))
+    if running and machine.get("ip"):  # an installed system, still running while its reinstall is queued
         hv["ansible_host"] = machine["ip"]
     return dict((k, plain(v)) for k, v in hv.items())
 
