@@ -578,6 +578,11 @@ class SshHost:
     def __exit__(self, *exc) -> None:
         if self.proc:
             stop_process(self.proc, timeout=10, group=True)
+        # sshd's per-connection processes (ControlPersist sessions) live in their own sessions: end them too
+        pids = subprocess.run(["ip", "netns", "pids", self.ns], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
         subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
 
