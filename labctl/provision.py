@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
@@ -108,26 +109,17 @@ def reprovision(obj: Ctx, target, no_reboot, os_, role, reason, ssh_user, ssh_pr
     body = {"os": os_, "role": role, "reason": _v(lambda v, f: validate.text(v, f, 256), reason, "reason")}
     m = targets.resolve_target(obj.client, target)
     name = m.get("hostname") or m["mac"]
-    if not no_reboot and not m.get("ip"):
-        raise errors.UsageError(f"{name} has no known IP address, so it cannot be rebooted over SSH",
-                                "rerun with --no-reboot and power-cycle it yourself")
-    run = None
+    reboot = None
     if not no_reboot:  # everything the run needs is checked before the reinstall is queued
+        if not m.get("ip"):
+            raise errors.UsageError(f"{name} has no known IP address, so it cannot be rebooted over SSH",
+                                    "rerun with --no-reboot and power-cycle it yourself")
         hostvars = {"ansible_host": m["ip"], "ansible_user": ssh_user, "lab_mac": m["mac"]}
         if ssh_private_key:
             hostvars["ansible_ssh_private_key_file"] = str(Path(ssh_private_key).resolve())
-        quiet = obj.output in ("json", "yaml")
-
-        def run(check_mode: bool) -> runner.RunResult:
-            return runner.run_playbook(
-                playbook or runner.playbook_path("reprovision.yml"),
-                # the group the lab.platform.lab inventory gives a machine whose reinstall is queued
-                inventory=runner.inventory({name: hostvars}, group="lab_state_install_queued"),
-                extravars={"lab_bastion_url": obj.settings["bastionUrl"]}, check_mode=check_mode,
-                name=f"reprovision-{name}{'-check' if check_mode else ''}", timeout=timeout, quiet=quiet or check_mode)
-
+        reboot = functools.partial(_reboot, obj, name, hostvars, playbook or runner.playbook_path("reprovision.yml"), timeout)
         try:
-            runner.check(run(True), f"the check run of the reprovision playbook on {name}")
+            runner.check(reboot(check_mode=True), f"the check run of the reprovision playbook on {name}")
         except errors.PlaybookFailed as exc:
             exc.message += "; nothing was queued"
             raise
@@ -135,15 +127,26 @@ def reprovision(obj: Ctx, target, no_reboot, os_, role, reason, ssh_user, ssh_pr
     changes = describe_changes(changed_params(m, result))
     output.emit(result, obj.output, lambda: click.echo(
         f"{name} ({m['mac']}) queued for reinstall{f' (changed: {changes})' if changes else ''}"))
-    if run is None:
+    if reboot is None:
         return
     try:
-        runner.check(run(False), f"reprovision of {name}")
+        runner.check(reboot(check_mode=False), f"reprovision of {name}")
     except errors.PlaybookFailed as exc:
         exc.message = f"{name} is queued for reinstall, but {exc.message}"
         exc.hint = (f"{exc.hint}; it reinstalls at its next PXE boot (power-cycle it), "
                     f"or withdraw the reinstall: labctl provision cancel {target}")
         raise
+
+
+def _reboot(obj: Ctx, name: str, hostvars: dict, book, timeout: int, *, check_mode: bool) -> runner.RunResult:
+    """One run of the reprovision playbook on one machine (with check_mode: --check --diff, quiet)."""
+    return runner.run_playbook(
+        book,
+        # the group the lab.platform.lab inventory gives a machine whose reinstall is queued
+        inventory=runner.inventory({name: hostvars}, group="lab_state_install_queued"),
+        extravars={"lab_bastion_url": obj.settings["bastionUrl"]}, check_mode=check_mode,
+        name=f"reprovision-{name}{'-check' if check_mode else ''}", timeout=timeout,
+        quiet=check_mode or obj.output in ("json", "yaml"))
 
 
 @provision.command()
