@@ -30,6 +30,7 @@ MACHINES = {  # the machines of the bastion, one per test (state installed, at t
     "node3": "52:54:00:cc:00:03",  # not reachable: the check fails and nothing is queued
     "node4": "52:54:00:cc:00:04",  # awx_reprovision.yml with the installed collection
     "node5": "52:54:00:cc:00:05",  # reprovision.yml on a machine whose reinstall is not queued
+    "node6": "52:54:00:cc:00:06",  # awx_reprovision.yml as Semaphore runs it (no limit, reprovision_source)
 }
 FAILS_AFTER_CHECK = """
 - name: A reboot playbook that passes its check run and then fails
@@ -215,6 +216,19 @@ def test_awx_reprovision_queues_what_it_reboots(installed_collection, bastion, s
                  "-e", "reprovision_reboot=false")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Rebooting into their reinstall: node4" in r.stdout
+
+
+def test_semaphore_reprovision_reboots_only_what_it_queued(installed_collection, bastion, ssh_host):
+    """Semaphore has no limit: reprovision_source names the machines; the machines queued before
+    (node1, node4 by the tests above) are not rebooted by this job."""
+    queued_before = {n for n in MACHINES if machine(bastion, n)["state"] == "install_queued"}
+    assert {"node1", "node4"} <= queued_before
+    before = len(ssh_host.calls_made())
+    r = playbook(installed_collection, bastion, ssh_host, "lab.platform.awx_reprovision", "-e", "reprovision_source=node6")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Rebooting into their reinstall: node6" in r.stdout
+    assert machine(bastion, "node6")["state"] == "install_queued"
+    assert len(ssh_host.calls_made()) - before == 1  # one reboot: node6's
 
 
 def test_no_queued_machine_is_a_failure_not_a_silent_success(installed_collection, bastion, ssh_host):
