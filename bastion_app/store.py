@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from bastion_app.db import Database, StorageUnavailable, StoreError  # noqa: F401 - re-exported
-from labcore.lifecycle import INSTALL_TOKEN_STATES, Action, IllegalTransition, State, transition
+from labcore.lifecycle import (
+    INSTALL_PARAMS,
+    INSTALL_TOKEN_STATES,
+    Action,
+    IllegalTransition,
+    State,
+    changed_params,
+    describe_changes,
+    transition,
+)
 from labcore.validate import new_token
 
 #: Each migration is a list of statements, applied in one transaction; user_version counts them.
@@ -69,6 +78,17 @@ MIGRATIONS: list[list[str]] = [
 
 _JSON_COLUMNS = ("ssh_keys", "hardware")
 _INSTALL_FIELDS = ("hostname", "role", "os", "disk", "ssh_keys")
+
+
+def _changed(row: dict[str, Any] | None, params: dict[str, Any]) -> dict[str, Any]:
+    """The event data of a (re)queue: ``{"changed": {param: [before, after]}}``, or ``{}``."""
+    diff = changed_params(row, params)
+    return {"changed": diff} if diff else {}
+
+
+def _requeue_reason(base: str, row: dict[str, Any] | None, params: dict[str, Any]) -> str:
+    diff = describe_changes(changed_params(row, params))
+    return f"{base}; {diff}" if diff else base
 
 
 class NotFound(StoreError):
@@ -200,12 +220,13 @@ class Store(Database):
         action: Action,
         *,
         actor: str,
-        reason: str = "",
+        reason: str | Callable[[dict[str, Any] | None], str] = "",
         changes: Callable[[dict[str, Any] | None, State], dict[str, Any]] | None = None,
-        data: dict[str, Any] | None = None,
+        data: dict[str, Any] | Callable[[dict[str, Any] | None], dict[str, Any]] | None = None,
         check: Callable[[dict[str, Any] | None], None] | None = None,
     ) -> dict[str, Any] | None:
-        """Read, check the lifecycle table, write the row and its event: one transaction."""
+        """Read, check the lifecycle table, write the row and its event: one transaction. ``reason``
+        and ``data`` of the event may be functions of the row as it was before the change."""
         now = time.time()
         with self.tx() as c:
             row = self._row(c.execute("SELECT * FROM machines WHERE mac=?", (mac,)).fetchone())
@@ -235,6 +256,10 @@ class Store(Database):
                         c.execute(f"UPDATE machines SET {sets}, version=version+1 WHERE mac=?", [*values.values(), mac])
                     except sqlite3.IntegrityError:
                         raise Conflict(f"host name {values.get('hostname')!r} is already used by another machine") from None
+            if callable(reason):
+                reason = reason(row)
+            if callable(data):
+                data = data(row)
             self._event(c, mac, actor, action.value, current.value, new_state.value, reason, data, now)
             return self._row(c.execute("SELECT * FROM machines WHERE mac=?", (mac,)).fetchone())
 
@@ -352,12 +377,17 @@ class Store(Database):
         def check(row):
             self._check_hostname_free(self.conn(), mac, params["hostname"])
 
-        return self._apply(mac, Action.INSTALL, actor=actor, reason=reason or "install queued", changes=changes, check=check,
-                           data={k: params[k] for k in ("hostname", "role", "os", "disk")})  # type: ignore[return-value]
+        return self._apply(mac, Action.INSTALL, actor=actor, changes=changes, check=check,
+                           reason=lambda row: _requeue_reason(reason or "install queued", row, params),
+                           data=lambda row: {**{k: params[k] for k in INSTALL_PARAMS},
+                                             **_changed(row, params)})  # type: ignore[return-value]
 
     def reprovision(self, mac: str, overrides: dict[str, Any], *, actor: str, reason: str = "") -> dict[str, Any]:
+        def merged(row):
+            return {k: (overrides[k] if overrides.get(k) is not None else row[k]) for k in _INSTALL_FIELDS}
+
         def changes(row, st):
-            params = {k: (overrides[k] if overrides.get(k) is not None else row[k]) for k in _INSTALL_FIELDS}
+            params = merged(row)
             if not params["hostname"] or not params["role"] or not params["os"]:
                 raise Conflict("machine has no previous install parameters; use install instead")
             return {**params, "install_token": new_token(), "stage": "queued", "percent": 0, "message": "",
@@ -367,8 +397,10 @@ class Store(Database):
             if overrides.get("hostname"):
                 self._check_hostname_free(self.conn(), mac, overrides["hostname"])
 
-        return self._apply(mac, Action.REPROVISION, actor=actor, reason=reason or "reprovision", changes=changes, check=check,
-                           data={k: v for k, v in overrides.items() if v is not None and k != "ssh_keys"})  # type: ignore[return-value]
+        return self._apply(mac, Action.REPROVISION, actor=actor, changes=changes, check=check,
+                           reason=lambda row: _requeue_reason(reason or "reprovision", row, merged(row)),
+                           data=lambda row: {**{k: v for k, v in overrides.items() if v is not None and k != "ssh_keys"},
+                                             **_changed(row, merged(row))})  # type: ignore[return-value]
 
     def cancel(self, mac: str, *, actor: str, reason: str = "") -> dict[str, Any]:
         return self._apply(mac, Action.CANCEL, actor=actor, reason=reason or "install cancelled",  # type: ignore[return-value]

@@ -97,6 +97,22 @@ def allowed_actions(current: State | str) -> list[Action]:
     return [a for (a, s) in TRANSITIONS if s == cur]
 
 
+#: The install parameters an operator chooses that a re-queue can change (SSH keys are not shown).
+INSTALL_PARAMS = ("hostname", "role", "os", "disk")
+
+
+def changed_params(before: dict | None, after: dict) -> dict[str, list]:
+    """``{param: [before, after]}`` for each install parameter that a (re)queue changes on a machine
+    that already had one; empty for a first install or an identical re-queue."""
+    return {k: [before[k], after[k]] for k in INSTALL_PARAMS
+            if before and before.get(k) is not None and after.get(k) is not None and before[k] != after[k]}
+
+
+def describe_changes(changes: dict[str, list]) -> str:
+    """``role worker -> infra, disk (auto) -> /dev/sda`` (empty when nothing changed)."""
+    return ", ".join(f"{k} {a or '(auto)'} -> {b or '(auto)'}" for k, (a, b) in changes.items())
+
+
 class BootMode(StrEnum):
     DISCOVER = "discover"
     INSTALL = "install"

@@ -8,7 +8,10 @@ here with pip and cached outside the repository).
 
 from __future__ import annotations
 
+import base64
+import email.parser
 import hashlib
+import importlib.metadata
 import os
 import re
 import shlex
@@ -16,8 +19,8 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import click
@@ -46,29 +49,76 @@ def _pip(*args: str) -> None:
                                  "the wheelhouse needs the package index (or PIP_FIND_LINKS) once; then it is cached")
 
 
-def build_wheelhouse(dest: Path, source: Path = REPO) -> Path:
-    """dest/ = the lab-platform wheel built from ``source`` + its dependencies' wheels (cached by the
-    hash of pyproject's dependency list, outside the repository). Returns dest."""
-    deps = tomllib.loads((source / "pyproject.toml").read_text())["project"]["dependencies"]
-    key = hashlib.sha256(("\n".join(sorted(deps)) + sys.version.split()[0]).encode()).hexdigest()[:12]
-    deps_dir = cache_dir() / f"deps-{key}"
-    if not (deps_dir / ".complete").exists():
-        tmp = deps_dir.with_name(deps_dir.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        _pip("wheel", "--wheel-dir", str(tmp), *deps)
-        (tmp / ".complete").touch()
-        shutil.rmtree(deps_dir, ignore_errors=True)
-        tmp.rename(deps_dir)
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def repack_installed(dest: Path, name: str = "lab-platform") -> Path:
+    """The wheel of the installed distribution *name*, rebuilt from its files (pip keeps no copy of
+    the wheel it installed): every file its RECORD lists inside site-packages, a new RECORD with
+    their hashes; the console scripts are left out (pip makes them from entry_points.txt)."""
+    dist = importlib.metadata.distribution(name)
+    tag = next((line.split(":", 1)[1].strip() for line in (dist.read_text("WHEEL") or "").splitlines()
+                if line.startswith("Tag:")), "py3-none-any")
+    files = [f for f in dist.files or [] if not str(f).startswith("..") and "__pycache__" not in f.parts]
+    info = next(f.parts[0] for f in files if f.parts[0].endswith(".dist-info"))
+    skip = {f"{info}/{n}" for n in ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json")}
+    whl = dest / f"{dist.metadata['Name'].replace('-', '_')}-{dist.version}-{tag}.whl"
+    record = []
+    with zipfile.ZipFile(whl, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(files, key=lambda f: (f.parts[0] == info, str(f))):  # dist-info last, as wheels have it
+            path = str(f).replace(os.sep, "/")
+            if path in skip:
+                continue
+            data = Path(dist.locate_file(f)).read_bytes()
+            z.writestr(path, data)
+            record.append(f"{path},{_record_hash(data)},{len(data)}")
+        z.writestr(f"{info}/RECORD", "\n".join([*record, f"{info}/RECORD,,"]) + "\n")
+    return whl
+
+
+def lab_platform_wheel(dest: Path, source: Path = REPO) -> Path:
+    """The lab-platform wheel of this labctl in *dest*: built with pip from the source tree labctl
+    runs from, or repacked from the installed distribution (:func:`repack_installed`)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for old in dest.glob("lab_platform-*.whl"):
-        old.unlink()
+    if not (source / "pyproject.toml").is_file():
+        return repack_installed(dest)
+    _pip("wheel", "--no-deps", "--wheel-dir", str(dest), str(source))
+    return next(dest.glob("lab_platform-*.whl"))
+
+
+def requirements(wheel: Path) -> list[str]:
+    """The Requires-Dist lines of a wheel's METADATA, without the optional (extra) ones."""
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        msg = email.parser.Parser().parsestr(z.read(meta).decode())
+    return [r for r in msg.get_all("Requires-Dist") or [] if not re.search(r"\bextra\s*==", r)]
+
+
+def build_wheelhouse(dest: Path, source: Path = REPO) -> Path:
+    """dest/ = the lab-platform wheel (:func:`lab_platform_wheel`) + the wheels of what it requires
+    (cached by the hash of that list, outside the repository). Returns dest."""
+    dest.mkdir(parents=True, exist_ok=True)
     build = cache_dir() / f"build-{os.getpid()}"
     shutil.rmtree(build, ignore_errors=True)
     try:
-        _pip("wheel", "--no-deps", "--wheel-dir", str(build), str(source))
-        for whl in [*deps_dir.glob("*.whl"), *build.glob("*.whl")]:
-            if not (dest / whl.name).exists() or whl.parent == build:
+        wheel = lab_platform_wheel(build, source)
+        deps = requirements(wheel)
+        key = hashlib.sha256(("\n".join(sorted(deps)) + sys.version.split()[0]).encode()).hexdigest()[:12]
+        deps_dir = cache_dir() / f"deps-{key}"
+        if not (deps_dir / ".complete").exists():
+            tmp = deps_dir.with_name(deps_dir.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            _pip("wheel", "--wheel-dir", str(tmp), *deps)
+            (tmp / ".complete").touch()
+            shutil.rmtree(deps_dir, ignore_errors=True)
+            tmp.rename(deps_dir)
+        for old in dest.glob("lab_platform-*.whl"):
+            old.unlink()
+        for whl in deps_dir.glob("*.whl"):
+            if not (dest / whl.name).exists():
                 shutil.copy2(whl, dest / whl.name)
+        shutil.copy2(wheel, dest / wheel.name)
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return dest

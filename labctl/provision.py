@@ -1,13 +1,15 @@
-"""`labctl provision list|install|reprovision|forget|debug|logs|makeiso`: the machine lifecycle."""
+"""`labctl provision list|install|reprovision|cancel|forget|debug|logs|makeiso`: the machine lifecycle."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
 
 from labcore import validate
 from labcore.domain import DEBUG_MODES, OS_NAMES, ROLE_NAMES
+from labcore.lifecycle import changed_params, describe_changes
 from labctl import delete, errors, follow, get, output, runner, targets
 from labctl.context import Ctx, complete_machines, output_option, pass_ctx, watch_options
 from labctl.makeiso import makeiso
@@ -76,8 +78,10 @@ def install(obj: Ctx, target, hostname, role, os_, disk, ssh_key_files, wait, ti
     m = targets.resolve_target(obj.client, target)
     cursor = obj.client.last_event_id() if wait else None
     result = obj.client.post("/api/install", {"mac": m["mac"], **body})
+    changes = describe_changes(changed_params(m, body))
     output.emit(result, obj.output, lambda: click.echo(
-        f"{body['hostname']} ({m['mac']}) queued: {body['os']} as {body['role']}; it installs at its next PXE boot"))
+        f"{body['hostname']} ({m['mac']}) {'re-queued' if changes else 'queued'}: {body['os']} as {body['role']}"
+        f"{f' (changed: {changes})' if changes else ''}; it installs at its next PXE boot"))
     if wait:
         follow.wait_installed(obj.client, m["mac"], body["hostname"], timeout=timeout, cursor=cursor)
         click.echo(f"{body['hostname']} installed", err=obj.output in ("json", "yaml"))
@@ -94,33 +98,71 @@ def install(obj: Ctx, target, hostname, role, os_, disk, ssh_key_files, wait, ti
 @click.option("--playbook", type=click.Path(dir_okay=False, exists=True),
               help="Playbook to run instead of the collection's playbooks/reprovision.yml.")
 @click.option("--timeout", type=click.IntRange(10), default=600, show_default=True, metavar="SECONDS",
-              help="Limit for the playbook run.")
+              help="Limit for each playbook run.")
 @output_option
 @pass_ctx
 def reprovision(obj: Ctx, target, no_reboot, os_, role, reason, ssh_user, ssh_private_key, playbook, timeout) -> None:
-    """Reinstall TARGET: queue the reinstall, then (unless --no-reboot) run playbooks/reprovision.yml
-    through ansible-runner, which sets the next boot to PXE (efibootmgr --bootnext on UEFI) and
-    reboots the machine. The playbook's result is labctl's exit code (10 + ansible rc on failure)."""
+    """Reinstall TARGET: check that playbooks/reprovision.yml can run on it (a --check run over SSH),
+    queue the reinstall, then (unless --no-reboot) run the playbook through ansible-runner: it sets the
+    next boot to PXE (efibootmgr --bootnext on UEFI) and reboots the machine. The playbook's result is
+    labctl's exit code (10 + ansible rc on failure); a failed check queues nothing."""
     body = {"os": os_, "role": role, "reason": _v(lambda v, f: validate.text(v, f, 256), reason, "reason")}
     m = targets.resolve_target(obj.client, target)
     name = m.get("hostname") or m["mac"]
-    if not no_reboot and not m.get("ip"):
-        raise errors.UsageError(f"{name} has no known IP address, so it cannot be rebooted over SSH",
-                                "rerun with --no-reboot and power-cycle it yourself")
-    book = None if no_reboot else (playbook or runner.playbook_path("reprovision.yml"))  # before changing anything
+    reboot = None
+    if not no_reboot:  # everything the run needs is checked before the reinstall is queued
+        if not m.get("ip"):
+            raise errors.UsageError(f"{name} has no known IP address, so it cannot be rebooted over SSH",
+                                    "rerun with --no-reboot and power-cycle it yourself")
+        hostvars = {"ansible_host": m["ip"], "ansible_user": ssh_user, "lab_mac": m["mac"]}
+        if ssh_private_key:
+            hostvars["ansible_ssh_private_key_file"] = str(Path(ssh_private_key).resolve())
+        reboot = functools.partial(_reboot, obj, name, hostvars, playbook or runner.playbook_path("reprovision.yml"), timeout)
+        try:
+            runner.check(reboot(check_mode=True), f"the check run of the reprovision playbook on {name}")
+        except errors.PlaybookFailed as exc:
+            exc.message += "; nothing was queued"
+            raise
     result = obj.client.post(f"/api/machines/{m['mac']}/reprovision", {k: v for k, v in body.items() if v})
-    output.emit(result, obj.output, lambda: click.echo(f"{name} ({m['mac']}) queued for reinstall"))
-    if no_reboot:
+    changes = describe_changes(changed_params(m, result))
+    output.emit(result, obj.output, lambda: click.echo(
+        f"{name} ({m['mac']}) queued for reinstall{f' (changed: {changes})' if changes else ''}"))
+    if reboot is None:
         return
-    hostvars = {"ansible_host": m["ip"], "ansible_user": ssh_user, "lab_mac": m["mac"]}
-    if ssh_private_key:
-        hostvars["ansible_ssh_private_key_file"] = str(Path(ssh_private_key).resolve())
-    run = runner.run_playbook(
+    try:
+        runner.check(reboot(check_mode=False), f"reprovision of {name}")
+    except errors.PlaybookFailed as exc:
+        exc.message = f"{name} is queued for reinstall, but {exc.message}"
+        exc.hint = (f"{exc.hint}; it reinstalls at its next PXE boot (power-cycle it), "
+                    f"or withdraw the reinstall: labctl provision cancel {target}")
+        raise
+
+
+def _reboot(obj: Ctx, name: str, hostvars: dict, book, timeout: int, *, check_mode: bool) -> runner.RunResult:
+    """One run of the reprovision playbook on one machine (with check_mode: --check --diff, quiet)."""
+    return runner.run_playbook(
         book,
-        inventory=runner.inventory({name: hostvars}),
-        extravars={"lab_bastion_url": obj.settings["bastionUrl"]},
-        name=f"reprovision-{name}", timeout=timeout, quiet=obj.output in ("json", "yaml"))
-    runner.check(run, f"reprovision of {name}")
+        # the group the lab.platform.lab inventory gives a machine whose reinstall is queued
+        inventory=runner.inventory({name: hostvars}, group="lab_state_install_queued"),
+        extravars={"lab_bastion_url": obj.settings["bastionUrl"]}, check_mode=check_mode,
+        name=f"reprovision-{name}{'-check' if check_mode else ''}", timeout=timeout,
+        quiet=check_mode or obj.output in ("json", "yaml"))
+
+
+@provision.command()
+@click.argument("target", shell_complete=complete_machines)
+@click.option("--reason", default="", help="Why (recorded in the event history).")
+@output_option
+@pass_ctx
+def cancel(obj: Ctx, target, reason) -> None:
+    """Withdraw TARGET's queued, running or failed install. The machine is discovered again: at its
+    next PXE boot it gets the discovery image, not an installer."""
+    body = {"reason": _v(lambda v, f: validate.text(v, f, 256), reason, "reason")}
+    m = targets.resolve_target(obj.client, target)
+    name = m.get("hostname") or m["mac"]
+    result = obj.client.post(f"/api/machines/{m['mac']}/cancel", {k: v for k, v in body.items() if v})
+    output.emit(result, obj.output, lambda: click.echo(
+        f"{name} ({m['mac']}): {m['state']} install cancelled; it is discovered again and PXE-boots into discovery"))
 
 
 @provision.command()

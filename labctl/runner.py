@@ -33,6 +33,9 @@ from labctl import config, errors, output
 
 #: the source tree labctl runs from; it is the lab.platform collection when it has galaxy.yml
 REPO = Path(__file__).resolve().parents[1]
+#: the copy of the collection that ships in the wheel (setup.py puts it there); absent in a checkout
+BUNDLED = Path(__file__).resolve().parent / "collection"
+COLLECTION = Path("ansible_collections", "lab", "platform")
 #: where labctl looks for the collection's playbooks, in order
 PLAYBOOK_DIRS_ENV = "LABCTL_PLAYBOOK_DIR"
 _STAT_KEYS = {"ok": "ok", "changed": "changed", "failures": "failed", "dark": "unreachable", "skipped": "skipped"}
@@ -54,6 +57,7 @@ class RunResult:
     rc: int
     stats: dict[str, int] = field(default_factory=dict)
     run_dir: Path | None = None
+    failures: list[str] = field(default_factory=list)  # "failed: host: msg" lines, also of a quiet run
 
     @property
     def ok(self) -> bool:
@@ -70,15 +74,42 @@ def runs_dir() -> Path:
     return config.home() / "runs"
 
 
+def _has_collection(base: Path) -> bool:
+    return (base / COLLECTION).is_dir()
+
+
+def _env_collection_paths() -> list[Path]:
+    """ANSIBLE_COLLECTIONS_PATH's entries as bases (ansible also accepts a path that ends in
+    ansible_collections)."""
+    out = []
+    for entry in os.environ.get("ANSIBLE_COLLECTIONS_PATH", "").split(os.pathsep):
+        if entry:
+            p = Path(entry).expanduser()
+            out.append(p.parent if p.name == "ansible_collections" else p)
+    return out
+
+
+def collection_base() -> Path:
+    """The directory that holds the lab.platform collection labctl runs (``<base>/ansible_collections/
+    lab/platform``), in order: the source tree labctl runs from (linked, :func:`link_collection`), a
+    collection installed on ANSIBLE_COLLECTIONS_PATH, the copy that ships in the wheel (:data:`BUNDLED`)."""
+    if (REPO / "galaxy.yml").is_file():
+        return link_collection(runs_dir().parent / "collections")
+    for base in [*_env_collection_paths(), BUNDLED]:
+        if _has_collection(base):
+            return base
+    raise errors.LabctlError(
+        "the lab.platform collection was not found (not on ANSIBLE_COLLECTIONS_PATH, and this labctl has no copy)",
+        "reinstall lab-platform, or `ansible-galaxy collection install` lab.platform and set ANSIBLE_COLLECTIONS_PATH")
+
+
 def playbook_path(name: str) -> Path:
-    """A playbook of the lab.platform collection: $LABCTL_PLAYBOOK_DIR, the source tree this labctl
-    runs from (the repository is the collection), or the installed collection."""
+    """A playbook of the lab.platform collection: $LABCTL_PLAYBOOK_DIR, else the collection's
+    playbooks/ (:func:`collection_base`)."""
     candidates = []
     if os.environ.get(PLAYBOOK_DIRS_ENV):
         candidates.append(Path(os.environ[PLAYBOOK_DIRS_ENV]))
-    candidates.append(Path(__file__).resolve().parents[1] / "playbooks")
-    for root in (Path.home() / ".ansible/collections", Path("/usr/share/ansible/collections")):
-        candidates.append(root / "ansible_collections/lab/platform/playbooks")
+    candidates.append(collection_base() / COLLECTION / "playbooks")
     for d in candidates:
         if (d / name).is_file():
             return d / name
@@ -90,7 +121,7 @@ def link_collection(base: Path, source: Path = REPO) -> Path:
     """Make ``base/ansible_collections/lab/platform`` a symlink to *source* (a checkout: the
     repository is the collection) and return *base*, for ANSIBLE_COLLECTIONS_PATH. A link to another
     checkout is replaced, atomically, so a moved or second clone never runs a stale collection."""
-    link = base / "ansible_collections" / "lab" / "platform"
+    link = base / COLLECTION
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() and Path(os.readlink(link)) != source:
         link.unlink(missing_ok=True)
@@ -103,15 +134,11 @@ def link_collection(base: Path, source: Path = REPO) -> Path:
 
 
 def collections_env() -> dict[str, str]:
-    """ANSIBLE_COLLECTIONS_PATH that finds lab.platform: the source tree labctl runs from (linked as
-    ~/.labctl/collections/ansible_collections/lab/platform, :func:`link_collection`), then whatever
-    the environment already names. Empty when labctl runs from an installed wheel."""
-    paths = []
-    if (REPO / "galaxy.yml").is_file():
-        paths.append(str(link_collection(runs_dir().parent / "collections")))
-    if os.environ.get("ANSIBLE_COLLECTIONS_PATH"):
-        paths.append(os.environ["ANSIBLE_COLLECTIONS_PATH"])
-    return {"ANSIBLE_COLLECTIONS_PATH": os.pathsep.join(paths)} if paths else {}
+    """ANSIBLE_COLLECTIONS_PATH for a run: the base of the collection labctl uses
+    (:func:`collection_base`) first, then whatever the environment already names."""
+    paths = [str(collection_base())]
+    paths += [p for p in os.environ.get("ANSIBLE_COLLECTIONS_PATH", "").split(os.pathsep) if p and p not in paths]
+    return {"ANSIBLE_COLLECTIONS_PATH": os.pathsep.join(paths)}
 
 
 def inventory(hosts: dict[str, dict[str, Any]], group: str = "targets") -> dict[str, Any]:
@@ -125,12 +152,13 @@ class _Printer:
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.console = output.console()
+        self.failures: list[str] = []
 
     def __call__(self, event: dict[str, Any]) -> bool:
-        if self.quiet:
-            return True
         kind = event.get("event", "")
         data = event.get("event_data", {})
+        if self.quiet and kind not in _HOST_EVENTS:
+            return True
         if kind == "playbook_on_play_start":
             self.console.print(f"PLAY [{data.get('play', '')}]", markup=False, highlight=False)
         elif kind == "playbook_on_task_start":
@@ -144,6 +172,10 @@ class _Printer:
             msg = res.get("msg") if status in ("failed", "unreachable") else None
             if msg:
                 line += f": {str(msg).splitlines()[0][:300]}"
+            if status in ("failed", "unreachable"):
+                self.failures.append(line.strip())
+            if self.quiet:
+                return True
             self.console.print(line, markup=False, highlight=False,
                                style={"failed": "red", "unreachable": "red", "changed": "yellow"}.get(status))
         return True
@@ -161,7 +193,7 @@ def run_playbook(playbook: str | os.PathLike, *, inventory: dict[str, Any] | str
 
     ``inventory`` is a dict (see :func:`inventory`) or an inventory source path/string; ``timeout``
     in seconds makes the run end with status ``timeout``. Artefacts stay in ``result.run_dir``.
-    The lab.platform collection is found without installing it (:func:`collections_env`);
+    The lab.platform collection is the one :func:`collection_base` finds (:func:`collections_env`);
     ``envvars`` add to or override the run's environment; ``check_mode`` runs with --check --diff.
     Secrets in labctl's own environment (:data:`SECRET_ENV`) are kept out of the run: ansible-runner
     writes the whole environment into the artefacts.
@@ -193,7 +225,8 @@ def run_playbook(playbook: str | os.PathLike, *, inventory: dict[str, Any] | str
     for key, per_host in (r.stats or {}).items():
         if key in _STAT_KEYS:
             totals[_STAT_KEYS[key]] += sum(per_host.values())
-    result = RunResult(status=r.status, rc=int(r.rc if r.rc is not None else 1), stats=totals, run_dir=run_dir)
+    result = RunResult(status=r.status, rc=int(r.rc if r.rc is not None else 1), stats=totals, run_dir=run_dir,
+                       failures=printer.failures)
     if not quiet:
         summary = " ".join(f"{k}={v}" for k, v in totals.items())
         output.console().print(f"{summary}  (status {result.status}, rc {result.rc}; artefacts in {run_dir})",
@@ -208,6 +241,7 @@ def check(result: RunResult, what: str = "the playbook") -> RunResult:
         return result
     raise errors.PlaybookFailed(
         f"{what} ended {result.status} (ansible rc {result.rc}; "
-        f"failed={result.stats.get('failed', 0)} unreachable={result.stats.get('unreachable', 0)})",
+        f"failed={result.stats.get('failed', 0)} unreachable={result.stats.get('unreachable', 0)})"
+        + (f"; {result.failures[0]}" if result.failures else ""),
         result.status, result.rc,
         hint=f"read {result.run_dir}/artifacts/*/stdout for the full output")

@@ -510,6 +510,95 @@ def recap(stdout: str) -> dict[str, dict[str, int]]:
     return out
 
 
+# -- a reachable SSH host: sshd in a network namespace -------------------------------------------------
+FAKE_SYSTEMD_RUN = """#!/bin/sh
+# stand-in for systemd-run on the SSH test host: records the reboot it was asked for, reboots nothing
+echo "$@" >> "{log}"
+"""
+FAKE_EFIBOOTMGR = """#!/bin/sh
+# stand-in for efibootmgr on the SSH test host (only reached on a UEFI test runner): never touches NVRAM
+echo "efibootmgr $@" >> "{log}"
+printf 'BootCurrent: 0001\\nBootOrder: 0001,0002\\nBoot0001* debian\\tHD(1)\\nBoot0002* UEFI PXEv4\\tPciRoot(0x0)/MAC(525400123456,1)/IPv4(0.0.0.0)\\n'
+"""
+
+
+class SshHost:
+    """sshd in its own network namespace, reached from here over a veth pair at ``address`` (root
+    logs in with ``key``); ``unreachable`` is an address on the same link where nothing listens.
+
+    It is this machine seen over the network: a playbook run there changes this machine's files, so
+    the session's PATH starts with fakes of ``systemd-run`` and ``efibootmgr`` that only append
+    their arguments to ``calls`` (a reprovision run records the reboot instead of rebooting)."""
+
+    def __init__(self, root: Path):
+        need_root()
+        need_binary("ip", "sshd", "ssh-keygen")
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        n = os.getpid() % 100000
+        self.ns, self.veth = f"lssh{n}", f"vssh{n}"
+        net = f"10.{200 + n % 50}.{n % 250}"
+        self.local, self.address, self.unreachable = f"{net}.1", f"{net}.2", f"{net}.3"
+        self.key, self.calls = root / "id_ed25519", root / "calls.log"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> SshHost:
+        r = self.root
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(r / "host_key")], check=True)
+        (r / "authorized_keys").write_text(Path(f"{self.key}.pub").read_text())
+        fake = r / "fakebin"
+        fake.mkdir(exist_ok=True)
+        for name, text in (("systemd-run", FAKE_SYSTEMD_RUN), ("efibootmgr", FAKE_EFIBOOTMGR)):
+            (fake / name).write_text(text.format(log=self.calls))
+            (fake / name).chmod(0o755)
+        (r / "sshd_config").write_text("\n".join([
+            f"ListenAddress {self.address}", f"HostKey {r / 'host_key'}", f"AuthorizedKeysFile {r / 'authorized_keys'}",
+            "PermitRootLogin prohibit-password", "PasswordAuthentication no", "UsePAM no", "StrictModes no",
+            f"PidFile {r / 'sshd.pid'}", f"SetEnv PATH={fake}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "Subsystem sftp internal-sftp", ""]))
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+        self._ip("netns", "add", self.ns)
+        try:
+            self._ip("link", "add", self.veth, "type", "veth", "peer", "name", "eth0", "netns", self.ns)
+            self._ip("addr", "add", f"{self.local}/29", "dev", self.veth)
+            self._ip("link", "set", self.veth, "up")
+            for cmd in (["addr", "add", f"{self.address}/29", "dev", "eth0"], ["link", "set", "eth0", "up"], ["link", "set", "lo", "up"]):
+                self._ip("-n", self.ns, *cmd)
+            sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+            with open(r / "sshd.log", "ab") as log:
+                self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, sshd, "-D", "-e", "-f", str(r / "sshd_config")],
+                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            wait_for(lambda: self.ssh("true").returncode == 0, timeout=20, interval=0.2, what=f"sshd at {self.address}")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc:
+            stop_process(self.proc, timeout=10, group=True)
+        # sshd's per-connection processes (ControlPersist sessions) live in their own sessions: end them too
+        pids = subprocess.run(["ip", "netns", "pids", self.ns], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    def ssh(self, command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["ssh", "-i", str(self.key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                               "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5",
+                               f"root@{self.address}", command], capture_output=True, text=True, timeout=30)
+
+    def calls_made(self) -> list[str]:
+        return self.calls.read_text().splitlines() if self.calls.exists() else []
+
+
 # -- the end-to-end lab (tests/e2e/lab.py) -----------------------------------------------------------
 E2E_TIMES: list[tuple[str, float, str]] = []  # (what, seconds, note), printed at the end of the e2e run
 

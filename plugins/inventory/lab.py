@@ -11,15 +11,21 @@ description:
   - Reads the machines of each bastion in O(sources) with exactly one C(GET /api/machines) request per
     bastion and turns them into hosts, groups and host variables.
   - Only installed machines are hosts by default; O(states) adds machines in other states.
-  - Every string that comes from a machine or from the bastion is marked unsafe, so that a value such
-    as a DMI product name of C({{ lookup('pipe', 'id') }}) is never templated.
+  - "Values that a machine controls (its hardware report, C(lab_hardware), and the C(lab_cpu_*),
+    C(lab_dmi_*), C(lab_disks) and C(lab_nics) facts) are marked unsafe wherever they could be a
+    template (a string with a curly bracket, as community.general's inventory plugins do), so that a DMI
+    product name of C({{ lookup('pipe', 'id') }}) is never templated."
+  - Host names, C(ansible_host), addresses, MACs, states, roles, OSes and numbers are plain values (the
+    bastion validated them), which keeps C(ansible-inventory --list --export) readable for AWX's
+    inventory sync (unsafe-wrapped plain scalars broke it, community.general issue 8212).
   - Default groups are C(lab_state_<state>), C(lab_role_<role>), C(lab_os_<os>) and
     C(lab_bastion_<name>); C(compose), C(groups) and C(keyed_groups) add more.
   - "Host variables: C(lab_mac), C(lab_ip), C(lab_role), C(lab_os), C(lab_state), C(lab_hostname),
     C(lab_bastion), C(lab_hardware) (the full hardware inventory) and the flattened hardware facts
     C(lab_firmware), C(lab_memory_mb), C(lab_cpu_model), C(lab_cpu_cores), C(lab_cpu_threads),
     C(lab_cpu_arch), C(lab_dmi_vendor), C(lab_dmi_product), C(lab_dmi_serial), C(lab_disks), C(lab_nics).
-    C(ansible_host) is the machine's installed IP address."
+    C(ansible_host) is the machine's address when it is installed, or when it was installed and its
+    reinstall is queued (the running system keeps its address until it reboots into the installer)."
   - The configuration file must be named C(lab.yml), C(lab.yaml) or end in C(.lab.yml) / C(.lab.yaml).
 author:
   - lab-platform maintainers (@lab-platform)
@@ -111,7 +117,14 @@ from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructa
 from ansible.utils.unsafe_proxy import wrap_var
 from ansible_collections.lab.platform.plugins.module_utils.lab_client import LabClient, LabClientError
 
+try:  # ansible-core 2.19+: strings from an inventory plugin are untrusted (exported as unsafe) unless trusted
+    from ansible.template import trust_as_template
+except ImportError:  # ansible-core 2.18: strings are plain unless wrapped by wrap_var
+    def trust_as_template(value):
+        return value
+
 _NOT_GROUP_CHARS = re.compile(r"[^A-Za-z0-9_]")
+_TEMPLATE_CHARS = re.compile(r"[{}]")
 
 
 def group_name(value):
@@ -122,9 +135,28 @@ def host_name(machine):
     return machine.get("hostname") or "lab-" + (machine.get("mac") or "").replace(":", "").lower()
 
 
+def plain(value):
+    """A string that cannot be a template (no curly bracket) as a plain value, also for ansible-core
+    2.19's ansible-inventory --export; other values as they are."""
+    return trust_as_template(value) if isinstance(value, str) and not _TEMPLATE_CHARS.search(value) else value
+
+
+def machine_controlled(value):
+    """A value from the machine's own report with every string (keys too) that could be a template
+    marked unsafe; the rest stays plain, so --export shows it as it is."""
+    if isinstance(value, str):
+        return wrap_var(value) if _TEMPLATE_CHARS.search(value) else plain(value)
+    if isinstance(value, dict):
+        return dict((machine_controlled(k), machine_controlled(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return [machine_controlled(v) for v in value]
+    return value
+
+
 def host_vars(machine, bastion):
-    """The host variables of one machine (plain values; the caller marks them unsafe)."""
-    hw = machine.get("hardware") or {}
+    """The host variables of one machine: plain validated scalars, the hardware report through
+    machine_controlled()."""
+    hw = machine_controlled(machine.get("hardware") or {})
     cpu = hw.get("cpu") or {}
     dmi = hw.get("dmi") or {}
     hv = {
@@ -148,9 +180,10 @@ def host_vars(machine, bastion):
         "lab_disks": hw.get("disks") or [],
         "lab_nics": hw.get("nics") or [],
     }
-    if machine.get("state") == "installed" and machine.get("ip"):
+    running = machine.get("state") == "installed" or (machine.get("state") == "install_queued" and machine.get("installed_at"))
+    if running and machine.get("ip"):  # an installed system, still running while its reinstall is queued
         hv["ansible_host"] = machine["ip"]
-    return hv
+    return dict((k, plain(v)) for k, v in hv.items())
 
 
 class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
@@ -230,8 +263,8 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
     def _add_machine(self, machine, src):
         prefix = self.get_option("group_prefix")
         strict = self.get_option("strict")
-        host = self.inventory.add_host(wrap_var(host_name(machine)))
-        hv = wrap_var(host_vars(machine, src["url"]))
+        host = self.inventory.add_host(host_name(machine))
+        hv = host_vars(machine, src["url"])
         for key, value in hv.items():
             self.inventory.set_variable(host, key, value)
         for kind, value in (("state", machine.get("state")), ("role", machine.get("role")),

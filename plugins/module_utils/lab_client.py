@@ -115,6 +115,9 @@ class LabClient:
     def reprovision(self, mac, overrides, reason=""):
         return self.request("POST", "/api/machines/%s/reprovision" % quote(mac, safe=""), dict(overrides, reason=reason))
 
+    def cancel(self, mac, reason=""):
+        return self.request("POST", "/api/machines/%s/cancel" % quote(mac, safe=""), {"reason": reason} if reason else None)
+
     def debug(self, mac, mode):
         return self.request("POST", "/api/debug", {"mac": mac, "mode": mode})
 

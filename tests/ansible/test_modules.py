@@ -172,3 +172,36 @@ def test_lab_client_is_ansible_core_only():
         text = path.read_text()
         for forbidden in ("labcore", "bastion_app", "flask", "requests", "pydantic"):
             assert f"import {forbidden}" not in text and f"from {forbidden}" not in text, (path, forbidden)
+
+
+def test_reprovisioned_and_cancelled(lab_bastion, coll, tmp_path):
+    """state=reprovisioned queues the reinstall of an installed machine (with another role/OS, saying
+    what changed, and the event records it); state=cancelled withdraws it; both are idempotent."""
+    b, mac = lab_bastion, "52:54:00:dd:00:05"
+    (tmp_path / "state.json").write_text(json.dumps({"installed": {mac: {"hostname": "node7", "role": "worker", "os": "fedora-43"}}}))
+    subprocess.run([sys.executable, "-m", "bastion_app.cli", "import", "--data-dir", str(b.data_dir), str(tmp_path / "state.json")],
+                   check=True, capture_output=True)
+    task = "    - name: Change it\n      lab.platform.lab_machine:\n        mac: " + mac + "\n        state: {state}\n{extra}" \
+        "      register: out\n    - name: Show what changed\n      ansible.builtin.debug:\n        msg: \"CHANGES={{{{ out.changes | to_json }}}}\"\n"
+    r, stats = playbook(tmp_path, coll, b, task.format(state="reprovisioned", extra="        role: infra\n"))
+    assert r.returncode == 0 and stats["changed"] == 1, r.stdout
+    assert 'CHANGES={\\"role\\": [\\"worker\\", \\"infra\\"]}' in r.stdout or 'CHANGES={"role": ["worker", "infra"]}' in r.stdout, r.stdout
+    m = machine(b, mac)
+    assert (m["state"], m["role"]) == ("install_queued", "infra")
+    assert m["events"][-1]["kind"] == "reprovision" and m["events"][-1]["data"]["changed"] == {"role": ["worker", "infra"]}
+    r, stats = playbook(tmp_path, coll, b, task.format(state="reprovisioned", extra=""))
+    assert r.returncode == 0 and stats["changed"] == 0, r.stdout  # already queued
+    r, stats = playbook(tmp_path, coll, b, task.format(state="reprovisioned", extra="        os: ubuntu-26.04\n"))
+    assert r.returncode == 0 and stats["changed"] == 1, r.stdout  # re-queued with another OS
+    m = machine(b, mac)
+    assert (m["state"], m["role"], m["os"], m["hostname"]) == ("install_queued", "infra", "ubuntu-26.04", "node7")
+    assert m["events"][-1]["data"]["changed"] == {"os": ["fedora-43", "ubuntu-26.04"]}
+    assert m["events"][-1]["reason"] == "install queued; os fedora-43 -> ubuntu-26.04"
+    r, stats = playbook(tmp_path, coll, b, task.format(state="cancelled", extra=""), "--check")
+    assert r.returncode == 0 and stats["changed"] == 1 and machine(b, mac)["state"] == "install_queued"
+    r, stats = playbook(tmp_path, coll, b, task.format(state="cancelled", extra=""))
+    assert r.returncode == 0 and stats["changed"] == 1 and machine(b, mac)["state"] == "discovered"
+    r, stats = playbook(tmp_path, coll, b, task.format(state="cancelled", extra=""))
+    assert r.returncode == 0 and stats["changed"] == 0
+    r, _ = playbook(tmp_path, coll, b, task.format(state="reprovisioned", extra=""))
+    assert r.returncode != 0 and "is discovered, not installed; queue an install with state=queued" in r.stdout

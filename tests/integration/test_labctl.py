@@ -250,7 +250,11 @@ def test_install_conflict_and_success(labctl, fleet, machines, tmp_path):
     assert (doc["state"], doc["hostname"], doc["role"], doc["disk"]) == ("install_queued", "n4", "infra", "/dev/nvme0n1")
     assert doc["ssh_keys"] == [ed25519_key(7), ed25519_key(8, "second")]
     r = labctl("provision", "install", "n4", "--hostname", "n4", "--role", "infra", "--os", "fedora-43")
-    assert r.exit_code == 0 and "n4 (52:54:00:5c:00:04) queued: fedora-43 as infra" in r.stdout
+    assert r.exit_code == 0, r.stderr
+    assert ("n4 (52:54:00:5c:00:04) re-queued: fedora-43 as infra (changed: os ubuntu-26.04 -> fedora-43, "
+            "disk /dev/nvme0n1 -> (auto))") in r.stdout
+    event = machines.api("/api/machines/52:54:00:5c:00:04")[1]["events"][-1]
+    assert event["data"]["changed"] == {"os": ["ubuntu-26.04", "fedora-43"], "disk": ["/dev/nvme0n1", ""]}
 
 
 # -- debug, forget/delete ----------------------------------------------------------------------------
@@ -585,9 +589,9 @@ def test_reprovision_runs_the_playbook(env, machines, bastion, tmp_path):
     assert json.loads(out.read_text()) == {"host": "repro", "ansible_host": "127.0.0.1", "mac": mac, "url": bastion.url}
     assert "TASK [Record what labctl passed]" in p.stdout and "changed: repro" in p.stdout and "ok: repro" in p.stdout
     assert re.search(r"ok=3 changed=1 failed=0 unreachable=0 skipped=0", p.stdout), p.stdout
-    runs = list((home / "runs").iterdir())
-    assert len(runs) == 1 and "-reprovision-repro-" in runs[0].name
-    assert list(runs[0].glob("artifacts/*/stdout"))
+    runs = sorted((home / "runs").iterdir(), key=lambda p: "-check-" not in p.name)  # the --check run first
+    assert len(runs) == 2 and "-reprovision-repro-check-" in runs[0].name and "-reprovision-repro-" in runs[1].name
+    assert all(list(r.glob("artifacts/*/stdout")) for r in runs)
     detail = machines.api(f"/api/machines/{mac}")[1]
     assert detail["state"] == "install_queued"
     assert detail["events"][-1]["kind"] == "reprovision" and detail["events"][-1]["reason"] == "disk swap"
@@ -602,8 +606,9 @@ def test_reprovision_failed_playbook_sets_exit_code(env, machines, bastion, tmp_
     p = run_sub({**env, "LABCTL_HOME": str(tmp_path / "h")}, "provision", "reprovision", "repro-fail",
                 "--playbook", str(book), timeout=180)
     assert p.returncode == 12, (p.stdout, p.stderr)  # 10 + ansible-playbook rc 2 (a host failed)
-    assert "failed: repro-fail: efibootmgr said no" in p.stdout
-    assert "ended failed (ansible rc 2; failed=1" in p.stderr and "artifacts" in p.stderr
+    assert "the check run of the reprovision playbook on repro-fail ended failed (ansible rc 2; failed=1" in p.stderr
+    assert "failed: repro-fail: efibootmgr said no; nothing was queued" in p.stderr and "artifacts" in p.stderr
+    assert machines.api(f"/api/machines/{mac}")[1]["state"] == "installed"  # the check failed: nothing was queued
 
 
 def test_reprovision_no_reboot_only_queues(labctl, machines, bastion):

@@ -270,3 +270,39 @@ def test_doctor_tells_whether_the_uefi_ipxe_binaries_are_signed(tmp_path):
     assert "Secure Boot off" in c.hint
     (tftp / "snponly.efi").write_bytes(_pe(0x200))
     assert check().status == "pass"
+
+
+def test_collection_lookup_order(tmp_path, monkeypatch):
+    """A checkout runs itself; without one (an installed wheel), a lab.platform on
+    ANSIBLE_COLLECTIONS_PATH wins over the copy that ships in the wheel; none at all is a clear error."""
+    monkeypatch.setattr(runner.config, "home", lambda: tmp_path / "home")
+    assert (runner.collection_base() / runner.COLLECTION).resolve() == runner.REPO  # this checkout
+    monkeypatch.setattr(runner, "REPO", tmp_path / "site-packages")  # as installed: no galaxy.yml next to labctl
+    installed, bundled = tmp_path / "installed", tmp_path / "bundled"
+    for base in (installed, bundled):
+        (base / runner.COLLECTION / "playbooks").mkdir(parents=True)
+        (base / runner.COLLECTION / "playbooks" / "reprovision.yml").write_text("---\n")
+    monkeypatch.setattr(runner, "BUNDLED", bundled)
+    monkeypatch.setenv("ANSIBLE_COLLECTIONS_PATH", f"{tmp_path / 'elsewhere'}:{installed / 'ansible_collections'}")
+    assert runner.collection_base() == installed
+    assert runner.playbook_path("reprovision.yml") == installed / runner.COLLECTION / "playbooks" / "reprovision.yml"
+    assert runner.collections_env()["ANSIBLE_COLLECTIONS_PATH"].split(":")[0] == str(installed)
+    monkeypatch.delenv("ANSIBLE_COLLECTIONS_PATH")
+    assert runner.collection_base() == bundled
+    monkeypatch.setattr(runner, "BUNDLED", tmp_path / "none")
+    with pytest.raises(errors.LabctlError) as e:
+        runner.collection_base()
+    assert "ANSIBLE_COLLECTIONS_PATH" in e.value.message and "ansible-galaxy" in e.value.hint
+
+
+def test_wheel_requirements_leave_out_extras(tmp_path):
+    import zipfile
+
+    from labctl import init_cmd
+
+    whl = tmp_path / "x-1-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("x-1.dist-info/METADATA", "Metadata-Version: 2.4\nName: x\nVersion: 1\nRequires-Dist: flask<4,>=3.0\n"
+                   "Requires-Dist: ansible-core<2.20,>=2.18\nProvides-Extra: test\nRequires-Dist: pytest<9; extra == \"test\"\n"
+                   "Requires-Dist: tomli; python_version < \"3.11\"\n\nREADME\n")
+    assert init_cmd.requirements(whl) == ["flask<4,>=3.0", "ansible-core<2.20,>=2.18", 'tomli; python_version < "3.11"']

@@ -12,6 +12,8 @@ from labcore.lifecycle import (
     State,
     allowed_actions,
     boot_mode,
+    changed_params,
+    describe_changes,
     transition,
 )
 
@@ -87,3 +89,12 @@ def test_illegal_message_lists_what_is_allowed():
 )
 def test_boot_mode_order(state, debug, expected):
     assert boot_mode(state, debug) == expected
+
+
+def test_changed_params_and_their_description():
+    before = {"hostname": "n1", "role": "worker", "os": "fedora-43", "disk": "", "ip": "10.0.0.1"}
+    assert changed_params(None, before) == {} and changed_params({"hostname": None}, before) == {}  # a first install
+    assert changed_params(before, {**before, "ip": "10.0.0.2"}) == {}  # only the install parameters count
+    diff = changed_params(before, {**before, "role": "infra", "disk": "/dev/sda"})
+    assert diff == {"role": ["worker", "infra"], "disk": ["", "/dev/sda"]}
+    assert describe_changes(diff) == "role worker -> infra, disk (auto) -> /dev/sda" and describe_changes({}) == ""

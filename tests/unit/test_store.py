@@ -212,3 +212,22 @@ def test_sql_lives_only_behind_the_stores():
                     found.append(f"{rel}:{node.lineno}: {node.value[:60]!r}")
     assert not found, "SQL outside the stores:\n" + "\n".join(found)
     assert sql.search("SELECT count(*) FROM machines")  # the probe itself finds SQL
+
+
+def test_requeue_records_what_changed(store):
+    store.discover(MAC, HW, ip=None)
+    first = store.queue_install(MAC, PARAMS, actor="op")
+    assert first["state"] == "install_queued"
+    assert "changed" not in store.events(MAC)[-1]["data"]  # a first install changes nothing
+    store.queue_install(MAC, {**PARAMS, "role": "infra", "disk": "/dev/sda"}, actor="op")
+    e = store.events(MAC)[-1]
+    assert e["data"]["changed"] == {"role": ["worker", "infra"], "disk": ["", "/dev/sda"]}
+    assert e["reason"] == "install queued; role worker -> infra, disk (auto) -> /dev/sda"
+    store.queue_install(MAC, {**PARAMS, "role": "infra", "disk": "/dev/sda"}, actor="op", reason="same again")
+    assert "changed" not in store.events(MAC)[-1]["data"] and store.events(MAC)[-1]["reason"] == "same again"
+    token = store.require(MAC)["install_token"]
+    store.progress(MAC, token=token, stage="complete", percent=100, message="", ip=None)
+    store.reprovision(MAC, {"os": "ubuntu-26.04"}, actor="op", reason="new kernel")
+    e = store.events(MAC)[-1]
+    assert (e["kind"], e["data"]) == ("reprovision", {"os": "ubuntu-26.04", "changed": {"os": ["fedora-43", "ubuntu-26.04"]}})
+    assert e["reason"] == "new kernel; os fedora-43 -> ubuntu-26.04"
