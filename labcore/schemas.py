@@ -5,14 +5,21 @@ Field validators call :mod:`labcore.validate`, so the API, labctl and tests shar
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Annotated, Literal
-
 import json
 import re
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    model_validator,
+)
 
 from labcore import domain
 from labcore import validate as v

@@ -219,10 +219,15 @@ def test_doctor_checks_the_boot_files_of_every_operating_system(tmp_path):
     from labcore.domain import OPERATING_SYSTEMS
 
     cfg = bastion_config.load(tmp_path, overrides={"dnsmasq": False}, env={}, detect=False)
-    checks = {c.name: c for c in doctor.check_local(cfg, "http://127.0.0.1:8080")["artefacts"]}
+    checks = {c.name: c for c in doctor.check_local(cfg, 8080)["artefacts"]}
     for o in OPERATING_SYSTEMS:
         assert f"missing {o.kernel}, {o.initrd}" in checks[f"artefacts {o.name}"].detail
     assert checks["artefacts discovery"].status == "fail" and checks["artefacts local-boot"].status == "warn"
+    # every hint is a command to paste, no placeholder
+    assert checks["artefacts discovery"].hint == f"lab-bastion images build-discovery --data-dir {tmp_path}"
+    assert checks["artefacts local-boot"].hint == f"lab-bastion images build-local-boot --data-dir {tmp_path}"
+    for o in OPERATING_SYSTEMS:
+        assert checks[f"artefacts {o.name}"].hint == f"lab-bastion images sync --os {o.name} --data-dir {tmp_path}"
 
 
 def _pe(cert_size: int, magic: int = 0x20B) -> bytes:
@@ -255,7 +260,7 @@ def test_doctor_tells_whether_the_uefi_ipxe_binaries_are_signed(tmp_path):
     cfg = bastion_config.load(tmp_path / "data", overrides={"dnsmasq": False}, env={}, detect=False)
     tftp = cfg.data_path / "tftp"
     tftp.mkdir(parents=True)
-    check = lambda: {c.name: c for c in doctor.check_local(cfg, "http://127.0.0.1:8080")["tftp"]}["secure boot"]  # noqa: E731
+    check = lambda: {c.name: c for c in doctor.check_local(cfg, 8080)["tftp"]}["secure boot"]  # noqa: E731
     assert check().status == "skip"
     (tftp / "snponly.efi").write_bytes(debian.read_bytes())
     (tftp / "ipxe.efi").write_bytes(_pe(0x100))
