@@ -311,7 +311,7 @@ def test_error_paths_exit_codes_and_no_traceback(env, bastion, fleet):
     finally:
         srv.shutdown()
         srv.server_close()
-    assert p.returncode == 1 and "is not JSON" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 3 and "is not a lab-platform bastion" in p.stderr and "Traceback" not in p.stderr
     p = run_sub({**env, "LABCTL_TOKEN": "wrong-token-0123456789"}, "--debug", "get", "machines")
     assert p.returncode == 4 and "Traceback" in p.stderr and "Unauthorized" in p.stderr
 

@@ -129,7 +129,7 @@ def test_playbook_exit_codes():
 
 def test_config_precedence_and_file_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("LABCTL_CONFIG", str(tmp_path / "sub" / "c.yaml"))
-    p = config.write_file({"token": "t" * 20, "bastionUrl": "http://a:1"})
+    p = config.write_doc(config.Doc({"token": "t" * 20, "bastionUrl": "http://a:1"}))
     assert p.stat().st_mode & 0o777 == 0o600 and (p.parent.stat().st_mode & 0o777) == 0o700
     s = config.load({"bastionUrl": None}, env={"LABCTL_BASTION_URL": "http://b:2/"})
     assert s["bastionUrl"] == "http://b:2" and s.sources["bastionUrl"] == "env LABCTL_BASTION_URL"
