@@ -20,6 +20,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import tomllib
 from pathlib import Path
@@ -98,7 +99,7 @@ def test_ee_build_context_installs_the_collection_offline(tmp_path):
     assert {f for f in built_collection(tmp_path / "built2") if f.split("/")[0] in ("plugins", "roles", "playbooks", "meta")} \
         <= installed_files(dest), "the EE lacks part of the collection: add it to additional_build_files"
     # the builder stage's introspection finds the collection's system packages
-    r = run([str(BIN / "python"), str(ctx / "_build" / "scripts" / "introspect.py"), "introspect", str(dest)],
+    r = run([sys.executable, str(ctx / "_build" / "scripts" / "introspect.py"), "introspect", str(dest)],
             ansible_env(tmp_path))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "openssh-client [platform:dpkg]" in r.stdout and "openssh-clients [platform:rpm]" in r.stdout
