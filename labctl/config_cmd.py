@@ -10,7 +10,7 @@ import click
 
 from labctl import config as cfgmod
 from labctl import errors, output
-from labctl.context import Ctx, output_option, pass_ctx
+from labctl.context import Ctx, complete_contexts, output_option, pass_ctx
 
 
 @click.group()
@@ -112,7 +112,7 @@ def current_context() -> None:
 
 
 @config.command("use-context")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_contexts)
 def use_context(name: str) -> None:
     """Make NAME the current context (every command then talks to its bastion)."""
     doc = cfgmod.read_doc()
@@ -123,7 +123,7 @@ def use_context(name: str) -> None:
 
 
 @config.command("set-context")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_contexts)
 @click.option("--bastion", "bastion_url", metavar="URL", help="The bastion's URL (bastionUrl).")
 @click.option("--labd", "labd_url", metavar="URL", help="A labd's URL (labdUrl).")
 @click.option("--token", metavar="TOKEN", help="The operator token (lab-bastion token).")
@@ -147,7 +147,7 @@ def set_context(name: str, bastion_url, labd_url, token, output_, use) -> None:
 
 
 @config.command("delete-context")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_contexts)
 def delete_context(name: str) -> None:
     """Remove context NAME (if it is the current one, no context is current afterwards)."""
     doc = cfgmod.read_doc()

@@ -82,3 +82,11 @@ def complete_machines(ctx: click.Context, _param, incomplete: str) -> list:
             if value and value.startswith(incomplete.lower()):
                 out.append(CompletionItem(value, help=f"{m['state']} {m['mac'] if value != m['mac'] else m.get('hostname') or ''}".strip()))
     return out
+
+
+def complete_contexts(_ctx: click.Context, _param, incomplete: str) -> list[str]:
+    """Shell completion of a context name: those of the settings file."""
+    try:
+        return [n for n in sorted(config.read_doc().contexts) if n.startswith(incomplete)]
+    except Exception:  # noqa: BLE001 - completion must never print an error into the shell
+        return []

@@ -10,7 +10,7 @@ import traceback
 import click
 
 from labctl import errors, output
-from labctl.context import Ctx
+from labctl.context import Ctx, complete_contexts
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -68,7 +68,7 @@ def _debug(ctx: click.Context) -> bool:
 
 
 @click.group(cls=LabctlGroup, context_settings=CONTEXT)
-@click.option("--context", metavar="NAME", help="Use this context of the settings file (default: env LABCTL_CONTEXT, "
+@click.option("--context", metavar="NAME", shell_complete=complete_contexts, help="Use this context of the settings file (default: env LABCTL_CONTEXT, "
               "else current-context; see labctl config get-contexts).")
 @click.option("--bastion", metavar="URL", help="Bastion URL (default: bastionUrl setting, env LABCTL_BASTION_URL).")
 @click.option("--token", metavar="TOKEN", help="Operator token (default: token setting, env LABCTL_TOKEN).")

@@ -213,3 +213,13 @@ def test_a_url_that_is_not_a_bastion_is_called_that(home, handler):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_context_names_complete_in_the_shell(home, bastion, second):
+    for name, b in (("lab1", bastion), ("lab2", second), ("other", bastion)):
+        assert labctl(home, "config", "set-context", name, "--bastion", b.url).exit_code == 0
+    for words, cword in (("labctl config use-context la", "3"), ("labctl --context la", "2")):
+        p = subprocess.run([sys.executable, "-m", "labctl.main"], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, **home, "COMP_WORDS": words, "COMP_CWORD": cword,
+                                "_LABCTL_COMPLETE": "bash_complete"})
+        assert p.stdout.split() == ["plain,lab1", "plain,lab2"], (words, p.stdout, p.stderr)
