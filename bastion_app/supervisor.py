@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bastion_app import dnsmasq
 from bastion_app.store import Store
-from labcore.bastion_config import Config
+from labcore.bastion_config import Config, write_serve_state
 
 log = logging.getLogger("lab-bastion")
 
@@ -126,6 +126,11 @@ class Supervisor:
         ensure_token(self.cfg.token_path)
         Store.from_config(self.cfg).migrate()
         self._take_serve_lock()
+        try:  # for `labctl doctor`: how this serve was started
+            write_serve_state(self.cfg, os.getpid(), time.time())
+        except OSError as exc:
+            log.warning("cannot write %s (%s): labctl doctor will not know this serve's settings",
+                        self.cfg.serve_state_path, exc)
         self.metrics = new_metrics_dir()
         self.env = child_env(self.cfg, self.metrics)
 

@@ -33,6 +33,8 @@ from labcore.yamlfile import YamlFileError, read_mapping
 ENV_PREFIX = "LAB_BASTION_"
 DATA_DIR_ENV = "LAB_BASTION_DATA_DIR"
 CONFIG_NAME = "bastion.yaml"
+#: what `lab-bastion serve` writes at start: the settings it really runs with (labctl doctor reads it)
+SERVE_STATE_NAME = "serve.json"
 
 
 class ConfigError(Exception):
@@ -219,6 +221,7 @@ class Config(BaseModel):
 
     db_path = _in_data_dir("state.db")
     token_path = _in_data_dir("token")
+    serve_state_path = _in_data_dir(SERVE_STATE_NAME)
     images_path = _in_data_dir("images")
     run_path = _in_data_dir("run")
 
@@ -301,6 +304,49 @@ def load(data_dir: str | os.PathLike | None = None, overrides: dict[str, Any] | 
     if detect:
         fill_network(cfg)
     return cfg
+
+
+# -- how `serve` was started -------------------------------------------------------------------
+def write_serve_state(cfg: Config, pid: int, started_at: float) -> Path:
+    """Record the effective settings of a starting `lab-bastion serve` (file, environment, flags
+    and detected network all applied) in <data>/serve.json, atomically, mode 0644: it holds no
+    secret (the token has its own file; ``extra`` is left out)."""
+    doc = {"pid": pid, "started_at": started_at, "base_url": cfg.base_url(),
+           "settings": {k: val for k, val in cfg.as_dict().items() if k != "extra"}}
+    path = cfg.serve_state_path
+    tmp = path.with_name(f".{path.name}.{pid}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_serve_state(data_dir: str | os.PathLike) -> tuple[dict[str, Any], Config] | None:
+    """What the last `lab-bastion serve` on ``data_dir`` ran with: (the document, its settings as a
+    validated Config), or None when no serve has written it. ConfigError if it is unreadable."""
+    path = Path(data_dir) / SERVE_STATE_NAME
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("settings"), dict):
+        raise ConfigError(f"{path}: not a serve.json written by lab-bastion serve")
+    try:
+        cfg = build({**doc["settings"], "data_dir": str(data_dir)})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return doc, cfg
 
 
 # -- network auto-detection ------------------------------------------------------------------

@@ -5,10 +5,21 @@ Field validators call :mod:`labcore.validate`, so the API, labctl and tests shar
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    model_validator,
+)
 
 from labcore import domain
 from labcore import validate as v
@@ -55,14 +66,73 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_max_length=20000, strict=True)
 
 
-class Cpu(Strict):
+# -- what a machine reports: known fields strict, unknown ones kept (bounded) ------------------------
+#: a newer discovery image may send fields this bastion does not know: they are kept (stored with the
+#: hardware, shown by the API, never templated into anything) if they fit these bounds, else dropped
+MAX_UNKNOWN_FIELDS = 32
+MAX_UNKNOWN_BYTES = 4096  # one unknown field's value, as compact JSON
+MAX_UNKNOWN_DEPTH = 4
+_UNKNOWN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """JSON of bounded depth whose strings (keys too) hold no control character."""
+    if depth > MAX_UNKNOWN_DEPTH:
+        return False
+    if isinstance(value, str):
+        return not _CONTROL.search(value)
+    if isinstance(value, list):
+        return all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
+    return value is None or isinstance(value, bool | int | float)
+
+
+class Reported(Strict):
+    """A part of a machine's report. Known fields are validated strictly; unknown ones are kept
+    when their name is a plain identifier, their value plain JSON within the bounds above and there
+    are at most MAX_UNKNOWN_FIELDS of them; others are dropped and named by :func:`dropped_fields`."""
+
+    model_config = ConfigDict(extra="allow")
+    _dropped: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _bound_unknown_fields(self):
+        extra = self.__pydantic_extra__ or {}
+        dropped = []
+        for i, (name, value) in enumerate(list(extra.items())):
+            try:
+                size = len(json.dumps(value, separators=(",", ":")))
+            except (TypeError, ValueError):
+                size = MAX_UNKNOWN_BYTES + 1
+            if (i >= MAX_UNKNOWN_FIELDS or not _UNKNOWN_NAME.fullmatch(name) or size > MAX_UNKNOWN_BYTES
+                    or not _plain(value)):
+                dropped.append(name)
+                del extra[name]
+        self._dropped = dropped
+        return self
+
+
+def dropped_fields(report: BaseModel, prefix: str = "") -> list[str]:
+    """The unknown fields dropped from a report (dotted paths, names cut to 64 characters)."""
+    out = [prefix + _CONTROL.sub("?", n[:64]) for n in getattr(report, "_dropped", None) or []]
+    for name in type(report).model_fields:
+        value = getattr(report, name)
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, Reported):
+                out += dropped_fields(item, f"{prefix}{name}{f'[{i}]' if isinstance(value, list) else ''}.")
+    return out
+
+
+class Cpu(Reported):
     model: Text = ""
     cores: Int(0, 65536) = 0
     threads: Int(0, 65536) = 0
     arch: Text = ""
 
 
-class DiskInfo(Strict):
+class DiskInfo(Reported):
     name: Text
     size_bytes: Int(0, 2**63 - 1) = 0
     model: Text = ""
@@ -72,7 +142,7 @@ class DiskInfo(Strict):
     transport: Text = "unknown"
 
 
-class Nic(Strict):
+class Nic(Reported):
     name: Text
     mac: Mac
     driver: Text = ""
@@ -80,7 +150,7 @@ class Nic(Strict):
     speed_mbps: Int(-1, 10_000_000) | None = None
 
 
-class Dmi(Strict):
+class Dmi(Reported):
     vendor: Text = ""
     product: Text = ""
     serial: Text = ""
@@ -89,7 +159,7 @@ class Dmi(Strict):
     bios_version: Text = ""
 
 
-class Hardware(Strict):
+class Hardware(Reported):
     cpu: Cpu = Field(default_factory=Cpu)
     memory_mb: Int(0, 2**40) = 0
     disks: list[DiskInfo] = Field(default_factory=list, max_length=256)
@@ -98,9 +168,17 @@ class Hardware(Strict):
     firmware: Literal["bios", "uefi", "unknown"] = "unknown"
 
 
-class DiscoverRequest(Strict):
+class DiscoverRequest(Reported):
     mac: Mac
     hardware: Hardware = Field(default_factory=Hardware)
+
+    def stored_hardware(self) -> dict[str, Any]:
+        """What the bastion stores: the hardware, and the report's own unknown fields under
+        ``report`` (a newer discovery image may describe itself there)."""
+        hw = self.hardware.model_dump()
+        if self.model_extra:
+            hw["report"] = dict(self.model_extra)
+        return hw
 
 
 class InstallRequest(Strict):

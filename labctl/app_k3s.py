@@ -155,7 +155,7 @@ def check_servers(inv: dict[str, Any], *, odd: bool) -> list[str]:
     if not servers:
         raise errors.UsageError(
             f"no k3s server: the bastion has no installed {' or '.join(SERVER_ROLES)} machine",
-            "install one with: labctl provision install TARGET --role infra ...; nothing was run")
+            "install one with: labctl provision install TARGET --hostname NAME --role infra --os OS; nothing was run")
     if odd and len(servers) % 2 == 0:
         raise errors.UsageError(
             f"{len(servers)} k3s servers ({', '.join(servers)}): embedded etcd needs an odd number of servers",

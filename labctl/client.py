@@ -57,12 +57,23 @@ class Client:
             return resp
         raise self.error(resp)
 
+    def not_a_bastion(self, resp: requests.Response, what: str) -> errors.LabctlError:
+        """The answer is not one a lab-platform bastion gives (HTML, another API, a proxy's page)."""
+        ctype = resp.headers.get("Content-Type", "no content type").split(";")[0]
+        return errors.Unreachable(
+            f"{self.base_url} is not a lab-platform bastion: {resp.request.method} {resp.request.path_url} "
+            f"answered {resp.status_code} {resp.reason or ''} with {what} ({ctype})".replace("  ", " "),
+            "check the URL: labctl config get bastionUrl (or --bastion, --context, LABCTL_BASTION_URL); "
+            "a bastion answers GET /healthz with JSON")
+
     def error(self, resp: requests.Response) -> errors.LabctlError:
         try:
             body = resp.json()
-            msg, detail = str(body.get("error") or resp.reason), body.get("detail")
         except ValueError:
-            msg, detail = (resp.reason or "error"), None
+            body = None
+        if not isinstance(body, dict) or "error" not in body:  # every error of the bastion is {"error", "detail"}
+            return self.not_a_bastion(resp, "something other than the bastion's JSON error")
+        msg, detail = str(body.get("error") or resp.reason), body.get("detail")
         where = f"{resp.request.method} {resp.request.path_url}"
         code = resp.status_code
         if code in (401, 403):
@@ -89,22 +100,29 @@ class Client:
     def delete(self, path: str) -> Any:
         return self._json(self.request("DELETE", path))
 
-    def _json(self, resp: requests.Response) -> Any:
+    def _json(self, resp: requests.Response, key: str | None = None) -> Any:
+        """The answer's JSON; with ``key``, that list in it (else the answer is not a bastion's)."""
         try:
-            return resp.json()
+            doc = resp.json()
         except ValueError:
-            raise errors.LabctlError(f"{self.base_url} answered {resp.request.method} {resp.request.path_url} "
-                                     "with something that is not JSON",
-                                     "is bastionUrl really a lab-platform bastion? (labctl config get bastionUrl)") from None
+            raise self.not_a_bastion(resp, "something that is not JSON") from None
+        if key is not None:
+            if not isinstance(doc, dict) or not isinstance(doc.get(key), list):
+                raise self.not_a_bastion(resp, f"JSON without the {key!r} list")
+            return doc[key]
+        return doc
+
+    def get_list(self, path: str, key: str, **params) -> list[dict[str, Any]]:
+        return self._json(self.request("GET", path, params={k: v for k, v in params.items() if v is not None}), key)
 
     def machines(self, **filters) -> list[dict[str, Any]]:
-        return self.get("/api/machines", **filters)["machines"]
+        return self.get_list("/api/machines", "machines", **filters)
 
     def machine(self, mac: str) -> dict[str, Any]:
         return self.get(f"/api/machines/{quote(mac)}")
 
     def events(self, since: int = 0, mac: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
-        return self.get("/api/events", since=since, mac=mac, limit=limit)["events"]
+        return self.get_list("/api/events", "events", since=since, mac=mac, limit=limit)
 
     def last_event_id(self) -> int:
         """The id of the newest event (a cursor for watching)."""

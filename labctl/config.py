@@ -2,14 +2,26 @@
 
 The file holds the operator token, so it is written with mode 0600. ``LABCTL_CONFIG`` names another
 file (tests use a temporary one); ``LABCTL_HOME`` moves the whole ~/.labctl directory (runs too).
+
+Like kubectl's kubeconfig, the file may name several bastions (later labd instances) as contexts::
+
+    current-context: lab1          # `labctl config use-context lab1`
+    contexts:
+      lab1: {bastionUrl: http://10.0.0.2:8080, token: ...}
+      lab2: {bastionUrl: http://10.1.0.2:8080, token: ...}
+    output: table                  # top-level settings apply under every context
+
+The selected context (``--context NAME``, else $LABCTL_CONTEXT, else current-context) overrides the
+top-level settings; environment variables and flags override both.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -20,6 +32,9 @@ OUTPUTS = ("table", "wide", "json", "yaml")
 DEFAULTS = {"bastionUrl": "http://127.0.0.1:8080", "labdUrl": "", "token": "", "output": "table"}
 ENV = {"bastionUrl": "LABCTL_BASTION_URL", "labdUrl": "LABCTL_LABD_URL", "token": "LABCTL_TOKEN", "output": "LABCTL_OUTPUT"}
 KEYS = tuple(DEFAULTS)
+CONTEXTS, CURRENT = "contexts", "current-context"
+CONTEXT_ENV = "LABCTL_CONTEXT"
+_CONTEXT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,62}")
 _URL = re.compile(r"^https?://[A-Za-z0-9.\[\]:_-]+(/[A-Za-z0-9._~/-]*)?$")
 
 
@@ -46,26 +61,69 @@ def check_value(key: str, value: str) -> str:
     return value.rstrip("/") if key.endswith("Url") else value
 
 
-def read_file(p: Path | None = None) -> dict[str, str]:
+def check_context_name(name: str) -> str:
+    if not _CONTEXT_NAME.fullmatch(name or ""):
+        raise UsageError(f"invalid context name {name!r}",
+                         "1-63 letters, digits and ._@- (beginning with a letter or digit)")
+    return name
+
+
+@dataclass
+class Doc:
+    """The settings file: top-level settings, the named contexts and the current one."""
+
+    values: dict[str, str] = field(default_factory=dict)
+    contexts: dict[str, dict[str, str]] = field(default_factory=dict)
+    current: str = ""
+
+    def context(self, name: str) -> dict[str, str]:
+        """The settings of context ``name`` (UsageError naming the known ones if there is none)."""
+        if name not in self.contexts:
+            known = ", ".join(sorted(self.contexts)) or "none yet"
+            raise UsageError(f"no context named {name!r} in {path()} (known: {known})",
+                             f"create it: labctl config set-context {name} --bastion URL --token TOKEN")
+        return self.contexts[name]
+
+
+def _settings(mapping: Any, where: str) -> dict[str, str]:
+    if not isinstance(mapping, dict):
+        raise UsageError(f"{where}: expected a mapping of settings", f"known settings: {', '.join(KEYS)}")
+    unknown = sorted(str(k) for k in set(mapping) - set(KEYS))
+    if unknown:
+        raise UsageError(f"{where}: unknown setting(s) {', '.join(unknown)}", f"known settings: {', '.join(KEYS)}")
+    return {k: check_value(k, str(v)) for k, v in mapping.items() if v is not None}
+
+
+def read_doc(p: Path | None = None) -> Doc:
     p = p or path()
     try:
-        doc = read_mapping(p)
+        raw = read_mapping(p)
     except YamlFileError as exc:
         raise UsageError(str(exc), f"fix or delete the file (known settings: {', '.join(KEYS)})") from None
-    unknown = sorted(set(doc) - set(KEYS))
-    if unknown:
-        raise UsageError(f"{p}: unknown setting(s) {', '.join(unknown)}", f"known settings: {', '.join(KEYS)}")
-    return {k: check_value(k, str(v)) for k, v in doc.items() if v is not None}
+    contexts = raw.pop(CONTEXTS, None) or {}
+    current = str(raw.pop(CURRENT, None) or "")
+    if not isinstance(contexts, dict):
+        raise UsageError(f"{p}: contexts must be a mapping of NAME: {{settings}}")
+    doc = Doc(_settings(raw, str(p)),
+              {check_context_name(str(n)): _settings(c or {}, f"{p}: context {n}") for n, c in contexts.items()},
+              check_context_name(current) if current else "")
+    return doc
 
 
-def write_file(values: dict[str, str], p: Path | None = None) -> Path:
-    """Write the settings atomically with mode 0600 (the file holds a token)."""
+def write_doc(doc: Doc, p: Path | None = None) -> Path:
+    """Write the settings atomically with mode 0600 (the file holds tokens)."""
     p = p or path()
     p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    out: dict[str, Any] = {}
+    if doc.current:
+        out[CURRENT] = doc.current
+    out.update({k: doc.values[k] for k in KEYS if doc.values.get(k)})
+    if doc.contexts:
+        out[CONTEXTS] = {n: {k: c[k] for k in KEYS if c.get(k)} for n, c in sorted(doc.contexts.items())}
     tmp = p.with_name(p.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        yaml.safe_dump({k: values[k] for k in KEYS if k in values}, f, sort_keys=False)
+        yaml.safe_dump(out, f, sort_keys=False)
     os.chmod(tmp, 0o600)
     tmp.replace(p)
     return p
@@ -73,27 +131,43 @@ def write_file(values: dict[str, str], p: Path | None = None) -> Path:
 
 @dataclass
 class Settings:
-    """The effective settings and where each came from (flag, env, file or default)."""
+    """The effective settings, where each came from (flag, env, context, file or default) and the
+    selected context ('' for none)."""
 
     values: dict[str, str]
     sources: dict[str, str]
+    context: str = ""
 
     def __getitem__(self, key: str) -> str:
         return self.values[key]
 
 
+def selected_context(doc: Doc, flag: str | None, env) -> tuple[str, str]:
+    """(name, where it was chosen): --context, $LABCTL_CONTEXT or current-context; ('', '') if none."""
+    if flag:
+        return check_context_name(flag), "--context"
+    if env.get(CONTEXT_ENV):
+        return check_context_name(env[CONTEXT_ENV]), f"env {CONTEXT_ENV}"
+    return doc.current, "current-context"
+
+
 def load(flags: dict[str, str | None] | None = None, env=None) -> Settings:
     env = os.environ if env is None else env
-    file_values = read_file()
+    flags = flags or {}
+    doc = read_doc()
+    name, _ = selected_context(doc, flags.get("context"), env)
+    ctx_values = doc.context(name) if name else {}
     values, sources = {}, {}
     for key in KEYS:
-        flag = (flags or {}).get(key)
+        flag = flags.get(key)
         if flag is not None:
             values[key], sources[key] = check_value(key, flag), "flag"
         elif env.get(ENV[key]):
             values[key], sources[key] = check_value(key, env[ENV[key]]), f"env {ENV[key]}"
-        elif key in file_values:
-            values[key], sources[key] = file_values[key], f"file {path()}"
+        elif key in ctx_values:
+            values[key], sources[key] = ctx_values[key], f"context {name} ({path()})"
+        elif key in doc.values:
+            values[key], sources[key] = doc.values[key], f"file {path()}"
         else:
             values[key], sources[key] = DEFAULTS[key], "default"
-    return Settings(values, sources)
+    return Settings(values, sources, name)

@@ -7,7 +7,7 @@ from functools import cached_property
 
 import click
 
-from labctl import config
+from labctl import config, errors
 from labctl.client import Client
 
 
@@ -15,8 +15,9 @@ class Ctx:
     """``ctx.obj`` of every labctl command."""
 
     def __init__(self, bastion: str | None = None, token: str | None = None, output: str | None = None,
-                 debug: bool = False):
-        self.flags: dict[str, str | None] = {"bastionUrl": bastion, "token": token, "output": output}
+                 debug: bool = False, context: str | None = None):
+        self.flags: dict[str, str | None] = {"bastionUrl": bastion, "token": token, "output": output,
+                                             "context": context}
         self.debug = debug
 
     @cached_property
@@ -29,7 +30,13 @@ class Ctx:
 
     @cached_property
     def client(self) -> Client:
-        return Client(self.settings["bastionUrl"], self.settings["token"])
+        s = self.settings
+        if s.sources["bastionUrl"] == "default" and s["labdUrl"]:
+            raise errors.UsageError(
+                f"{'context ' + s.context if s.context else 'the configuration'} names a labd ({s['labdUrl']}) "
+                "and no bastion; this labctl talks to bastions only",
+                "labctl config use-context NAME (a bastion's context), or --bastion URL")
+        return Client(s["bastionUrl"], s["token"])
 
 
 pass_ctx = click.make_pass_decorator(Ctx, ensure=True)
@@ -64,7 +71,7 @@ def complete_machines(ctx: click.Context, _param, incomplete: str) -> list:
 
     try:
         root = ctx.find_root()
-        obj = Ctx(bastion=root.params.get("bastion"), token=root.params.get("token"))
+        obj = Ctx(bastion=root.params.get("bastion"), token=root.params.get("token"), context=root.params.get("context"))
         client = Client(obj.settings["bastionUrl"], obj.settings["token"], timeout=2.0)
         machines = client.machines()
     except Exception:  # noqa: BLE001 - completion must never print an error into the shell
@@ -75,3 +82,11 @@ def complete_machines(ctx: click.Context, _param, incomplete: str) -> list:
             if value and value.startswith(incomplete.lower()):
                 out.append(CompletionItem(value, help=f"{m['state']} {m['mac'] if value != m['mac'] else m.get('hostname') or ''}".strip()))
     return out
+
+
+def complete_contexts(_ctx: click.Context, _param, incomplete: str) -> list[str]:
+    """Shell completion of a context name: those of the settings file."""
+    try:
+        return [n for n in sorted(config.read_doc().contexts) if n.startswith(incomplete)]
+    except Exception:  # noqa: BLE001 - completion must never print an error into the shell
+        return []

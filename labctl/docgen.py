@@ -36,6 +36,19 @@ Each is overridden by its environment variable (`LABCTL_BASTION_URL`, `LABCTL_LA
     labctl config set bastionUrl http://10.0.0.1:8080
     labctl config set token "$(lab-bastion token --data-dir /var/lib/lab-bastion)"
 
+Several bastions (later labd instances) are named contexts, as in kubectl's kubeconfig:
+
+    labctl config set-context lab1 --bastion http://10.0.0.2:8080 --token "$TOKEN1"
+    labctl config set-context lab2 --bastion http://10.1.0.2:8080 --token "$TOKEN2"
+    labctl config use-context lab1            # the current context
+    labctl --context lab2 get machines        # or LABCTL_CONTEXT=lab2 for one shell
+    labctl config get-contexts
+
+The selected context (`--context`, else `LABCTL_CONTEXT`, else `current-context`) overrides the
+file's top-level settings; environment variables and flags override both. `labctl config set`
+writes into the selected context. A URL that answers but is not a lab-platform bastion (a web
+page, another API) is reported as such, with exit code 3.
+
 ## Targets
 
 A TARGET or NAME is a host name, a MAC address (any common spelling) or an IP address. A host name

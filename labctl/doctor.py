@@ -1,17 +1,23 @@
 """`labctl doctor`: is this bastion healthy? Each check passes or fails with a hint.
 
-Checks: the bastion answers and takes the token; dnsmasq runs; the DHCP (67), TFTP (69), HTTP and
+Checks: the bastion answers and takes the token; `lab-bastion serve` runs on the data directory
+(and how it was started: <data>/serve.json, which serve writes at each start); dnsmasq runs (unless
+serve was started without it); the DHCP (67), TFTP (69), HTTP and
 syslog (5514) ports are bound; the TFTP root holds iPXE, and whether its UEFI binaries are signed
 (Debian's are not: UEFI machines must boot with Secure Boot off); the boot artefacts exist; and a real
 DHCPDISCOVER on the provisioning interface lists every DHCP server that answers (a second DHCP or
 PXE server on the segment breaks PXE boots in confusing ways).
 
-Local checks (processes, ports, files, DHCP) describe the machine labctl runs on: run doctor on the
-bastion itself, with --data-dir naming its data directory.
+Local checks (serve, processes, ports, files, DHCP) describe the machine labctl runs on: run doctor
+on the bastion itself, with --data-dir naming its data directory. What doctor cannot check (no data
+directory) is listed as not checked, never as passed.
 """
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
+import os
 import random
 import select
 import socket
@@ -29,7 +35,8 @@ from labcore.bastion_files import BOOT_ARTEFACTS, IPXE_FILES, artefact_command
 from labctl import errors, output
 from labctl.context import Ctx, output_option, pass_ctx
 
-CHECKS = ("bastion", "token", "dnsmasq", "ports", "tftp", "artefacts", "dhcp")
+CHECKS = ("bastion", "token", "serve", "dnsmasq", "ports", "tftp", "artefacts", "dhcp")
+LOCAL_CHECKS = ("serve", "dnsmasq", "ports", "tftp", "artefacts")
 DEFAULT_DATA_DIR = "/var/lib/lab-bastion"
 
 
@@ -182,12 +189,79 @@ def pe_signed(path: Path) -> bool:
     return size > 0
 
 
+#: images/<name> -> the command that puts it there (an OS's installer files: images sync --os NAME)
 # -- the checks ----------------------------------------------------------------------------------
-def _bastion_config(data_dir: Path) -> bastion_config.Config:
+def serve_running(data_dir: Path) -> bool | None:
+    """Whether a `lab-bastion serve` holds <data>/serve.lock (None: the lock cannot be read)."""
     try:
-        return bastion_config.load(data_dir, detect=True)
+        fd = os.open(data_dir / "serve.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the shared lock taken just now, if any
+    return False
+
+
+def _when(ts: Any) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(float(ts)))
+    except (TypeError, ValueError, OverflowError):
+        return "an unknown time"
+
+
+def load_bastion(data_dir: Path, given: bool) -> tuple[bastion_config.Config | None, Check]:
+    """The settings to check this host against, and the `serve` check: what serve wrote at its start
+    (serve.json), else bastion.yaml; None when ``data_dir`` holds no bastion."""
+    how = "--data-dir" if given else f"no --data-dir given and the default {data_dir}"
+    if not (data_dir / "token").exists() and not (data_dir / bastion_config.SERVE_STATE_NAME).exists():
+        return None, Check("serve", "skip", f"not checked: {how} is not a bastion data directory (no token, no serve.json)",
+                           "pass --data-dir DIR, the directory `lab-bastion serve --data-dir` uses (or set LAB_BASTION_DATA_DIR)")
+    try:
+        state = bastion_config.read_serve_state(data_dir)
     except bastion_config.ConfigError as exc:
-        raise errors.UsageError(f"bastion configuration in {data_dir}: {exc}") from None
+        state, problem = None, str(exc)
+    else:
+        problem = ""
+    if state is None:
+        try:
+            cfg = bastion_config.load(data_dir, detect=True)
+        except bastion_config.ConfigError as exc:
+            raise errors.UsageError(f"bastion configuration in {data_dir}: {exc}") from None
+        detail = problem or f"no {bastion_config.SERVE_STATE_NAME} in {data_dir}: lab-bastion serve has not started since it was upgraded"
+        return cfg, Check("serve", "fail" if problem else "warn",
+                          detail + "; checking against bastion.yaml, not the flags serve was given",
+                          f"restart lab-bastion serve --data-dir {data_dir} (it rewrites {bastion_config.SERVE_STATE_NAME})")
+    doc, cfg = state
+    how_started = (f"HTTP {cfg.listen}, syslog {cfg.syslog_port}/udp+tcp, dnsmasq {'on' if cfg.dnsmasq else 'off'}, "
+                   f"machines use {doc.get('base_url') or cfg.base_url()}")
+    running = serve_running(data_dir)
+    if running is False:
+        return cfg, Check("serve", "fail", f"lab-bastion serve is not running on {data_dir} (last started {_when(doc.get('started_at'))}, "
+                          f"pid {doc.get('pid')}, with {how_started})",
+                          f"start it: systemctl start lab-bastion, or lab-bastion serve --data-dir {data_dir}")
+    status = "pass" if running else "warn"
+    detail = f"started {_when(doc.get('started_at'))} (pid {doc.get('pid')}) with {how_started}"
+    hint = "" if running else f"cannot read {data_dir / 'serve.lock'} to tell whether serve runs: run doctor as root"
+    machines_host = urlsplit(doc.get("base_url") or cfg.base_url()).hostname or ""
+    if _loopback(cfg.listen_host) and not _loopback(machines_host):
+        status, hint = "warn", (f"serve listens on {cfg.listen_host} only, but machines are told {machines_host}: "
+                                f"they cannot reach it; start serve with --listen 0.0.0.0:{cfg.listen_port}")
+    return cfg, Check("serve", status, detail, hint)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def check_bastion(obj: Ctx) -> list[Check]:
@@ -211,7 +285,7 @@ def check_bastion(obj: Ctx) -> list[Check]:
     return out
 
 
-def check_local(cfg, bastion_url: str) -> dict[str, list[Check]]:
+def check_local(cfg, http_port: int) -> dict[str, list[Check]]:
     out: dict[str, list[Check]] = {}
     pids = running("dnsmasq")
     if not cfg.dnsmasq:
@@ -219,9 +293,8 @@ def check_local(cfg, bastion_url: str) -> dict[str, list[Check]]:
     else:
         out["dnsmasq"] = [Check("dnsmasq", "pass" if pids else "fail",
                                 f"running (pid {', '.join(map(str, pids))})" if pids else "no dnsmasq process",
-                                "" if pids else "start the bastion with `lab-bastion serve` (without --no-dnsmasq)")]
+                                "" if pids else f"start the bastion: lab-bastion serve --data-dir {cfg.data_path}")]
     bound = bound_ports()
-    http_port = urlsplit(bastion_url).port or (443 if bastion_url.startswith("https") else 80)
     wanted = [("udp", 67, "DHCP", cfg.dnsmasq), ("udp", 69, "TFTP", cfg.dnsmasq),
               ("tcp", http_port, "HTTP", True), ("udp", cfg.syslog_port, "syslog", True)]
     out["ports"] = [
@@ -249,7 +322,7 @@ def check_local(cfg, bastion_url: str) -> dict[str, list[Check]]:
         status = "pass" if not miss else ("fail" if name == "discovery" else "warn")
         checks.append(Check(f"artefacts {name}", status,
                             f"{img / name}: " + (f"missing {', '.join(miss)}" if miss else "present"),
-                            "" if not miss else f"run `{artefact_command(name)}` on the bastion"))
+                            "" if not miss else f"{artefact_command(name)} --data-dir {cfg.data_path}"))
     out["artefacts"] = checks
     return out
 
@@ -257,7 +330,7 @@ def check_local(cfg, bastion_url: str) -> dict[str, list[Check]]:
 def check_dhcp(cfg, interface: str | None, timeout: float) -> list[Check]:
     iface = interface or (cfg.interface if cfg else "")
     if not iface:
-        return [Check("dhcp", "skip", "no provisioning interface known", "pass --interface IFACE")]
+        return [Check("dhcp", "skip", "not checked: no provisioning interface known", "pass --interface IFACE")]
     try:
         answers = probe_dhcp(iface, timeout)
     except errors.LabctlError as exc:
@@ -287,7 +360,7 @@ def check_dhcp(cfg, interface: str | None, timeout: float) -> list[Check]:
 
 @click.command()
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="LAB_BASTION_DATA_DIR",
-              default=DEFAULT_DATA_DIR, show_default=True, help="The bastion's data directory (env LAB_BASTION_DATA_DIR).")
+              help=f"The bastion's data directory (env LAB_BASTION_DATA_DIR; default {DEFAULT_DATA_DIR} if it holds a bastion).")
 @click.option("--interface", metavar="IFACE", help="Provisioning interface for the DHCP probe (default: the bastion's).")
 @click.option("--only", "only", multiple=True, type=click.Choice(CHECKS), help="Run only these checks (repeatable).")
 @click.option("--skip", "skip", multiple=True, type=click.Choice(CHECKS), help="Skip these checks (repeatable).")
@@ -295,8 +368,11 @@ def check_dhcp(cfg, interface: str | None, timeout: float) -> list[Check]:
               help="How long to listen for DHCP answers (servers that ping-check an address answer after ~3 s).")
 @output_option
 @pass_ctx
-def doctor(obj: Ctx, data_dir: Path, interface, only, skip, dhcp_timeout) -> None:
-    """Check the bastion and this host; exit 8 if any check fails."""
+def doctor(obj: Ctx, data_dir: Path | None, interface, only, skip, dhcp_timeout) -> None:
+    """Check the bastion and this host; exit 8 if any check fails.
+
+    Run it on the bastion host: the local checks follow how `lab-bastion serve` was started
+    (<data>/serve.json). What cannot be checked is listed as not checked, never as passed."""
     if interface:
         try:
             validate.interface_name(interface)
@@ -306,31 +382,42 @@ def doctor(obj: Ctx, data_dir: Path, interface, only, skip, dhcp_timeout) -> Non
     results: list[Check] = []
     if {"bastion", "token"} & set(selected):
         results += [c for c in check_bastion(obj) if c.name in selected]
-    local = [c for c in ("dnsmasq", "ports", "tftp", "artefacts") if c in selected]
-    cfg = _bastion_config(data_dir) if (local or "dhcp" in selected) and (data_dir / "token").exists() else None
-    if local:
+    local = [c for c in LOCAL_CHECKS if c in selected]
+    cfg = None
+    if local or "dhcp" in selected:
+        cfg, serve = load_bastion(data_dir or Path(DEFAULT_DATA_DIR), given=data_dir is not None)
+        if "serve" in local:
+            results.append(serve)
         if cfg is None:
-            results += [Check(c, "skip", f"{data_dir} is not a bastion data directory", "pass --data-dir") for c in local]
+            results += [Check(c, "skip", "not checked: no bastion data directory", serve.hint)
+                        for c in local if c != "serve"]
         else:
-            found = check_local(cfg, obj.settings["bastionUrl"])
+            from_serve = cfg.serve_state_path.exists()
+            url = obj.settings["bastionUrl"]
+            http_port = cfg.listen_port if from_serve else (urlsplit(url).port or (443 if url.startswith("https") else 80))
+            found = check_local(cfg, http_port)
             for c in local:
-                results += found[c]
+                results += found.get(c, [])
     if "dhcp" in selected:
         results += check_dhcp(cfg, interface, dhcp_timeout)
-    rows = [asdict(c) for c in results]
-    output.emit({"checks": rows}, obj.output, lambda: _print(results))
+    not_checked = [c.name for c in results if c.status == "skip" and c.detail.startswith("not checked")]
+    doc = {"checks": [asdict(c) for c in results], "not_checked": not_checked}
+    output.emit(doc, obj.output, lambda: _print(results, not_checked))
     failed = [c.name for c in results if c.status == "fail"]
     if failed:
         raise errors.ChecksFailed(f"{len(failed)} check(s) failed: {', '.join(failed)}")
 
 
-def _print(results: list[Check]) -> None:
+def _print(results: list[Check], not_checked: list[str]) -> None:
     con = output.console()
     marks = {"pass": "[green]PASS[/]", "warn": "[yellow]WARN[/]", "fail": "[red]FAIL[/]", "skip": "[dim]SKIP[/]"}
     for c in results:
         con.print(f"{marks[c.status]}  {c.name}: ", end="")
         con.print(c.detail, markup=False, highlight=False)
-        if c.hint and c.status in ("fail", "warn"):
+        if c.hint and (c.status in ("fail", "warn") or c.name == "serve"):
             con.print(f"      hint: {c.hint}", markup=False, highlight=False)
-
-
+    counts = {k: sum(c.status == k for c in results) for k in ("pass", "warn", "fail", "skip")}
+    summary = f"{counts['pass']} passed, {counts['warn']} warning(s), {counts['fail']} failed, {counts['skip']} skipped"
+    if not_checked:
+        summary += f"; NOT checked: {', '.join(not_checked)}"
+    con.print(summary, markup=False, highlight=False)

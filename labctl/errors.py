@@ -10,7 +10,7 @@ EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected error (a 5xx from the bastion, a local failure); rerun with --debug",
     2: "usage or invalid input (bad flag, failed validation, HTTP 400/422, ambiguous target); nothing was sent or changed",
-    3: "bastion unreachable (connection refused, DNS, timeout)",
+    3: "bastion unreachable (connection refused, DNS, timeout) or the URL is not a lab-platform bastion",
     4: "not authorised (HTTP 401/403): missing or wrong token",
     5: "not found (HTTP 404, unknown target)",
     6: "conflict (HTTP 409): the action is not allowed in the machine's current state",

@@ -15,10 +15,43 @@ from labctl.context import Ctx, complete_machines, output_option, pass_ctx, watc
 #: resource names and their aliases
 RESOURCES = {"machines": "machines", "machine": "machines", "mc": "machines"}
 
+#: what -l/--selector can select on: a machine's fields (the listing's columns)
+SELECTOR_KEYS: dict[str, Any] = {
+    "state": lambda m: m.get("state"), "role": lambda m: m.get("role"), "os": lambda m: m.get("os"),
+    "hostname": lambda m: m.get("hostname"), "mac": lambda m: m.get("mac"), "ip": lambda m: m.get("ip"),
+    "stage": lambda m: m.get("stage"), "firmware": lambda m: (m.get("hardware") or {}).get("firmware"),
+}
+Requirement = tuple[str, bool, str]  # key, equal (= or ==) or not (!=), value
+
+
+def parse_selector(exprs: tuple[str, ...]) -> list[Requirement]:
+    """kubectl's equality-based selectors: ``-l role=worker,os!=fedora-43`` (repeatable, all must hold)."""
+    out: list[Requirement] = []
+    for expr in exprs:
+        for part in filter(None, (p.strip() for p in expr.split(","))):
+            key, op, value = next(((k, o, v) for o in ("!=", "==", "=") for k, sep, v in [part.partition(o)] if sep),
+                                  (part, "", ""))
+            key, value = key.strip(), value.strip()
+            if not op or not value:
+                raise errors.UsageError(f"invalid selector {part!r}: use KEY=VALUE or KEY!=VALUE (comma-separated)",
+                                        "e.g. -l role=worker,os=fedora-43")
+            if key not in SELECTOR_KEYS:
+                raise errors.UsageError(f"cannot select on {key!r}", f"selector keys: {', '.join(SELECTOR_KEYS)}")
+            out.append((key, op != "!=", value))
+    return out
+
+
+def selected(m: dict[str, Any], selector: list[Requirement]) -> bool:
+    return all((str(SELECTOR_KEYS[k](m) or "") == v) == equal for k, equal, v in selector)
+
+
 filter_options = [
     click.option("--state", type=click.Choice([s.value for s in STORED_STATES]), help="Only machines in this state."),
     click.option("--role", type=click.Choice(ROLE_NAMES), help="Only machines with this role."),
     click.option("--os", "os_", type=click.Choice(OS_NAMES), help="Only machines with this OS."),
+    click.option("-l", "--selector", multiple=True, metavar="KEY=VALUE",
+                 help=f"Only machines matching KEY=VALUE or KEY!=VALUE, comma-separated, repeatable; keys: "
+                      f"{', '.join(SELECTOR_KEYS)}."),
 ]
 
 
@@ -29,25 +62,32 @@ def with_filters(f):
 
 
 def list_machines(obj: Ctx, name: str | None, filters: dict[str, Any], watch: bool, watch_timeout: float,
-                  interval: float) -> None:
+                  interval: float, selector: tuple[str, ...] = ()) -> None:
     """List (or show one machine), then optionally watch the event cursor and print what changes."""
+    wanted = parse_selector(selector)
+    if name and wanted:
+        raise errors.UsageError("name a machine or select with -l, not both")
     client, fmt = obj.client, obj.output
     cursor = client.last_event_id() if watch else 0
     if name:
         one = targets.resolve(client.machines(), name)
         output.machine(one, fmt)
     else:
-        output.machines(client.machines(**{k: v for k, v in filters.items() if v}), fmt)
+        found = [m for m in client.machines(**{k: v for k, v in filters.items() if v}) if selected(m, wanted)]
+        if found or fmt in ("json", "yaml"):
+            output.machines(found, fmt)
+        else:  # as kubectl's "No resources found", on stderr: stdout stays empty for scripts
+            click.echo("No machines found.", err=True)
     if watch:
-        watch_machines(obj, cursor, one["mac"] if name else None, filters, watch_timeout, interval)
+        watch_machines(obj, cursor, one["mac"] if name else None, filters, watch_timeout, interval, wanted)
 
 
-def _wanted(m: dict[str, Any], filters: dict[str, Any]) -> bool:
-    return m["state"] == "removed" or all(m.get(k) == v for k, v in filters.items() if v)
+def _wanted(m: dict[str, Any], filters: dict[str, Any], selector: list[Requirement]) -> bool:
+    return m["state"] == "removed" or (all(m.get(k) == v for k, v in filters.items() if v) and selected(m, selector))
 
 
 def watch_machines(obj: Ctx, cursor: int, mac: str | None, filters: dict[str, Any], timeout: float,
-                   interval: float) -> None:
+                   interval: float, selector: list[Requirement] | None = None) -> None:
     """Poll /api/events?since=cursor; print each changed machine (a table row, a JSON line or a YAML
     document). Stops after ``timeout`` seconds (0 = never) or on Ctrl-C, cleanly."""
     client, fmt = obj.client, obj.output
@@ -64,7 +104,7 @@ def watch_machines(obj: Ctx, cursor: int, mac: str | None, filters: dict[str, An
                     m = {k: v for k, v in client.machine(changed).items() if k != "events"}
                 except errors.NotFound:
                     m = {"mac": changed, "state": "removed"}
-                if not _wanted(m, filters):
+                if not _wanted(m, filters, selector or []):
                     continue
                 if fmt == "json":
                     click.echo(output.json.dumps(m, separators=(",", ":")))
@@ -83,6 +123,6 @@ def watch_machines(obj: Ctx, cursor: int, mac: str | None, filters: dict[str, An
 @output_option
 @watch_options
 @pass_ctx
-def get(obj: Ctx, resource: str, name: str | None, state, role, os_, watch, watch_timeout, interval) -> None:
-    """List machines, or show the one NAME (a host name, MAC or IP)."""
-    list_machines(obj, name, {"state": state, "role": role, "os": os_}, watch, watch_timeout, interval)
+def get(obj: Ctx, resource: str, name: str | None, state, role, os_, selector, watch, watch_timeout, interval) -> None:
+    """List machines (those -l selects), or show the one NAME (a host name, MAC or IP)."""
+    list_machines(obj, name, {"state": state, "role": role, "os": os_}, watch, watch_timeout, interval, selector)

@@ -10,7 +10,7 @@ import traceback
 import click
 
 from labctl import errors, output
-from labctl.context import Ctx
+from labctl.context import Ctx, complete_contexts
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -68,6 +68,8 @@ def _debug(ctx: click.Context) -> bool:
 
 
 @click.group(cls=LabctlGroup, context_settings=CONTEXT)
+@click.option("--context", metavar="NAME", shell_complete=complete_contexts, help="Use this context of the settings file (default: env LABCTL_CONTEXT, "
+              "else current-context; see labctl config get-contexts).")
 @click.option("--bastion", metavar="URL", help="Bastion URL (default: bastionUrl setting, env LABCTL_BASTION_URL).")
 @click.option("--token", metavar="TOKEN", help="Operator token (default: token setting, env LABCTL_TOKEN).")
 @click.option("-o", "--output", type=click.Choice(["table", "wide", "json", "yaml"]),
@@ -75,9 +77,9 @@ def _debug(ctx: click.Context) -> bool:
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.version_option(package_name="lab-platform", prog_name="labctl")
 @click.pass_context
-def cli(ctx: click.Context, bastion, token, output, debug):
+def cli(ctx: click.Context, context, bastion, token, output, debug):
     """Operate lab-platform bastions: discover, install and reprovision bare-metal machines."""
-    ctx.obj = Ctx(bastion=bastion, token=token, output=output, debug=debug)
+    ctx.obj = Ctx(bastion=bastion, token=token, output=output, debug=debug, context=context)
 
 
 def main() -> None:

@@ -25,9 +25,9 @@ def provision() -> None:
 @output_option
 @watch_options
 @pass_ctx
-def list_cmd(obj: Ctx, state, role, os_, watch, watch_timeout, interval) -> None:
+def list_cmd(obj: Ctx, state, role, os_, selector, watch, watch_timeout, interval) -> None:
     """List the machines the bastion knows (same as `labctl get machines`)."""
-    get.list_machines(obj, None, {"state": state, "role": role, "os": os_}, watch, watch_timeout, interval)
+    get.list_machines(obj, None, {"state": state, "role": role, "os": os_}, watch, watch_timeout, interval, selector)
 
 
 def _v(fn, value, field):
@@ -167,11 +167,12 @@ def cancel(obj: Ctx, target, reason) -> None:
 
 @provision.command()
 @click.argument("target", shell_complete=complete_machines)
+@delete.ignore_not_found_option
 @output_option
 @pass_ctx
-def forget(obj: Ctx, target) -> None:
+def forget(obj: Ctx, target, ignore_not_found) -> None:
     """Remove TARGET from all of the bastion's state (same as `labctl delete machine`)."""
-    delete.forget(obj, target)
+    delete.forget(obj, target, ignore_not_found)
 
 
 @provision.command()

@@ -58,7 +58,7 @@ def resolve(machines: list[dict[str, Any]], target: str) -> dict[str, Any]:
     if close:
         hint = "did you mean: " + ", ".join(close)
     elif machines:
-        hint = "known machines: " + "; ".join(_label(m) for m in machines[:10]) + (" ..." if len(machines) > 10 else "")
+        hint = "known machines: " + "; ".join(_label(m) for m in machines[:10]) + (f" (and {len(machines) - 10} more: labctl get machines)" if len(machines) > 10 else "")
     else:
         hint = "the bastion knows no machines yet (PXE-boot one to discover it)"
     raise NotFound(f"no machine matches {target!r} (by host name, MAC or IP)", hint)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 
 from bastion_app import get_store, metrics
 from bastion_app.auth import actor, operator_required
@@ -19,8 +19,13 @@ bp = Blueprint("api", __name__, url_prefix="/api")
 @bp.post("/discover")
 def discover():
     req = json_body(schemas.DiscoverRequest)
-    m = get_store().discover(req.mac, req.hardware.model_dump(), ip=request.remote_addr)
-    return jsonify({"mac": m["mac"], "state": m["state"]}), 200
+    m = get_store().discover(req.mac, req.stored_hardware(), ip=request.remote_addr)
+    answer = {"mac": m["mac"], "state": m["state"]}
+    dropped = schemas.dropped_fields(req)
+    if dropped:  # unknown fields beyond the bounds: the machine is accepted without them
+        answer["ignored"] = dropped
+        current_app.logger.warning("discovery report of %s: ignored unknown field(s) %s", m["mac"], dropped)
+    return jsonify(answer), 200
 
 
 @bp.post("/progress")

@@ -315,7 +315,7 @@ def test_error_paths_exit_codes_and_no_traceback(env, bastion, fleet):
     finally:
         srv.shutdown()
         srv.server_close()
-    assert p.returncode == 1 and "is not JSON" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 3 and "is not a lab-platform bastion" in p.stderr and "Traceback" not in p.stderr
     p = run_sub({**env, "LABCTL_TOKEN": "wrong-token-0123456789"}, "--debug", "get", "machines")
     assert p.returncode == 4 and "Traceback" in p.stderr and "Unauthorized" in p.stderr
 
@@ -656,29 +656,81 @@ def test_makeiso_is_hybrid_el_torito_bios_and_uefi(labctl, tmp_path):
 
 
 # -- doctor -----------------------------------------------------------------------------------------
-def test_doctor_against_the_running_bastion(labctl, bastion, env):
-    # describe this bastion as it runs (no dnsmasq, its own syslog port) so the local checks are exact
+def test_serve_records_how_it_was_started(bastion):
+    """`lab-bastion serve --no-dnsmasq --syslog-port N` writes its effective settings to serve.json."""
+    path = bastion.data_dir / "serve.json"
+    assert path.stat().st_mode & 0o777 == 0o644
+    doc = json.loads(path.read_text())
+    port = int(bastion.extra_args[bastion.extra_args.index("--syslog-port") + 1])
+    assert doc["pid"] == bastion.proc.pid
+    assert doc["settings"]["dnsmasq"] is False and doc["settings"]["syslog_port"] == port
+    assert doc["settings"]["listen"] == "127.0.0.1:" + bastion.url.rsplit(":", 1)[1]
+    assert doc["base_url"] and "extra" not in doc["settings"] and bastion.token not in path.read_text()
+
+
+def test_doctor_follows_how_serve_was_started(labctl, bastion, env):
+    """serve runs without dnsmasq and with its own syslog port; nothing in bastion.yaml says so,
+    and doctor reports no false failure: it reads serve.json."""
+    assert not (bastion.data_dir / "bastion.yaml").exists()
     port = bastion.extra_args[bastion.extra_args.index("--syslog-port") + 1]
-    (bastion.data_dir / "bastion.yaml").write_text(f"dnsmasq: false\nsyslog_port: {port}\n")
-    try:
-        r = labctl("doctor", "--data-dir", str(bastion.data_dir), "--skip", "dhcp", "-o", "json")
-    finally:
-        (bastion.data_dir / "bastion.yaml").unlink()
+    r = labctl("doctor", "--data-dir", str(bastion.data_dir), "--skip", "dhcp", "-o", "json")
     assert r.exit_code == 8, r.stderr  # no TFTP root and no discovery image in a bare data dir
-    status = {c["name"]: c["status"] for c in json.loads(r.stdout)["checks"]}
+    doc = json.loads(r.stdout)
+    status = {c["name"]: c["status"] for c in doc["checks"]}
     http_port = bastion.url.rsplit(":", 1)[1]
+    # serve listens on 127.0.0.1; if it tells machines another address, doctor warns that they cannot reach it
+    told = json.loads((bastion.data_dir / "serve.json").read_text())["base_url"]
+    loopback = told.startswith("http://127.")
     assert status == {
-        "bastion": "pass", "token": "pass", "dnsmasq": "skip",
+        "bastion": "pass", "token": "pass", "serve": "pass" if loopback else "warn", "dnsmasq": "skip",
         "port 67/udp": "skip" if status["port 67/udp"] == "skip" else "pass",
         "port 69/udp": "skip" if status["port 69/udp"] == "skip" else "pass",
         f"port {http_port}/tcp": "pass", f"port {port}/udp": "pass",
         "tftp files": "fail", "secure boot": "skip", "artefacts discovery": "fail", "artefacts fedora-43": "warn",
         "artefacts ubuntu-26.04": "warn", "artefacts local-boot": "warn",
     }
+    serve = next(c for c in doc["checks"] if c["name"] == "serve")
+    assert f"syslog {port}/udp+tcp, dnsmasq off, machines use {told}" in serve["detail"] and doc["not_checked"] == []
+    assert loopback or "listens on 127.0.0.1 only, but machines are told" in serve["hint"]
     assert "2 check(s) failed: tftp files, artefacts discovery" in r.stderr
+    r = labctl("doctor", "--data-dir", str(bastion.data_dir), "--skip", "dhcp")
+    assert "..." not in r.stdout and "hint: lab-bastion images build-discovery --data-dir " in r.stdout
     r = labctl("doctor", "--only", "bastion", "--only", "token", extra_env={"LABCTL_TOKEN": "bad-token-0123456789"})
     assert r.exit_code == 8
     assert "PASS  bastion" in r.stdout and "FAIL  token" in r.stdout and "hint: set the operator token" in r.stdout
+
+
+def test_doctor_without_a_data_dir_says_what_it_did_not_check(labctl, bastion, tmp_path, monkeypatch):
+    from labctl import doctor
+
+    monkeypatch.setattr(doctor, "DEFAULT_DATA_DIR", str(tmp_path / "nothing-here"))
+    r = labctl("doctor", "--skip", "dhcp", extra_env={"LAB_BASTION_DATA_DIR": ""})
+    assert r.exit_code == 0, r.stderr  # nothing failed ...
+    lines = r.stdout.splitlines()
+    assert [ln.split()[0] for ln in lines[:2]] == ["PASS", "PASS"]  # bastion and token, which it did check
+    for name in ("serve", "dnsmasq", "ports", "tftp", "artefacts"):  # ... but nothing local passed either
+        assert f"SKIP  {name}: not checked" in r.stdout
+        assert f"PASS  {name}" not in r.stdout
+    assert f"no --data-dir given and the default {tmp_path / 'nothing-here'} is not a bastion data directory" in r.stdout
+    assert "hint: pass --data-dir DIR" in r.stdout
+    assert lines[-1] == "2 passed, 0 warning(s), 0 failed, 5 skipped; NOT checked: serve, dnsmasq, ports, tftp, artefacts"
+    doc = json.loads(labctl("doctor", "--skip", "dhcp", "-o", "json", extra_env={"LAB_BASTION_DATA_DIR": ""}).stdout)
+    assert doc["not_checked"] == ["serve", "dnsmasq", "ports", "tftp", "artefacts"]
+
+
+def test_doctor_knows_a_stopped_serve_and_a_data_dir_from_before_serve_json(labctl, tmp_path):
+    b = start_bastion(tmp_path / "data", "--syslog-port", "5599", workers=1)
+    b.stop()
+    r = labctl("doctor", "--data-dir", str(b.data_dir), "--only", "serve", "-o", "json")
+    assert r.exit_code == 8
+    (serve,) = json.loads(r.stdout)["checks"]
+    assert serve["status"] == "fail" and "lab-bastion serve is not running on" in serve["detail"]
+    assert "syslog 5599/udp+tcp, dnsmasq off" in serve["detail"]
+    assert serve["hint"] == f"start it: systemctl start lab-bastion, or lab-bastion serve --data-dir {b.data_dir}"
+    (b.data_dir / "serve.json").unlink()  # as a bastion that last started before serve wrote it
+    r = labctl("doctor", "--data-dir", str(b.data_dir), "--only", "serve", "-o", "json")
+    (serve,) = json.loads(r.stdout)["checks"]
+    assert r.exit_code == 0 and serve["status"] == "warn" and "checking against bastion.yaml" in serve["detail"]
 
 
 def test_logs_follow_resumes_after_a_dropped_connection(env, machines, bastion):

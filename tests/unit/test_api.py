@@ -218,10 +218,41 @@ def test_oversized_body_is_413(client):
 
 def test_hardware_strings_are_bounded_and_free_of_control_characters(client, auth):
     for hw in ({**HW, "dmi": {**HW["dmi"], "product": "x\ny"}}, {**HW, "dmi": {**HW["dmi"], "product": "x" * 300}},
-               {**HW, "memory_mb": -1}, {**HW, "firmware": "coreboot"}, {**HW, "unexpected": 1}):
-        r = client.post("/api/discover", json={"mac": MAC, "hardware": hw})
-        assert r.status_code == 422, hw
+               {**HW, "memory_mb": -1}, {**HW, "firmware": "coreboot"}, {**HW, "memory_mb": "8192"},
+               {**HW, "cpu": {**HW["cpu"], "cores": "4", "flags": ["sse4_2"]}}):
+        r = client.post("/api/discover", json={"mac": MAC, "hardware": hw, "image_version": "2"})
+        assert r.status_code == 422, hw  # known fields stay strict, whatever unknown ones come along
     assert client.get(f"/api/machines/{MAC}", headers=auth).status_code == 404
+
+
+def test_report_from_a_newer_discovery_image_keeps_its_unknown_fields(client, auth):
+    """A newer discovery image sends fields this bastion does not know: the machine is accepted,
+    the known fields are validated as before, the unknown ones are stored as sent (within bounds)."""
+    hw = {**HW, "tpm": {"version": "2.0", "vendor": "STM"}, "cpu": {**HW["cpu"], "flags": ["sse4_2", "avx2"]},
+          "disks": [{**d, "wwn": "0x5002538e"} for d in HW["disks"]]}
+    r = client.post("/api/discover", json={"mac": MAC, "hardware": hw, "image_version": "2.1"})
+    assert r.status_code == 200 and r.json == {"mac": MAC, "state": "discovered"}
+    stored = machine(client, auth)["hardware"]
+    assert stored["tpm"] == {"version": "2.0", "vendor": "STM"}
+    assert stored["cpu"]["flags"] == ["sse4_2", "avx2"] and all(d["wwn"] == "0x5002538e" for d in stored["disks"])
+    assert stored["report"] == {"image_version": "2.1"}
+    assert stored["memory_mb"] == HW["memory_mb"]
+
+
+def test_unknown_fields_beyond_the_bounds_are_dropped_not_refused(client, auth):
+    many = {f"x_{i}": i for i in range(schemas.MAX_UNKNOWN_FIELDS + 3)}
+    hw = {**HW, **many, "big": "x" * (schemas.MAX_UNKNOWN_BYTES + 1), "bad name": 1, "esc": "a\x1b[31mb",
+          "deep": [[[[[["x"]]]]]], "dmi": {**HW["dmi"], "chassis": "rack\nmount", "sku": "S1"}}
+    r = client.post("/api/discover", json={"mac": MAC, "hardware": hw})
+    assert r.status_code == 200, r.json
+    ignored = r.json["ignored"]
+    assert {"hardware.big", "hardware.bad name", "hardware.esc", "hardware.deep", "hardware.dmi.chassis"} <= set(ignored)
+    assert {f"hardware.x_{i}" for i in range(schemas.MAX_UNKNOWN_FIELDS, schemas.MAX_UNKNOWN_FIELDS + 3)} <= set(ignored)
+    stored = machine(client, auth)["hardware"]
+    assert stored["dmi"]["sku"] == "S1" and "chassis" not in stored["dmi"]
+    kept = {k for k in stored if k.startswith("x_")}
+    assert kept == {f"x_{i}" for i in range(schemas.MAX_UNKNOWN_FIELDS)}
+    assert not {"big", "bad name", "esc", "deep"} & set(stored)
 
 
 # -- auth ----------------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def test_playbook_exit_codes():
 
 def test_config_precedence_and_file_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("LABCTL_CONFIG", str(tmp_path / "sub" / "c.yaml"))
-    p = config.write_file({"token": "t" * 20, "bastionUrl": "http://a:1"})
+    p = config.write_doc(config.Doc({"token": "t" * 20, "bastionUrl": "http://a:1"}))
     assert p.stat().st_mode & 0o777 == 0o600 and (p.parent.stat().st_mode & 0o777) == 0o700
     s = config.load({"bastionUrl": None}, env={"LABCTL_BASTION_URL": "http://b:2/"})
     assert s["bastionUrl"] == "http://b:2" and s.sources["bastionUrl"] == "env LABCTL_BASTION_URL"
@@ -220,15 +220,18 @@ def test_doctor_checks_the_boot_files_of_every_operating_system(tmp_path):
     from labcore.domain import OPERATING_SYSTEMS
 
     cfg = bastion_config.load(tmp_path, overrides={"dnsmasq": False}, env={}, detect=False)
-    checks = {c.name: c for c in doctor.check_local(cfg, "http://127.0.0.1:8080")["artefacts"]}
+    checks = {c.name: c for c in doctor.check_local(cfg, 8080)["artefacts"]}
     for o in OPERATING_SYSTEMS:
         files = ("rootfs.tar.zst", "rootfs.json") if o.installer == "image" else (o.kernel, o.initrd)
         assert BOOT_ARTEFACTS[o.name] == files
         assert f"missing {', '.join(files)}" in checks[f"artefacts {o.name}"].detail
         verb = "build-os" if o.installer == "image" else "sync --os"
-        assert checks[f"artefacts {o.name}"].hint == f"run `lab-bastion images {verb} {o.name}` on the bastion"
-    assert checks["artefacts installer"].hint == "run `lab-bastion images build-installer` on the bastion"
+        assert checks[f"artefacts {o.name}"].hint == f"lab-bastion images {verb} {o.name} --data-dir {tmp_path}"
+    assert checks["artefacts installer"].hint == f"lab-bastion images build-installer --data-dir {tmp_path}"
     assert checks["artefacts discovery"].status == "fail" and checks["artefacts local-boot"].status == "warn"
+    # every hint is a command to paste, no placeholder
+    assert checks["artefacts discovery"].hint == f"lab-bastion images build-discovery --data-dir {tmp_path}"
+    assert checks["artefacts local-boot"].hint == f"lab-bastion images build-local-boot --data-dir {tmp_path}"
 
 
 def _pe(cert_size: int, magic: int = 0x20B) -> bytes:
@@ -261,7 +264,7 @@ def test_doctor_tells_whether_the_uefi_ipxe_binaries_are_signed(tmp_path):
     cfg = bastion_config.load(tmp_path / "data", overrides={"dnsmasq": False}, env={}, detect=False)
     tftp = cfg.data_path / "tftp"
     tftp.mkdir(parents=True)
-    check = lambda: {c.name: c for c in doctor.check_local(cfg, "http://127.0.0.1:8080")["tftp"]}["secure boot"]  # noqa: E731
+    check = lambda: {c.name: c for c in doctor.check_local(cfg, 8080)["tftp"]}["secure boot"]  # noqa: E731
     assert check().status == "skip"
     (tftp / "snponly.efi").write_bytes(debian.read_bytes())
     (tftp / "ipxe.efi").write_bytes(_pe(0x100))
