@@ -57,6 +57,8 @@ def _first(node: ast.AST) -> str | None:
     if isinstance(e, ast.Call) and isinstance(e.func, ast.Name) and e.func.id == "str" and e.args:
         e = e.args[0]
     if isinstance(e, ast.BinOp) and isinstance(e.op, ast.Div) and isinstance(e.right, ast.Constant):
+        if isinstance(e.right.value, str) and e.right.value.startswith("bin/"):
+            return None  # venv / "bin/pip": a program of a virtualenv the test made itself
         e = e.right  # BIN / "ansible-playbook": a console script of the virtualenv
     if isinstance(e, ast.Constant) and isinstance(e.value, str):
         return e.value
