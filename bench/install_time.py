@@ -87,10 +87,10 @@ def main() -> int:
             lab.wait_ssh(got["ip"], key, 900, m)
             results[fw] = {"install": parts(lab, m, powered[fw], time.time()), "ip": got["ip"]}
         # the baseline: the same disks, powered on with no PXE ROM (the disk alone), to SSH
-        for fw, m in made.items():
+        for m in made.values():
             lab.stop_machine(m)
             m.pxe = False
-        for fw, m in made.items():
+        for m in made.values():
             lab.start(m)
         cold_started = time.monotonic()
         for fw, m in made.items():
