@@ -44,10 +44,12 @@ SOURCE_DIR = Path(__file__).with_name("installer")
 MODULES: tuple[str, ...] = ("crc32c_generic", "dm_mod", "xfs", "ext4", "vfat", "nls_cp437", "nls_ascii",
                             "efivarfs")
 
-#: Install tools (name on this host's PATH -> its name under /opt/lab/bin).
+#: Install tools (name on this host's PATH -> its name under /opt/lab/bin). ``chroot`` too:
+#: busybox's runs its own applet when the command has an applet's name (``passwd``, ``chown``),
+#: not the target system's program.
 TOOLS: tuple[str, ...] = ("bash", "lsblk", "blkid", "wipefs", "sfdisk", "blockdev", "lvm", "mkfs.xfs",
                           "mke2fs", "mkfs.fat", "mkswap", "curl", "zstd", "tar", "efibootmgr", "mount",
-                          "umount", "findmnt", "sha256sum")
+                          "umount", "findmnt", "sha256sum", "chroot", "install")
 #: Host files the tools read (copied to the same path).
 TOOL_FILES: tuple[str, ...] = ("/etc/mke2fs.conf",)
 

@@ -73,7 +73,7 @@ def test_every_install_tool_runs_from_the_initramfs(built, tmp_path):
         "blockdev": "--version", "lvm": "version", "mkfs.xfs": "-V", "mke2fs": "-V", "mkfs.fat": "--help",
         "mkswap": "--version", "curl": "--version", "zstd": "--version", "tar": "--version",
         "efibootmgr": "--version", "mount": "--version", "umount": "--version", "findmnt": "--version",
-        "sha256sum": "--version",
+        "sha256sum": "--version", "chroot": "--version", "install": "--version",
     }
     assert set(checks) == set(installer.TOOLS)
     failed = {}
