@@ -125,7 +125,7 @@ def autoinstall_user_data(m: dict, *, base: str, manifest: dict) -> str:
     )
 
 
-def image_install_script(m: dict, *, base: str, image: dict | None) -> str:
+def image_install_script(m: dict, *, base: str, image: dict | None, kernel_args: str = "") -> str:
     """The image deploy's install script for machine record ``m`` (run by the installer
     environment). ``image`` is the OS image's manifest (``images/<os>/rootfs.json``); without one
     the script reports at once that the bastion has no image (nothing is written to the disk)."""
@@ -135,13 +135,15 @@ def image_install_script(m: dict, *, base: str, image: dict | None) -> str:
     sha = str(image.get("sha256") or "")
     if sha and not re.fullmatch(r"[0-9a-f]{64}", sha):
         raise ImageError(f"the {v['os']} image manifest has an invalid sha256")
+    if not re.fullmatch(r"[A-Za-z0-9._:/=,+ -]*", kernel_args):
+        raise UnsafeValue(f"kernel arguments {kernel_args!r}")
     ctx = layout_context(v["role"])
     # the image deploy scales the layout down on small disks (labcore.layout.scaled_sizes)
     ctx["disk_mib"] = min_disk_mib(v["role"])
     return render("image/install.sh.j2", ks=ks, **v, base=base, k3s=v["role"] in domain.K3S_ROLES, **ctx,
                   other_efi_dirs=_other_efi_dirs(v["os"]), efi_dir=o.efi_dir,
                   image_url=f"{base}/images/{v['os']}/{bastion_files.ROOTFS}", image_sha256=sha,
-                  image_bytes=int(image.get("size_bytes") or 0))
+                  image_bytes=int(image.get("size_bytes") or 0), kernel_args=kernel_args)
 
 
 def autoinstall_meta_data(m: dict) -> str:

@@ -66,8 +66,8 @@ def ks_route():
 @bp.get("/install.sh")
 def image_install_route():
     m = _install_machine(request.args.get("mac"), request.args.get("token"), "image")
-    return text_response(image_install_script(m, base=base_url(), image=read_manifest(cfg().images_path, m["os"])),
-                         "text/x-shellscript")
+    return text_response(image_install_script(m, base=base_url(), image=read_manifest(cfg().images_path, m["os"]),
+                                              kernel_args=cfg().kernel_args), "text/x-shellscript")
 
 
 @bp.get("/autoinstall/<mac>/<token>/user-data")

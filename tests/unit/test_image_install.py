@@ -63,6 +63,14 @@ def test_hostile_machine_values_are_refused(field, value):
         image_install_script(m, base=BASE, image=IMAGE)
 
 
+def test_kernel_args_reach_grub_of_the_installed_system():
+    text = image_install_script(machine(), base=BASE, image=IMAGE, kernel_args="console=ttyS1,115200 nomodeset")
+    assert "LAB_KERNEL_ARGS='console=ttyS1,115200 nomodeset'" in text
+    assert '"GRUB_CMDLINE_LINUX=\\"$LAB_KERNEL_ARGS\\""' in text and "GRUB_TIMEOUT_STYLE=hidden" in text
+    with pytest.raises(UnsafeValue):
+        image_install_script(machine(), base=BASE, image=IMAGE, kernel_args='x" ; reboot')
+
+
 def test_keys_are_single_quoted_words():
     text = image_install_script(machine(), base=BASE, image=IMAGE)
     assert f"printf '%s\\n' '{KEY}' >>" in text
