@@ -180,6 +180,17 @@ class Config(BaseModel):
     #: per client host and worker: 4xx answers allowed per second (and at once) before 429s
     error_rate: AtLeastOne = 5
     error_burst: AtLeastOne = 100
+    #: per worker, all hosts together: once spent, hosts that made a mistake lately get 429s
+    error_total_rate: AtLeastOne = 50
+    error_total_burst: AtLeastOne = 200
+    #: per client host and worker: new machines (discovery reports of unknown MACs) per second, and at once
+    discover_rate: AtLeastOne = 2
+    discover_burst: AtLeastOne = 50
+    #: machines the store keeps at most (new discoveries beyond are refused with 503)
+    max_machines: AtLeastOne = 10000
+    #: bytes of one machine's hardware report (JSON) and of all of them
+    max_hardware_bytes: AtLeastOne = 64 * 1024
+    max_hardware_total: AtLeastOne = 64 * 1024 * 1024
     #: discovery environment: 'image' (lab-bastion images build-discovery) or 'kickstart'
     discovery: Literal["image", "kickstart"] = "image"
     #: what discovery does when done: poweroff | reboot

@@ -97,8 +97,16 @@ class Client:
                                      "with something that is not JSON",
                                      "is bastionUrl really a lab-platform bastion? (labctl config get bastionUrl)") from None
 
-    def machines(self, **filters) -> list[dict[str, Any]]:
-        return self.get("/api/machines", **filters)["machines"]
+    def machines(self, page_size: int = 1000, **filters) -> list[dict[str, Any]]:
+        """Every machine (matching ``filters``), following the pages of GET /api/machines."""
+        out: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            doc = self.get("/api/machines", limit=page_size, cursor=cursor, **filters)
+            out += doc["machines"]
+            cursor = doc.get("next")
+            if not cursor or not doc["machines"]:
+                return out
 
     def machine(self, mac: str) -> dict[str, Any]:
         return self.get(f"/api/machines/{quote(mac)}")

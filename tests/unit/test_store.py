@@ -46,7 +46,7 @@ def test_every_change_is_an_event(store):
     store.discover(MAC, HW, ip="10.0.0.5")
     store.queue_install(MAC, PARAMS, actor="operator@test", reason="first install")
     m = store.start_install(MAC, ip="10.0.0.5")
-    store.progress(MAC, token=m["install_token"], stage="packages", percent=40, message="", ip=None)
+    store.progress(MAC, token=m["install_token"], stage="packages", percent=40, message="", ip="10.0.0.5")
     store.request_debug(MAC, "rescue", actor="operator@test")
     assert store.take_debug(MAC) == "rescue" and store.take_debug(MAC) is None
     evs = store.events(MAC)
