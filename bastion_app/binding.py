@@ -15,8 +15,9 @@ also checks where a request comes from. What it knows about a source address, st
    that fetched the install script is bound to the install (``machines.install_ip``), and every
    other one is refused until the install ends or is queued again.
 
-ARP spoofing and a rogue DHCP server defeat 1 and 2; they are outside what the bastion can see
-(docs/reliability.md, threat model).
+Which of them a bastion's configuration gives is :func:`labcore.bastion_config.install_binding`
+(``labctl doctor`` shows it). ARP spoofing and a rogue DHCP server defeat 1 and 2; they are
+outside what the bastion can see (docs/reliability.md, threat model).
 """
 
 from __future__ import annotations
@@ -63,11 +64,11 @@ def read_leases(path: Path, now: float | None = None) -> dict[str, str]:
     return out
 
 
-def read_neighbours(path: Path = ARP_TABLE) -> dict[str, str]:
-    """ip -> mac of the complete entries of the kernel's ARP table."""
+def read_neighbours(path: Path | None = None) -> dict[str, str]:
+    """ip -> mac of the complete entries of the kernel's ARP table (default ARP_TABLE)."""
     out: dict[str, str] = {}
     try:
-        lines = path.read_text().splitlines()[1:]
+        lines = (path or ARP_TABLE).read_text().splitlines()[1:]
     except OSError:
         return out
     for line in lines:
@@ -102,15 +103,3 @@ def accepts(verdict: Claim, bound: str | None, ip: str | None) -> bool:
         return bound is None or bound == ip
     return verdict == Claim.VERIFIED
 
-
-def describe(cfg) -> str:
-    """Which binding holds for this bastion's configuration (``labctl doctor``, docs)."""
-    if cfg.dnsmasq and cfg.dhcp_mode == "full":
-        return ("dhcp lease: installs are bound to the address this bastion's dnsmasq leased to the MAC "
-                "(the neighbour table, then the first address, for machines without a lease)")
-    if cfg.dnsmasq:
-        return ("neighbour table: proxy-DHCP hands out no address, so installs are bound to the address whose "
-                "ARP entry is the machine's MAC (machines on the provisioning segment), else to the first "
-                "address that fetched the install script")
-    return ("first address: no dnsmasq here, so installs are bound to the address whose ARP entry is the "
-            "machine's MAC when it is on this segment, else to the first address that fetched the install script")

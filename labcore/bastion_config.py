@@ -239,6 +239,20 @@ class Config(BaseModel):
 SETTINGS: tuple[str, ...] = tuple(Config.model_fields)
 
 
+def install_binding(cfg: Config) -> tuple[str, str]:
+    """Which address an install is bound to with this configuration (bastion_app.binding does
+    the binding): (name, explanation), for ``labctl doctor`` and the docs."""
+    if cfg.dnsmasq and cfg.dhcp_mode == "full":
+        return "dhcp lease", ("installs are bound to the address this bastion's dnsmasq leased to the machine's MAC "
+                              "(a machine without a lease: its ARP entry, else the first address that fetched its install script)")
+    if cfg.dnsmasq:
+        return "neighbour table", ("proxy-DHCP hands out no address: installs are bound to the address whose ARP entry is "
+                                   "the machine's MAC (machines on this segment), else to the first address that fetched "
+                                   "the install script")
+    return "first address", ("no dnsmasq here: installs are bound to the address whose ARP entry is the machine's MAC "
+                             "when it is on this segment, else to the first address that fetched the install script")
+
+
 def _describe(exc: pydantic.ValidationError) -> str:
     """One line per problem, each naming the setting."""
     out = []

@@ -2,7 +2,8 @@
 
 Checks: the bastion answers and takes the token; dnsmasq runs; the DHCP (67), TFTP (69), HTTP and
 syslog (5514) ports are bound; the TFTP root holds iPXE, and whether its UEFI binaries are signed
-(Debian's are not: UEFI machines must boot with Secure Boot off); the boot artefacts exist; and a real
+(Debian's are not: UEFI machines must boot with Secure Boot off); the boot artefacts exist; which
+address installs are bound to (DHCP lease, neighbour table or first address); and a real
 DHCPDISCOVER on the provisioning interface lists every DHCP server that answers (a second DHCP or
 PXE server on the segment breaks PXE boots in confusing ways).
 
@@ -29,7 +30,7 @@ from labcore.bastion_files import BOOT_ARTEFACTS, IPXE_FILES
 from labctl import errors, output
 from labctl.context import Ctx, output_option, pass_ctx
 
-CHECKS = ("bastion", "token", "dnsmasq", "ports", "tftp", "artefacts", "dhcp")
+CHECKS = ("bastion", "token", "dnsmasq", "ports", "tftp", "artefacts", "binding", "dhcp")
 DEFAULT_DATA_DIR = "/var/lib/lab-bastion"
 
 
@@ -251,6 +252,10 @@ def check_local(cfg, bastion_url: str) -> dict[str, list[Check]]:
                             f"{img / name}: " + (f"missing {', '.join(miss)}" if miss else "present"),
                             "" if not miss else f"lab-bastion images ... builds or fetches {name}"))
     out["artefacts"] = checks
+    name, how = bastion_config.install_binding(cfg)
+    out["binding"] = [Check("install binding", "warn" if name == "first address" else "pass", f"{name}: {how}",
+                            "run dnsmasq on the provisioning segment (dhcp_mode full binds to its leases)"
+                            if name == "first address" else "")]
     return out
 
 
@@ -306,7 +311,7 @@ def doctor(obj: Ctx, data_dir: Path, interface, only, skip, dhcp_timeout) -> Non
     results: list[Check] = []
     if {"bastion", "token"} & set(selected):
         results += [c for c in check_bastion(obj) if c.name in selected]
-    local = [c for c in ("dnsmasq", "ports", "tftp", "artefacts") if c in selected]
+    local = [c for c in ("dnsmasq", "ports", "tftp", "artefacts", "binding") if c in selected]
     cfg = _bastion_config(data_dir) if (local or "dhcp" in selected) and (data_dir / "token").exists() else None
     if local:
         if cfg is None:
