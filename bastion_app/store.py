@@ -161,9 +161,12 @@ class Store(Database):
         return m
 
     def list(self, *, state: str | None = None, role: str | None = None, os: str | None = None,
-             after: tuple[str | None, str] | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+             after: tuple[str | None, str] | None = None, limit: int | None = None,
+             max_bytes: int | None = None) -> list[dict[str, Any]]:
         """Machines by host name (those without one last), then MAC; ``after`` = (hostname, mac) of
-        the last machine of the previous page, ``limit`` the page size (a keyset page: no offset)."""
+        the last machine of the previous page, ``limit`` the page size (a keyset page: no offset).
+        ``max_bytes`` ends the page early, after the machine whose hardware reports reach it (rows
+        are read one at a time, so a page's memory is bounded however large the store is)."""
         sql, args = "SELECT * FROM machines", []
         where = []
         for col, val in (("state", state), ("role", role), ("os", os)):
@@ -179,7 +182,13 @@ class Store(Database):
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
-        return [self._row(r) for r in self.conn().execute(sql, args)]  # type: ignore[misc]
+        out, size = [], 0
+        for r in self.conn().execute(sql, args):
+            out.append(self._row(r))
+            size += len(r["hardware"])
+            if max_bytes is not None and size >= max_bytes:
+                break
+        return out  # type: ignore[return-value]
 
     def hardware_bytes(self) -> int:
         """The bytes of all stored hardware reports."""

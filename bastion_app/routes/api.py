@@ -27,8 +27,9 @@ from labcore.lifecycle import STORED_STATES
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
-#: GET /api/machines: machines per page by default and at most
-MACHINES_PAGE, MACHINES_PAGE_MAX = 500, 1000
+#: GET /api/machines: machines per page by default and at most, and the hardware reports' bytes
+#: after which a page ends early
+MACHINES_PAGE, MACHINES_PAGE_MAX, MACHINES_PAGE_BYTES = 500, 1000, 4 * 1024 * 1024
 
 
 # -- machine-facing ------------------------------------------------------------------------------
@@ -107,8 +108,9 @@ def _page_cursor(m: dict) -> str:
 @bp.get("/machines")
 @operator_required
 def machines():
-    """One page of machines (``limit``, at most MACHINES_PAGE_MAX); ``next`` is the cursor of the
-    next page, null on the last: memory per request is bounded, whatever the fleet's size."""
+    """One page of machines (``limit``, at most MACHINES_PAGE_MAX, and hardware reports of about
+    MACHINES_PAGE_BYTES); ``next`` is the cursor of the next page, null on the last: memory per
+    request is bounded, whatever the fleet's size."""
     limit = int_arg("limit", MACHINES_PAGE, 1, MACHINES_PAGE_MAX)
     rows = get_store().list(
         state=_filter("state", [s.value for s in STORED_STATES]),
@@ -116,8 +118,9 @@ def machines():
         os=_filter("os", OS_NAMES),
         after=_page_after(request.args.get("cursor")),
         limit=limit + 1,
+        max_bytes=MACHINES_PAGE_BYTES,
     )
-    more = len(rows) > limit
+    more = len(rows) > limit or sum(len(json.dumps(m["hardware"])) for m in rows) >= MACHINES_PAGE_BYTES
     rows = rows[:limit]
     return jsonify({"machines": [machine_view(m) for m in rows], "next": _page_cursor(rows[-1]) if more else None})
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from bastion_app.stateio import validate_state_doc
-from bastion_app.store import MIGRATIONS, Conflict, Forbidden, NotFound, Store
+from bastion_app.store import MIGRATIONS, Conflict, Forbidden, Full, NotFound, Store
 from labcore.lifecycle import IllegalTransition
-from tests.support import HW, INSTALL
+from tests.support import HW, INSTALL, synthetic_mac
 
 MAC = INSTALL["mac"]
 PARAMS = {k: INSTALL[k] for k in ("hostname", "role", "os", "disk", "ssh_keys")}
@@ -212,3 +212,25 @@ def test_sql_lives_only_behind_the_stores():
                     found.append(f"{rel}:{node.lineno}: {node.value[:60]!r}")
     assert not found, "SQL outside the stores:\n" + "\n".join(found)
     assert sql.search("SELECT count(*) FROM machines")  # the probe itself finds SQL
+
+
+def test_pages_are_bounded_in_machines_and_bytes_and_hardware_is_counted(store):
+    hw = {"dmi": {"product": "p" * 1000}}
+    for i in range(10):
+        store.discover(synthetic_mac(i), hw, ip=f"10.0.1.{i}")
+    size = len(json.dumps(hw))
+    assert store.hardware_bytes() == 10 * size  # kept by the triggers
+    first = store.list(limit=4)
+    assert [m["mac"] for m in first] == [synthetic_mac(i) for i in range(4)]
+    rest = store.list(after=(first[-1]["hostname"], first[-1]["mac"]), limit=100)
+    assert [m["mac"] for m in rest] == [synthetic_mac(i) for i in range(4, 10)]
+    assert len(store.list(limit=100, max_bytes=3 * size)) == 3
+    store.forget(synthetic_mac(0), actor="t")
+    assert store.hardware_bytes() == 9 * size
+    with pytest.raises(Full):
+        store.discover(synthetic_mac(99), hw, ip="10.0.1.99", max_hardware_total=9 * size + 10)
+    with pytest.raises(Full):
+        store.discover(synthetic_mac(99), {}, ip="10.0.1.99", max_machines=9)
+    with pytest.raises(Forbidden):  # a known machine from another address
+        store.discover(synthetic_mac(1), {}, ip="10.0.9.9")
+    assert store.get(synthetic_mac(1))["hardware"] == hw
