@@ -49,15 +49,14 @@ def _script(mac: str, ip: str | None) -> str:
     store = get_store()
     machine = store.get(mac)
     base = base_url()
-    if machine is None:
-        return render("ipxe/discover.ipxe.j2", base=base, mac=mac, method=discovery_method(),
-                      action=cfg().discovery_action, installer_os=domain.RESCUE_OS.name)
-    verdict, how = binding.claim(binding.leases_path(cfg()), mac, ip)
-    installing = State(machine["state"]) in INSTALL_TOKEN_STATES
-    speaks = binding.accepts(verdict, machine["install_ip"] if installing else machine["ip"], ip)
+    speaks, verdict, how = False, binding.Claim.UNKNOWN, ""
+    if machine is not None:
+        verdict, how = binding.claim(binding.leases_path(cfg()), mac, ip)
+        installing = State(machine["state"]) in INSTALL_TOKEN_STATES
+        speaks = binding.accepts(verdict, machine["install_ip"] if installing else machine["ip"], ip)
     # a debug boot that cannot be cleared (storage unavailable) is not served: one-shot stays one-shot
-    debug = _best_effort(store.take_debug, mac) if machine["debug_mode"] and speaks else None
-    mode = boot_mode(machine["state"], debug)
+    debug = _best_effort(store.take_debug, mac) if speaks and machine["debug_mode"] else None
+    mode = boot_mode(machine["state"] if machine else None, debug)
     if mode == BootMode.INSTALL:
         if not speaks:
             log.warning("dispatch: %s asked for the install script of %s, which is bound to another address (%s)",
