@@ -5,8 +5,9 @@ bound): a client may spend ``burst`` at once and ``rate`` more per second.
   answered 429 at once, before any parsing or database work, so that a flood from one host costs
   the bastion little and does not slow dispatch for the machines that behave. A flood from many
   hosts, each within its own budget, spends a budget shared by all of them (``error_total_*``):
-  once that is spent, every host that made a mistake recently is answered 429 too, while hosts
-  that made none (the machines that behave) are still served. Successful requests never spend
+  once that is spent, every host that made a mistake in the last ``ERROR_MEMORY_S`` is answered
+  429 too, while hosts that made none (the machines that behave) are still served, and so is
+  ``/dispatch`` (a machine must always get its boot script). Successful requests never spend
   budget.
 - **New machines.** Each discovery report about a MAC the bastion does not know spends its
   source's discovery budget (``discover_rate``/``discover_burst``): a host that invents MACs is
@@ -28,6 +29,8 @@ from flask import Flask, current_app, request
 from bastion_app.errors import error_response
 
 MAX_CLIENTS = 4096
+#: once the shared budget is spent, how long a host's last mistake counts against it
+ERROR_MEMORY_S = 60.0
 TARPIT_SECONDS = 0.2
 TARPIT_SLOTS = 4
 #: the key of the bucket that all clients share
@@ -50,10 +53,11 @@ class Buckets:
         with self._lock:
             return self._tokens(key, time.monotonic()) > 0
 
-    def full(self, key: str) -> bool:
-        """Nothing spent lately: the bucket has refilled."""
+    def spent_within(self, key: str, seconds: float) -> bool:
+        """Whether ``key`` spent anything in the last ``seconds``."""
         with self._lock:
-            return self._tokens(key, time.monotonic()) >= self.burst
+            hit = self._buckets.get(key)
+            return hit is not None and time.monotonic() - hit[1] < seconds
 
     def spend(self, key: str) -> None:
         now = time.monotonic()
@@ -90,7 +94,8 @@ def init_app(app: Flask, cfg) -> None:
     @app.before_request
     def _refuse_flooders():
         ip = request.remote_addr or "?"
-        if budget.allowed(ip) and (total.allowed(ALL) or budget.full(ip)):
+        if budget.allowed(ip) and (total.allowed(ALL) or request.path == "/dispatch"
+                                   or not budget.spent_within(ip, ERROR_MEMORY_S)):
             return None
         if tarpit.acquire(blocking=False):
             try:
