@@ -36,7 +36,7 @@ def create_app(cfg: configmod.Config | None = None, test_config: dict | None = N
     app.json.sort_keys = False
     errors.register(app)
     metrics.init_app(app)
-    limits.init_app(app, rate=cfg.error_rate, burst=cfg.error_burst)
+    limits.init_app(app, cfg)
     app.register_blueprint(boot.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(ops.bp)

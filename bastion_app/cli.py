@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -76,16 +77,18 @@ def token(data_dir):
 
 @main.command("export")
 @data_dir_option
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to FILE instead of stdout.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to FILE (mode 0600: it holds install tokens) instead of stdout.")
 def export_cmd(data_dir, output):
     """Write the state as the seed's state.json (discovered / install_queue / installed / debug)."""
     from bastion_app.store import Store
 
     cfg = _load(data_dir)
     doc = json.dumps(Store.from_config(cfg).export_state(), indent=2, sort_keys=True) + "\n"
-    if output:
+    if output:  # live install tokens inside: mode 0600, like state.db
         tmp = output.with_name(output.name + ".tmp")
-        tmp.write_text(doc)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(doc)
         tmp.replace(output)
     else:
         click.echo(doc, nl=False)

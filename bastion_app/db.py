@@ -50,6 +50,23 @@ class Database:
         except OSError as exc:
             if not self.path.parent.is_dir():
                 raise StorageUnavailable(f"storage unavailable: {exc}") from exc
+        self._make_private()
+
+    def _make_private(self) -> None:
+        """The database holds live install tokens: mode 0600. It is created so (SQLite gives its
+        -wal and -shm files the database file's mode), and an older, wider one is narrowed."""
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        except OSError:
+            return  # a read-only or missing directory: nothing to create, the open says why
+        for f in (self.path, self.path.with_name(self.path.name + "-wal"), self.path.with_name(self.path.name + "-shm")):
+            try:
+                if f.stat().st_mode & 0o077:
+                    os.chmod(f, 0o600)
+            except OSError:
+                continue
 
     # -- connections -------------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:

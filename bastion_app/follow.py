@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import heapq
 import json
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from bastion_app.logstore import UNATTRIBUTED, LogStore
@@ -30,6 +31,25 @@ from labcore.schemas import api_time
 END_LINGER_S = 0.5
 #: Rows read from each store per round while catching up.
 _PAGE = 1000
+#: How often an idle follower looks whether its client has gone (a closed client frees its slot
+#: this soon, whatever heartbeat it asked for).
+GONE_CHECK_S = 1.0
+
+
+def client_gone(sock: socket.socket | None) -> Callable[[], bool]:
+    """A check that the client at the other end of ``sock`` has closed the connection (the
+    server learns it otherwise only when a write fails, a heartbeat later). An SSE client sends
+    nothing after its request, so a readable socket that reads empty (or fails) is a closed one."""
+    def gone() -> bool:
+        if sock is None:
+            return False
+        try:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+    return gone
 
 
 # -- views ---------------------------------------------------------------------------------------
@@ -173,7 +193,8 @@ def _drain(store, logs: LogStore, mac: str, eid: int, lid: int) -> tuple[int, in
             return eid, lid, chunks
 
 
-def _events(store, logs: LogStore, watcher: Watcher, mac: str, start: tuple[int, int], heartbeat: int) -> Iterator[str]:
+def _events(store, logs: LogStore, watcher: Watcher, mac: str, start: tuple[int, int], heartbeat: int,
+            gone: Callable[[], bool]) -> Iterator[str]:
     ev = watcher.subscribe(mac)
     eid, lid = start
     try:
@@ -191,17 +212,24 @@ def _events(store, logs: LogStore, watcher: Watcher, mac: str, start: tuple[int,
                        "stalled": bool(m and m["failure"] == "stalled")}
                 yield "".join(chunks) + _sse("end", end, f"{eid}-{lid}")
                 return
-            if not ev.wait(heartbeat):
-                yield f": keepalive {int(time.time())}\n\n"
+            waited = 0.0
+            while not ev.wait(min(GONE_CHECK_S, heartbeat - waited)):
+                waited += GONE_CHECK_S
+                if gone():
+                    return
+                if waited >= heartbeat:
+                    yield f": keepalive {int(time.time())}\n\n"
+                    waited = 0.0
     finally:
         watcher.unsubscribe(mac, ev)
 
 
 def open_stream(store, logs: LogStore, mac: str, start: tuple[int, int], *, heartbeat: int,
-                followers: int) -> Stream | None:
+                followers: int, gone: Callable[[], bool] = lambda: False) -> Stream | None:
     """The SSE body following ``mac`` from the cursor ``start`` (event id, log line id), holding
-    one of this worker's ``followers`` slots until it is closed; None when no slot is free."""
+    one of this worker's ``followers`` slots until it is closed or ``gone()`` says the client
+    went away; None when no slot is free."""
     watcher, slots = _process_state(store, logs, followers)
     if not slots.acquire(blocking=False):
         return None
-    return Stream(_events(store, logs, watcher, mac, start, heartbeat), slots.release)
+    return Stream(_events(store, logs, watcher, mac, start, heartbeat, gone), slots.release)

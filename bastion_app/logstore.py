@@ -165,13 +165,15 @@ def keepalive_interval(stall_timeout: float) -> float:
 
 
 def advance(store, mac: str, step: timeline.Progress | None, *, machine: dict[str, Any] | None = None,
-            ip: str | None = None, keepalive_s: float | None = None) -> dict[str, Any] | None:
+            ip: str | None = None, keepalive_s: float | None = None, verdict=None) -> dict[str, Any] | None:
     """Record a progress step derived from logs or installer events, if it moves the machine's
     timeline forward (or, with ``keepalive_s``, if the install has been silent that long: log
     lines are a sign of life, so a chatty install is never marked stalled). The machine must be
     installing or queued; the install token is the one in the store (the caller has already
-    attributed the source to this machine). Returns the updated machine, or None if nothing was
+    attributed the source to this machine; the store still checks that ``ip`` speaks for it, with
+    ``verdict`` from bastion_app.binding). Returns the updated machine, or None if nothing was
     recorded."""
+    from bastion_app.binding import Claim
     from bastion_app.store import StoreError
     from labcore.lifecycle import INSTALL_TOKEN_STATES, IllegalTransition
 
@@ -187,6 +189,6 @@ def advance(store, mac: str, step: timeline.Progress | None, *, machine: dict[st
         step = timeline.Progress(m["stage"] or "pxe", None, "installer is alive (log lines arriving)")
     try:
         return store.progress(mac, token=m["install_token"], stage=step.stage, percent=step.percent,
-                              message=step.message[:2048], ip=ip)
+                              message=step.message[:2048], ip=ip, verdict=verdict or Claim.UNKNOWN)
     except (StoreError, IllegalTransition):
         return None  # the install ended or changed meanwhile

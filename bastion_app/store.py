@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bastion_app.binding import Claim, accepts
 from bastion_app.db import Database, StorageUnavailable, StoreError  # noqa: F401 - re-exported
 from labcore.lifecycle import (
     INSTALL_PARAMS,
@@ -74,6 +75,20 @@ MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX events_mac ON events(mac, id)",
     ],
+    [
+        # the address an install is bound to (bastion_app.binding): set when the install script is
+        # served, cleared when the install ends or is queued again
+        "ALTER TABLE machines ADD COLUMN install_ip TEXT",
+        # the bytes of stored hardware reports, kept by triggers (a bound needs no table scan)
+        "CREATE TABLE totals (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        "INSERT INTO totals(name, value) SELECT 'hardware_bytes', COALESCE(sum(length(hardware)), 0) FROM machines",
+        """CREATE TRIGGER machines_hardware_insert AFTER INSERT ON machines BEGIN
+            UPDATE totals SET value = value + length(NEW.hardware) WHERE name = 'hardware_bytes'; END""",
+        """CREATE TRIGGER machines_hardware_update AFTER UPDATE OF hardware ON machines BEGIN
+            UPDATE totals SET value = value + length(NEW.hardware) - length(OLD.hardware) WHERE name = 'hardware_bytes'; END""",
+        """CREATE TRIGGER machines_hardware_delete AFTER DELETE ON machines BEGIN
+            UPDATE totals SET value = value - length(OLD.hardware) WHERE name = 'hardware_bytes'; END""",
+    ],
 ]
 
 _JSON_COLUMNS = ("ssh_keys", "hardware")
@@ -104,6 +119,21 @@ class Conflict(StoreError):
 class Forbidden(StoreError):
     status = 403
     code = "forbidden"
+
+
+class Full(StoreError):
+    """The store takes no more of something a machine sends (machines, hardware bytes)."""
+
+    status = 503
+    code = "full"
+
+
+#: the one answer to a machine-facing request that names an install: the same whether the MAC is
+#: unknown, has no install, or the token or the address is wrong (nothing tells which MACs exist)
+NOT_ACCEPTED = "not accepted: no install of this MAC with this token from this address"
+#: the answer to a discovery report about a known machine from an address that does not speak for
+#: it, or during its install
+REPORT_REFUSED = "report not accepted: this machine is known at another address, or it is installing"
 
 
 class Store(Database):
@@ -150,17 +180,40 @@ class Store(Database):
             raise NotFound(f"no machine with MAC {mac}")
         return m
 
-    def list(self, *, state: str | None = None, role: str | None = None, os: str | None = None) -> list[dict[str, Any]]:
+    def list(self, *, state: str | None = None, role: str | None = None, os: str | None = None,
+             after: tuple[str | None, str] | None = None, limit: int | None = None,
+             max_bytes: int | None = None) -> list[dict[str, Any]]:
+        """Machines by host name (those without one last), then MAC; ``after`` = (hostname, mac) of
+        the last machine of the previous page, ``limit`` the page size (a keyset page: no offset).
+        ``max_bytes`` ends the page early, after the machine whose hardware reports reach it (rows
+        are read one at a time, so a page's memory is bounded however large the store is)."""
         sql, args = "SELECT * FROM machines", []
         where = []
         for col, val in (("state", state), ("role", role), ("os", os)):
             if val is not None:
                 where.append(f"{col}=?")
                 args.append(val)
+        if after is not None:
+            where.append("(hostname IS NULL, COALESCE(hostname, ''), mac) > (?, ?, ?)")
+            args += [after[0] is None, after[0] or "", after[1]]
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY hostname IS NULL, hostname, mac"
-        return [self._row(r) for r in self.conn().execute(sql, args)]  # type: ignore[misc]
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        out, size = [], 0
+        for r in self.conn().execute(sql, args):
+            out.append(self._row(r))
+            size += len(r["hardware"])
+            if max_bytes is not None and size >= max_bytes:
+                break
+        return out  # type: ignore[return-value]
+
+    def hardware_bytes(self) -> int:
+        """The bytes of all stored hardware reports."""
+        row = self.conn().execute("SELECT value FROM totals WHERE name='hardware_bytes'").fetchone()
+        return row[0] if row else 0
 
     def count_by_state(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self.conn().execute("SELECT state, count(*) FROM machines GROUP BY state")}
@@ -269,16 +322,34 @@ class Store(Database):
             raise Conflict(f"host name {hostname!r} is already used by {other[0]}")
 
     # -- machine-facing ----------------------------------------------------------------------
-    def discover(self, mac: str, hardware: dict[str, Any], *, ip: str | None, actor: str = "machine") -> dict[str, Any]:
+    def discover(self, mac: str, hardware: dict[str, Any], *, ip: str | None, verdict: Claim = Claim.UNKNOWN,
+                 max_machines: int | None = None, max_hardware_total: int | None = None,
+                 actor: str = "machine") -> dict[str, Any]:
         """Record a discovery report: a new machine becomes discovered; a known one only has its
-        hardware and address refreshed (its state does not change)."""
+        hardware and address refreshed (its state does not change), and only from an address
+        that speaks for it (``verdict``, else its recorded address) and not while it installs.
+        ``max_machines`` and ``max_hardware_total`` (bytes of all reports) bound the store."""
         now = time.time()
+        doc = json.dumps(hardware)
+
+        def room(old: int, new_machine: bool) -> None:
+            c = self.conn()
+            if new_machine and max_machines is not None:
+                if c.execute("SELECT count(*) FROM machines").fetchone()[0] >= max_machines:
+                    raise Full(f"the bastion keeps at most {max_machines} machines (max_machines); forget some first")
+            if max_hardware_total is not None and self.hardware_bytes() - old + len(doc) > max_hardware_total:
+                raise Full(f"the bastion keeps at most {max_hardware_total} bytes of hardware reports "
+                           "(max_hardware_total); forget some machines first")
+
         with self.tx() as c:
-            row = c.execute("SELECT state FROM machines WHERE mac=?", (mac,)).fetchone()
+            row = c.execute("SELECT state, ip, length(hardware) FROM machines WHERE mac=?", (mac,)).fetchone()
             if row is not None:
+                if State(row[0]) in INSTALL_TOKEN_STATES or not accepts(verdict, row[1], ip):
+                    raise Forbidden(REPORT_REFUSED)
+                room(row[2], False)
                 c.execute(
                     "UPDATE machines SET hardware=?, ip=COALESCE(?, ip), last_seen_at=?, updated_at=?, version=version+1 WHERE mac=?",
-                    (json.dumps(hardware), ip, now, now, mac),
+                    (doc, ip, now, now, mac),
                 )
                 self._event(c, mac, actor, "hardware", row[0], row[0], "discovery report", {"ip": ip}, now)
                 return self._row(c.execute("SELECT * FROM machines WHERE mac=?", (mac,)).fetchone())  # type: ignore[return-value]
@@ -289,35 +360,45 @@ class Store(Database):
             reason="discovery report",
             changes=lambda row, st: {"hardware": hardware, "ip": ip, "last_seen_at": now},
             data={"ip": ip},
+            check=lambda row: room(0, True),
         )
 
     def seen(self, mac: str, ip: str | None) -> None:
-        """A known machine asked for its boot script: remember when and from where (no event)."""
+        """A known machine asked for its boot script from an address that speaks for it: remember
+        when and from where (no event)."""
         now = time.time()
         with self.tx() as c:
             c.execute("UPDATE machines SET last_seen_at=?, ip=COALESCE(?, ip) WHERE mac=?", (now, ip, mac))
 
-    def start_install(self, mac: str, *, ip: str | None) -> dict[str, Any]:
-        """The machine fetched its install boot script: install_queued -> installing."""
+    def start_install(self, mac: str, *, ip: str | None, verdict: Claim = Claim.UNKNOWN) -> dict[str, Any]:
+        """The machine fetched its install boot script: install_queued -> installing, and the
+        install is bound to ``ip`` (Forbidden if another address is bound and ``verdict`` does not
+        say this one is the machine's)."""
         now = time.time()
 
+        def check(row):
+            if row is not None and not accepts(verdict, row["install_ip"], ip):
+                raise Forbidden(NOT_ACCEPTED)
+
         def changes(row, st):
-            out = {"last_seen_at": now, "ip": ip or row["ip"], "stage": "pxe", "percent": 0, "message": "install boot script served", "last_progress_at": now}
+            out = {"last_seen_at": now, "ip": ip or row["ip"], "install_ip": ip, "stage": "pxe", "percent": 0,
+                   "message": "install boot script served", "last_progress_at": now}
             if row["state"] == State.INSTALL_QUEUED:
                 out["install_started_at"] = now
             return out
 
-        return self._apply(mac, Action.START, actor="machine", reason="install boot script served", changes=changes, data={"ip": ip})  # type: ignore[return-value]
+        return self._apply(mac, Action.START, actor="machine", reason="install boot script served", changes=changes,  # type: ignore[return-value]
+                           check=check, data={"ip": ip})
 
-    def check_install_token(self, row: dict[str, Any] | None, token: str) -> None:
-        if row is None:
-            raise NotFound("no such machine")
-        if State(row["state"]) not in INSTALL_TOKEN_STATES or not row["install_token"]:
-            raise Conflict(f"machine {row['mac']} has no install in progress (state {row['state']})")
-        if not secrets.compare_digest(row["install_token"], token):
-            raise Forbidden("install token does not match this machine's install")
+    def check_install_token(self, row: dict[str, Any] | None, token: str, *, ip: str | None, verdict: Claim) -> None:
+        """The machine-facing check: an install in progress, its token, from its address. Every
+        failure is the same Forbidden(NOT_ACCEPTED)."""
+        if (row is None or State(row["state"]) not in INSTALL_TOKEN_STATES or not row["install_token"]
+                or not secrets.compare_digest(row["install_token"], token) or not accepts(verdict, row["install_ip"], ip)):
+            raise Forbidden(NOT_ACCEPTED)
 
-    def progress(self, mac: str, *, token: str, stage: str, percent: int | None, message: str, ip: str | None) -> dict[str, Any]:
+    def progress(self, mac: str, *, token: str, stage: str, percent: int | None, message: str, ip: str | None,
+                 verdict: Claim = Claim.UNKNOWN) -> dict[str, Any]:
         """A progress report from the installer; 'complete' and 'failed' end the install."""
         now = time.time()
         action = {"complete": Action.COMPLETE, "failed": Action.FAIL, "error": Action.FAIL}.get(stage, Action.PROGRESS)
@@ -329,15 +410,16 @@ class Store(Database):
                 "last_progress_at": now,
                 "last_seen_at": now,
                 "ip": ip or row["ip"],
+                "install_ip": ip or row["install_ip"],
             }
             if percent is not None:
                 out["percent"] = percent
             if row["install_started_at"] is None:
                 out["install_started_at"] = now
             if action == Action.COMPLETE:
-                out.update(percent=100, installed_at=now, install_token=None, failure=None)
+                out.update(percent=100, installed_at=now, install_token=None, install_ip=None, failure=None)
             elif action == Action.FAIL:
-                out.update(failure=message or "installer reported failure", install_token=None)
+                out.update(failure=message or "installer reported failure", install_token=None, install_ip=None)
             return out
 
         return self._apply(  # type: ignore[return-value]
@@ -347,7 +429,7 @@ class Store(Database):
             reason=message[:200],
             changes=changes,
             data={"stage": stage, "percent": percent, "message": message, "ip": ip},
-            check=lambda row: self.check_install_token(row, token),
+            check=lambda row: self.check_install_token(row, token, ip=ip, verdict=verdict),
         )
 
     def take_debug(self, mac: str) -> str | None:
@@ -366,6 +448,7 @@ class Store(Database):
             return {
                 **{k: params[k] for k in _INSTALL_FIELDS},
                 "install_token": new_token(),
+                "install_ip": None,
                 "stage": "queued",
                 "percent": 0,
                 "message": "",
@@ -390,7 +473,7 @@ class Store(Database):
             params = merged(row)
             if not params["hostname"] or not params["role"] or not params["os"]:
                 raise Conflict("machine has no previous install parameters; use install instead")
-            return {**params, "install_token": new_token(), "stage": "queued", "percent": 0, "message": "",
+            return {**params, "install_token": new_token(), "install_ip": None, "stage": "queued", "percent": 0, "message": "",
                     "failure": None, "install_started_at": None, "last_progress_at": None}
 
         def check(row):
@@ -404,7 +487,8 @@ class Store(Database):
 
     def cancel(self, mac: str, *, actor: str, reason: str = "") -> dict[str, Any]:
         return self._apply(mac, Action.CANCEL, actor=actor, reason=reason or "install cancelled",  # type: ignore[return-value]
-                           changes=lambda row, st: {"install_token": None, "stage": None, "percent": None, "message": None})
+                           changes=lambda row, st: {"install_token": None, "install_ip": None, "stage": None, "percent": None,
+                                                    "message": None})
 
     def forget(self, mac: str, *, actor: str, reason: str = "") -> None:
         self._apply(mac, Action.FORGET, actor=actor, reason=reason or "forgotten")
@@ -434,7 +518,8 @@ class Store(Database):
                     raise Conflict("progress arrived meanwhile")
             try:
                 self._apply(mac, Action.STALL, actor="bastion", reason=f"no progress for more than {int(timeout_s)} s",
-                            changes=lambda row, st: {"failure": "stalled", "install_token": None, "stage": "stalled"},
+                            changes=lambda row, st: {"failure": "stalled", "install_token": None, "install_ip": None,
+                                                         "stage": "stalled"},
                             check=check)
                 stalled.append(mac)
             except (Conflict, NotFound, IllegalTransition):

@@ -16,19 +16,18 @@ unless the backlog limit is reached (counted in ``lab_bastion_syslog_dropped_tot
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bastion_app.binding import leases_path, read_leases, read_neighbours
 from bastion_app.logstore import SEVERITIES, UNATTRIBUTED, LogStore, advance, clean, clip, keepalive_interval
 from labcore import progress as timeline
 
@@ -119,57 +118,7 @@ def parse(data: bytes) -> Message:
     return Message(facility, severity, host[:255], clean(app[:48]), clip(clean(rest)), "3164")
 
 
-# -- who sent it -------------------------------------------------------------------------------
-def leases_path(cfg) -> Path:
-    """Where the bastion's dnsmasq writes its DHCP leases (the dnsmasq child's --dhcp-leasefile)."""
-    return cfg.run_path / "dnsmasq.leases"
-
-
-def read_leases(path: Path) -> dict[str, str]:
-    """ip -> mac from a dnsmasq lease file (``expiry mac ip hostname client-id`` per line)."""
-    from labcore import validate
-
-    out: dict[str, str] = {}
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return out
-    for line in text.splitlines():
-        f = line.split()
-        if len(f) >= 3 and f[0].isdigit():
-            try:
-                out[f[2]] = validate.mac(f[1])
-            except validate.ValidationError:
-                continue
-    return out
-
-
-def read_neighbours() -> dict[str, str]:
-    """ip -> mac from the kernel's neighbour table (``ip -j neigh``, else /proc/net/arp)."""
-    from labcore import validate
-
-    out: dict[str, str] = {}
-    try:
-        doc = json.loads(subprocess.run(["ip", "-j", "neigh"], capture_output=True, text=True, timeout=3).stdout or "[]")
-        pairs = [(e.get("dst"), e.get("lladdr")) for e in doc if "FAILED" not in (e.get("state") or [])]
-    except (OSError, subprocess.SubprocessError, ValueError):
-        pairs = []
-        try:
-            for line in Path("/proc/net/arp").read_text().splitlines()[1:]:
-                f = line.split()
-                if len(f) >= 4 and f[2] != "0x0":
-                    pairs.append((f[0], f[3]))
-        except OSError:
-            pass
-    for ip, mac in pairs:
-        if ip and mac:
-            try:
-                out[ip] = validate.mac(mac)
-            except validate.ValidationError:
-                continue
-    return out
-
-
+# -- who sent it: the lease file and the neighbour table (bastion_app.binding) ----------------
 class Resolver:
     """Sender IP -> MAC, cached (``ttl_s`` for an answer, ``miss_ttl_s`` for "unknown"); on a miss
     the tables are re-read, at most every ``refresh_s``, and the store is asked for that address,

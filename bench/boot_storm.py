@@ -26,7 +26,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.support import SMALL_HW, TOKEN_RE, Bastion, start_bastion, synthetic_mac  # noqa: E402
+from tests.support import SMALL_HW, TOKEN_RE, Bastion, session_from, start_bastion, synthetic_mac  # noqa: E402
 
 STAGES = [("partitioning", 10), ("packages", 40), ("packages", 70), ("post-install", 90), ("post-install", 95)]
 
@@ -45,12 +45,26 @@ def queue_machines(server: Bastion, macs: list[str], concurrency: int = 16) -> N
         i, m = i_m
         s = requests.Session()
         s.headers["Authorization"] = f"Bearer {server.token}"
-        assert s.post(server.url + "/api/discover", json={"mac": m, "hardware": SMALL_HW}).ok
+        # each machine reports from its own address (the bastion limits new machines per host)
+        assert session_from(f"127.{100 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}").post(
+            server.url + "/api/discover", json={"mac": m, "hardware": SMALL_HW}).ok
         r = s.post(server.url + "/api/install", json={"mac": m, "hostname": f"storm{i}", "role": "worker", "os": "fedora-43"})
         assert r.status_code == 202, r.text
 
     with ThreadPoolExecutor(concurrency) as ex:
         list(ex.map(one, enumerate(macs)))
+
+
+def all_machines(server: Bastion, **filters) -> list[dict]:
+    """Every machine, following the pages of GET /api/machines."""
+    out, cursor = [], None
+    while True:
+        doc = requests.get(server.url + "/api/machines", headers={"Authorization": f"Bearer {server.token}"}, timeout=60,
+                           params={**filters, "limit": 1000, **({"cursor": cursor} if cursor else {})}).json()
+        out += doc["machines"]
+        cursor = doc.get("next")
+        if not cursor:
+            return out
 
 
 @dataclass
@@ -145,8 +159,7 @@ def main() -> int:
             queue_machines(server, macs)
             base = run_health_baseline(server.url, args.machines, args.concurrency)
             res = run_storm(server.url, macs, args.concurrency)
-            states = requests.get(server.url + "/api/machines", headers={"Authorization": f"Bearer {server.token}"},
-                                  params={"state": "installing"}).json()["machines"]
+            states = all_machines(server, state="installing")
         finally:
             server.stop()
     print(f"boot storm: {args.machines} machines, {args.concurrency} at a time, {args.workers} gunicorn workers")

@@ -27,7 +27,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.boot_storm import queue_machines, run_storm, start_server  # noqa: E402
+from bench.boot_storm import all_machines, queue_machines, run_storm, start_server  # noqa: E402
 from tests.support import TOKEN_RE, synthetic_mac  # noqa: E402
 
 
@@ -106,7 +106,6 @@ def main() -> int:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-follow-") as d:
         server = start_server(Path(d) / "data", workers=args.workers)
-        auth = {"Authorization": f"Bearer {server.token}"}
         try:
             base_macs = [synthetic_mac(i, "52:54:05") for i in range(args.machines)]
             macs = [synthetic_mac(i, "52:54:06") for i in range(args.machines)]
@@ -138,7 +137,7 @@ def main() -> int:
                     ended += 1
                 if f.ids != want:
                     missed.append((f.mac, sorted(set(want) - set(f.ids)), f.error))
-            states = requests.get(server.url + "/api/machines", headers=auth, timeout=60).json()["machines"]
+            states = all_machines(server)
         finally:
             server.stop()
     p99_base, p99_follow = base.pct("dispatch", 99), res.pct("dispatch", 99)

@@ -193,6 +193,17 @@ class Config(BaseModel):
     #: per client host and worker: 4xx answers allowed per second (and at once) before 429s
     error_rate: AtLeastOne = 5
     error_burst: AtLeastOne = 100
+    #: per worker, all hosts together: once spent, hosts that made a mistake lately get 429s
+    error_total_rate: AtLeastOne = 50
+    error_total_burst: AtLeastOne = 200
+    #: per client host and worker: new machines (discovery reports of unknown MACs) per second, and at once
+    discover_rate: AtLeastOne = 2
+    discover_burst: AtLeastOne = 50
+    #: machines the store keeps at most (new discoveries beyond are refused with 503)
+    max_machines: AtLeastOne = 10000
+    #: bytes of one machine's hardware report (JSON) and of all of them
+    max_hardware_bytes: AtLeastOne = 64 * 1024
+    max_hardware_total: AtLeastOne = 64 * 1024 * 1024
     #: discovery environment: 'image' (lab-bastion images build-discovery) or 'kickstart'
     discovery: Literal["image", "kickstart"] = "image"
     #: extra kernel arguments for the environments the bastion boots (discovery, the installers),
@@ -244,6 +255,20 @@ class Config(BaseModel):
 
 
 SETTINGS: tuple[str, ...] = tuple(Config.model_fields)
+
+
+def install_binding(cfg: Config) -> tuple[str, str]:
+    """Which address an install is bound to with this configuration (bastion_app.binding does
+    the binding): (name, explanation), for ``labctl doctor`` and the docs."""
+    if cfg.dnsmasq and cfg.dhcp_mode == "full":
+        return "dhcp lease", ("installs are bound to the address this bastion's dnsmasq leased to the machine's MAC "
+                              "(a machine without a lease: its ARP entry, else the first address that fetched its install script)")
+    if cfg.dnsmasq:
+        return "neighbour table", ("proxy-DHCP hands out no address: installs are bound to the address whose ARP entry is "
+                                   "the machine's MAC (machines on this segment), else to the first address that fetched "
+                                   "the install script")
+    return "first address", ("no dnsmasq here: installs are bound to the address whose ARP entry is the machine's MAC "
+                             "when it is on this segment, else to the first address that fetched the install script")
 
 
 def _describe(exc: pydantic.ValidationError) -> str:

@@ -278,6 +278,8 @@ class EventView(Loose):
 
 class MachineList(Loose):
     machines: list[MachineView]
+    #: the cursor of the next page (GET /api/machines?cursor=), None on the last page
+    next: str | None = None
 
 
 class MachineDetail(MachineView):

@@ -115,8 +115,19 @@ class Client:
     def get_list(self, path: str, key: str, **params) -> list[dict[str, Any]]:
         return self._json(self.request("GET", path, params={k: v for k, v in params.items() if v is not None}), key)
 
-    def machines(self, **filters) -> list[dict[str, Any]]:
-        return self.get_list("/api/machines", "machines", **filters)
+    def machines(self, page_size: int = 1000, **filters) -> list[dict[str, Any]]:
+        """Every machine (matching ``filters``), following the pages of GET /api/machines."""
+        out: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            resp = self.request("GET", "/api/machines", params={k: v for k, v in
+                                                                 {"limit": page_size, "cursor": cursor, **filters}.items()
+                                                                 if v is not None})
+            page = self._json(resp, "machines")
+            out += page
+            cursor = resp.json().get("next")
+            if not cursor or not page:
+                return out
 
     def machine(self, mac: str) -> dict[str, Any]:
         return self.get(f"/api/machines/{quote(mac)}")

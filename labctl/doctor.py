@@ -4,7 +4,8 @@ Checks: the bastion answers and takes the token; `lab-bastion serve` runs on the
 (and how it was started: <data>/serve.json, which serve writes at each start); dnsmasq runs (unless
 serve was started without it); the DHCP (67), TFTP (69), HTTP and
 syslog (5514) ports are bound; the TFTP root holds iPXE, and whether its UEFI binaries are signed
-(Debian's are not: UEFI machines must boot with Secure Boot off); the boot artefacts exist; and a real
+(Debian's are not: UEFI machines must boot with Secure Boot off); the boot artefacts exist; which
+address installs are bound to (DHCP lease, neighbour table or first address); and a real
 DHCPDISCOVER on the provisioning interface lists every DHCP server that answers (a second DHCP or
 PXE server on the segment breaks PXE boots in confusing ways).
 
@@ -35,8 +36,8 @@ from labcore.bastion_files import BOOT_ARTEFACTS, IPXE_FILES, artefact_command
 from labctl import errors, output
 from labctl.context import Ctx, output_option, pass_ctx
 
-CHECKS = ("bastion", "token", "serve", "dnsmasq", "ports", "tftp", "artefacts", "dhcp")
-LOCAL_CHECKS = ("serve", "dnsmasq", "ports", "tftp", "artefacts")
+CHECKS = ("bastion", "token", "serve", "dnsmasq", "ports", "tftp", "artefacts", "binding", "dhcp")
+LOCAL_CHECKS = ("serve", "dnsmasq", "ports", "tftp", "artefacts", "binding")
 DEFAULT_DATA_DIR = "/var/lib/lab-bastion"
 
 
@@ -324,6 +325,10 @@ def check_local(cfg, http_port: int) -> dict[str, list[Check]]:
                             f"{img / name}: " + (f"missing {', '.join(miss)}" if miss else "present"),
                             "" if not miss else f"{artefact_command(name)} --data-dir {cfg.data_path}"))
     out["artefacts"] = checks
+    name, how = bastion_config.install_binding(cfg)
+    out["binding"] = [Check("install binding", "warn" if name == "first address" else "pass", f"{name}: {how}",
+                            "run dnsmasq on the provisioning segment (dhcp_mode full binds to its leases)"
+                            if name == "first address" else "")]
     return out
 
 

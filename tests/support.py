@@ -272,6 +272,19 @@ def call_from(b: Bastion, source: str, method: str, path: str, body: dict | None
     return r.status, data.decode()
 
 
+def session_from(source: str) -> requests.Session:
+    """A requests session whose connections come from ``source`` (a loopback address that acts as
+    a LAN host: all of 127/8 is this machine)."""
+    class From(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            kwargs["source_address"] = (source, 0)
+            super().init_poolmanager(*args, **kwargs)
+
+    s = requests.Session()
+    s.mount("http://", From())
+    return s
+
+
 def installing(b: Bastion, mac: str, hostname: str, *, os_name: str = "fedora-43", source: str = "127.0.0.1") -> str:
     """discover -> install -> dispatch (the machine is installing); returns its install token."""
     st, _ = call_from(b, source, "POST", "/api/discover", {"mac": mac})

@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import current_app, request
 
+from bastion_app import binding
 from bastion_app.errors import ApiError
 from labcore import schemas, validate
 
@@ -48,6 +49,22 @@ def int_arg(name: str, default: int, lo: int, hi: int) -> int:
     if not raw.isdigit() or not lo <= int(raw) <= hi:
         raise ApiError(400, f"{name} must be a whole number from {lo} to {hi}")
     return int(raw)
+
+
+def caller_claim(mac: str) -> binding.Claim:
+    """What the lease file and the neighbour table say about this request speaking for ``mac``."""
+    return binding.claim(binding.leases_path(cfg()), mac, request.remote_addr)[0]
+
+
+def install_machine(mac: str, token: str) -> dict[str, Any]:
+    """The machine whose install this request belongs to: its token, from its address. Anything
+    else is one uniform 403 (store.NOT_ACCEPTED), whether the MAC exists or not."""
+    from bastion_app import get_store
+
+    store = get_store()
+    m = store.get(mac)
+    store.check_install_token(m, token, ip=request.remote_addr, verdict=caller_claim(mac))
+    return m  # type: ignore[return-value]
 
 
 def base_url() -> str:

@@ -2,24 +2,55 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 from flask import Blueprint, current_app, jsonify, request
 
-from bastion_app import get_store, metrics
+from bastion_app import get_store, limits, metrics
 from bastion_app.auth import actor, operator_required
+from bastion_app.binding import Claim
 from bastion_app.errors import ApiError
-from bastion_app.routes import event_view, int_arg, json_body, mac_arg, machine_view
-from labcore import schemas
+from bastion_app.routes import (
+    caller_claim,
+    cfg,
+    event_view,
+    install_machine,
+    int_arg,
+    json_body,
+    mac_arg,
+    machine_view,
+)
+from labcore import schemas, validate
 from labcore.domain import OS_NAMES, ROLE_NAMES
 from labcore.lifecycle import STORED_STATES
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
+#: GET /api/machines: machines per page by default and at most, and the hardware reports' bytes
+#: after which a page ends early
+MACHINES_PAGE, MACHINES_PAGE_MAX, MACHINES_PAGE_BYTES = 500, 1000, 4 * 1024 * 1024
+
 
 # -- machine-facing ------------------------------------------------------------------------------
 @bp.post("/discover")
 def discover():
+    """A hardware report. A new MAC spends the source's discovery budget (429 when spent); a
+    known one is refused (403) unless the report comes from an address that speaks for it and the
+    machine is not installing; the store is bounded (max_machines, max_hardware_*)."""
     req = json_body(schemas.DiscoverRequest)
-    m = get_store().discover(req.mac, req.stored_hardware(), ip=request.remote_addr)
+    c, store, ip = cfg(), get_store(), request.remote_addr
+    hardware = req.stored_hardware()
+    size = len(json.dumps(hardware))
+    if size > c.max_hardware_bytes:
+        raise ApiError(413, f"hardware report of {size} bytes: this bastion keeps at most {c.max_hardware_bytes} "
+                            "per machine (max_hardware_bytes)")
+    known = store.get(req.mac) is not None
+    if not known and not limits.discovery_allowed(ip):
+        raise ApiError(429, "too many new machines from this host",
+                       f"at most {c.discover_rate:g} new machines per second ({c.discover_burst} at once) per host")
+    m = store.discover(req.mac, hardware, ip=ip, verdict=caller_claim(req.mac) if known else Claim.UNKNOWN,
+                       max_machines=c.max_machines, max_hardware_total=c.max_hardware_total)
     answer = {"mac": m["mac"], "state": m["state"]}
     dropped = schemas.dropped_fields(req)
     if dropped:  # unknown fields beyond the bounds: the machine is accepted without them
@@ -31,8 +62,9 @@ def discover():
 @bp.post("/progress")
 def progress():
     req = json_body(schemas.ProgressRequest)
+    install_machine(req.mac, req.token)  # the uniform 403 first (the store checks again, atomically)
     m = get_store().progress(req.mac, token=req.token, stage=req.stage, percent=req.percent,
-                             message=req.message, ip=request.remote_addr)
+                             message=req.message, ip=request.remote_addr, verdict=caller_claim(req.mac))
     if m["state"] in ("installed", "failed"):
         metrics.observe_install(m, "complete" if m["state"] == "installed" else "failed")
     return jsonify({"mac": m["mac"], "state": m["state"], "stage": m["stage"], "percent": m["percent"]})
@@ -62,15 +94,40 @@ def _filter(name: str, allowed) -> str | None:
     return value
 
 
+def _page_after(raw: str | None) -> tuple[str | None, str] | None:
+    """The cursor of GET /api/machines: where the previous page ended, (hostname, mac), as
+    base64url JSON; anything else is a 400."""
+    if not raw:
+        return None
+    try:
+        hostname, mac = json.loads(base64.urlsafe_b64decode(raw.encode("ascii") + b"=" * (-len(raw) % 4)))
+        return (None if hostname is None else validate.hostname(hostname)), validate.mac(mac)
+    except (ValueError, TypeError, AttributeError, validate.ValidationError):
+        raise ApiError(400, "cursor must be the 'next' of an earlier answer") from None
+
+
+def _page_cursor(m: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps([m["hostname"], m["mac"]]).encode()).decode().rstrip("=")
+
+
 @bp.get("/machines")
 @operator_required
 def machines():
+    """One page of machines (``limit``, at most MACHINES_PAGE_MAX, and hardware reports of about
+    MACHINES_PAGE_BYTES); ``next`` is the cursor of the next page, null on the last: memory per
+    request is bounded, whatever the fleet's size."""
+    limit = int_arg("limit", MACHINES_PAGE, 1, MACHINES_PAGE_MAX)
     rows = get_store().list(
         state=_filter("state", [s.value for s in STORED_STATES]),
         role=_filter("role", ROLE_NAMES),
         os=_filter("os", OS_NAMES),
+        after=_page_after(request.args.get("cursor")),
+        limit=limit + 1,
+        max_bytes=MACHINES_PAGE_BYTES,
     )
-    return jsonify({"machines": [machine_view(m) for m in rows]})
+    more = len(rows) > limit or sum(len(json.dumps(m["hardware"])) for m in rows) >= MACHINES_PAGE_BYTES
+    rows = rows[:limit]
+    return jsonify({"machines": [machine_view(m) for m in rows], "next": _page_cursor(rows[-1]) if more else None})
 
 
 @bp.get("/machines/<mac>")

@@ -25,7 +25,7 @@ from bastion_app.installers import (
     image_install_script,
     kickstart,
 )
-from bastion_app.routes import base_url, cfg, int_arg, mac_arg
+from bastion_app.routes import base_url, cfg, install_machine, int_arg, mac_arg
 from labcore import domain, validate
 
 bp = Blueprint("installer", __name__)
@@ -41,9 +41,7 @@ def _install_machine(mac_value: str | None, token_value: str | None, installer: 
         token = validate.token(token_value or "")
     except validate.ValidationError as exc:
         raise ApiError(400, exc.message, {"field": "token"}) from None
-    store = get_store()
-    m = store.get(mac)
-    store.check_install_token(m, token)  # 404 unknown, 409 no install, 403 wrong token
+    m = install_machine(mac, token)  # one uniform 403 for unknown MAC, no install, wrong token or address
     if domain.operating_system(validate.os_name(m["os"])).installer != installer:
         raise ApiError(409, f"machine {mac} installs {m['os']}, not with {installer}",
                        {"os": m["os"]})

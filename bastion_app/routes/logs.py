@@ -23,9 +23,10 @@ from flask import Blueprint, Response, jsonify, request
 from bastion_app import get_logs, get_store
 from bastion_app.auth import operator_required
 from bastion_app.errors import ApiError
-from bastion_app.follow import line_view, open_stream, timeline_items
+from bastion_app.follow import client_gone, line_view, open_stream, timeline_items
 from bastion_app.logstore import UNATTRIBUTED, LogStore, advance, clean, keepalive_interval
-from bastion_app.routes import cfg, int_arg, json_body, mac_arg
+from bastion_app.routes import caller_claim, cfg, install_machine, int_arg, json_body, mac_arg
+from bastion_app.store import NOT_ACCEPTED
 from labcore import progress as timeline
 from labcore import schemas, validate
 
@@ -60,8 +61,7 @@ def _known(mac: str, logs: LogStore) -> dict[str, Any] | None:
 def post_log():
     req = json_body(schemas.LogRequest)
     store, logs = get_store(), get_logs()
-    m = store.get(req.mac)
-    store.check_install_token(m, req.token)
+    m = install_machine(req.mac, req.token)
     now, ip = time.time(), request.remote_addr
     n = logs.append([(req.mac, now, "api", "info", "", "", ip, line) for line in req.lines])
     best = None
@@ -69,7 +69,8 @@ def post_log():
         step = timeline.from_anaconda_line(line)
         if step is not None and (best is None or timeline.advances(best.stage, best.percent, step)):
             best = step
-    advance(store, req.mac, best, machine=m, ip=ip, keepalive_s=keepalive_interval(cfg().stall_timeout))
+    advance(store, req.mac, best, machine=m, ip=ip, keepalive_s=keepalive_interval(cfg().stall_timeout),
+            verdict=caller_claim(req.mac))
     return jsonify({"mac": req.mac, "stored": n})
 
 
@@ -81,7 +82,7 @@ def installer_events(mac: str, token: str):
     try:
         token = validate.token(token)
     except validate.ValidationError:
-        raise ApiError(403, "install token does not match this machine's install") from None
+        raise ApiError(403, NOT_ACCEPTED) from None
     raw = request.get_data(cache=True)
     try:
         doc = json.loads(raw) if raw else None
@@ -91,8 +92,8 @@ def installer_events(mac: str, token: str):
     if not events or len(events) > 100 or not all(isinstance(e, dict) for e in events):
         raise ApiError(400, "body must be one reporting event (a JSON object) or a list of at most 100")
     store, logs = get_store(), get_logs()
-    m = store.get(mac)
-    store.check_install_token(m, token)
+    m = install_machine(mac, token)
+    verdict = caller_claim(mac)
     now, ip = time.time(), request.remote_addr
     rows = []
     for e in events:
@@ -109,10 +110,11 @@ def installer_events(mac: str, token: str):
         if step is None:
             continue
         if step.terminal:
-            m = store.progress(mac, token=token, stage=step.stage, percent=step.percent, message=step.message, ip=ip)
+            m = store.progress(mac, token=token, stage=step.stage, percent=step.percent, message=step.message, ip=ip,
+                               verdict=verdict)
             state = m["state"]
             break
-        m = advance(store, mac, step, machine=m, ip=ip) or m
+        m = advance(store, mac, step, machine=m, ip=ip, verdict=verdict) or m
         state = m["state"]
     return jsonify({"mac": mac, "state": state, "stored": len(rows)})
 
@@ -167,7 +169,8 @@ def follow(mac: str):
         if tail:
             newest = logs.tail(mac, tail)
             start = (0, newest[0]["id"] - 1 if newest else 0)
-    body = open_stream(store, logs, mac, start, heartbeat=heartbeat, followers=cfg().followers)
+    body = open_stream(store, logs, mac, start, heartbeat=heartbeat, followers=cfg().followers,
+                       gone=client_gone(request.environ.get("gunicorn.socket")))
     if body is None:
         raise ApiError(503, "too many log followers on this worker", "retry in a few seconds")
     return Response(body, mimetype="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

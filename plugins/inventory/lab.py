@@ -8,8 +8,9 @@ name: lab
 short_description: Machines of one or more lab-platform bastions as an inventory
 version_added: 0.1.0
 description:
-  - Reads the machines of each bastion in O(sources) with exactly one C(GET /api/machines) request per
-    bastion and turns them into hosts, groups and host variables.
+  - Reads the machines of each bastion with C(GET /api/machines), one request per page of 1000 machines
+    (so exactly one per bastion for fleets of up to 1000), and turns them into hosts, groups and host
+    variables.
   - Only installed machines are hosts by default; O(states) adds machines in other states.
   - "Values that a machine controls (its hardware report, C(lab_hardware), and the C(lab_cpu_*),
     C(lab_dmi_*), C(lab_disks) and C(lab_nics) facts) are marked unsafe wherever they could be a
@@ -41,7 +42,7 @@ options:
   sources:
     description:
       - Base URLs of the bastions (or labd) to read, for example C(http://10.0.0.2:8080).
-      - Each source is read with exactly one HTTP request.
+      - Each source is read with one HTTP request per page of 1000 machines.
       - An item may also be a mapping with C(url) and optionally C(token) and C(name) (the bastion's
         group name; default derived from the URL's host and port).
     type: list
@@ -232,7 +233,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
     def _fetch(self, sources, cache_key, cache):
         """The only place that talks to bastions or the cache: {url: [machine, ...]}.
 
-        One GET /api/machines per source. A source that cannot be read falls back to its cached
+        One GET /api/machines per source and page of 1000 machines. A source that cannot be read falls back to its cached
         machines (with a warning) when caching is enabled and the cache has them; else it is an error."""
         use_cache = bool(self.get_option("cache"))
         cached = {}

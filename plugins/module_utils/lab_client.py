@@ -92,13 +92,20 @@ class LabClient:
         return LabClientError(msg, status=exc.code, error=error, detail=detail)
 
     # -- the API, one method per endpoint used by the plugins ---------------------------------
-    def machines(self, **filters):
-        """All machines in ONE request (``GET /api/machines``), optionally filtered by state/role/os."""
-        doc = self.request("GET", "/api/machines", query=filters or None)
-        machines = doc.get("machines") if isinstance(doc, dict) else None
-        if not isinstance(machines, list):
-            raise LabClientError("GET %s/api/machines: answer has no 'machines' list" % self.url)
-        return machines
+    def machines(self, page_size=1000, **filters):
+        """All machines (``GET /api/machines``, one request per page of ``page_size``: one for
+        fleets of up to 1000), optionally filtered by state/role/os."""
+        machines, cursor = [], None
+        while True:
+            query = dict(filters, limit=page_size, cursor=cursor)
+            doc = self.request("GET", "/api/machines", query=query)
+            page = doc.get("machines") if isinstance(doc, dict) else None
+            if not isinstance(page, list):
+                raise LabClientError("GET %s/api/machines: answer has no 'machines' list" % self.url)
+            machines.extend(page)
+            cursor = doc.get("next")
+            if not cursor or not page:
+                return machines
 
     def machine(self, mac):
         """One machine with its events, or None when the bastion does not know it."""

@@ -10,7 +10,7 @@ short_description: Read machines from a lab-platform bastion
 version_added: 0.1.0
 description:
   - Returns one machine (with its recent events) when O(mac) is given, else every machine, optionally
-    filtered by O(machine_state), O(role) and O(os), in one request.
+    filtered by O(machine_state), O(role) and O(os), in one request per page of 1000 machines.
 author:
   - lab-platform maintainers (@lab-platform)
 extends_documentation_fragment:

@@ -12,6 +12,8 @@ requested the installer kernel and initrd (stand-ins) with its install token.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +23,15 @@ import pytest
 import requests
 
 from bastion_app.store import Store
-from tests.e2e.lab import SYSLOG_PORT, Lab, Machine, esp_marker_disk, mbr_marker_disk
+from tests.e2e.lab import (
+    BASTION_IP,
+    BASTION_PORT,
+    SYSLOG_PORT,
+    Lab,
+    Machine,
+    esp_marker_disk,
+    mbr_marker_disk,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -51,10 +61,22 @@ def queue_install(lab: Lab, mac: str, hostname: str) -> None:
     assert r.status_code == 202, r.text
 
 
-def progress(lab: Lab, mac: str, token: str, stage: str, percent: int | None, message: str) -> None:
-    r = requests.post(lab.api_url + "/api/progress", timeout=10,
-                      json={"mac": mac, "token": token, "stage": stage, "percent": percent, "message": message})
-    assert r.status_code == 200, r.text
+def progress(lab: Lab, mac: str, token: str, stage: str, percent: int | None, message: str,
+             source: str | None = None) -> None:
+    """A progress post as the installer sends it. The bastion takes it only from the address its
+    install is bound to: a machine with a DHCP lease speaks from ``source`` (its leased address,
+    borrowed with _machine_address, inside the namespace); one that never booted was bound to
+    the forwarder's address by make_installed's /dispatch, and speaks through the forwarder."""
+    body = {"mac": mac, "token": token, "stage": stage, "percent": percent, "message": message}
+    if source is None:
+        r = requests.post(lab.api_url + "/api/progress", timeout=10, json=body)
+        assert r.status_code == 200, r.text
+        return
+    code = ("import http.client,sys; c=http.client.HTTPConnection(sys.argv[2], int(sys.argv[3]), timeout=10, "
+            "source_address=(sys.argv[1], 0)); c.request('POST', '/api/progress', body=sys.argv[4], "
+            "headers={'Content-Type': 'application/json'}); r=c.getresponse(); print(r.status, r.read().decode())")
+    proc = lab.ns_exec(sys.executable, "-c", code, source, BASTION_IP, str(BASTION_PORT), json.dumps(body))
+    assert proc.returncode == 0 and proc.stdout.startswith("200 "), proc.stdout + proc.stderr
 
 
 def make_installed(lab: Lab, mac: str, hostname: str) -> None:
@@ -135,11 +157,12 @@ def test_logs_follow_shows_progress_and_syslog_of_a_simulated_install(lab, machi
                               env={**os.environ, **lab.labctl_env()})
     try:
         time.sleep(2)
-        progress(lab, mac, token, "partitioning", 10, "creating partitions on /dev/vda")
-        _syslog_from(lab, ip, "anaconda: e2e syslog line one")
-        progress(lab, mac, token, "packages", 60, "installing packages")
-        _syslog_from(lab, ip, "anaconda: e2e syslog line two")
-        progress(lab, mac, token, "complete", 100, "install finished")
+        with _machine_address(lab, ip):
+            progress(lab, mac, token, "partitioning", 10, "creating partitions on /dev/vda", source=ip)
+            _syslog_from(lab, ip, "anaconda: e2e syslog line one")
+            progress(lab, mac, token, "packages", 60, "installing packages", source=ip)
+            _syslog_from(lab, ip, "anaconda: e2e syslog line two")
+            progress(lab, mac, token, "complete", 100, "install finished", source=ip)
         out, _ = follow.communicate(timeout=60)
     finally:
         if follow.poll() is None:
@@ -151,19 +174,24 @@ def test_logs_follow_shows_progress_and_syslog_of_a_simulated_install(lab, machi
     assert follow.returncode == 0, out
 
 
-def _syslog_from(lab: Lab, ip: str, message: str) -> None:
-    """Send one RFC 3164 syslog line to the bastion from ``ip`` (added to the bridge for the
-    moment: the machine itself is off, its address is free)."""
-    code = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 0)); "
-            "s.sendto(sys.argv[2].encode(), (sys.argv[3], int(sys.argv[4])))")
+@contextlib.contextmanager
+def _machine_address(lab: Lab, ip: str):
+    """Borrow a stopped machine's address: added to the bridge for the moment (it is free)."""
     lab.ns_exec("ip", "addr", "replace", f"{ip}/32", "dev", "br0")
     try:
-        line = f"<14>Nov 26 12:00:00 e2e-logs {message}"
-        proc = lab.ns_exec(sys.executable, "-c", code, ip, line, "10.77.0.1", str(SYSLOG_PORT))
-        assert proc.returncode == 0, proc.stderr
-        time.sleep(0.5)
+        yield
     finally:
         lab.ns_exec("ip", "addr", "del", f"{ip}/32", "dev", "br0")
+
+
+def _syslog_from(lab: Lab, ip: str, message: str) -> None:
+    """Send one RFC 3164 syslog line to the bastion from ``ip`` (inside _machine_address)."""
+    code = ("import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 0)); "
+            "s.sendto(sys.argv[2].encode(), (sys.argv[3], int(sys.argv[4])))")
+    line = f"<14>Nov 26 12:00:00 e2e-logs {message}"
+    proc = lab.ns_exec(sys.executable, "-c", code, ip, line, BASTION_IP, str(SYSLOG_PORT))
+    assert proc.returncode == 0, proc.stderr
+    time.sleep(0.5)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def test_fedora_install_reports_through_its_own_scripts(bastion):
     m = state(bastion, MAC_F)
     assert m["state"] == "installed" and m["percent"] == 100
     # the token is spent: the kickstart is no longer served
-    assert requests.get(f"{bastion.url}/ks", params={"mac": MAC_F, "token": token}, timeout=10).status_code == 409
+    assert requests.get(f"{bastion.url}/ks", params={"mac": MAC_F, "token": token}, timeout=10).status_code == 403
 
 
 def test_fedora_onerror_marks_the_install_failed(bastion):

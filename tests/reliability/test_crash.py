@@ -111,7 +111,7 @@ def test_kill_9_during_progress_storm_loses_no_acknowledged_update(tmp_path, rec
     restart_s = time.monotonic() - t0
     try:
         s = b2.session()
-        machines = {m["mac"]: m for m in s.get(b2.url + "/api/machines").json()["machines"]}
+        machines = {m["mac"]: m for m in s.get(b2.url + "/api/machines", params={"limit": 1000}).json()["machines"]}
         lost = [m for m, pct in acked_snapshot.items() if (machines[m]["percent"] or 0) < pct]
         events = requests.get(b2.url + "/api/events", params={"limit": 5000}, headers=b2.headers).json()["events"]
         stored_progress = sum(1 for e in events if e["kind"] == "progress")

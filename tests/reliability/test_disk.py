@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from tests.support import SMALL_HW, need_root, start_bastion, synthetic_mac
+from tests.support import SMALL_HW, need_root, session_from, start_bastion, synthetic_mac
 
 
 @pytest.fixture
@@ -46,7 +46,9 @@ def fill(path) -> None:
 
 
 def discover(b, i):
-    return requests.post(b.url + "/api/discover", json={"mac": synthetic_mac(i, "52:54:0a"), "hardware": SMALL_HW}, timeout=10)
+    """Machine i reports in, from its own address."""
+    return session_from(f"127.0.10.{i % 250 + 1}").post(b.url + "/api/discover", timeout=10,
+                                                       json={"mac": synthetic_mac(i, "52:54:0a"), "hardware": SMALL_HW})
 
 
 def test_disk_full_then_read_only_then_recovered(small_disk, tmp_path, record):

@@ -33,10 +33,12 @@ def _schemathesis(bastion, tmp_path: Path, *headers: str, max_examples: int, see
 
 @pytest.fixture(scope="module")
 def bastion(tmp_path_factory):
-    """A bastion whose error budget (429 for hosts that keep failing) is out of the fuzzer's way,
-    so that every generated request reaches the code it is meant to test."""
-    b = start_bastion(tmp_path_factory.mktemp("fuzz") / "data", env={"LAB_BASTION_ERROR_RATE": "100000",
-                                                                     "LAB_BASTION_ERROR_BURST": "100000"})
+    """A bastion whose budgets (429 for hosts that keep failing, alone or all together, and for
+    hosts that invent machines) are out of the fuzzer's way, so that every generated request
+    reaches the code it is meant to test."""
+    b = start_bastion(tmp_path_factory.mktemp("fuzz") / "data", env={
+        f"LAB_BASTION_{name}": "100000" for name in ("ERROR_RATE", "ERROR_BURST", "ERROR_TOTAL_RATE", "ERROR_TOTAL_BURST",
+                                                     "DISCOVER_RATE", "DISCOVER_BURST")})
     yield b
     b.stop()
 

@@ -114,7 +114,7 @@ def test_full_install_with_progress_and_events(client, auth):
     assert kinds[-1] == ("complete", "installing", "installed")
     assert all(e["actor"] for e in m["events"])
     # the finished install's token is spent
-    assert progress(client, token, "packages", 10).status_code == 409
+    assert progress(client, token, "packages", 10).status_code == 403  # the uniform machine-facing answer
 
 
 def test_progress_needs_the_install_token(client, auth):
@@ -166,11 +166,15 @@ def test_cancel_and_forget(client, auth):
     lambda c, a: c.post("/api/install", json=INSTALL, headers=a),  # unknown machine
     lambda c, a: c.post("/api/debug", json={"mac": MAC}, headers=a),
     lambda c, a: c.post(f"/api/machines/{MAC}/reprovision", headers=a),
-    lambda c, a: c.post("/api/progress", json={"mac": MAC, "token": "A" * 32, "stage": "x"}),
 ])
 def test_unknown_machine_is_404(client, auth, call):
     r = call(client, auth)
     assert r.status_code == 404 and r.json["error"]
+
+
+def test_machine_facing_answers_do_not_tell_whether_a_machine_exists(client):
+    r = client.post("/api/progress", json={"mac": MAC, "token": "A" * 32, "stage": "x"})
+    assert r.status_code == 403 and r.json["error"].startswith("not accepted")
 
 
 def test_illegal_transitions_are_409_and_change_nothing(client, auth):

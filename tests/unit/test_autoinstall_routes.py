@@ -29,7 +29,7 @@ def test_refusals(client, auth):
     assert client.get(f"/autoinstall/{MAC}/{'x' * 24}/user-data").status_code == 403
     assert client.get(f"/autoinstall/{MAC}/bad/user-data").status_code == 400
     assert client.get(f"/autoinstall/nope/{token}/meta-data").status_code == 400
-    assert client.get(f"/autoinstall/52:54:00:00:00:77/{token}/user-data").status_code == 404
+    assert client.get(f"/autoinstall/52:54:00:00:00:77/{token}/user-data").status_code == 403
 
 
 def test_fedora_machine_gets_no_autoinstall(client, auth):

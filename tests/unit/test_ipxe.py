@@ -28,6 +28,7 @@ CASES = {
     "pxe-debug": ("ipxe/pxe-debug.ipxe.j2", dict(base=BASE, mac=MAC)),
     "local-boot": ("ipxe/local-boot.ipxe.j2", dict(base=BASE, mac=MAC, hostname="node1", efi_chain="")),
     "local-boot-grub": ("ipxe/local-boot.ipxe.j2", dict(base=BASE, mac=MAC, hostname="node1", efi_chain=BASE + "/images/local-boot/grubx64.efi")),
+    "wait": ("ipxe/wait.ipxe.j2", dict(base=BASE, mac=MAC)),
 }
 
 

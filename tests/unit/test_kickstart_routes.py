@@ -40,7 +40,7 @@ def test_install_kernel_line_sends_anacondas_log_from_its_start(client, auth):
     (f"mac={MAC}&token=short", 400),
     ("mac=zz&token=" + "a" * 24, 400),
     (f"mac={MAC}&token=" + "a" * 24, 403),
-    ("mac=52:54:00:00:00:99&token=" + "a" * 24, 404),
+    ("mac=52:54:00:00:00:99&token=" + "a" * 24, 403),  # unknown MAC: the uniform answer
 ])
 def test_ks_refuses_bad_requests(client, auth, query, status):
     queue_install(client, auth)
@@ -51,7 +51,7 @@ def test_ks_refuses_bad_requests(client, auth, query, status):
 
 def test_ks_needs_an_install_in_progress(client, auth):
     assert client.post("/api/discover", json={"mac": MAC}).status_code == 200
-    assert client.get(f"/ks?mac={MAC}&token=" + "a" * 24).status_code == 409
+    assert client.get(f"/ks?mac={MAC}&token=" + "a" * 24).status_code == 403
 
 
 def test_ks_is_not_served_for_ubuntu(client, auth):

@@ -234,6 +234,16 @@ def test_doctor_checks_the_boot_files_of_every_operating_system(tmp_path):
     assert checks["artefacts local-boot"].hint == f"lab-bastion images build-local-boot --data-dir {tmp_path}"
 
 
+def test_doctor_says_which_install_binding_holds(tmp_path):
+    from labcore import bastion_config
+
+    for over, status, name in (({"dnsmasq": False}, "warn", "first address"),
+                               ({"dhcp_mode": "full", "dhcp_range": "10.0.0.100,10.0.0.199"}, "pass", "dhcp lease")):
+        cfg = bastion_config.load(tmp_path, overrides=over, env={}, detect=False)
+        (check,) = doctor.check_local(cfg, "http://127.0.0.1:8080")["binding"]
+        assert check.status == status and check.detail.startswith(name + ":")
+
+
 def _pe(cert_size: int, magic: int = 0x20B) -> bytes:
     """A minimal PE/COFF image: DOS stub pointing at the PE header, a COFF header, an optional
     header with 16 data directories, the Certificate Table (entry 4) ``cert_size`` bytes long."""

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from bastion_app.stateio import validate_state_doc
-from bastion_app.store import MIGRATIONS, Conflict, Forbidden, NotFound, Store
+from bastion_app.store import MIGRATIONS, Conflict, Forbidden, Full, NotFound, Store
 from labcore.lifecycle import IllegalTransition
-from tests.support import HW, INSTALL
+from tests.support import HW, INSTALL, synthetic_mac
 
 MAC = INSTALL["mac"]
 PARAMS = {k: INSTALL[k] for k in ("hostname", "role", "os", "disk", "ssh_keys")}
@@ -46,7 +46,7 @@ def test_every_change_is_an_event(store):
     store.discover(MAC, HW, ip="10.0.0.5")
     store.queue_install(MAC, PARAMS, actor="operator@test", reason="first install")
     m = store.start_install(MAC, ip="10.0.0.5")
-    store.progress(MAC, token=m["install_token"], stage="packages", percent=40, message="", ip=None)
+    store.progress(MAC, token=m["install_token"], stage="packages", percent=40, message="", ip="10.0.0.5")
     store.request_debug(MAC, "rescue", actor="operator@test")
     assert store.take_debug(MAC) == "rescue" and store.take_debug(MAC) is None
     evs = store.events(MAC)
@@ -231,3 +231,25 @@ def test_requeue_records_what_changed(store):
     e = store.events(MAC)[-1]
     assert (e["kind"], e["data"]) == ("reprovision", {"os": "ubuntu-26.04", "changed": {"os": ["fedora-43", "ubuntu-26.04"]}})
     assert e["reason"] == "new kernel; os fedora-43 -> ubuntu-26.04"
+
+
+def test_pages_are_bounded_in_machines_and_bytes_and_hardware_is_counted(store):
+    hw = {"dmi": {"product": "p" * 1000}}
+    for i in range(10):
+        store.discover(synthetic_mac(i), hw, ip=f"10.0.1.{i}")
+    size = len(json.dumps(hw))
+    assert store.hardware_bytes() == 10 * size  # kept by the triggers
+    first = store.list(limit=4)
+    assert [m["mac"] for m in first] == [synthetic_mac(i) for i in range(4)]
+    rest = store.list(after=(first[-1]["hostname"], first[-1]["mac"]), limit=100)
+    assert [m["mac"] for m in rest] == [synthetic_mac(i) for i in range(4, 10)]
+    assert len(store.list(limit=100, max_bytes=3 * size)) == 3
+    store.forget(synthetic_mac(0), actor="t")
+    assert store.hardware_bytes() == 9 * size
+    with pytest.raises(Full):
+        store.discover(synthetic_mac(99), hw, ip="10.0.1.99", max_hardware_total=9 * size + 10)
+    with pytest.raises(Full):
+        store.discover(synthetic_mac(99), {}, ip="10.0.1.99", max_machines=9)
+    with pytest.raises(Forbidden):  # a known machine from another address
+        store.discover(synthetic_mac(1), {}, ip="10.0.9.9")
+    assert store.get(synthetic_mac(1))["hardware"] == hw

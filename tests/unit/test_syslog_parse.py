@@ -88,10 +88,10 @@ def test_parse_never_raises(data):
 def test_dnsmasq_leases(tmp_path):
     f = tmp_path / "dnsmasq.leases"
     f.write_text(
-        "1764158400 52:54:00:AA:bb:01 10.0.0.5 node1 01:52:54:00:aa:bb:01\n"
-        "1764158400 not-a-mac 10.0.0.6 * *\n"
+        "4102444800 52:54:00:AA:bb:01 10.0.0.5 node1 01:52:54:00:aa:bb:01\n"
+        "4102444800 not-a-mac 10.0.0.6 * *\n"
         "duid 00:01:00:01:2c:7e\n"
-        "1764158400 52-54-00-aa-bb-02 10.0.0.7 * *\n"
+        "4102444800 52-54-00-aa-bb-02 10.0.0.7 * *\n"
     )
     assert read_leases(f) == {"10.0.0.5": "52:54:00:aa:bb:01", "10.0.0.7": "52:54:00:aa:bb:02"}
     assert read_leases(tmp_path / "missing") == {}
@@ -106,7 +106,7 @@ def test_resolver_order_and_fresh_machines(tmp_path):
     store = Store(tmp_path / "state.db")
     store.discover("52:54:00:aa:00:01", {}, ip="10.9.0.5")
     leases = tmp_path / "dnsmasq.leases"
-    leases.write_text("1764158400 52:54:00:aa:00:02 10.9.0.5 * *\n")
+    leases.write_text("4102444800 52:54:00:aa:00:02 10.9.0.5 * *\n")
     r = Resolver(store, leases, refresh_s=3600)
     assert r.resolve("10.9.0.5") == "52:54:00:aa:00:02"
     assert r.resolve("10.9.0.77") is None
