@@ -580,7 +580,7 @@ def _build_into(work: Path, packages: dict[str, tuple[str, str]], modules: tuple
     }
 
 
-def _publish(src: Path, dest: Path) -> None:
+def publish(src: Path, dest: Path) -> None:
     """Put ``src`` at ``dest`` atomically: a hard link when on the same filesystem, else a copy."""
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
@@ -645,7 +645,7 @@ def build_discovery(cache_dir: Path | None, out_dir: Path, *, progress: Callable
                     shutil.rmtree(work, ignore_errors=True)
         manifest = json.loads((final / "manifest.json").read_text())
         for name in ("vmlinuz", "initrd.img", "manifest.json"):
-            _publish(final / name, out / name)
+            publish(final / name, out / name)
         if not cached:
             _prune(cache, digest, packages)
 

@@ -202,7 +202,7 @@ def build_installer(images_dir: Path, *, cache_dir: Path | None = None,
         cached = True
     manifest = json.loads((final / "manifest.json").read_text())
     for name in ("vmlinuz", "initrd.img", "manifest.json"):
-        disc._publish(final / name, out / name)
+        disc.publish(final / name, out / name)
     progress(f"installer: {out}/vmlinuz + initrd.img, {manifest['size_bytes'] / 1e6:.1f} MB "
              f"(install tools layer {manifest['layer_bytes'] / 1e6:.1f} MB), hash {digest}"
              f"{' (cached)' if cached else ''}, {time.monotonic() - started:.1f} s")

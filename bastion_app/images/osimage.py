@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bastion_app.images.discovery import publish
 from labcore import bastion_files, domain
 
 #: Bumped when the build steps change in a way the other inputs do not show.
@@ -297,17 +298,6 @@ def _build(o: domain.OperatingSystem, work: Path, mirror: str, digest: str, log,
     }
 
 
-def _publish(src: Path, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, dest)
-
-
 def read_manifest(images_dir: Path, os_name: str) -> dict | None:
     """The published image's manifest (``<images>/<os>/rootfs.json``), or None when there is none."""
     try:
@@ -359,8 +349,8 @@ def build_os(os_name: str, images_dir: Path, *, cache_dir: Path | None = None,
                 if old.is_dir() and old != final:
                     shutil.rmtree(old, ignore_errors=True)
         manifest = json.loads((final / MANIFEST).read_text())
-        _publish(final / ROOTFS, out / ROOTFS)
-        _publish(final / MANIFEST, out / MANIFEST)
+        publish(final / ROOTFS, out / ROOTFS)
+        publish(final / MANIFEST, out / MANIFEST)
     progress(f"{o.name}: {out / ROOTFS}, {manifest['size_bytes'] / 1e6:.1f} MB "
              f"({manifest['unpacked_bytes'] / 1e6:.0f} MB unpacked, {len(manifest['packages'])} packages, "
              f"kernel {manifest['kernel']}), {time.monotonic() - started:.1f} s")
