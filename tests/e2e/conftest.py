@@ -19,8 +19,10 @@ def lab(tmp_path_factory):
     e2e_prerequisites()
     root = tmp_path_factory.mktemp("lab")
     info = labmod.prepare_images(root / "data")
-    E2E_TIMES.append(("images (discovery build or cache, local-boot GRUB)", info["seconds"],
-                      f"discovery image {info['discovery_bytes'] / 1e6:.1f} MB{' (cached)' if info['cached'] else ''}"))
+    E2E_TIMES.append(("images (discovery, local-boot GRUB, debian-12 and its installer: built or cached)",
+                      info["seconds"], f"discovery image {info['discovery_bytes'] / 1e6:.1f} MB, debian-12 image "
+                      f"{info['os_image_bytes'] / 1e6:.1f} MB, installer {info['installer_bytes'] / 1e6:.1f} MB"
+                      f"{' (cached)' if info['cached'] else ''}"))
     with e2e_lab(root, "lab up (netns, bastion, dnsmasq)") as the_lab:
         yield the_lab
 
