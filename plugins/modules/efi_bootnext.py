@@ -77,7 +77,8 @@ from ansible.module_utils.basic import AnsibleModule
 
 EFI_DIR = "/sys/firmware/efi"
 _BOOT = re.compile(r"^Boot([0-9A-Fa-f]{4})(\*?)\s+(.*)$")
-_NETWORK = re.compile(r"\b(PXE|network|net boot|netboot|IPv4|IPv6|NIC|LAN|iPXE|Ethernet)\b|MAC\(", re.IGNORECASE)
+_NETWORK = re.compile(r"\b(PXE(v[46])?|network|net boot|netboot|IPv4|IPv6|NIC|LAN|iPXE|Ethernet)\b|MAC[(:][0-9A-F]{12}",
+                      re.IGNORECASE)
 _MACNODE = re.compile(r"MAC[:(]([0-9A-Fa-f]{12})")
 
 
@@ -147,7 +148,8 @@ def main():
         module.exit_json(changed=False, firmware="bios", boot_next=None,
                          msg="no UEFI firmware (%s is missing): nothing to set" % EFI_DIR)
     efibootmgr = module.get_bin_path("efibootmgr", required=True)
-    rc, out, err = module.run_command([efibootmgr], check_rc=False)
+    # -v: the device paths too (efibootmgr 17 prints them only then; OVMF's labels alone say "PXEv4")
+    rc, out, err = module.run_command([efibootmgr, "-v"], check_rc=False)
     if rc != 0:
         module.fail_json(msg="efibootmgr failed: %s" % (err or out).strip(), rc=rc)
     info = parse_efibootmgr(out)

@@ -92,3 +92,14 @@ def test_no_network_entry():
 def test_junk_is_ignored():
     info = efi.parse_efibootmgr("EFI variables are not supported on this system.\n\nBootXYZ* nope\n")
     assert info == {"boot_current": None, "boot_next": None, "boot_order": [], "entries": []}
+
+
+def test_an_ovmf_label_alone_is_a_network_entry():
+    """efibootmgr 18 on Debian 12 printed OVMF's entries without a device path on an installed
+    machine (the e2e reprovision found no network entry): the label "UEFI PXEv4 (MAC:...)" alone
+    must do."""
+    text = ("BootCurrent: 0004\nBootOrder: 0001,0004\nBoot0001* UEFI PXEv4 (MAC:525400E2D002)\n"
+            "Boot0004* debian\n")
+    entries = efi.parse_efibootmgr(text)["entries"]
+    assert efi.pick_network_entry(entries, mac="52:54:00:e2:d0:02")["num"] == "0001"
+    assert not efi.is_network(entries[1])
