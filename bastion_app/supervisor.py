@@ -1,6 +1,11 @@
 """`lab-bastion serve`: one small supervisor process that starts and watches its children:
 gunicorn (the Flask app, several workers), the syslog listener and dnsmasq, restarting any that
-dies, and stopping all of them on SIGTERM/SIGINT. It also marks silent installs as stalled."""
+dies, and stopping all of them on SIGTERM/SIGINT. It also marks silent installs as stalled.
+
+Start-up fails fast: an unusable data directory, a taken HTTP or syslog port, or a child that
+exits during its first seconds ends `serve` at once with :data:`EX_CONFIG` and a message that says
+what to change (the systemd unit does not restart on that status), instead of retrying forever
+while the ports it did get stay held."""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -23,6 +30,16 @@ from bastion_app.store import Store
 from labcore.bastion_config import Config
 
 log = logging.getLogger("lab-bastion")
+
+#: sysexits.h EX_CONFIG: `serve` cannot start as configured (taken port, unusable data directory).
+#: The systemd unit lists it in RestartPreventExitStatus=, so the failure shows instead of a loop.
+EX_CONFIG = 78
+#: A critical child that exits within this many seconds of its first start fails `serve` at once.
+STARTUP_S = 5.0
+
+
+class StartupError(Exception):
+    """`serve` cannot start as configured; the message says what to change."""
 
 
 @dataclass
@@ -50,6 +67,8 @@ class _Running:
     proc: subprocess.Popen
     started: float
     restarts: int = 0
+    #: its first start: exiting within STARTUP_S then means the bastion cannot start
+    first: bool = False
 
 
 _METRICS_PREFIX = "lab-bastion-metrics-"
@@ -109,6 +128,34 @@ def dnsmasq_child(cfg: Config) -> ChildSpec:
     return ChildSpec("dnsmasq", dnsmasq.argv(conf, binary))
 
 
+def _bind_probe(host: str, port: int, kind: int) -> None:
+    """Bind (and release) the port as the child that will own it does: TCP with SO_REUSEADDR (a
+    listener in TIME_WAIT is no conflict), UDP without it (two UDP sockets with SO_REUSEADDR would
+    share the port and split its datagrams)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as s:
+        if kind == socket.SOCK_STREAM:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+
+
+def check_ports(cfg: Config) -> None:
+    """The HTTP port and the syslog port (UDP and TCP) are free, or StartupError says which is not."""
+    host = cfg.listen_host
+    try:
+        _bind_probe(host, cfg.listen_port, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {cfg.listen} ({exc.strerror}): the HTTP port is in use by another "
+                           "program (another bastion?); stop it, or choose another address with --listen HOST:PORT") from None
+    for kind, proto in ((socket.SOCK_DGRAM, "udp"), (socket.SOCK_STREAM, "tcp")):
+        try:
+            _bind_probe(host, cfg.syslog_port, kind)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on the syslog port {cfg.syslog_port} ({proto} {host}:{cfg.syslog_port}: "
+                               f"{exc.strerror}): another program (another bastion, rsyslog?) has it; stop it, or "
+                               "choose another port with --syslog-port PORT") from None
+
+
 class Supervisor:
     def __init__(self, cfg: Config, specs: list[ChildSpec]):
         self.cfg = cfg
@@ -120,14 +167,28 @@ class Supervisor:
         self._serve_lock: int | None = None
 
     def prepare(self) -> None:
-        from bastion_app.auth import ensure_token
-
-        self.cfg.data_path.mkdir(parents=True, exist_ok=True)
-        ensure_token(self.cfg.token_path)
-        Store.from_config(self.cfg).migrate()
+        self._check_data_dir()
         self._take_serve_lock()
+        check_ports(self.cfg)
         self.metrics = new_metrics_dir()
         self.env = child_env(self.cfg, self.metrics)
+
+    def _check_data_dir(self) -> None:
+        """The data directory, the token and both databases open (created on first start); a
+        read-only directory with a bastion in it is fine (it is served read-only)."""
+        from bastion_app.auth import ensure_token
+        from bastion_app.db import StorageUnavailable
+        from bastion_app.logstore import LogStore
+
+        steps = ((self.cfg.data_path, lambda: self.cfg.data_path.mkdir(parents=True, exist_ok=True)),
+                 (self.cfg.token_path, lambda: ensure_token(self.cfg.token_path)),
+                 (self.cfg.db_path, lambda: Store.from_config(self.cfg).close()),
+                 (self.cfg.data_path / "logs.db", lambda: LogStore.from_config(self.cfg).close()))
+        for path, step in steps:
+            try:
+                step()
+            except (OSError, sqlite3.Error, StorageUnavailable, RuntimeError) as exc:
+                raise StartupError(f"the data directory is unusable: {path}: {exc}") from None
 
     def _take_serve_lock(self) -> None:
         """One bastion per data directory: a second `serve` on the same one is refused."""
@@ -144,7 +205,7 @@ class Supervisor:
         except BlockingIOError:
             other = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise SystemExit(f"lab-bastion serve: another bastion (pid {other}) is already serving {self.cfg.data_path}") from None
+            raise StartupError(f"another bastion (pid {other}) is already serving {self.cfg.data_path}") from None
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
@@ -152,10 +213,10 @@ class Supervisor:
             pass  # read-only: the lock holds all the same
         self._serve_lock = fd  # held (open) for the life of this process
 
-    def _start(self, spec: ChildSpec, restarts: int = 0) -> None:
+    def _start(self, spec: ChildSpec, restarts: int = 0, first: bool = False) -> None:
         env = {**self.env, **spec.env}
         proc = subprocess.Popen(spec.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
-        self.running[spec.name] = _Running(spec, proc, time.monotonic(), restarts)
+        self.running[spec.name] = _Running(spec, proc, time.monotonic(), restarts, first)
         log.info("started %s (pid %d)", spec.name, proc.pid)
 
     def _stall_loop(self) -> None:
@@ -172,19 +233,24 @@ class Supervisor:
         self.stopping.set()
 
     def run(self) -> int:
+        """Supervise until stopped. Raises StartupError when the bastion cannot start."""
         self.prepare()
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         for spec in self.specs:
-            self._start(spec)
+            self._start(spec, first=True)
         threading.Thread(target=self._stall_loop, name="stall-check", daemon=True).start()
         rc = 0
-        while not self.stopping.wait(0.5):
+        while not self.stopping.wait(0.2):
             for name, r in list(self.running.items()):
                 code = r.proc.poll()
                 if code is None:
                     continue
                 uptime = time.monotonic() - r.started
+                if r.first and r.spec.critical and uptime < STARTUP_S:
+                    self.shutdown()
+                    raise StartupError(f"{name} exited with code {code} while starting (its messages are above); "
+                                       "nothing is served")
                 restarts = 0 if uptime > 60 else r.restarts + 1
                 if restarts > 5:
                     log.error("%s keeps exiting (code %s); giving up", name, code)

@@ -222,35 +222,28 @@ class Listener:
 
     # receiving
     def bind(self) -> None:
-        """Bind UDP (required) and TCP (best effort) on the port, retrying while it is taken so
-        that a busy port never makes the supervisor give up on the whole bastion."""
-        while not self.stopping.is_set():
+        """Bind UDP and TCP on the port, or raise OSError. UDP without SO_REUSEADDR: with it, a
+        second bastion on the same port would bind too and take some of the datagrams."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        try:
             try:
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.setsockopt(socket.SOL_SOCKET, 33, RCVBUF)  # SO_RCVBUFFORCE (root)
-                except OSError:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-                s.bind((self.host, self.port))
-                self.udp = s
-                break
-            except OSError as exc:
-                s.close()
-                log.error("syslog: cannot bind UDP %s:%d (%s); retrying in 5 s", self.host, self.port, exc)
-                self.stopping.wait(5)
-        if self.udp is None:
-            return
+                udp.setsockopt(socket.SOL_SOCKET, 33, RCVBUF)  # SO_RCVBUFFORCE (root)
+            except OSError:
+                udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            udp.bind((self.host, self.port))
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TCP: a listener in TIME_WAIT is no conflict
+            tcp.bind((self.host, self.port))
+            tcp.listen(64)
+        except OSError:
+            udp.close()
+            tcp.close()
+            raise
+        self.udp = udp
         log.info("syslog: listening on udp and tcp %s:%d", self.host, self.port)
         threading.Thread(target=self._recv_udp, name="syslog-udp", daemon=True).start()
-        try:
-            t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            t.bind((self.host, self.port))
-            t.listen(16)
-            threading.Thread(target=self._accept_tcp, args=(t,), name="syslog-tcp", daemon=True).start()
-        except OSError as exc:
-            log.warning("syslog: no TCP listener on port %d (%s); UDP only", self.port, exc)
+        threading.Thread(target=self._accept_tcp, args=(tcp,), name="syslog-tcp", daemon=True).start()
 
     def _push(self, ip: str, data: bytes) -> None:
         self.received += 1
@@ -357,7 +350,7 @@ class Listener:
         return n
 
     def run(self) -> None:
-        self.bind()
+        """Store what the receivers queue until stopped (call :meth:`bind` first)."""
         q = self.queue
         last_report = time.monotonic()
         while not (self.stopping.is_set() and not q):
@@ -408,6 +401,13 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    try:
+        listener.bind()
+    except OSError as exc:
+        log.error("syslog: cannot listen on udp and tcp %s:%d (%s): use another --syslog-port", cfg.listen_host, cfg.syslog_port, exc)
+        from bastion_app.supervisor import EX_CONFIG
+
+        return EX_CONFIG
     listener.logs.trim_all()
     listener.run()
     _report(listener)
