@@ -220,12 +220,16 @@ class Supervisor:
         log.info("started %s (pid %d)", spec.name, proc.pid)
 
     def _stall_loop(self) -> None:
+        from bastion_app.db import StorageUnavailable
+
         store = Store.from_config(self.cfg)
         interval = max(1.0, min(30.0, self.cfg.stall_timeout / 4))
         while not self.stopping.wait(interval):
             try:
                 for mac in store.mark_stalled(self.cfg.stall_timeout):
                     log.warning("install on %s stalled: no progress for %d s", mac, self.cfg.stall_timeout)
+            except StorageUnavailable as exc:
+                log.error("stall check: %s", exc)
             except Exception:  # noqa: BLE001 - keep supervising; the next round retries
                 log.exception("stall check failed")
 

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bastion_app.db import StorageUnavailable
 from bastion_app.logstore import SEVERITIES, UNATTRIBUTED, LogStore, advance, clean, clip, keepalive_interval
 from labcore import progress as timeline
 
@@ -408,7 +409,10 @@ def main() -> int:
         from bastion_app.supervisor import EX_CONFIG
 
         return EX_CONFIG
-    listener.logs.trim_all()
+    try:
+        listener.logs.trim_all()
+    except StorageUnavailable as exc:  # a read-only data directory: lines are refused (and counted) until it is writable
+        log.warning("syslog: %s", exc)
     listener.run()
     _report(listener)
     log.info("syslog: stopped (%d received, %d stored, %d dropped)", listener.received, listener.stored, listener.dropped)
