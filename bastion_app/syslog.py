@@ -10,7 +10,16 @@ count) advance the machine's progress timeline.
 
 One thread receives (and only receives: a datagram costs it one ``recvfrom`` and one append), the
 main thread parses and writes in batches, so a slow disk never makes the kernel drop datagrams
-unless the backlog limit is reached (counted in ``lab_bastion_syslog_dropped_total``).
+unless the backlog is full.
+
+Bounds (docs/logs.md, docs/reliability.md "Threat model"): the backlog holds at most
+:data:`MAX_BACKLOG_BYTES` of messages, counting the batch being written; every message that is not
+stored is counted in ``lab_bastion_syslog_dropped_total``: refused by a full backlog, lost by a
+batch the data directory would not take, cut off in a TCP frame too long to be a message, and
+dropped by the kernel before the listener could read it (the socket's drop counter). TCP
+connections: at most :data:`TCP_PER_SOURCE` per sender address and :data:`TCP_TOTAL` in all (a
+new one then closes the least recently active one), each closed after :data:`TCP_IDLE_S` without
+data.
 """
 
 from __future__ import annotations
@@ -36,11 +45,16 @@ from labcore import progress as timeline
 log = logging.getLogger("lab-bastion.syslog")
 
 MAX_DATAGRAM = 65535
-#: Datagrams waiting for the writer; beyond this the receiver drops (and counts) them.
-MAX_BACKLOG = 500_000
+#: Bytes of messages waiting for the writer or being written; beyond this the receivers drop (and
+#: count) them. With the receive buffer this bounds the listener's memory (docs/reliability.md).
+MAX_BACKLOG_BYTES = 8 * 1024 * 1024
 BATCH = 5000
 RCVBUF = 32 * 1024 * 1024
-MAX_TCP_CONNECTIONS = 64
+#: TCP connections per sender address and in all; an idle connection is closed after TCP_IDLE_S.
+#: An installer's rsyslog keeps one connection and reconnects when it was closed.
+TCP_PER_SOURCE = 4
+TCP_TOTAL = 128
+TCP_IDLE_S = 300.0
 
 
 # -- parsing (pure) ----------------------------------------------------------------------------
@@ -207,7 +221,8 @@ class Resolver:
 
 # -- the listener ------------------------------------------------------------------------------
 class Listener:
-    def __init__(self, cfg, host: str, port: int, *, store=None, logs: LogStore | None = None):
+    def __init__(self, cfg, host: str, port: int, *, store=None, logs: LogStore | None = None,
+                 tcp_idle_s: float = TCP_IDLE_S, tcp_total: int = TCP_TOTAL, tcp_per_source: int = TCP_PER_SOURCE):
         from bastion_app.store import Store
 
         self.cfg, self.host, self.port = cfg, host, port
@@ -215,11 +230,21 @@ class Listener:
         self.logs = logs or LogStore.from_config(cfg)
         self.resolver = Resolver(self.store, leases_path(cfg))
         self.queue: collections.deque = collections.deque()
+        self.backlog_bytes = 0  # queued plus the batch being written
+        self._backlog_lock = threading.Lock()
         self.stopping = threading.Event()
         self.received = self.dropped = self.stored = 0
         self.keepalive_s = keepalive_interval(cfg.stall_timeout)
         self.udp: socket.socket | None = None
+        self.tcp = TcpConnections(tcp_total, tcp_per_source)
+        self.tcp_idle_s = tcp_idle_s
         self._machines: dict[str, tuple[dict | None, float]] = {}
+        self._store_error_logged = 0.0
+
+    @property
+    def kernel_dropped(self) -> int:
+        """Datagrams the kernel dropped for this socket (its receive buffer was full)."""
+        return socket_drops(self.udp) if self.udp is not None else 0
 
     # receiving
     def bind(self) -> None:
@@ -247,11 +272,13 @@ class Listener:
         threading.Thread(target=self._accept_tcp, args=(tcp,), name="syslog-tcp", daemon=True).start()
 
     def _push(self, ip: str, data: bytes) -> None:
-        self.received += 1
-        if len(self.queue) < MAX_BACKLOG:
-            self.queue.append((time.time(), ip, data))
-        else:
-            self.dropped += 1
+        with self._backlog_lock:
+            self.received += 1
+            if self.backlog_bytes + len(data) > MAX_BACKLOG_BYTES:
+                self.dropped += 1
+                return
+            self.backlog_bytes += len(data)
+        self.queue.append((time.time(), ip, data))
 
     def _recv_udp(self) -> None:
         recv, push = self.udp.recvfrom, self._push  # type: ignore[union-attr]
@@ -265,31 +292,37 @@ class Listener:
             push(addr[0], data)
 
     def _accept_tcp(self, srv: socket.socket) -> None:
-        active = threading.BoundedSemaphore(MAX_TCP_CONNECTIONS)
         while not self.stopping.is_set():
             try:
                 conn, addr = srv.accept()
             except OSError:
                 continue
-            if not active.acquire(blocking=False):
-                conn.close()
+            if not self.tcp.admit(conn, addr[0]):
+                conn.close()  # this host has its share already
                 continue
-            threading.Thread(target=self._read_tcp, args=(conn, addr[0], active), daemon=True).start()
+            threading.Thread(target=self._read_tcp, args=(conn, addr[0]), daemon=True).start()
 
-    def _read_tcp(self, conn: socket.socket, ip: str, active) -> None:
-        """RFC 6587 framing: octet counting ("LEN SP MSG") or one message per line."""
+    def _read_tcp(self, conn: socket.socket, ip: str) -> None:
+        """RFC 6587 framing: octet counting ("LEN SP MSG") or one message per line. A frame
+        longer than a datagram can be is counted as dropped and ends the connection."""
         buf = b""
         try:
-            conn.settimeout(600)
+            conn.settimeout(self.tcp_idle_s)
             while True:
                 chunk = conn.recv(65536)
                 if not chunk:
                     break
+                self.tcp.touch(conn)
                 buf += chunk
                 while buf:
                     m = re.match(rb"(\d{1,6}) ", buf)
                     if m:
                         n = int(m.group(1))
+                        if n > MAX_DATAGRAM:
+                            with self._backlog_lock:
+                                self.received += 1
+                                self.dropped += 1
+                            return
                         if len(buf) < m.end() + n:
                             break
                         self._push(ip, buf[m.end():m.end() + n])
@@ -307,10 +340,10 @@ class Listener:
             if buf.strip():
                 self._push(ip, buf)
         except OSError:
-            pass
+            pass  # idle for tcp_idle_s (a timeout), closed to make room, or reset by the sender
         finally:
+            self.tcp.release(conn)
             conn.close()
-            active.release()
 
     # writing
     def _machine(self, mac: str) -> dict | None:
@@ -318,7 +351,10 @@ class Listener:
         now = time.monotonic()
         if hit and hit[1] > now:
             return hit[0]
-        m = self.store.get(mac)
+        try:
+            m = self.store.get(mac)
+        except StorageUnavailable:
+            return None
         self._machines[mac] = (m, now + 1.0)
         return m
 
@@ -339,12 +375,23 @@ class Listener:
                 else:
                     steps.setdefault(mac, None)
                 ips[mac] = ip
-        n = self.logs.append(rows)
+        try:
+            n = self.logs.append(rows)
+        except StorageUnavailable as exc:
+            with self._backlog_lock:
+                self.dropped += len(rows)
+            if time.monotonic() - self._store_error_logged > 60:
+                self._store_error_logged = time.monotonic()
+                log.error("syslog: %d lines dropped (counted): %s", len(rows), exc)
+            return 0
         for mac, step in steps.items():
             m = self._machine(mac)
             if m is None:
                 continue
-            updated = advance(self.store, mac, step, machine=m, ip=ips[mac], keepalive_s=self.keepalive_s)
+            try:
+                updated = advance(self.store, mac, step, machine=m, ip=ips[mac], keepalive_s=self.keepalive_s)
+            except StorageUnavailable:
+                continue  # the lines are stored; the progress step waits for the next line
             if updated is not None:
                 self._machines[mac] = (updated, time.monotonic() + 1.0)
         self.stored += n
@@ -366,9 +413,66 @@ class Listener:
                     self.process(batch)
                 except Exception:  # noqa: BLE001 - a bad batch must not stop the listener
                     log.exception("syslog: could not store %d lines", len(batch))
-            if time.monotonic() - last_report > 5:
+                    with self._backlog_lock:
+                        self.dropped += len(batch)
+                finally:
+                    with self._backlog_lock:
+                        self.backlog_bytes -= sum(len(d) for _ts, _ip, d in batch)
+            if time.monotonic() - last_report > 1:
                 last_report = time.monotonic()
                 _report(self)
+
+
+class TcpConnections:
+    """The listener's TCP connections: at most ``per_source`` per sender address and ``total`` in
+    all; when the table is full, a new connection closes the least recently active one, so idle
+    connections (however many addresses they come from) never lock a real installer out."""
+
+    def __init__(self, total: int, per_source: int):
+        self.total, self.per_source = total, per_source
+        self._active: dict[socket.socket, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, conn: socket.socket, ip: str) -> bool:
+        with self._lock:
+            if sum(1 for src, _ in self._active.values() if src == ip) >= self.per_source:
+                return False
+            if len(self._active) >= self.total:
+                victim = min(self._active, key=lambda c: self._active[c][1])
+                del self._active[victim]
+                try:
+                    victim.shutdown(socket.SHUT_RDWR)  # its reader wakes up and closes it
+                except OSError:
+                    pass
+            self._active[conn] = (ip, time.monotonic())
+            return True
+
+    def touch(self, conn: socket.socket) -> None:
+        with self._lock:
+            if conn in self._active:
+                self._active[conn] = (self._active[conn][0], time.monotonic())
+
+    def release(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._active.pop(conn, None)
+
+
+def socket_drops(sock: socket.socket) -> int:
+    """The kernel's drop counter of a UDP socket (the last column of /proc/net/udp[6]), 0 if unknown."""
+    try:
+        inode = str(os.fstat(sock.fileno()).st_ino)
+    except OSError:
+        return 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) >= 13 and f[9] == inode:
+                return int(f[-1])
+    return 0
 
 
 _metrics: dict = {}
@@ -382,12 +486,15 @@ def _report(listener: Listener) -> None:
         return
     if not _metrics:
         _metrics["lines"] = Counter("lab_bastion_syslog_lines_total", "Syslog messages stored")
-        _metrics["dropped"] = Counter("lab_bastion_syslog_dropped_total", "Syslog messages dropped (backlog full)")
+        _metrics["dropped"] = Counter("lab_bastion_syslog_dropped_total",
+                                      "Syslog messages not stored: backlog full, refused by the data directory, "
+                                      "a TCP frame too long, or dropped by the kernel (receive buffer full)")
         _metrics["seen"] = (0, 0)
     stored, dropped = _metrics["seen"]
-    _metrics["lines"].inc(listener.stored - stored)
-    _metrics["dropped"].inc(listener.dropped - dropped)
-    _metrics["seen"] = (listener.stored, listener.dropped)
+    now = (listener.stored, listener.dropped + listener.kernel_dropped)
+    _metrics["lines"].inc(now[0] - stored)
+    _metrics["dropped"].inc(now[1] - dropped)
+    _metrics["seen"] = now
 
 
 def main() -> int:
@@ -415,7 +522,8 @@ def main() -> int:
         log.warning("syslog: %s", exc)
     listener.run()
     _report(listener)
-    log.info("syslog: stopped (%d received, %d stored, %d dropped)", listener.received, listener.stored, listener.dropped)
+    log.info("syslog: stopped (%d received, %d stored, %d dropped, %d more dropped by the kernel)",
+             listener.received, listener.stored, listener.dropped, listener.kernel_dropped)
     return 0
 
 
