@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bastion_app import dnsmasq
+from bastion_app import dnsmasq, front
 from bastion_app.store import Store
 from labcore.bastion_config import Config
 
@@ -71,31 +71,37 @@ class _Running:
     first: bool = False
 
 
-_METRICS_PREFIX = "lab-bastion-metrics-"
+_RUNTIME_PREFIX = "lab-bastion-run-"
+_runtime: Path | None = None
 
 
-def _metrics_base() -> Path:
+def _runtime_base() -> Path:
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
 
-def new_metrics_dir() -> Path:
-    """Where the workers keep their Prometheus counters: in memory (/dev/shm), never on the data
-    disk, so that a full or read-only data directory cannot crash a worker through its metrics
-    files (they are mmap'ed: a full filesystem means SIGBUS). One directory per supervisor run;
-    those of supervisors that died without cleaning up are removed."""
-    base = _metrics_base()
-    for old in base.glob(_METRICS_PREFIX + "*"):
-        pid = old.name[len(_METRICS_PREFIX):]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(old, ignore_errors=True)
-    path = base / f"{_METRICS_PREFIX}{os.getpid()}"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(mode=0o700, parents=True)
-    return path
+def runtime_dir() -> Path:
+    """This supervisor's runtime directory (mode 0700), made on first use: the workers' Prometheus
+    counters (``metrics/``), gunicorn's unix socket and nginx's configuration, pid and temporary
+    files. In memory (/dev/shm), never on the data disk, so that a full or read-only data
+    directory cannot crash a worker through its metrics files (they are mmap'ed: a full filesystem
+    means SIGBUS). Directories of supervisors that died without cleaning up are removed."""
+    global _runtime
+    if _runtime is None:
+        base = _runtime_base()
+        for old in base.glob(_RUNTIME_PREFIX + "*"):
+            pid = old.name[len(_RUNTIME_PREFIX):]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(old, ignore_errors=True)
+        path = base / f"{_RUNTIME_PREFIX}{os.getpid()}"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(mode=0o700, parents=True)
+        (path / "metrics").mkdir(mode=0o700)
+        _runtime = path
+    return _runtime
 
 
-def child_env(cfg: Config, metrics: Path) -> dict[str, str]:
+def child_env(cfg: Config, runtime: Path) -> dict[str, str]:
     """The environment every child gets: the data dir and every effective setting, so that each
     gunicorn worker loads exactly the configuration the supervisor resolved."""
     env = dict(os.environ)
@@ -104,14 +110,19 @@ def child_env(cfg: Config, metrics: Path) -> dict[str, str]:
         if k in ("data_dir", "extra"):
             continue
         env["LAB_BASTION_" + k.upper()] = str(v).lower() if isinstance(v, bool) else str(v)
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(runtime / "metrics")
     return env
 
 
 def children(cfg: Config) -> list[ChildSpec]:
-    """What `serve` runs. Other parts of the bastion add their processes here."""
+    """What `serve` runs: gunicorn on a unix socket behind nginx (bastion_app.front), the syslog
+    listener, dnsmasq. Other parts of the bastion add their processes here."""
+    runtime = runtime_dir()
+    upstream = runtime / "gunicorn.sock"
     specs = [
-        ChildSpec("gunicorn", [sys.executable, "-m", "gunicorn", "-c", "python:bastion_app.gunicorn_conf", "bastion_app.wsgi:app"]),
+        ChildSpec("gunicorn", [sys.executable, "-m", "gunicorn", "-c", "python:bastion_app.gunicorn_conf", "bastion_app.wsgi:app"],
+                  env={front.UPSTREAM_ENV: str(upstream)}),
+        ChildSpec("nginx", front.argv(front.write_config(cfg, runtime, upstream), front.binary())),
     ]
     specs.append(ChildSpec("syslog", [sys.executable, "-m", "bastion_app.syslog"]))
     if cfg.dnsmasq:
@@ -162,7 +173,7 @@ class Supervisor:
         self.specs = specs
         self.running: dict[str, _Running] = {}
         self.stopping = threading.Event()
-        self.metrics: Path | None = None
+        self.runtime: Path | None = None
         self.env: dict[str, str] = {}
         self._serve_lock: int | None = None
 
@@ -170,8 +181,8 @@ class Supervisor:
         self._check_data_dir()
         self._take_serve_lock()
         check_ports(self.cfg)
-        self.metrics = new_metrics_dir()
-        self.env = child_env(self.cfg, self.metrics)
+        self.runtime = runtime_dir()
+        self.env = child_env(self.cfg, self.runtime)
 
     def _check_data_dir(self) -> None:
         """The data directory, the token and both databases open (created on first start); a
@@ -238,7 +249,11 @@ class Supervisor:
 
     def run(self) -> int:
         """Supervise until stopped. Raises StartupError when the bastion cannot start."""
-        self.prepare()
+        try:
+            self.prepare()
+        except StartupError:
+            shutil.rmtree(runtime_dir(), ignore_errors=True)
+            raise
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         for spec in self.specs:
@@ -283,6 +298,6 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 os.killpg(r.proc.pid, signal.SIGKILL)
                 r.proc.wait()
-        if self.metrics:
-            shutil.rmtree(self.metrics, ignore_errors=True)
+        if self.runtime:
+            shutil.rmtree(self.runtime, ignore_errors=True)
         log.info("stopped")
