@@ -34,7 +34,8 @@ log = logging.getLogger("lab-bastion")
 #: sysexits.h EX_CONFIG: `serve` cannot start as configured (taken port, unusable data directory).
 #: The systemd unit lists it in RestartPreventExitStatus=, so the failure shows instead of a loop.
 EX_CONFIG = 78
-#: A critical child that exits within this many seconds of its first start fails `serve` at once.
+#: A critical child that exits with an error within this many seconds of its first start fails
+#: `serve` at once (one killed by a signal is restarted as always).
 STARTUP_S = 5.0
 
 
@@ -266,7 +267,7 @@ class Supervisor:
                 if code is None:
                     continue
                 uptime = time.monotonic() - r.started
-                if r.first and r.spec.critical and uptime < STARTUP_S:
+                if r.first and r.spec.critical and uptime < STARTUP_S and code > 0:  # not killed by a signal
                     self.shutdown()
                     raise StartupError(f"{name} exited with code {code} while starting (its messages are above); "
                                        "nothing is served")
