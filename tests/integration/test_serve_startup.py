@@ -13,7 +13,7 @@ import time
 
 import requests
 
-from tests.support import REPO, free_port, send_udp, start_bastion, udp_port, wait_for
+from tests.support import REPO, free_port, free_syslog_port, send_udp, start_bastion, udp_port, wait_for
 
 EX_CONFIG = 78
 
@@ -37,7 +37,7 @@ def port_is_free(port: int, kind: int) -> bool:
 def test_taken_http_port_fails_at_once_and_frees_the_syslog_port(tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        syslog = free_port(kind=socket.SOCK_DGRAM)
+        syslog = free_syslog_port()
         r, seconds = serve(tmp_path / "data", "--listen", f"127.0.0.1:{port}", "--syslog-port", str(syslog))
     assert r.returncode == EX_CONFIG, r.stderr[-2000:]
     assert seconds < 10, f"gave up only after {seconds:.0f} s"
@@ -69,14 +69,14 @@ def test_second_serve_on_the_same_syslog_port_fails_and_steals_nothing(tmp_path)
 def test_unusable_data_directory_fails_at_once(tmp_path):
     a_file = tmp_path / "not-a-dir"
     a_file.write_text("x")
-    r, seconds = serve(a_file, "--listen", f"127.0.0.1:{free_port()}", "--syslog-port", str(free_port(kind=socket.SOCK_DGRAM)))
+    r, seconds = serve(a_file, "--listen", f"127.0.0.1:{free_port()}", "--syslog-port", str(free_syslog_port()))
     assert r.returncode != 0 and seconds < 10
     assert str(a_file) in r.stderr and "Traceback" not in r.stderr
 
     garbage = tmp_path / "garbage"
     garbage.mkdir()
     (garbage / "state.db").write_bytes(b"this is not an SQLite database" * 100)
-    r, seconds = serve(garbage, "--listen", f"127.0.0.1:{free_port()}", "--syslog-port", str(free_port(kind=socket.SOCK_DGRAM)))
+    r, seconds = serve(garbage, "--listen", f"127.0.0.1:{free_port()}", "--syslog-port", str(free_syslog_port()))
     assert r.returncode == EX_CONFIG, r.stderr[-2000:]
     assert seconds < 10
     assert "state.db" in r.stderr and "unusable" in r.stderr and "Traceback" not in r.stderr

@@ -19,6 +19,7 @@ HALF_SENT = 600
 SLOW_READERS = 300
 FOLLOWERS = 100
 DISPATCHES = 300
+ROUNDS = 3
 MAC = synthetic_mac(1, "52:54:0e")
 ARTEFACT = "/images/big/artefact.iso"
 
@@ -60,7 +61,29 @@ def p99(times: list[float]) -> float:
     return statistics.quantiles(times, n=100)[98]
 
 
+def attack(port: int, token: str) -> list[socket.socket]:
+    """Open the slow clients: half-sent requests, slow readers of a large artefact, followers."""
+    held = []
+    for i in range(HALF_SENT):  # the request line and one header, never the blank line that ends them
+        s = connect(port, f"127.0.2.{1 + i % 200}")
+        s.sendall(f"GET /dispatch?mac={MAC} HTTP/1.1\r\nHost: bastion\r\n".encode())
+        held.append(s)
+    for i in range(SLOW_READERS):
+        s = connect(port, f"127.0.3.{1 + i % 100}", rcvbuf=4096)
+        s.sendall(f"GET {ARTEFACT} HTTP/1.1\r\nHost: bastion\r\n\r\n".encode())
+        held.append(s)
+    for i in range(FOLLOWERS):
+        s = connect(port, f"127.0.4.{1 + i % 50}", rcvbuf=4096)
+        s.sendall(f"GET /api/logs/{MAC}/follow?heartbeat=300 HTTP/1.1\r\nHost: bastion\r\n"
+                  f"Authorization: Bearer {token}\r\n\r\n".encode())
+        held.append(s)
+    time.sleep(1.0)
+    return held
+
+
 def test_slow_clients_do_not_starve_dispatch(tmp_path, record):
+    """Quiet and attacked windows alternate (ROUNDS of each), so drift in the shared machine's
+    speed falls on both; p99 is taken over all dispatches of each kind."""
     raise_fd_limit(4 * (HALF_SENT + SLOW_READERS + FOLLOWERS))
     data = tmp_path / "data"
     (data / "images" / "big").mkdir(parents=True)
@@ -68,37 +91,35 @@ def test_slow_clients_do_not_starve_dispatch(tmp_path, record):
         f.truncate(256 * 2**20)  # sparse: no disk, but far more than socket buffers hold
     b = start_bastion(data)  # the default 4 workers
     port = int(b.url.rsplit(":", 1)[1])
-    held: list[socket.socket] = []
+    quiet: list[float] = []
+    loaded: list[float] = []
+    quiet_failed = loaded_failed = 0
+    alive = []
     try:
         assert requests.post(b.url + "/api/discover", json={"mac": MAC}, timeout=10).status_code == 200
         dispatch_times(b.url, 20)  # warm up every worker
-        quiet, quiet_failed = dispatch_times(b.url, DISPATCHES)
-
-        for i in range(HALF_SENT):  # the request line and one header, never the blank line that ends them
-            s = connect(port, f"127.0.2.{1 + i % 200}")
-            s.sendall(f"GET /dispatch?mac={MAC} HTTP/1.1\r\nHost: bastion\r\n".encode())
-            held.append(s)
-        for i in range(SLOW_READERS):
-            s = connect(port, f"127.0.3.{1 + i % 100}", rcvbuf=4096)
-            s.sendall(f"GET {ARTEFACT} HTTP/1.1\r\nHost: bastion\r\n\r\n".encode())
-            held.append(s)
-        for i in range(FOLLOWERS):
-            s = connect(port, f"127.0.4.{1 + i % 50}", rcvbuf=4096)
-            s.sendall(f"GET /api/logs/{MAC}/follow?heartbeat=300 HTTP/1.1\r\nHost: bastion\r\n"
-                      f"Authorization: Bearer {b.token}\r\n\r\n".encode())
-            held.append(s)
-        time.sleep(1.0)
-        loaded, loaded_failed = dispatch_times(b.url, DISPATCHES)
-        alive = requests.get(b.url + "/healthz", timeout=5).status_code
+        for _ in range(ROUNDS):
+            times, failed = dispatch_times(b.url, DISPATCHES // ROUNDS)
+            quiet += times
+            quiet_failed += failed
+            held = attack(port, b.token)
+            try:
+                times, failed = dispatch_times(b.url, DISPATCHES // ROUNDS)
+                loaded += times
+                loaded_failed += failed
+                alive.append(requests.get(b.url + "/healthz", timeout=5).status_code)
+            finally:
+                for s in held:
+                    s.close()
+            if loaded_failed:
+                break
     finally:
-        for s in held:
-            s.close()
         b.stop()
-    record(half_sent=HALF_SENT, slow_readers=SLOW_READERS, followers=FOLLOWERS, workers=4,
+    record(half_sent=HALF_SENT, slow_readers=SLOW_READERS, followers=FOLLOWERS, workers=4, rounds=ROUNDS,
            dispatch_quiet_p50_ms=round(statistics.median(quiet) * 1000, 1), dispatch_quiet_p99_ms=round(p99(quiet) * 1000, 1),
            dispatch_loaded_p50_ms=round(statistics.median(loaded) * 1000, 1), dispatch_loaded_p99_ms=round(p99(loaded) * 1000, 1),
-           dispatch_failed=loaded_failed)
-    assert quiet_failed == 0 and alive == 200
+           p99_ratio=round(p99(loaded) / p99(quiet), 2), dispatch_failed=loaded_failed)
+    assert quiet_failed == 0 and set(alive) == {200}
     assert loaded_failed == 0, f"{loaded_failed} of {len(loaded)} dispatches got no boot script within 3 s"
     assert p99(loaded) <= 2 * p99(quiet), f"dispatch p99 {p99(loaded) * 1000:.1f} ms against {p99(quiet) * 1000:.1f} ms quiet"
 
