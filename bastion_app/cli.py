@@ -50,7 +50,9 @@ def main() -> None:
 @click.option("--dhcp-range", metavar="START,END", help="Address range for --dhcp-mode full.")
 @click.option("--public-url", metavar="URL", help="URL machines use to reach this bastion (default http://<interface address>:<port>).")
 def serve(data_dir, listen, workers, syslog_port, no_dnsmasq, interface, dhcp_mode, dhcp_range, public_url):
-    """Run the bastion: gunicorn (the API and boot scripts), the syslog listener and dnsmasq."""
+    """Run the bastion: nginx in front of gunicorn (the API and boot scripts), the syslog listener
+    and dnsmasq. Exits with status 78 at once when it cannot start as configured (a taken port, an
+    unusable data directory); the message says what to change."""
     from bastion_app.supervisor import EX_CONFIG, StartupError, Supervisor, children
 
     overrides = dict(listen=listen, workers=workers, syslog_port=syslog_port, interface=interface,
@@ -63,7 +65,10 @@ def serve(data_dir, listen, workers, syslog_port, no_dnsmasq, interface, dhcp_mo
     if warning:
         click.echo(f"lab-bastion: warning: {warning}", err=True)
     try:
-        specs = children(cfg)
+        try:
+            specs = children(cfg)
+        except OSError as exc:  # dnsmasq's files in the data directory, nginx's in the runtime directory
+            raise StartupError(f"cannot write the bastion's files: {exc}") from None
         sys.exit(Supervisor(cfg, specs).run())
     except configmod.ConfigError as exc:
         raise click.ClickException(str(exc)) from None
