@@ -109,22 +109,32 @@ http {{
     limit_conn_zone $binary_remote_addr zone=per_source:4m;
     limit_conn_status 429;
     limit_conn_log_level warn;
+    # HTTP/1.1 and kept-alive connections to gunicorn: an answer the app gives before reading a
+    # request's body (401, 413, 429) then never meets a closed socket (a reset: nginx's 502)
     upstream bastion {{
         server unix:{_safe(upstream)};
+        keepalive 32;
     }}
     server {{
         listen {_listen(cfg)};
         limit_conn per_source {PER_SOURCE_CONNECTIONS};
         error_page 429 @busy;
+        # nginx refuses TRACE itself (405 without Allow): the app answers it as it answers any
+        # method a route does not take (405 with Allow, JSON)
+        error_page 405 = @app;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $http_host;
+        proxy_set_header X-Forwarded-For $remote_addr;
+        proxy_set_header X-Forwarded-Proto "";
+        proxy_set_header X-Forwarded-Protocol "";
+        proxy_set_header X-Forwarded-Ssl "";
+        proxy_read_timeout {UPSTREAM_READ_TIMEOUT_S}s;
         location / {{
             proxy_pass http://bastion;
-            proxy_set_header Host $http_host;
-            proxy_set_header X-Forwarded-For $remote_addr;
-            proxy_set_header X-Forwarded-Proto "";
-            proxy_set_header X-Forwarded-Protocol "";
-            proxy_set_header X-Forwarded-Ssl "";
-            proxy_read_timeout {UPSTREAM_READ_TIMEOUT_S}s;
-            proxy_intercept_errors off;
+        }}
+        location @app {{
+            proxy_pass http://bastion;
         }}
         location {ARTEFACTS_LOCATION} {{
             internal;
