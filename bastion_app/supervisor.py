@@ -2,8 +2,12 @@
 gunicorn (the Flask app, several workers), the syslog listener and dnsmasq, restarting any that
 dies, and stopping all of them on SIGTERM/SIGINT. It also marks silent installs as stalled.
 
+The supervisor binds the syslog port itself and hands the sockets to the listener child: the port
+is the bastion's from the first moment and across the listener's restarts, and lines sent before
+the listener runs wait in the socket's buffer.
+
 Start-up fails fast: an unusable data directory, a taken HTTP or syslog port, or a child that
-exits during its first seconds ends `serve` at once with :data:`EX_CONFIG` and a message that says
+exits with an error during its first seconds ends `serve` at once with :data:`EX_CONFIG` and a message that says
 what to change (the systemd unit does not restart on that status), instead of retrying forever
 while the ports it did get stay held."""
 
@@ -27,6 +31,7 @@ from pathlib import Path
 
 from bastion_app import dnsmasq, front
 from bastion_app.store import Store
+from bastion_app.syslog import SOCKETS_ENV, bind_sockets
 from labcore.bastion_config import Config
 
 log = logging.getLogger("lab-bastion")
@@ -140,32 +145,33 @@ def dnsmasq_child(cfg: Config) -> ChildSpec:
     return ChildSpec("dnsmasq", dnsmasq.argv(conf, binary))
 
 
-def _bind_probe(host: str, port: int, kind: int) -> None:
-    """Bind (and release) the port as the child that will own it does: TCP with SO_REUSEADDR (a
-    listener in TIME_WAIT is no conflict), UDP without it (two UDP sockets with SO_REUSEADDR would
-    share the port and split its datagrams)."""
+def _bind_probe(host: str, port: int) -> None:
+    """Bind (and release) a TCP port as its listener will (with SO_REUSEADDR: a connection of an
+    earlier run in TIME_WAIT is no conflict)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, kind) as s:
-        if kind == socket.SOCK_STREAM:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((host, port))
 
 
-def check_ports(cfg: Config) -> None:
-    """The HTTP port and the syslog port (UDP and TCP) are free, or StartupError says which is not."""
-    host = cfg.listen_host
+def check_http_port(cfg: Config) -> None:
+    """The HTTP port is free (nginx will bind it), or StartupError."""
     try:
-        _bind_probe(host, cfg.listen_port, socket.SOCK_STREAM)
+        _bind_probe(cfg.listen_host, cfg.listen_port)
     except OSError as exc:
         raise StartupError(f"cannot listen on {cfg.listen} ({exc.strerror}): the HTTP port is in use by another "
                            "program (another bastion?); stop it, or choose another address with --listen HOST:PORT") from None
-    for kind, proto in ((socket.SOCK_DGRAM, "udp"), (socket.SOCK_STREAM, "tcp")):
-        try:
-            _bind_probe(host, cfg.syslog_port, kind)
-        except OSError as exc:
-            raise StartupError(f"cannot listen on the syslog port {cfg.syslog_port} ({proto} {host}:{cfg.syslog_port}: "
-                               f"{exc.strerror}): another program (another bastion, rsyslog?) has it; stop it, or "
-                               "choose another port with --syslog-port PORT") from None
+
+
+def bind_syslog(cfg: Config) -> tuple[socket.socket, socket.socket]:
+    """The syslog listener's sockets, bound here so that the port is taken (and datagrams wait in
+    its buffer) from the start, whenever the listener child gets to run, and across its restarts."""
+    try:
+        return bind_sockets(cfg.listen_host, cfg.syslog_port)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on the syslog port {cfg.syslog_port} (udp and tcp {cfg.listen_host}: "
+                           f"{exc.strerror}): another program (another bastion, rsyslog?) has it; stop it, or "
+                           "choose another port with --syslog-port PORT") from None
 
 
 class Supervisor:
@@ -177,13 +183,16 @@ class Supervisor:
         self.runtime: Path | None = None
         self.env: dict[str, str] = {}
         self._serve_lock: int | None = None
+        self._syslog_sockets: tuple[socket.socket, ...] = ()
 
     def prepare(self) -> None:
         self._check_data_dir()
         self._take_serve_lock()
-        check_ports(self.cfg)
+        check_http_port(self.cfg)
+        udp, tcp = bind_syslog(self.cfg)
         self.runtime = runtime_dir()
         self.env = child_env(self.cfg, self.runtime)
+        self._syslog_sockets = (udp, tcp)  # held (open) for the life of this process
 
     def _check_data_dir(self) -> None:
         """The data directory, the token and both databases open (created on first start); a
@@ -227,7 +236,11 @@ class Supervisor:
 
     def _start(self, spec: ChildSpec, restarts: int = 0, first: bool = False) -> None:
         env = {**self.env, **spec.env}
-        proc = subprocess.Popen(spec.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        fds: tuple[int, ...] = ()
+        if spec.name == "syslog" and self._syslog_sockets:
+            fds = tuple(sock.fileno() for sock in self._syslog_sockets)
+            env[SOCKETS_ENV] = ",".join(map(str, fds))
+        proc = subprocess.Popen(spec.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent, pass_fds=fds)
         self.running[spec.name] = _Running(spec, proc, time.monotonic(), restarts, first)
         log.info("started %s (pid %d)", spec.name, proc.pid)
 

@@ -247,25 +247,10 @@ class Listener:
         return socket_drops(self.udp) if self.udp is not None else 0
 
     # receiving
-    def bind(self) -> None:
-        """Bind UDP and TCP on the port, or raise OSError. UDP without SO_REUSEADDR: with it, a
-        second bastion on the same port would bind too and take some of the datagrams."""
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        udp = socket.socket(family, socket.SOCK_DGRAM)
-        tcp = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            try:
-                udp.setsockopt(socket.SOL_SOCKET, 33, RCVBUF)  # SO_RCVBUFFORCE (root)
-            except OSError:
-                udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-            udp.bind((self.host, self.port))
-            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TCP: a listener in TIME_WAIT is no conflict
-            tcp.bind((self.host, self.port))
-            tcp.listen(64)
-        except OSError:
-            udp.close()
-            tcp.close()
-            raise
+    def bind(self, sockets: tuple[socket.socket, socket.socket] | None = None) -> None:
+        """Listen on ``sockets`` (UDP, TCP) as :func:`bind_sockets` made them (`serve` binds them
+        in the supervisor and hands them down), or bind them here; OSError when the port is taken."""
+        udp, tcp = sockets or bind_sockets(self.host, self.port)
         self.udp = udp
         log.info("syslog: listening on udp and tcp %s:%d", self.host, self.port)
         threading.Thread(target=self._recv_udp, name="syslog-udp", daemon=True).start()
@@ -423,6 +408,42 @@ class Listener:
                 _report(self)
 
 
+#: `serve` binds the syslog sockets itself and passes them to the listener: "UDP_FD,TCP_FD".
+SOCKETS_ENV = "LAB_BASTION_SYSLOG_FDS"
+
+
+def bind_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """The listener's UDP and TCP sockets on the port, bound and listening, or OSError. UDP without
+    SO_REUSEADDR: with it, a second bastion on the same port would bind too and take some of the
+    datagrams. TCP with it: a connection of an earlier run in TIME_WAIT is no conflict."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    tcp = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        try:
+            udp.setsockopt(socket.SOL_SOCKET, 33, RCVBUF)  # SO_RCVBUFFORCE (root)
+        except OSError:
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        udp.bind((host, port))
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind((host, port))
+        tcp.listen(64)
+    except OSError:
+        udp.close()
+        tcp.close()
+        raise
+    return udp, tcp
+
+
+def inherited_sockets() -> tuple[socket.socket, socket.socket] | None:
+    """The sockets `serve` bound and passed down (SOCKETS_ENV), if any."""
+    fds = os.environ.get(SOCKETS_ENV)
+    if not fds:
+        return None
+    udp_fd, tcp_fd = (int(fd) for fd in fds.split(","))
+    return socket.socket(fileno=udp_fd), socket.socket(fileno=tcp_fd)
+
+
 class TcpConnections:
     """The listener's TCP connections: at most ``per_source`` per sender address and ``total`` in
     all; when the table is full, a new connection closes the least recently active one, so idle
@@ -510,7 +531,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        listener.bind()
+        listener.bind(inherited_sockets())
     except OSError as exc:
         log.error("syslog: cannot listen on udp and tcp %s:%d (%s): use another --syslog-port", cfg.listen_host, cfg.syslog_port, exc)
         from bastion_app.supervisor import EX_CONFIG
