@@ -1,12 +1,12 @@
 """The HTTP front of `lab-bastion serve`: nginx on the listen address, gunicorn behind it on a unix
 socket that only the bastion's own user can reach.
 
-Why a front (docs/reliability.md, "Slow clients"): gunicorn's gthread worker gives each connection
+Why a front (docs/reliability.md, "Threat model"): gunicorn's gthread worker gives each connection
 a thread from the moment it is readable, reads the request with blocking calls and writes the
 response the same way, so half-sent requests and slow readers of a large artefact each hold one of
 the threads that answer /dispatch. gunicorn's own deployment guide says to put a buffering proxy
 in front for exactly this (https://docs.gunicorn.org/en/stable/deploy.html, "we strongly advise
-that you use Nginx"). nginx reads requests and writes responses asynchronously, a few hundred bytes
+that you use Nginx"). nginx reads requests and writes responses asynchronously, about a kilobyte
 of state per waiting client:
 
 - a request reaches gunicorn only once its header and body are complete (client_header_timeout,
@@ -15,7 +15,9 @@ of state per waiting client:
   the images directory), which answers with ``X-Accel-Redirect`` to an internal location: nginx
   then sends the file with sendfile, Range and ETag, and no gunicorn thread waits for the reader
   (https://nginx.org/en/docs/http/ngx_http_proxy_module.html#proxy_ignore_headers, X-Accel-Redirect);
-- at most :data:`PER_SOURCE_CONNECTIONS` requests at once per client address (limit_conn, 429).
+- at most :data:`PER_SOURCE_CONNECTIONS` requests at once per client address (limit_conn, 429;
+  https://nginx.org/en/docs/http/ngx_http_limit_conn_module.html: it counts requests whose header
+  has been read, so the header timeout is what bounds half-sent ones).
 
 The client's address reaches the app as the only X-Forwarded-For value (nginx sets it; a client's
 own header is replaced) and :func:`behind_front` makes it the request's ``remote_addr``.
