@@ -5,10 +5,12 @@ Every command takes --data-dir (default: $LAB_BASTION_DATA_DIR).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
 import sys
+import urllib.parse
 from pathlib import Path
 
 import click
@@ -49,8 +51,10 @@ def main() -> None:
 @click.option("--dhcp-range", metavar="START,END", help="Address range for --dhcp-mode full.")
 @click.option("--public-url", metavar="URL", help="URL machines use to reach this bastion (default http://<interface address>:<port>).")
 def serve(data_dir, listen, workers, syslog_port, no_dnsmasq, interface, dhcp_mode, dhcp_range, public_url):
-    """Run the bastion: gunicorn (the API and boot scripts), the syslog listener and dnsmasq."""
-    from bastion_app.supervisor import Supervisor, children
+    """Run the bastion: nginx in front of gunicorn (the API and boot scripts), the syslog listener
+    and dnsmasq. Exits with status 78 at once when it cannot start as configured (a taken port, an
+    unusable data directory); the message says what to change."""
+    from bastion_app.supervisor import EX_CONFIG, StartupError, Supervisor, children
 
     overrides = dict(listen=listen, workers=workers, syslog_port=syslog_port, interface=interface,
                      dhcp_mode=dhcp_mode, dhcp_range=dhcp_range, public_url=public_url)
@@ -58,19 +62,50 @@ def serve(data_dir, listen, workers, syslog_port, no_dnsmasq, interface, dhcp_mo
         overrides["dnsmasq"] = False
     cfg = _load(data_dir, detect=True, **overrides)
     click.echo(f"lab-bastion: serving {cfg.data_path} on {cfg.listen} (machines use {cfg.base_url()})", err=True)
+    warning = unreachable_warning(cfg)
+    if warning:
+        click.echo(f"lab-bastion: warning: {warning}", err=True)
     try:
-        specs = children(cfg)
+        try:
+            specs = children(cfg)
+        except OSError as exc:  # dnsmasq's files in the data directory, nginx's in the runtime directory
+            raise StartupError(f"cannot write the bastion's files: {exc}") from None
+        sys.exit(Supervisor(cfg, specs).run())
     except configmod.ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    sys.exit(Supervisor(cfg, specs).run())
+    except StartupError as exc:
+        click.echo(f"lab-bastion serve: {exc}", err=True)
+        sys.exit(EX_CONFIG)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def unreachable_warning(cfg: configmod.Config) -> str | None:
+    """What is wrong when the bastion listens on loopback only but tells machines another address
+    (they would get no boot script, no kickstart, no artefact), or None."""
+    told = urllib.parse.urlsplit(cfg.base_url()).hostname or ""
+    if not _loopback(cfg.listen_host) or _loopback(told):
+        return None
+    return (f"serve listens on {cfg.listen_host} only, but tells machines {cfg.base_url()}: they cannot reach it "
+            f"there; listen on that address or on every one (--listen 0.0.0.0:{cfg.listen_port})")
 
 
 @main.command()
 @data_dir_option
 def token(data_dir):
-    """Print the operator token (created on first use, file mode 0600)."""
+    """Print the operator token (created on first use, file mode 0600) of the bastion in the data
+    directory: one that has served already, or one configured (bastion.yaml) that has not yet."""
     from bastion_app.auth import ensure_token
 
+    if not any((data_dir / name).exists() for name in ("token", "state.db", configmod.CONFIG_NAME)):
+        raise click.ClickException(
+            f"{data_dir} holds no bastion (no token, state.db or {configmod.CONFIG_NAME}): check the path, or "
+            f"start a bastion there first with `lab-bastion serve --data-dir {data_dir}`")
     cfg = _load(data_dir)
     click.echo(ensure_token(cfg.token_path))
 

@@ -7,7 +7,11 @@
 - a data directory that is full, read-only or failing is a :class:`StorageUnavailable` (HTTP 503,
   nothing changed), and a read-only one can still be read: the connection falls back to SQLite's
   read-only immutable mode, and every write first tries a normal connection again, so the bastion
-  recovers by itself when the disk does.
+  recovers by itself when the disk does;
+- the database file is created only while its store is set up (``creating``); a file deleted or
+  replaced under a running bastion is a :class:`StorageUnavailable` for every connection (each
+  checks that the path still names the file it opened), never a new empty database for some
+  threads while others keep writing into the deleted one.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class Database:
             raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
         self.busy_timeout_s = busy_timeout_s
         self.queue_writers = queue_writers
+        #: the file may be created (the subclass sets this to False once its schema is in place)
+        self.creating = True
         self._local = threading.local()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,8 +75,13 @@ class Database:
                 continue
 
     # -- connections -------------------------------------------------------------------------
+    def _uri(self, params: str) -> str:
+        return f"{self.path.resolve().as_uri()}?{params}"
+
     def _open(self) -> sqlite3.Connection:
-        c = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
+        mode = "rwc" if self.creating else "rw"
+        c = sqlite3.connect(self._uri(f"mode={mode}"), uri=True, timeout=self.busy_timeout_s, isolation_level=None,
+                            check_same_thread=False)
         try:
             c.row_factory = sqlite3.Row
             c.execute("PRAGMA journal_mode=WAL")
@@ -81,23 +92,39 @@ class Database:
         return c
 
     def _open_read_only(self) -> sqlite3.Connection:
-        c = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", uri=True,
-                            isolation_level=None, check_same_thread=False)
+        c = sqlite3.connect(self._uri("mode=ro&immutable=1"), uri=True, isolation_level=None, check_same_thread=False)
         c.row_factory = sqlite3.Row
         return c
 
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _gone(self) -> StorageUnavailable:
+        return StorageUnavailable(f"storage unavailable: {self.path} was deleted or replaced while the bastion was "
+                                  "running; nothing more is stored: restore it from a backup and restart lab-bastion serve")
+
     def conn(self) -> sqlite3.Connection:
         c = getattr(self._local, "conn", None)
-        if c is None:
-            try:
-                c = self._open()
-                self._local.read_only = False
-            except sqlite3.OperationalError as exc:
-                if not self.path.exists():
-                    raise StorageUnavailable(f"storage unavailable: {exc}") from exc
-                c = self._open_read_only()  # a read-only data directory can still be read
-                self._local.read_only = True
-            self._local.conn = c
+        if c is not None:
+            if self._identity() == self._local.identity:
+                return c
+            self.close()
+            raise self._gone()
+        if not self.creating and self._identity() is None:
+            raise self._gone()
+        try:
+            c = self._open()
+            self._local.read_only = False
+        except sqlite3.OperationalError as exc:
+            if not self.path.exists():
+                raise StorageUnavailable(f"storage unavailable: {self.path}: {exc}") from exc
+            c = self._open_read_only()  # a read-only data directory can still be read
+            self._local.read_only = True
+        self._local.conn, self._local.identity = c, self._identity()
         return c
 
     def close(self) -> None:

@@ -29,8 +29,9 @@ from labcore.schemas import api_time
 
 #: After a machine reaches installed/failed, how long the stream waits for trailing log lines.
 END_LINGER_S = 0.5
-#: Rows read from each store per round while catching up.
-_PAGE = 1000
+#: Rows read from each store per page while catching up: a page of the longest lines (8 KB each)
+#: is a few MB, and a replay of a large bucket holds one page at a time, never the bucket.
+_PAGE = 200
 #: How often an idle follower looks whether its client has gone (a closed client frees its slot
 #: this soon, whatever heartbeat it asked for).
 GONE_CHECK_S = 1.0
@@ -168,14 +169,15 @@ def _sse(event: str, data: dict[str, Any], cursor: str | None) -> str:
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def _drain(store, logs: LogStore, mac: str, eid: int, lid: int) -> tuple[int, int, list[str]]:
-    """Everything after (eid, lid), in time order, as SSE text; returns the new cursor."""
-    chunks = []
+def _pages(store, logs: LogStore, mac: str, eid: int, lid: int) -> Iterator[tuple[int, int, str]]:
+    """Everything after (eid, lid), in time order, as SSE text, one page at a time: yields the
+    cursor after each page and the page's text."""
     while True:
         lines = logs.lines(mac, since=lid, limit=_PAGE)
         events = store.events(mac, since=eid, limit=_PAGE) if mac != UNATTRIBUTED else []
         if not lines and not events:
-            return eid, lid, chunks
+            return
+        chunks = []
         merged = heapq.merge(((r["ts"], 1, "L", r) for r in lines), ((e["ts"], 0, "E", e) for e in events),
                              key=lambda x: (x[0], x[1]))
         for _ts, _o, src, r in merged:
@@ -189,8 +191,9 @@ def _drain(store, logs: LogStore, mac: str, eid: int, lid: int) -> tuple[int, in
                     chunks.append(_sse(etype, data, f"{eid}-{lid}" if i == len(items) - 1 else None))
                 if not items:
                     chunks.append(f"id: {eid}-{lid}\n: {r['kind']}\n\n")
+        yield eid, lid, "".join(chunks)
         if len(lines) < _PAGE and len(events) < _PAGE:
-            return eid, lid, chunks
+            return
 
 
 def _events(store, logs: LogStore, watcher: Watcher, mac: str, start: tuple[int, int], heartbeat: int,
@@ -202,15 +205,17 @@ def _events(store, logs: LogStore, watcher: Watcher, mac: str, start: tuple[int,
         while True:
             ev.clear()
             m = store.get(mac) if mac != UNATTRIBUTED else None
-            eid, lid, chunks = _drain(store, logs, mac, eid, lid)
-            if chunks:
-                yield "".join(chunks)
+            for page_eid, page_lid, text in _pages(store, logs, mac, eid, lid):
+                eid, lid = page_eid, page_lid
+                yield text
             if mac != UNATTRIBUTED and (m is None or m["state"] not in INSTALL_TOKEN_STATES):
                 time.sleep(END_LINGER_S)
-                eid, lid, chunks = _drain(store, logs, mac, eid, lid)
+                for page_eid, page_lid, text in _pages(store, logs, mac, eid, lid):
+                    eid, lid = page_eid, page_lid
+                    yield text
                 end = {"state": m["state"] if m else "removed", "failure": m["failure"] if m else None,
                        "stalled": bool(m and m["failure"] == "stalled")}
-                yield "".join(chunks) + _sse("end", end, f"{eid}-{lid}")
+                yield _sse("end", end, f"{eid}-{lid}")
                 return
             waited = 0.0
             while not ev.wait(min(GONE_CHECK_S, heartbeat - waited)):

@@ -4,11 +4,15 @@ them as it loads them everywhere)."""
 
 import os
 
+from bastion_app.front import UPSTREAM_ENV
 from labcore import bastion_config
 
 _cfg = bastion_config.load(os.environ.get(bastion_config.DATA_DIR_ENV), detect=False)
 
-bind = _cfg.listen
+# Behind nginx (bastion_app.front: it buffers requests and sends artefacts, so slow clients never
+# hold these threads) on a unix socket in the supervisor's private runtime directory; on the
+# listen address itself only when started without the front (gunicorn by hand).
+bind = f"unix:{os.environ[UPSTREAM_ENV]}" if os.environ.get(UPSTREAM_ENV) else _cfg.listen
 workers = _cfg.workers
 # gthread: each worker serves many connections with a thread pool, so a slow or long-lived client
 # (a follower, a machine on a bad link) holds a thread, not a whole worker process.

@@ -76,6 +76,7 @@ class LogStore(Database):
         except StorageUnavailable:
             if not self.path.exists():
                 raise  # a read-only data directory can still be read, if there is something to read
+        self.creating = False
         self.close()  # no connection crosses a fork (gunicorn preloads the app, then forks)
 
     @classmethod

@@ -140,6 +140,7 @@ class Store(Database):
     def __init__(self, path: str | Path, *, synchronous: str = "FULL", busy_timeout_s: float = 30.0):
         super().__init__(path, synchronous=synchronous, busy_timeout_s=busy_timeout_s, queue_writers=True)
         self.migrate()
+        self.creating = False
 
     @classmethod
     def from_config(cls, cfg) -> Store:

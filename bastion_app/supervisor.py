@@ -1,6 +1,15 @@
 """`lab-bastion serve`: one small supervisor process that starts and watches its children:
 gunicorn (the Flask app, several workers), the syslog listener and dnsmasq, restarting any that
-dies, and stopping all of them on SIGTERM/SIGINT. It also marks silent installs as stalled."""
+dies, and stopping all of them on SIGTERM/SIGINT. It also marks silent installs as stalled.
+
+The supervisor binds the syslog port itself and hands the sockets to the listener child: the port
+is the bastion's from the first moment and across the listener's restarts, and lines sent before
+the listener runs wait in the socket's buffer.
+
+Start-up fails fast: an unusable data directory, a taken HTTP or syslog port, or a child that
+exits with an error during its first seconds ends `serve` at once with :data:`EX_CONFIG` and a message that says
+what to change (the systemd unit does not restart on that status), instead of retrying forever
+while the ports it did get stay held."""
 
 from __future__ import annotations
 
@@ -10,6 +19,8 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -18,11 +29,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bastion_app import dnsmasq
+from bastion_app import dnsmasq, front
 from bastion_app.store import Store
+from bastion_app.syslog import SOCKETS_ENV, bind_sockets
 from labcore.bastion_config import Config, write_serve_state
 
 log = logging.getLogger("lab-bastion")
+
+#: sysexits.h EX_CONFIG: `serve` cannot start as configured (taken port, unusable data directory).
+#: The systemd unit lists it in RestartPreventExitStatus=, so the failure shows instead of a loop.
+EX_CONFIG = 78
+#: A critical child that exits with an error within this many seconds of its first start fails
+#: `serve` at once (one killed by a signal is restarted as always).
+STARTUP_S = 5.0
+
+
+class StartupError(Exception):
+    """`serve` cannot start as configured; the message says what to change."""
 
 
 @dataclass
@@ -50,33 +73,41 @@ class _Running:
     proc: subprocess.Popen
     started: float
     restarts: int = 0
+    #: its first start: exiting within STARTUP_S then means the bastion cannot start
+    first: bool = False
 
 
-_METRICS_PREFIX = "lab-bastion-metrics-"
+_RUNTIME_PREFIX = "lab-bastion-run-"
+_runtime: Path | None = None
 
 
-def _metrics_base() -> Path:
+def _runtime_base() -> Path:
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
 
-def new_metrics_dir() -> Path:
-    """Where the workers keep their Prometheus counters: in memory (/dev/shm), never on the data
-    disk, so that a full or read-only data directory cannot crash a worker through its metrics
-    files (they are mmap'ed: a full filesystem means SIGBUS). One directory per supervisor run;
-    those of supervisors that died without cleaning up are removed."""
-    base = _metrics_base()
-    for old in base.glob(_METRICS_PREFIX + "*"):
-        pid = old.name[len(_METRICS_PREFIX):]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(old, ignore_errors=True)
-    path = base / f"{_METRICS_PREFIX}{os.getpid()}"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(mode=0o700, parents=True)
-    return path
+def runtime_dir() -> Path:
+    """This supervisor's runtime directory (mode 0700), made on first use: the workers' Prometheus
+    counters (``metrics/``), gunicorn's unix socket and nginx's configuration, pid and temporary
+    files. In memory (/dev/shm), never on the data disk, so that a full or read-only data
+    directory cannot crash a worker through its metrics files (they are mmap'ed: a full filesystem
+    means SIGBUS). Directories of supervisors that died without cleaning up are removed."""
+    global _runtime
+    if _runtime is None:
+        base = _runtime_base()
+        for old in base.glob(_RUNTIME_PREFIX + "*"):
+            pid = old.name[len(_RUNTIME_PREFIX):]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(old, ignore_errors=True)
+        path = base / f"{_RUNTIME_PREFIX}{os.getpid()}"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(mode=0o700, parents=True)
+        (path / "metrics").mkdir(mode=0o700)
+        _runtime = path
+    return _runtime
 
 
-def child_env(cfg: Config, metrics: Path) -> dict[str, str]:
+def child_env(cfg: Config, runtime: Path) -> dict[str, str]:
     """The environment every child gets: the data dir and every effective setting, so that each
     gunicorn worker loads exactly the configuration the supervisor resolved."""
     env = dict(os.environ)
@@ -85,14 +116,19 @@ def child_env(cfg: Config, metrics: Path) -> dict[str, str]:
         if k in ("data_dir", "extra"):
             continue
         env["LAB_BASTION_" + k.upper()] = str(v).lower() if isinstance(v, bool) else str(v)
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(runtime / "metrics")
     return env
 
 
 def children(cfg: Config) -> list[ChildSpec]:
-    """What `serve` runs. Other parts of the bastion add their processes here."""
+    """What `serve` runs: gunicorn on a unix socket behind nginx (bastion_app.front), the syslog
+    listener, dnsmasq. Other parts of the bastion add their processes here."""
+    runtime = runtime_dir()
+    upstream = runtime / "gunicorn.sock"
     specs = [
-        ChildSpec("gunicorn", [sys.executable, "-m", "gunicorn", "-c", "python:bastion_app.gunicorn_conf", "bastion_app.wsgi:app"]),
+        ChildSpec("gunicorn", [sys.executable, "-m", "gunicorn", "-c", "python:bastion_app.gunicorn_conf", "bastion_app.wsgi:app"],
+                  env={front.UPSTREAM_ENV: str(upstream)}),
+        ChildSpec("nginx", front.argv(front.write_config(cfg, runtime, upstream), front.binary())),
     ]
     specs.append(ChildSpec("syslog", [sys.executable, "-m", "bastion_app.syslog"]))
     if cfg.dnsmasq:
@@ -109,30 +145,76 @@ def dnsmasq_child(cfg: Config) -> ChildSpec:
     return ChildSpec("dnsmasq", dnsmasq.argv(conf, binary))
 
 
+def _bind_probe(host: str, port: int) -> None:
+    """Bind (and release) a TCP port as its listener will (with SO_REUSEADDR: a connection of an
+    earlier run in TIME_WAIT is no conflict)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+
+
+def check_http_port(cfg: Config) -> None:
+    """The HTTP port is free (nginx will bind it), or StartupError."""
+    try:
+        _bind_probe(cfg.listen_host, cfg.listen_port)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {cfg.listen} ({exc.strerror}): the HTTP port is in use by another "
+                           "program (another bastion?); stop it, or choose another address with --listen HOST:PORT") from None
+
+
+def bind_syslog(cfg: Config) -> tuple[socket.socket, socket.socket]:
+    """The syslog listener's sockets, bound here so that the port is taken (and datagrams wait in
+    its buffer) from the start, whenever the listener child gets to run, and across its restarts."""
+    try:
+        return bind_sockets(cfg.listen_host, cfg.syslog_port)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on the syslog port {cfg.syslog_port} (udp and tcp {cfg.listen_host}: "
+                           f"{exc.strerror}): another program (another bastion, rsyslog?) has it; stop it, or "
+                           "choose another port with --syslog-port PORT") from None
+
+
 class Supervisor:
     def __init__(self, cfg: Config, specs: list[ChildSpec]):
         self.cfg = cfg
         self.specs = specs
         self.running: dict[str, _Running] = {}
         self.stopping = threading.Event()
-        self.metrics: Path | None = None
+        self.runtime: Path | None = None
         self.env: dict[str, str] = {}
         self._serve_lock: int | None = None
+        self._syslog_sockets: tuple[socket.socket, ...] = ()
 
     def prepare(self) -> None:
-        from bastion_app.auth import ensure_token
-
-        self.cfg.data_path.mkdir(parents=True, exist_ok=True)
-        ensure_token(self.cfg.token_path)
-        Store.from_config(self.cfg).migrate()
+        self._check_data_dir()
         self._take_serve_lock()
+        check_http_port(self.cfg)
+        udp, tcp = bind_syslog(self.cfg)
+        self.runtime = runtime_dir()
+        self.env = child_env(self.cfg, self.runtime)
+        self._syslog_sockets = (udp, tcp)  # held (open) for the life of this process
         try:  # for `labctl doctor`: how this serve was started
             write_serve_state(self.cfg, os.getpid(), time.time())
         except OSError as exc:
             log.warning("cannot write %s (%s): labctl doctor will not know this serve's settings",
                         self.cfg.serve_state_path, exc)
-        self.metrics = new_metrics_dir()
-        self.env = child_env(self.cfg, self.metrics)
+
+    def _check_data_dir(self) -> None:
+        """The data directory, the token and both databases open (created on first start); a
+        read-only directory with a bastion in it is fine (it is served read-only)."""
+        from bastion_app.auth import ensure_token
+        from bastion_app.db import StorageUnavailable
+        from bastion_app.logstore import LogStore
+
+        steps = ((self.cfg.data_path, lambda: self.cfg.data_path.mkdir(parents=True, exist_ok=True)),
+                 (self.cfg.token_path, lambda: ensure_token(self.cfg.token_path)),
+                 (self.cfg.db_path, lambda: Store.from_config(self.cfg).close()),
+                 (self.cfg.data_path / "logs.db", lambda: LogStore.from_config(self.cfg).close()))
+        for path, step in steps:
+            try:
+                step()
+            except (OSError, sqlite3.Error, StorageUnavailable, RuntimeError) as exc:
+                raise StartupError(f"the data directory is unusable: {path}: {exc}") from None
 
     def _take_serve_lock(self) -> None:
         """One bastion per data directory: a second `serve` on the same one is refused."""
@@ -149,7 +231,7 @@ class Supervisor:
         except BlockingIOError:
             other = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise SystemExit(f"lab-bastion serve: another bastion (pid {other}) is already serving {self.cfg.data_path}") from None
+            raise StartupError(f"another bastion (pid {other}) is already serving {self.cfg.data_path}") from None
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
@@ -157,19 +239,27 @@ class Supervisor:
             pass  # read-only: the lock holds all the same
         self._serve_lock = fd  # held (open) for the life of this process
 
-    def _start(self, spec: ChildSpec, restarts: int = 0) -> None:
+    def _start(self, spec: ChildSpec, restarts: int = 0, first: bool = False) -> None:
         env = {**self.env, **spec.env}
-        proc = subprocess.Popen(spec.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
-        self.running[spec.name] = _Running(spec, proc, time.monotonic(), restarts)
+        fds: tuple[int, ...] = ()
+        if spec.name == "syslog" and self._syslog_sockets:
+            fds = tuple(sock.fileno() for sock in self._syslog_sockets)
+            env[SOCKETS_ENV] = ",".join(map(str, fds))
+        proc = subprocess.Popen(spec.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent, pass_fds=fds)
+        self.running[spec.name] = _Running(spec, proc, time.monotonic(), restarts, first)
         log.info("started %s (pid %d)", spec.name, proc.pid)
 
     def _stall_loop(self) -> None:
+        from bastion_app.db import StorageUnavailable
+
         store = Store.from_config(self.cfg)
         interval = max(1.0, min(30.0, self.cfg.stall_timeout / 4))
         while not self.stopping.wait(interval):
             try:
                 for mac in store.mark_stalled(self.cfg.stall_timeout):
                     log.warning("install on %s stalled: no progress for %d s", mac, self.cfg.stall_timeout)
+            except StorageUnavailable as exc:
+                log.error("stall check: %s", exc)
             except Exception:  # noqa: BLE001 - keep supervising; the next round retries
                 log.exception("stall check failed")
 
@@ -177,19 +267,28 @@ class Supervisor:
         self.stopping.set()
 
     def run(self) -> int:
-        self.prepare()
+        """Supervise until stopped. Raises StartupError when the bastion cannot start."""
+        try:
+            self.prepare()
+        except StartupError:
+            shutil.rmtree(runtime_dir(), ignore_errors=True)
+            raise
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         for spec in self.specs:
-            self._start(spec)
+            self._start(spec, first=True)
         threading.Thread(target=self._stall_loop, name="stall-check", daemon=True).start()
         rc = 0
-        while not self.stopping.wait(0.5):
+        while not self.stopping.wait(0.2):
             for name, r in list(self.running.items()):
                 code = r.proc.poll()
                 if code is None:
                     continue
                 uptime = time.monotonic() - r.started
+                if r.first and r.spec.critical and uptime < STARTUP_S and code > 0:  # not killed by a signal
+                    self.shutdown()
+                    raise StartupError(f"{name} exited with code {code} while starting (its messages are above); "
+                                       "nothing is served")
                 restarts = 0 if uptime > 60 else r.restarts + 1
                 if restarts > 5:
                     log.error("%s keeps exiting (code %s); giving up", name, code)
@@ -218,6 +317,6 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 os.killpg(r.proc.pid, signal.SIGKILL)
                 r.proc.wait()
-        if self.metrics:
-            shutil.rmtree(self.metrics, ignore_errors=True)
+        if self.runtime:
+            shutil.rmtree(self.runtime, ignore_errors=True)
         log.info("stopped")

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Artefact serving: 50 concurrent downloads of one 200 MB file from a real `lab-bastion serve`
-(gunicorn gthread workers, GET /images/<path> via the WSGI file wrapper = sendfile) against
+(the app checks GET /images/<path>, its nginx front sends the file: X-Accel-Redirect) against
 Debian's nginx serving the same file from the same directory, in the same run.
 
 Both servers get the same worker count and the same client (50 parallel `curl` processes), and

@@ -62,6 +62,19 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
         return s.getsockname()[1]
 
 
+def free_syslog_port(host: str = "127.0.0.1") -> int:
+    """A port free for UDP and for TCP: the syslog listener binds both, and `serve` refuses to
+    start when either is taken."""
+    while True:
+        port = free_port(host, socket.SOCK_DGRAM)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
     last_exc = None
@@ -190,7 +203,7 @@ def start_bastion(data_dir: Path, *args: str, env: dict | None = None, workers: 
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = (log_dir or data_dir.parent) / f"bastion-{port}.log"
     if "--syslog-port" not in args:  # never the shared default 5514: tests run side by side
-        args = ("--syslog-port", str(free_port(kind=socket.SOCK_DGRAM)), *args)
+        args = ("--syslog-port", str(free_syslog_port()), *args)
     cmd = [sys.executable, "-m", "bastion_app.cli", "serve", "--data-dir", str(data_dir),
            "--listen", f"127.0.0.1:{port}", "--workers", str(workers), "--no-dnsmasq", *args]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}

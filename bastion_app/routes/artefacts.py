@@ -2,9 +2,11 @@
 image) from <data>/images, served by the bastion itself so install scripts never reach out to the
 Internet.
 
-Full downloads go out through the WSGI file wrapper, which gunicorn turns into sendfile(2); Range
-requests (resumed or parallel downloads) and conditional requests (ETag, If-None-Match,
-If-Modified-Since) are handled by Werkzeug. Artefacts are public distribution files: no install
+Under `lab-bastion serve` the route only checks the request and hands the file to the nginx front
+(``X-Accel-Redirect`` to its internal artefacts location): nginx sends it with sendfile(2) and
+answers Range and conditional requests, and no gunicorn thread waits for a slow reader
+(bastion_app/front.py). Without the front (the app on its own), Werkzeug's send_file does the same
+in the worker. Artefacts are public distribution files: no install
 token is needed (the iPXE scripts append ?token=, which is ignored), so discovery and rescue boots
 work too. In-progress downloads (*.part) and dot files are never served.
 """
@@ -12,8 +14,9 @@ work too. In-progress downloads (*.part) and dot files are never served.
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
-from flask import Blueprint, send_file
+from flask import Blueprint, Response, current_app, send_file
 from werkzeug.security import safe_join
 
 from bastion_app.errors import ApiError
@@ -44,6 +47,11 @@ def artefact_path(root: Path, name: str) -> Path:
 @bp.get("/images/<path:name>")
 def artefact(name: str):
     path = artefact_path(cfg().images_path, name)
+    accel = current_app.config.get("LAB_ARTEFACTS_ACCEL")
+    if accel:
+        resp = Response(status=200, mimetype="application/octet-stream")
+        resp.headers["X-Accel-Redirect"] = accel + quote(path.relative_to(cfg().images_path.resolve()).as_posix())
+        return resp
     resp = send_file(path, mimetype="application/octet-stream", conditional=True, etag=True, max_age=0)
     resp.headers["Accept-Ranges"] = "bytes"
     return resp

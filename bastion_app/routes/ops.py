@@ -6,7 +6,8 @@ import sqlite3
 
 from flask import Blueprint, Response, jsonify
 
-from bastion_app import get_store, metrics
+from bastion_app import get_logs, get_store, metrics
+from bastion_app.db import StorageUnavailable
 from bastion_app.openapi import document
 
 bp = Blueprint("ops", __name__)
@@ -14,9 +15,11 @@ bp = Blueprint("ops", __name__)
 
 @bp.get("/healthz")
 def healthz():
+    """ok only when both databases (state.db, logs.db) are the files the bastion opened and answer."""
     try:
         version = get_store().schema_version()
-    except sqlite3.Error as exc:
+        get_logs().schema_version()
+    except (sqlite3.Error, StorageUnavailable) as exc:
         return jsonify({"status": "error", "detail": str(exc)}), 503
     return jsonify({"status": "ok", "schema_version": version})
 

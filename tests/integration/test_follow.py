@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import threading
 import time
 
 import pytest
 import requests
 
-from tests.support import call_from, free_port, installing, send_udp, start_bastion, udp_port, wait_for
+from tests.support import (
+    call_from,
+    free_syslog_port,
+    installing,
+    send_udp,
+    start_bastion,
+    udp_port,
+    wait_for,
+)
 
 
 class SSE:
@@ -59,7 +66,7 @@ class SSE:
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    b = start_bastion(tmp_path_factory.mktemp("follow") / "data", "--syslog-port", str(free_port(kind=socket.SOCK_DGRAM)),
+    b = start_bastion(tmp_path_factory.mktemp("follow") / "data", "--syslog-port", str(free_syslog_port()),
                       workers=2)
     yield b
     b.stop()
@@ -182,7 +189,7 @@ def test_bad_cursor_is_400(srv):
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """One worker, at most 3 followers, installs stall after 3 s of silence."""
-    b = start_bastion(tmp_path_factory.mktemp("stall") / "data", "--syslog-port", str(free_port(kind=socket.SOCK_DGRAM)),
+    b = start_bastion(tmp_path_factory.mktemp("stall") / "data", "--syslog-port", str(free_syslog_port()),
                       workers=1, env={"LAB_BASTION_STALL_TIMEOUT": "3", "LAB_BASTION_FOLLOWERS": "3"})
     yield b
     b.stop()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.support import free_port, installing, send_udp, start_bastion, udp_port, wait_for
+from tests.support import free_syslog_port, installing, send_udp, start_bastion, udp_port, wait_for
 
 MAC_LEASE = "52:54:00:10:00:21"  # known from the lease file as 127.0.0.21
 MAC_SEEN = "52:54:00:10:00:22"  # known because it called the bastion from 127.0.0.22
@@ -44,7 +44,7 @@ def write_leases(data_dir: Path, entries: dict[str, str]) -> None:
 def srv(tmp_path_factory):
     data = tmp_path_factory.mktemp("logs") / "data"
     write_leases(data, {"127.0.0.21": MAC_LEASE})
-    b = start_bastion(data, "--syslog-port", str(free_port(kind=socket.SOCK_DGRAM)), workers=2,
+    b = start_bastion(data, "--syslog-port", str(free_syslog_port()), workers=2,
                       env={"LAB_BASTION_LOG_LINES": "100"})
     yield b
     b.stop()
@@ -185,7 +185,7 @@ def test_bounded_per_machine(srv):
 def test_logs_survive_a_restart(tmp_path):
     data = tmp_path / "data"
     write_leases(data, {"127.0.0.21": MAC_LEASE})
-    port = free_port(kind=socket.SOCK_DGRAM)
+    port = free_syslog_port()
     b = start_bastion(data, "--syslog-port", str(port), workers=1)
     try:
         send_udp(port, b"<30>Nov 26 12:00:01 h anaconda: before restart", source="127.0.0.21")
