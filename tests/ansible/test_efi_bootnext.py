@@ -95,9 +95,8 @@ def test_junk_is_ignored():
 
 
 def test_an_ovmf_label_alone_is_a_network_entry():
-    """efibootmgr 18 on Debian 12 printed OVMF's entries without a device path on an installed
-    machine (the e2e reprovision found no network entry): the label "UEFI PXEv4 (MAC:...)" alone
-    must do."""
+    """Where efibootmgr prints no device paths (efibootmgr 17 without -v), OVMF's label
+    "UEFI PXEv4 (MAC:...)" alone must be recognised as the network entry."""
     text = ("BootCurrent: 0004\nBootOrder: 0001,0004\nBoot0001* UEFI PXEv4 (MAC:525400E2D002)\n"
             "Boot0004* debian\n")
     entries = efi.parse_efibootmgr(text)["entries"]

@@ -218,7 +218,7 @@ def test_installed_machine_answers_ssh_with_the_layout(lab, deployed, key, firmw
         efi = _sh(lab, m, key, "sudo -n efibootmgr -v")
         order = re.search(r"^BootOrder: (\S+)", efi, re.M).group(1).split(",")
         first = re.search(rf"^Boot{order[0]}\*? (.*)$", efi, re.M).group(1)
-        assert "MAC(" + m.mac.replace(":", "") in first.lower() and "IPv4(" in first, efi
+        assert "mac(" + m.mac.replace(":", "") in first.lower() and "IPv4(" in first, efi
         assert re.search(r"^Boot[0-9A-F]{4}\*? debian\s.*File\(\\EFI\\debian\\", efi, re.M | re.I), efi
         assert "br_netfilter" in _sh(lab, m, key, "cat /etc/modules-load.d/90-lab-k3s.conf")
 

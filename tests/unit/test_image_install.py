@@ -113,7 +113,7 @@ def _disk_step(fm: FakeMachine, role: str) -> subprocess.CompletedProcess:
     text = image_install_script(machine(role), base=BASE, image=IMAGE)
     # only the disk step: everything up to the image download
     head = text[: text.index("# -- image:")]
-    return fm.run(head.replace("set -uo pipefail", "set -u") + '\necho "MODE=$LAB_MODE DISK=$LAB_DISK FW=$LAB_FIRMWARE"\n')
+    return fm.run(head + '\necho "MODE=$LAB_MODE DISK=$LAB_DISK FW=$LAB_FIRMWARE"\n')
 
 
 def test_disk_step_picks_nvme_and_fails_small_disks_before_writing(tmp_path):
