@@ -708,7 +708,7 @@ def demo(root: Path, timeout: float = 900, install_timeout: float = 1800) -> int
         raise LabError("queueing the install failed (see above)")
     lab.start(bios)
     say(f"demo: powered {bios.name} on again: it PXE-boots the installer and writes debian-12 "
-        f"(about 5-10 minutes under emulation); following its progress:")
+        f"(a few minutes under emulation); following its progress:")
     follow = subprocess.run([labctl, "provision", "logs", "-f", bios.mac], env=run_env, timeout=install_timeout)
     got = lab.wait_state(bios.mac, "installed", 60, bios)
     waited = lab.wait_ssh(got["ip"], key, 600, bios)
