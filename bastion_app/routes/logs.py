@@ -40,8 +40,10 @@ def _target(mac: str) -> str:
     return UNATTRIBUTED if mac == UNATTRIBUTED else mac_arg(mac)
 
 
-def _cursor(raw: str | None, name: str) -> tuple[int, int] | None:
-    if raw is None or raw == "":
+def _cursor(raw: str | None, name: str, *, empty_ok: bool = False) -> tuple[int, int] | None:
+    """A cursor "E-L"; None when absent (an empty Last-Event-ID header counts as absent, an empty
+    ``?since=`` is refused: the API's schema says E-L)."""
+    if raw is None or (raw == "" and empty_ok):
         return None
     m = _CURSOR.fullmatch(raw.strip())
     if not m:
@@ -162,7 +164,8 @@ def follow(mac: str):
     store, logs = get_store(), get_logs()
     _known(mac, logs)
     heartbeat = int_arg("heartbeat", 15, 1, 300)
-    start = _cursor(request.headers.get("Last-Event-ID"), "Last-Event-ID") or _cursor(request.args.get("since"), "since")
+    start = (_cursor(request.headers.get("Last-Event-ID"), "Last-Event-ID", empty_ok=True)
+             or _cursor(request.args.get("since"), "since"))
     tail = int_arg("tail", 0, 0, 100000)
     if start is None:
         start = (0, 0)

@@ -687,7 +687,8 @@ def test_doctor_follows_how_serve_was_started(labctl, bastion, env):
         "port 69/udp": "skip" if status["port 69/udp"] == "skip" else "pass",
         f"port {http_port}/tcp": "pass", f"port {port}/udp": "pass",
         "tftp files": "fail", "secure boot": "skip", "artefacts discovery": "fail", "artefacts fedora-43": "warn",
-        "artefacts ubuntu-26.04": "warn", "artefacts local-boot": "warn",
+        "artefacts ubuntu-26.04": "warn", "artefacts local-boot": "warn", "artefacts installer": "warn",
+        "artefacts debian-12": "warn", "artefacts debian-13": "warn",
         "install binding": "warn",  # no dnsmasq here: the first address binds an install
     }
     serve = next(c for c in doc["checks"] if c["name"] == "serve")
@@ -709,14 +710,15 @@ def test_doctor_without_a_data_dir_says_what_it_did_not_check(labctl, bastion, t
     assert r.exit_code == 0, r.stderr  # nothing failed ...
     lines = r.stdout.splitlines()
     assert [ln.split()[0] for ln in lines[:2]] == ["PASS", "PASS"]  # bastion and token, which it did check
-    for name in ("serve", "dnsmasq", "ports", "tftp", "artefacts"):  # ... but nothing local passed either
+    for name in ("serve", "dnsmasq", "ports", "tftp", "artefacts", "binding"):  # ... but nothing local passed either
         assert f"SKIP  {name}: not checked" in r.stdout
         assert f"PASS  {name}" not in r.stdout
     assert f"no --data-dir given and the default {tmp_path / 'nothing-here'} is not a bastion data directory" in r.stdout
     assert "hint: pass --data-dir DIR" in r.stdout
-    assert lines[-1] == "2 passed, 0 warning(s), 0 failed, 5 skipped; NOT checked: serve, dnsmasq, ports, tftp, artefacts"
+    assert lines[-1] == ("2 passed, 0 warning(s), 0 failed, 6 skipped; "
+                         "NOT checked: serve, dnsmasq, ports, tftp, artefacts, binding")
     doc = json.loads(labctl("doctor", "--skip", "dhcp", "-o", "json", extra_env={"LAB_BASTION_DATA_DIR": ""}).stdout)
-    assert doc["not_checked"] == ["serve", "dnsmasq", "ports", "tftp", "artefacts"]
+    assert doc["not_checked"] == ["serve", "dnsmasq", "ports", "tftp", "artefacts", "binding"]
 
 
 def test_doctor_knows_a_stopped_serve_and_a_data_dir_from_before_serve_json(labctl, tmp_path):

@@ -208,7 +208,8 @@ def test_a_url_that_is_not_a_bastion_is_called_that(home, handler):
             p = subprocess.run([sys.executable, "-m", "labctl.main", *args], env={**os.environ, **env},
                                capture_output=True, text=True, timeout=60)
             assert p.returncode == 3, (args, p.returncode, p.stderr)
-            assert f"labctl: error: {url} is not a lab-platform bastion: GET /api/machines answered" in p.stderr, p.stderr
+            assert f"labctl: error: {url} is not a lab-platform bastion: GET /api/machines" in p.stderr, p.stderr
+            assert " answered " in p.stderr, p.stderr
             assert "hint: check the URL: labctl config get bastionUrl" in p.stderr and "Traceback" not in p.stderr
     finally:
         srv.shutdown()
