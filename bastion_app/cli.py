@@ -247,8 +247,7 @@ def build_os_cmd(data_dir, os_names, cache_dir, force):
 def images_list_cmd(data_dir):
     """What the bastion can serve: each boot artefact directory under <data>/images, whether its
     files are there, their size, and for built OS images their build date and sha256."""
-    import json as jsonmod
-
+    from bastion_app.images.osimage import read_manifest
     from labcore.bastion_files import BOOT_ARTEFACTS, ROOTFS_MANIFEST
 
     cfg = _load(data_dir)
@@ -260,12 +259,12 @@ def images_list_cmd(data_dir):
         status = "ready" if len(present) == len(files) else ("missing" if not present else "incomplete")
         detail = ""
         if ROOTFS_MANIFEST in files and (folder / ROOTFS_MANIFEST).is_file():
-            try:
-                m = jsonmod.loads((folder / ROOTFS_MANIFEST).read_text())
+            m = read_manifest(cfg.images_path, name)
+            if m is None:
+                status, detail = "invalid", f"{ROOTFS_MANIFEST} cannot be read"
+            else:
                 detail = (f"{m.get('suite')} kernel {m.get('kernel')}, {len(m.get('packages', []))} packages, "
                           f"built {m.get('built_at')}, sha256:{str(m.get('sha256'))[:12]}")
-            except (OSError, ValueError, AttributeError):
-                status, detail = "invalid", f"{ROOTFS_MANIFEST} cannot be read"
         elif status != "ready":
             detail = "missing " + ", ".join(f for f in files if f not in present)
         rows.append((name, status, f"{size / 1e6:.1f} MB" if present else "-", detail))

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from bastion_app.images.sync import ImageError
 from bastion_app.render import UnsafeValue, render
-from labcore import bastion_files, domain, validate
+from labcore import bastion_config, bastion_files, domain, validate
 from labcore.layout import (
     BOOT_MIB,
     EFI_MIB,
@@ -135,8 +135,10 @@ def image_install_script(m: dict, *, base: str, image: dict | None, kernel_args:
     sha = str(image.get("sha256") or "")
     if sha and not re.fullmatch(r"[0-9a-f]{64}", sha):
         raise ImageError(f"the {v['os']} image manifest has an invalid sha256")
-    if not re.fullmatch(r"[A-Za-z0-9._:/=,+ -]*", kernel_args):
-        raise UnsafeValue(f"kernel arguments {kernel_args!r}")
+    try:
+        kernel_args = bastion_config.valid_kernel_args(kernel_args)
+    except ValueError:
+        raise UnsafeValue(f"kernel arguments {kernel_args!r}") from None
     ctx = layout_context(v["role"])
     # the image deploy scales the layout down on small disks (labcore.layout.scaled_sizes)
     ctx["disk_mib"] = min_disk_mib(v["role"])

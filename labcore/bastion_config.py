@@ -141,7 +141,8 @@ def _access_log(value: str) -> str:
 _KERNEL_ARG = re.compile(r"[A-Za-z0-9._:/=,+-]{1,128}")
 
 
-def _kernel_args(value: str) -> str:
+def valid_kernel_args(value: str) -> str:
+    """Kernel arguments as the bastion passes them on (the installers check them again with this)."""
     words = value.split()
     if len(value) > 256 or not all(_KERNEL_ARG.fullmatch(w) for w in words):
         raise ValueError(f"{value!r}: kernel arguments are words of letters, digits and . _ : / = , + - "
@@ -209,7 +210,7 @@ class Config(BaseModel):
     #: extra kernel arguments for the environments the bastion boots (discovery, the installers),
     #: e.g. console=ttyS1,115200 where machines have a serial console (IPMI SOL). None by default:
     #: console=ttyS0 on hardware without that UART stalls every boot step
-    kernel_args: Annotated[str, AfterValidator(_kernel_args)] = ""
+    kernel_args: Annotated[str, AfterValidator(valid_kernel_args)] = ""
     #: what discovery does when done: poweroff | reboot
     discovery_action: Literal["poweroff", "reboot"] = "poweroff"
     #: gunicorn's access log: '' none, '-' standard output, or a file

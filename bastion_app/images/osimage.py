@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bastion_app.images import discovery
 from bastion_app.images.discovery import publish
 from labcore import bastion_files, domain
 
@@ -92,11 +93,9 @@ class OsImage:
 
 
 def default_cache_dir() -> Path:
-    """``/var/cache/lab-platform/os`` for root, else ``$XDG_CACHE_HOME/lab-platform/os``."""
-    if os.geteuid() == 0:
-        return Path("/var/cache/lab-platform/os")
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "lab-platform" / "os"
+    """``/var/cache/lab-platform/os`` for root, else ``$XDG_CACHE_HOME/lab-platform/os`` (beside
+    the discovery cache)."""
+    return discovery.default_cache_dir().with_name("os")
 
 
 def image_os(name: str) -> domain.OperatingSystem:
