@@ -673,3 +673,61 @@ class LabMachines:
     def stop_all(self) -> None:
         for m in self.made:
             self.lab.stop_machine(m)
+
+
+# -- a real PostgreSQL 15 for labd (one server per pytest session) -------------------------------------
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@dataclass
+class Postgres:
+    """A PostgreSQL server started from Debian's binaries as user postgres, on a unix socket only."""
+
+    root: Path
+    socket_dir: Path
+    port: int
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://postgres@/{dbname}?host={self.socket_dir}&port={self.port}"
+
+    def sql(self, statement: str, dbname: str = "postgres") -> None:
+        import psycopg
+
+        with psycopg.connect(self.url(dbname), autocommit=True) as conn:
+            conn.execute(statement)
+
+    def stop(self) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "stop", "-D", str(self.root / "pgdata"),
+                        "-m", "immediate", "-w"], capture_output=True, timeout=60)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def start_postgres() -> Postgres:
+    """initdb + pg_ctl start through `runuser -u postgres` (Debian's initdb refuses root), in a
+    directory of its own under /tmp (short: the socket path must fit in sun_path; reachable by user
+    postgres). Tuned for tests: no fsync, no full-page writes (a crash loses a test database only).
+    :meth:`Postgres.stop` stops it and removes the directory."""
+    import tempfile
+
+    need(PG_BIN.joinpath("initdb").exists(), "needs PostgreSQL 15 (apt-get install postgresql-15)")
+    need(os.geteuid() == 0, "needs root to run PostgreSQL as user postgres")
+    root = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    socket_dir = root / "sock"
+    socket_dir.mkdir()
+    shutil.chown(root, "postgres")
+    shutil.chown(socket_dir, "postgres")
+    pgdata = root / "pgdata"
+    as_pg = ["runuser", "-u", "postgres", "--"]
+    r = subprocess.run([*as_pg, str(PG_BIN / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                        "--locale=C.UTF-8", "--no-sync"], capture_output=True, text=True, timeout=120)
+    if r.returncode:
+        raise RuntimeError(f"initdb failed: {r.stdout}{r.stderr}")
+    port = free_port()
+    opts = (f"-c listen_addresses='' -c unix_socket_directories={socket_dir} -c port={port} -c fsync=off "
+            "-c full_page_writes=off -c synchronous_commit=off -c max_connections=200")
+    r = subprocess.run([*as_pg, str(PG_BIN / "pg_ctl"), "start", "-D", str(pgdata), "-w", "-t", "60", "-o", opts,
+                        "-l", str(root / "postgres.log")], capture_output=True, text=True, timeout=90)
+    if r.returncode:
+        raise RuntimeError(f"pg_ctl start failed: {r.stdout}{r.stderr}{(root / 'postgres.log').read_text(errors='replace')}")
+    return Postgres(root, socket_dir, port)
