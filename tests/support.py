@@ -731,3 +731,75 @@ def start_postgres() -> Postgres:
     if r.returncode:
         raise RuntimeError(f"pg_ctl start failed: {r.stdout}{r.stderr}{(root / 'postgres.log').read_text(errors='replace')}")
     return Postgres(root, socket_dir, port)
+
+
+# -- a real `labd serve` ------------------------------------------------------------------------------
+@dataclass
+class Labd:
+    """A running `labd serve` (gunicorn, HTTPS with labd's own CA) on a database of its own."""
+
+    url: str
+    data_dir: Path
+    database_url: str
+    admin_password: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def ca(self) -> str:
+        return str(self.data_dir / "ca.crt")
+
+    def session(self, token: str | None = None) -> requests.Session:
+        s = requests.Session()
+        s.verify = self.ca
+        if token:
+            s.headers["Authorization"] = f"Bearer {token}"
+        return s
+
+    def login(self, user: str = "admin", password: str | None = None) -> str:
+        r = self.session().post(self.url + "/api/v1/login", json={"username": user, "password": password or self.admin_password})
+        r.raise_for_status()
+        return r.json()["token"]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=20, group=True)
+
+
+def labd_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "labd", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, cwd=REPO)
+
+
+def start_labd(data_dir: Path, database_url: str, *, workers: int = 2, timeout: float = 30.0) -> Labd:
+    """`labd init` (keeps the printed admin password) then `labd serve` on a free loopback port;
+    waits for /readyz over HTTPS, trusting labd's own CA."""
+    r = labd_cli("init", "--data-dir", str(data_dir), "--database-url", database_url)
+    if r.returncode:
+        raise RuntimeError(f"labd init failed:\n{r.stdout}{r.stderr}")
+    password = re.search(r"^admin password: (\S+)$", r.stdout, re.M).group(1)
+    port = free_port()
+    log_path = data_dir.parent / f"labd-{port}.log"
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "labd", "serve", "--data-dir", str(data_dir), "--listen",
+                                 f"127.0.0.1:{port}", "--workers", str(workers)], stdout=logf, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, start_new_session=True)
+    url = f"https://127.0.0.1:{port}"
+
+    def ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"labd serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            return requests.get(url + "/readyz", timeout=1, verify=str(data_dir / "ca.crt")).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_for(ready, timeout=timeout, interval=0.1, what="labd serve /readyz")
+    except BaseException:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return Labd(url, data_dir, database_url, password, proc, log_path)
