@@ -751,6 +751,7 @@ class Labd:
 
     def session(self, token: str | None = None) -> requests.Session:
         s = requests.Session()
+        s.trust_env = False  # else REQUESTS_CA_BUNDLE overrides the session's verify (psf/requests#3829)
         s.verify = self.ca
         if token:
             s.headers["Authorization"] = f"Bearer {token}"
@@ -793,6 +794,8 @@ def start_labd(data_dir: Path, database_url: str, *, workers: int = 2, timeout: 
             raise RuntimeError(f"labd serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
             return requests.get(url + "/readyz", timeout=1, verify=str(data_dir / "ca.crt")).status_code == 200
+        except requests.exceptions.SSLError:
+            raise
         except requests.ConnectionError:
             return False
 
