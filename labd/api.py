@@ -7,9 +7,7 @@ the one that creates them, never in an audit row and never logged.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ bp = Blueprint("labd_api", __name__, url_prefix="/api/v1")
 REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,252}$"
 _REF = re.compile(REF_PATTERN)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def store() -> Store:
@@ -67,7 +66,7 @@ def ca():
 
 @public.post("/api/v1/login")
 def login():
-    body = sc.LoginRequest.model_validate(request.get_json(silent=False))
+    body = _body(sc.LoginRequest)
     cfg = current_app.config["LABD"]
     row = store().transaction(lambda cur: cur.execute("SELECT password_hash FROM users WHERE name = %s",
                                                       (body.username,)).fetchone())
@@ -171,22 +170,10 @@ def _plain(row: dict) -> dict:
     return {k: (_time(x) if isinstance(x, dt.datetime) else str(x) if isinstance(x, uuid.UUID) else x) for k, x in row.items()}
 
 
-def encode_cursor(value) -> str:
-    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str | None):
-    if cursor is None:
-        return None
-    try:
-        return json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(422, "invalid request", [{"field": "cursor", "message": "not a cursor from a previous page"}]) from None
-
-
 def _page(rows: list[dict], limit: int, key) -> tuple[list[dict], str | None]:
+    """One page (fetched with limit + 1 rows) and the cursor of the next, None on the last."""
     if len(rows) > limit:
-        return rows[:limit], encode_cursor(key(rows[limit - 1]))
+        return rows[:limit], key(rows[limit - 1])
     return rows, None
 
 
@@ -274,12 +261,9 @@ def list_kind(kind: Kind):
         labels = dict(sel.split("=", 1) for sel in q.label)
         where.append("labels @> %s")
         params.append(Jsonb(labels))
-    after = decode_cursor(q.cursor)
-    if after is not None:
-        if not isinstance(after, str):
-            raise ApiError(422, "invalid request", [{"field": "cursor", "message": "not a cursor from a previous page"}])
+    if q.cursor is not None:
         where.append(f"{kind.key} > %s")
-        params.append(after)
+        params.append(q.cursor)
     sql = f"SELECT * FROM {kind.name} WHERE {' AND '.join(where)} ORDER BY {kind.key} LIMIT %s"
     rows = store().transaction(lambda cur: cur.execute(sql, [*params, q.limit + 1]).fetchall())
     rows, nxt = _page(rows, q.limit, lambda r: r[kind.key])
@@ -424,13 +408,10 @@ def _global(verb: str, resource: str, name: str | None = None) -> None:
 def _simple_list(resource: str, sql: str, params: list, view, order_key="id"):
     q = _query(sc.Query)
     _global("read", resource)
-    after = decode_cursor(q.cursor)
     where = ""
-    if after is not None:
-        if not isinstance(after, str):
-            raise ApiError(422, "invalid request", [{"field": "cursor", "message": "not a cursor from a previous page"}])
+    if q.cursor is not None:
         where = f" WHERE {order_key}::text > %s"
-        params = [*params, after]
+        params = [*params, q.cursor]
     rows = store().transaction(lambda cur: cur.execute(f"SELECT * FROM ({sql}) AS x{where} ORDER BY {order_key}::text LIMIT %s",
                                                        [*params, q.limit + 1]).fetchall())
     rows, nxt = _page(rows, q.limit, lambda r: str(r[order_key]))
@@ -618,9 +599,9 @@ def create_binding():
 
     def work(cur):
         if cur.execute("SELECT 1 FROM users WHERE name = %s", (body.user,)).fetchone() is None:
-            raise ApiError(422, "invalid request", [{"field": "user", "message": "no such user"}])
+            raise ApiError(404, "no such user", body.user)
         if cur.execute("SELECT 1 FROM roles WHERE name = %s", (body.role,)).fetchone() is None:
-            raise ApiError(422, "invalid request", [{"field": "role", "message": "no such role"}])
+            raise ApiError(404, "no such role", body.role)
         return cur.execute("INSERT INTO role_bindings (username, role, scope) VALUES (%s, %s, %s) RETURNING *",
                            (body.user, body.role, body.scope)).fetchone()
     return jsonify(_binding_view(_mutate("rolebindings.create", "rolebindings", work, 201))), 201
@@ -667,13 +648,11 @@ def list_audit():
         if t is not None:
             where.append(f"ts {op} %s")
             params.append(t)
-    after = decode_cursor(q.cursor)
-    if after is not None:
-        if not (isinstance(after, list) and len(after) == 2 and all(isinstance(x, str) for x in after)):
-            raise ApiError(422, "invalid request", [{"field": "cursor", "message": "not a cursor from a previous page"}])
+    if q.cursor is not None:
+        micros, _, rid = q.cursor.partition("-")
         where.append("(ts, id) < (%s, %s)")
-        params += [_parse_time(after[0], "cursor"), _uuid(after[1], "cursor")]
+        params += [EPOCH + dt.timedelta(microseconds=int(micros)), uuid.UUID(rid)]
     sql = f"SELECT * FROM audit WHERE {' AND '.join(where)} ORDER BY ts DESC, id DESC LIMIT %s"
     rows = store().transaction(lambda cur: cur.execute(sql, [*params, q.limit + 1]).fetchall())
-    rows, nxt = _page(rows, q.limit, lambda r: [r["ts"].isoformat(), str(r["id"])])
+    rows, nxt = _page(rows, q.limit, lambda r: f"{(r['ts'] - EPOCH) // dt.timedelta(microseconds=1)}-{r['id'].hex}")
     return jsonify(audit=[_plain(r) for r in rows], next=nxt)

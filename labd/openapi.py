@@ -15,7 +15,7 @@ from labd.api import KINDS, REF_PATTERN, AccessReview
 
 ERRORS = {"400": "no JSON body", "401": "no valid token", "403": "the caller's roles do not allow it (audited)",
           "404": "no such object", "409": "conflicts with what exists", "422": "invalid request",
-          "503": "database unavailable"}
+          "413": "the body is larger than 2 MiB", "503": "database unavailable"}
 BODY_MODELS = [sc.ServerCreate, sc.ServerPatch, sc.BastionCreate, sc.BastionPatch, sc.AgentCreate, sc.AgentPatch,
                sc.ClusterCreate, sc.ClusterPatch, sc.TokenCreate, sc.UserCreate, sc.RoleCreate, sc.RolePatch,
                sc.RoleBindingCreate, sc.LoginRequest]
@@ -61,6 +61,7 @@ def _op(summary: str, ok: str, answer=None, *, body=None, params=(), errors=("40
     for code in errors:
         op["responses"][code] = {"description": ERRORS[code], **_json(ErrorBody)}
     if body is not None:
+        op["responses"]["413"] = {"description": ERRORS["413"], **_json(ErrorBody)}
         op["requestBody"] = {"required": True, **(_json(body) if isinstance(body, type) else body)}
     if params:
         op["parameters"] = list(params)
