@@ -368,7 +368,10 @@ def get_kubeconfig(ref):
     authorize("read-kubeconfig", "clusters", kind.path(row), f"clusters/{row['id']}")
     if row["kubeconfig"] is None:
         raise ApiError(404, "this cluster has no kubeconfig", row["name"])
-    text = secretbox.unseal(_secret_key(), row["kubeconfig"], f"kubeconfig:{row['id']}".encode())
+    try:
+        text = secretbox.unseal(_secret_key(), row["kubeconfig"], f"kubeconfig:{row['id']}".encode())
+    except secretbox.SecretError as exc:  # another secret.key, or a value copied from another cluster's row
+        raise ApiError(409, "the stored kubeconfig cannot be opened", f"{exc}; PUT it again") from None
     store().transaction(lambda cur: audit(cur, g.caller.user, "clusters.read-kubeconfig", f"clusters/{row['id']}"))
     return Response(text, mimetype="text/plain")
 

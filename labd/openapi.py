@@ -109,7 +109,7 @@ def document() -> dict:
         "put": _op("store the cluster's kubeconfig (sealed at rest)", "204", params=[ref], errors=all_errors,
                    body={"content": {"text/plain": {"schema": {"type": "string", "minLength": 1}}}}),
         "get": _op("the cluster's kubeconfig (verb read-kubeconfig; audited)", "200", True, params=[ref],
-                   errors=("401", "403", "404", "503"), text_answer=True),
+                   errors=("401", "403", "404", "409", "503"), text_answer=True),
     }
     uuid_param = _path_param("ref", sc.UUID_PATTERN)
     name_param = _path_param("ref", sc.NAME_PATTERN)
