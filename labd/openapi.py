@@ -11,7 +11,7 @@ from pydantic.json_schema import models_json_schema
 
 from labcore.schemas import ErrorBody
 from labd import schemas as sc
-from labd.api import KINDS, REF_PATTERN, AccessReview
+from labd.api import KINDS, REF_PATTERN, VIEWS, AccessReview
 
 ERRORS = {"400": "no JSON body", "401": "no valid token", "403": "the caller's roles do not allow it (audited)",
           "404": "no such object", "409": "conflicts with what exists", "422": "invalid request",
@@ -23,7 +23,6 @@ ANSWER_MODELS = [ErrorBody, sc.ServerView, sc.ServerList, sc.BastionView, sc.Bas
                  sc.ClusterView, sc.ClusterList, sc.TokenView, sc.TokenList, sc.TokenCreated, sc.UserView, sc.UserCreated,
                  sc.UserList, sc.RoleView, sc.RoleList, sc.RoleBindingView, sc.RoleBindingList, sc.AuditView, sc.AuditList,
                  sc.LoginAnswer, sc.WhoAmI]
-VIEWS = {"servers": sc.ServerView, "bastions": sc.BastionView, "agents": sc.AgentView, "clusters": sc.ClusterView}
 LISTS = {"servers": sc.ServerList, "bastions": sc.BastionList, "agents": sc.AgentList, "clusters": sc.ClusterList}
 
 
