@@ -3,33 +3,20 @@ match the document (status, content type, schema), invalid input is refused."""
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import need
+from tests.support import run_schemathesis
 
 
 def _schemathesis(labd, tmp_path: Path, *headers: str, max_examples: int, seed: str = "1"):
-    exe = Path(sys.executable).with_name("schemathesis")
-    need(exe.exists() or shutil.which("schemathesis") is not None, "schemathesis is not installed (make venv)")
-    cmd = [str(exe if exe.exists() else "schemathesis"), "run", f"{labd.url}/api/openapi.json", "--tls-verify", labd.ca,
-           "--checks", "all", "--max-examples", str(max_examples), "--phases", "examples,coverage,fuzzing", "-w", "2",
-           "--seed", seed, "--suppress-health-check", "all",
-           "--exclude-path", "/api/v1/logout"]  # it would revoke the very token the run uses
-    for h in headers:
-        cmd += ["-H", h]
     # a body over labd's 2 MiB limit is refused with 413 before it is read: a rejection like 422
     (tmp_path / "schemathesis.toml").write_text(
         "[checks.negative_data_rejection]\nexpected-statuses = [400, 401, 403, 404, 406, 413, 422, 428]\n")
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    out = r.stdout + r.stderr
-    generated = re.search(r"(\d+) generated", out)
-    return r.returncode, out, int(generated.group(1)) if generated else 0
+    return run_schemathesis(f"{labd.url}/api/openapi.json", tmp_path, *headers, max_examples=max_examples, seed=seed,
+                            extra=("--tls-verify", labd.ca,
+                                   "--exclude-path", "/api/v1/logout"))  # it would revoke the very token the run uses
 
 
 @pytest.mark.parametrize("with_token", [True, False], ids=["token", "no-token"])
