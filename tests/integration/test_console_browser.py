@@ -16,7 +16,17 @@ import shutil
 import pytest
 import requests
 
-from tests.support import KEY, REPO, UEFI_HW, call_from, need_binary, send_udp, start_bastion, udp_port, wait_for
+from tests.support import (
+    KEY,
+    REPO,
+    UEFI_HW,
+    call_from,
+    need_binary,
+    send_udp,
+    start_bastion,
+    udp_port,
+    wait_for,
+)
 
 HOSTILE = "<script>alert('dmi')</script><img src=x onerror=alert(2)>"
 #: the simulated machines: (MAC, loopback address each reports from)
