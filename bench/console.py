@@ -17,7 +17,6 @@ sheet and script (no images; target < 100 kB).
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.boot_storm import start_server  # noqa: E402
-from tests.support import UEFI_HW, session_from, synthetic_mac  # noqa: E402
+from tests.support import UEFI_HW, console_login, session_from, synthetic_mac  # noqa: E402
 
 
 def load(server, n: int) -> None:
@@ -50,15 +49,6 @@ def load(server, n: int) -> None:
         list(ex.map(one, range(n)))
 
 
-def console_session(server) -> requests.Session:
-    s = requests.Session()
-    page = s.get(server.url + "/console/login", timeout=30).text
-    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
-    r = s.post(server.url + "/console/login", data={"csrf": csrf, "token": server.token}, allow_redirects=False, timeout=30)
-    assert r.status_code == 302, r.text
-    return s
-
-
 def pct(values: list[float], p: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(p) - 1] if len(values) > 1 else values[0]
 
@@ -73,7 +63,7 @@ def main() -> int:
         server = start_server(Path(d) / "data", workers=args.workers)
         try:
             load(server, args.machines)
-            console, api = console_session(server), server.session()
+            console, api = console_login(server.url, server.token), server.session()
             etag = console.get(server.url + "/console/machines/live", timeout=30).headers["ETag"]
             kinds = {
                 "page": lambda: console.get(server.url + "/console/machines", timeout=30),

@@ -673,3 +673,13 @@ class LabMachines:
     def stop_all(self) -> None:
         for m in self.made:
             self.lab.stop_machine(m)
+
+
+def console_login(url: str, token: str) -> requests.Session:
+    """A requests session logged in to a bastion's web console (its login form, CSRF token and all)."""
+    s = requests.Session()
+    page = s.get(url + "/console/login", timeout=30).text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    r = s.post(url + "/console/login", data={"csrf": csrf, "token": token}, allow_redirects=False, timeout=30)
+    assert r.status_code == 302, r.text
+    return s
