@@ -44,7 +44,7 @@ bp = Blueprint("console", __name__, url_prefix="/console", static_folder="static
 PAGE, PAGE_MAX = 100, 1000
 #: the columns the list sorts by (a subset of Store.SUMMARY_COLUMNS), with their headings
 SORTS = {"hostname": "Host name", "mac": "MAC", "state": "State", "role": "Role", "os": "OS", "ip": "Address",
-         "percent": "Progress", "updated_at": "Updated"}
+         "percent": "Progress", "updated_at": "Updated (UTC)"}
 STATES = [s.value for s in STORED_STATES]
 #: the actions a confirmation page asks about, with the question and the button
 CONFIRM = {
@@ -95,9 +95,12 @@ def _context() -> dict[str, Any]:
 
 
 @bp.app_template_filter("when")
-def _when(ts: float | None) -> str:
-    """Epoch seconds as the API shows times (ISO 8601, UTC)."""
-    return schemas.api_time(ts) if ts else ""
+def _when(ts: float | str | None) -> str:
+    """A time (epoch seconds, or the API's ISO 8601) to the second, in UTC: 2026-01-31 12:00:00."""
+    if not ts:
+        return ""
+    text = schemas.api_time(ts) if isinstance(ts, int | float) else str(ts)
+    return text.replace("T", " ")[:19]
 
 
 # -- login ---------------------------------------------------------------------------------------

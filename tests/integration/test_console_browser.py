@@ -184,6 +184,8 @@ def test_console_in_a_browser(bastion, browser, shots):
     send_udp(udp_port(b), b"<30>Nov 26 12:00:00 node1 anaconda: syslog line from the installer", source=NODE[1])
     _wait(d, "log lines", lambda d: "syslog line from the installer" in _css(d, "#log").text)
     assert "Installing kernel <not markup>" in _css(d, "#log").text
+    # the page's own poll brings the history up to date (no reload)
+    _wait(d, "history with the progress", lambda d: "packages" in _css(d, "#history").text)
     _shot(d, shots, "machine-installing")
     _shot(d, shots, "machine-phone", width=390)
     status, body = call_from(b, NODE[1], "POST", "/api/progress", {"mac": NODE[0], "token": token, "stage": "complete", "percent": 100})
