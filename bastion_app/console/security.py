@@ -3,8 +3,8 @@
 - **Login.** The operator pastes the bastion's operator token (the one ``/api`` takes as a bearer
   token); the answer is a session cookie signed with a key of its own in the data directory
   (``console-session.key``, 0600, made by :func:`labcore.secretbox.load_or_create_key`). The
-  session holds an HMAC of the operator token, so a new token (``lab-bastion token --rotate``)
-  ends every session. The cookie is HttpOnly, SameSite=Strict, limited to ``/console`` and Secure
+  session holds an HMAC of the operator token, so a new token (delete ``<data dir>/token`` and
+  restart) ends every session. The cookie is HttpOnly, SameSite=Strict, limited to ``/console`` and Secure
   when the request came over TLS. A wrong token is a 4xx, so it spends the source's error budget
   (:mod:`bastion_app.limits`): guessing is slowed down like any other bad request.
 - **CSRF.** Each session has a random token; every POST must send it back in the form field
