@@ -188,3 +188,20 @@ def test_reinstall_of_an_installed_machine_and_debug(console, client, auth, app)
 def test_logout(console):
     assert console.post("/console/logout", data={"csrf": console.csrf}).status_code == 302
     assert console.get("/console/machines").status_code == 302
+
+
+def test_every_console_route_needs_a_login(app, client):
+    """Enumerated from the app's routes, so a page added later is covered too."""
+    client.post("/api/discover", json={"mac": MAC})
+    checked = 0
+    for rule in app.url_map.iter_rules():
+        if not rule.endpoint.startswith("console.") or rule.endpoint in ("console.login", "console.static"):
+            continue
+        for action in ("cancel", "forget", "debug") if "action" in rule.arguments else (None,):
+            path = rule.rule.replace("<mac>", MAC).replace("<any(cancel, forget, debug):action>", action or "")
+            for method in rule.methods - {"HEAD", "OPTIONS"}:
+                r = client.open(path, method=method, data={"reason": "x"})
+                assert r.status_code in (302, 401) and "/login" in r.headers.get("Location", "/login"), (method, path)
+                checked += 1
+    assert checked >= 10
+    assert [e["kind"] for e in app.extensions["lab_store"].events(MAC)] == ["discover"]
