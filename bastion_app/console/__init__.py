@@ -55,7 +55,7 @@ CONFIRM = {
 
 
 def init_app(app) -> None:
-    security.init_app(app, app.config["LAB"])
+    security.init_app(app, app.config["LAB"].data_path)
     app.register_blueprint(bp)
 
 

@@ -41,8 +41,10 @@ class _Sessions(SecureCookieSessionInterface):
         return request.is_secure or super().get_cookie_secure(app)
 
 
-def init_app(app: Flask, cfg) -> None:
-    app.secret_key = secretbox.load_or_create_key(cfg.data_path / KEY_NAME)
+def init_app(app: Flask, data_dir) -> None:
+    """Session cookies for ``app``, signed with the key in ``data_dir`` (labd's console uses the
+    same: one home for the session, CSRF and header rules)."""
+    app.secret_key = secretbox.load_or_create_key(data_dir / KEY_NAME)
     app.config.update(SESSION_COOKIE_NAME=COOKIE, SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict",
                       SESSION_COOKIE_PATH="/console", PERMANENT_SESSION_LIFETIME=timedelta(hours=SESSION_HOURS))
     app.session_interface = _Sessions()

@@ -1,0 +1,88 @@
+"""labd's web console against a real `labd serve` (HTTPS, PostgreSQL): user login, the fleet pages,
+the audit log (who did what), RBAC applied by the API (a viewer sees no delete button and gets 403
+when it posts anyway), CSRF, escaping and the headers."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+
+
+def _csrf(text: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', text).group(1)
+
+
+def console_as(labd, user: str, password: str):
+    """A requests session logged in to labd's console through its form; (session, page text)."""
+    s = labd.session()
+    csrf = _csrf(s.get(labd.url + "/console/login").text)
+    r = s.post(labd.url + "/console/login", data={"csrf": csrf, "username": user, "password": password})
+    return s, r
+
+
+@pytest.fixture(scope="module")
+def world(labd, admin):
+    """A server in lab1/prod and a viewer user."""
+    api = labd.url + "/api/v1"
+    mac = "52:54:03:" + ":".join(f"{b:02x}" for b in uuid.uuid4().bytes[:3])
+    server = admin.post(api + "/servers", json={"mac": mac, "cloud": "lab1", "environment": "prod",
+                                                "hostname": f"web-{uuid.uuid4().hex[:6]}", "labels": {"rack": "r1"}})
+    assert server.status_code == 201, server.text
+    name = f"view-{uuid.uuid4().hex[:6]}"
+    assert admin.post(api + "/users", json={"name": name, "password": "correct horse battery"}).status_code == 201
+    assert admin.post(api + "/rolebindings", json={"user": name, "role": "viewer"}).status_code == 201
+    return {"server": server.json(), "viewer": name}
+
+
+def test_login_pages_and_headers(labd, world):
+    s = labd.session()
+    r = s.get(labd.url + "/console/servers", allow_redirects=False)
+    assert r.status_code == 302 and "/console/login" in r.headers["Location"]
+    s, r = console_as(labd, "admin", "wrong password here")
+    assert r.status_code == 401 and "Wrong user name or password" in r.text
+    s, r = console_as(labd, "admin", labd.admin_password)
+    assert r.status_code == 200 and r.url.endswith("/console/servers")
+    assert world["server"]["hostname"] in r.text and "rack=r1" in r.text and "Delete…" in r.text
+    cookie = next(c for c in s.cookies if c.name == "lab_console")
+    assert cookie.secure and cookie.has_nonstandard_attr("HttpOnly")  # labd is HTTPS: Secure
+    csp = r.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and "unsafe-inline" not in csp and r.headers["X-Frame-Options"] == "DENY"
+    for kind in ("bastions", "agents", "clusters", "audit"):
+        assert s.get(f"{labd.url}/console/{kind}").status_code == 200, kind
+
+
+def test_audit_log_shows_who_did_what_as_text(labd, world):
+    console_as(labd, "<script>alert(1)</script>", "not a password at all")  # audited as a denied login
+    s, _ = console_as(labd, "admin", labd.admin_password)
+    text = s.get(labd.url + "/console/audit").text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "<script>alert(1)" not in text
+    assert f"<td>admin</td><td>servers.create</td><td>servers/{world['server']['id']}</td>" in text
+    only = s.get(labd.url + "/console/audit", params={"actor": "admin", "action": "login"}).text
+    assert "<td>login</td>" in only and "alert(1)" not in only
+
+
+def test_a_viewer_sees_no_delete_and_gets_403_when_posting_anyway(labd, world, admin):
+    s, r = console_as(labd, world["viewer"], "correct horse battery")
+    assert r.status_code == 200 and world["server"]["hostname"] in r.text and "Delete…" not in r.text
+    sid = world["server"]["id"]
+    page = s.get(f"{labd.url}/console/servers/{sid}/delete")
+    r = s.post(f"{labd.url}/console/servers/{sid}/delete", data={"csrf": _csrf(page.text)})
+    assert r.status_code == 403 and "may not delete servers" in r.text
+    assert admin.get(f"{labd.url}/api/v1/servers/{sid}").status_code == 200
+    assert s.get(labd.url + "/console/audit").status_code == 403  # a viewer may not read the audit log
+
+
+def test_delete_needs_csrf_then_works_for_the_admin(labd, world, admin):
+    s, _ = console_as(labd, "admin", labd.admin_password)
+    sid = world["server"]["id"]
+    assert s.post(f"{labd.url}/console/servers/{sid}/delete", data={}).status_code == 403
+    assert admin.get(f"{labd.url}/api/v1/servers/{sid}").status_code == 200
+    page = s.get(f"{labd.url}/console/servers/{sid}/delete")
+    r = s.post(f"{labd.url}/console/servers/{sid}/delete", data={"csrf": _csrf(page.text)})
+    assert r.status_code == 200 and "deleted" in r.text
+    assert admin.get(f"{labd.url}/api/v1/servers/{sid}").status_code == 404
+    # logging out revokes the session's API token
+    s.post(labd.url + "/console/logout", data={"csrf": _csrf(s.get(labd.url + "/console/servers").text)})
+    assert s.get(labd.url + "/console/servers", allow_redirects=False).status_code == 302
