@@ -20,8 +20,11 @@ from flask import Blueprint, current_app, flash, redirect, render_template, requ
 import bastion_app.console
 from bastion_app.console import security
 
-bp = Blueprint("labd_console", __name__, url_prefix="/console", template_folder="templates",
-               static_folder=str(Path(bastion_app.console.__file__).parent / "static"), static_url_path="/static")
+_BASTION_CONSOLE = Path(bastion_app.console.__file__).parent
+#: labd's own templates are in labd/templates (the app's folder); the page frame, style sheet and
+#: script are the bastion console's
+bp = Blueprint("labd_console", __name__, url_prefix="/console", template_folder=str(_BASTION_CONSOLE.parent / "templates"),
+               static_folder=str(_BASTION_CONSOLE / "static"), static_url_path="/static")
 
 #: the list pages: resource -> (title, columns shown)
 PAGES = {
@@ -94,7 +97,8 @@ def _headers(resp):
 
 @bp.app_context_processor
 def _context() -> dict[str, Any]:
-    return {"csrf_token": security.csrf_token, "user": session.get("user"), "pages": PAGES}
+    return {"csrf_token": security.csrf_token, "user": session.get("user"), "pages": PAGES,
+            "static_endpoint": "labd_console.static"}
 
 
 def _next_url() -> str:

@@ -91,7 +91,7 @@ def _headers(resp):
 
 @bp.app_context_processor
 def _context() -> dict[str, Any]:
-    return {"csrf_token": security.csrf_token, "logged_in": security.logged_in}
+    return {"csrf_token": security.csrf_token, "logged_in": security.logged_in, "static_endpoint": "console.static"}
 
 
 @bp.app_template_filter("when")
