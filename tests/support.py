@@ -816,3 +816,30 @@ def start_labd(data_dir: Path, database_url: str, *, workers: int = 2, timeout: 
             os.killpg(proc.pid, signal.SIGKILL)
         raise
     return Labd(url, data_dir, database_url, password, proc, log_path)
+
+
+def start_chromium(width: int = 1280, height: int = 900):
+    """Debian's chromium, headless, driven by selenium through chromium-driver (the consoles'
+    browser tests); the caller quits it."""
+    need_binary("chromium", "chromedriver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={width},{height}",
+                "--disable-gpu", "--no-first-run"):
+        opts.add_argument(arg)
+    opts.accept_insecure_certs = True  # labd's certificate is signed by its own CA
+    return webdriver.Chrome(options=opts, service=Service(shutil.which("chromedriver")))
+
+
+def save_screenshot(driver, path: Path, width: int = 1280) -> None:
+    """The whole page at ``width`` as a PNG; with UPDATE_DOCS_IMAGES=1 also copied to docs/img/."""
+    driver.set_window_size(width, 900)
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(width, min(max(height + 200, 600), 2400))
+    driver.save_screenshot(str(path))
+    driver.set_window_size(1280, 900)
+    if os.environ.get("UPDATE_DOCS_IMAGES"):
+        shutil.copy(path, REPO / "docs" / "img" / path.name)

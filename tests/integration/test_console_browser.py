@@ -10,20 +10,17 @@ replace docs/img/console-*.png, which docs/console.md shows."""
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import requests
 
 from tests.support import (
     KEY,
-    REPO,
     UEFI_HW,
     call_from,
-    need_binary,
+    save_screenshot,
     send_udp,
     start_bastion,
+    start_chromium,
     udp_port,
     wait_for,
 )
@@ -45,24 +42,11 @@ def shots(tmp_path_factory):
     d = tmp_path_factory.mktemp("console-screenshots")
     yield d
     print(f"\nconsole screenshots: {d}")
-    if os.environ.get("UPDATE_DOCS_IMAGES"):
-        for png in sorted(d.glob("console-*.png")):
-            shutil.copy(png, REPO / "docs" / "img" / png.name)
 
 
 @pytest.fixture(scope="module")
 def browser():
-    need_binary("chromium", "chromedriver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
-                "--disable-gpu", "--no-first-run"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(options=opts, service=Service(shutil.which("chromedriver")))
-    driver.implicitly_wait(0)
+    driver = start_chromium()
     yield driver
     driver.quit()
 
@@ -108,11 +92,7 @@ def _go(driver, element) -> None:
 
 
 def _shot(driver, shots, name: str, width: int = 1280) -> None:
-    driver.set_window_size(width, 900)
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(width, min(max(height + 200, 600), 2400))
-    driver.save_screenshot(str(shots / f"console-{name}.png"))
-    driver.set_window_size(1280, 900)
+    save_screenshot(driver, shots / f"console-{name}.png", width)
 
 
 def _discover(b, mac: str, source: str, hardware=None) -> None:

@@ -9,6 +9,8 @@ import uuid
 
 import pytest
 
+from tests.support import save_screenshot, start_chromium, wait_for
+
 
 def _csrf(text: str) -> str:
     return re.search(r'name="csrf" value="([^"]+)"', text).group(1)
@@ -43,7 +45,7 @@ def test_login_pages_and_headers(labd, world):
     s, r = console_as(labd, "admin", "wrong password here")
     assert r.status_code == 401 and "Wrong user name or password" in r.text
     s, r = console_as(labd, "admin", labd.admin_password)
-    assert r.status_code == 200 and r.url.endswith("/console/servers")
+    assert r.status_code == 200 and r.url.endswith("/console/servers") and "<title>Servers · labd</title>" in r.text
     assert world["server"]["hostname"] in r.text and "rack=r1" in r.text and "Delete…" in r.text
     cookie = next(c for c in s.cookies if c.name == "lab_console")
     assert cookie.secure and cookie.has_nonstandard_attr("HttpOnly")  # labd is HTTPS: Secure
@@ -86,3 +88,33 @@ def test_delete_needs_csrf_then_works_for_the_admin(labd, world, admin):
     # logging out revokes the session's API token
     s.post(labd.url + "/console/logout", data={"csrf": _csrf(s.get(labd.url + "/console/servers").text)})
     assert s.get(labd.url + "/console/servers", allow_redirects=False).status_code == 302
+
+
+def test_in_a_browser_with_screenshots(labd, world, admin, tmp_path):
+    """Chromium logs in through the form and sees the pages (the screenshots in docs/console.md)."""
+    from selenium.webdriver.common.by import By
+
+    api = labd.url + "/api/v1"
+    host = f"db-{uuid.uuid4().hex[:6]}"
+    for kind, body in (("servers", {"mac": "52:54:03:" + ":".join(f"{b:02x}" for b in uuid.uuid4().bytes[:3]),
+                                    "cloud": "lab1", "environment": "prod", "hostname": host, "role": "worker",
+                                    "os": "debian-12", "labels": {"rack": "r2"}}),
+                       ("bastions", {"name": f"b-{uuid.uuid4().hex[:6]}", "cloud": "lab1", "environment": "prod"}),
+                       ("clusters", {"name": f"k-{uuid.uuid4().hex[:6]}", "cloud": "lab1", "environment": "prod"})):
+        assert admin.post(f"{api}/{kind}", json=body).status_code == 201
+    driver = start_chromium()
+    try:
+        driver.get(labd.url + "/console/")
+        driver.find_element(By.ID, "username").send_keys("admin")
+        driver.find_element(By.ID, "password").send_keys(labd.admin_password)
+        driver.find_element(By.CSS_SELECTOR, "main button[type=submit]").click()
+        wait_for(lambda: driver.current_url.endswith("/console/servers"), timeout=20, what="the servers page")
+        assert host in driver.find_element(By.TAG_NAME, "tbody").text
+        save_screenshot(driver, tmp_path / "console-labd-servers.png")
+        driver.get(labd.url + "/console/bastions")
+        assert "never" in driver.find_element(By.TAG_NAME, "tbody").text  # the lag of a bastion never seen
+        driver.get(labd.url + "/console/audit")
+        assert "servers.create" in driver.find_element(By.TAG_NAME, "tbody").text
+        save_screenshot(driver, tmp_path / "console-labd-audit.png")
+    finally:
+        driver.quit()
