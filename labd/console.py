@@ -34,7 +34,7 @@ PAGES = {
     "clusters": ("Clusters", ("name", "cloud", "environment", "members", "has_kubeconfig")),
 }
 #: the filters each list page offers (the API's own query parameters)
-FILTERS = {"servers": ("cloud", "environment", "state", "role", "os"), "bastions": ("cloud", "environment"),
+FILTERS = {"servers": ("cloud", "environment", "bastion", "state", "role", "os"), "bastions": ("cloud", "environment"),
            "agents": ("cloud", "environment"), "clusters": ("cloud", "environment")}
 PER_PAGE = 50
 
@@ -72,6 +72,8 @@ def _get(url: str, **query) -> Any:
 def _refused(exc: Refused):
     if exc.status == 401:
         session.clear()
+        if request.args.get("live"):
+            return current_app.response_class("log in again\n", status=401, mimetype="text/plain")
         return redirect(url_for("labd_console.login", next=request.full_path.rstrip("?")))
     detail = exc.body.get("detail")
     message = exc.body.get("error", "refused") + (f": {detail}" if isinstance(detail, str) else "")
@@ -86,6 +88,8 @@ def _guard():
                                message="This form is out of date or did not come from the console (no valid CSRF "
                                        "token). Reload the page and try again."), 403
     if request.endpoint not in ("labd_console.login", "labd_console.static") and not session.get("token"):
+        if request.args.get("live"):  # a page's poll: console.js reloads the page, which then logs in
+            return current_app.response_class("log in again\n", status=401, mimetype="text/plain")
         return redirect(url_for("labd_console.login", next=request.full_path.rstrip("?")))
     return None
 
@@ -157,8 +161,19 @@ def listing(kind: str):
     title, columns = PAGES[kind]
     more = url_for("labd_console.listing", kind=kind) + "?" + urlencode(
         {**{k: v for k, v in filters.items() if v}, "cursor": doc["next"]}) if doc.get("next") else None
-    return render_template("labd_console/list.html", title=title, kind=kind, rows=rows, columns=columns,
-                           filters=filters, deletable=deletable, more=more, lag=_lag)
+    ctx = {"title": title, "kind": kind, "rows": rows, "columns": columns, "filters": filters, "deletable": deletable,
+           "more": more, "lag": _lag}
+    if request.args.get("live"):  # the page's poll (console.js): the table alone, 304 when unchanged
+        return _fragment(render_template("labd_console/_list.html", **ctx))
+    return render_template("labd_console/list.html", **ctx)
+
+
+def _fragment(html: str):
+    """A live fragment with an ETag of its own text: labd has no cheap change counter to ask
+    first, so this saves the browser's work and the bytes, not the server's."""
+    resp = current_app.make_response((html, 200, {"Cache-Control": "no-cache, private"}))
+    resp.add_etag()
+    return resp.make_conditional(request)
 
 
 @bp.route("/servers/<ref>/delete", methods=["GET", "POST"])
