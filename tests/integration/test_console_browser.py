@@ -136,6 +136,7 @@ def test_console_in_a_browser(bastion, browser, shots):
 
     # queue an install through the form: first a bad host name, shown next to its field
     d.get(f"{b.url}/console/machines/{NODE[0]}")
+    _wait(d, "the stream says there is no install", lambda d: "No install running" in _css(d, "#log-status").text)
     _go(d, _link(d, "Install"))
     _css(d, "#hostname").send_keys("-bad-")
     Select(_css(d, "#role")).select_by_visible_text("worker")

@@ -75,7 +75,10 @@ function follow(list) {
   stream.addEventListener("end", function (e) {
     var end = JSON.parse(e.data);
     stream.close();
-    if (status) { status.textContent = "The install ended: " + end.state + "."; }
+    if (status) {
+      status.textContent = end.state === "installed" || end.state === "failed"
+        ? "The install ended: " + end.state + "." : "No install running; the log follows when one starts.";
+    }
     list.dataset.ended = end.state;
   });
   stream.onerror = function () {
