@@ -45,6 +45,9 @@ def create_app(cfg: configmod.Config | None = None, test_config: dict | None = N
 
     app.register_blueprint(installer.bp)
     app.register_blueprint(artefacts.bp)
+    from bastion_app import console
+
+    console.init_app(app)
     logging.getLogger("bastion_app").setLevel(logging.INFO)
     return app
 

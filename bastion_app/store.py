@@ -211,6 +211,35 @@ class Store(Database):
                 break
         return out  # type: ignore[return-value]
 
+    #: the columns of a machine list's row (:meth:`summary_page`): no hardware report, no token
+    SUMMARY_COLUMNS = ("mac", "hostname", "state", "role", "os", "ip", "stage", "percent", "failure", "updated_at")
+
+    def summary_page(self, *, state: str | None = None, role: str | None = None, os: str | None = None,
+                     sort: str = "hostname", descending: bool = False, offset: int = 0,
+                     limit: int = 100) -> tuple[list[dict[str, Any]], int]:
+        """One page of machines as a list shows them (:data:`SUMMARY_COLUMNS` only, so a page costs
+        no JSON parsing), sorted by one of those columns (then MAC), and how many match in all."""
+        if sort not in self.SUMMARY_COLUMNS:
+            raise ValueError(f"cannot sort by {sort!r}")
+        where, args = [], []
+        for col, val in (("state", state), ("role", role), ("os", os)):
+            if val is not None:
+                where.append(f"{col}=?")
+                args.append(val)
+        cond = (" WHERE " + " AND ".join(where)) if where else ""
+        order = "DESC" if descending else "ASC"
+        c = self.conn()
+        total = c.execute(f"SELECT count(*) FROM machines{cond}", args).fetchone()[0]
+        rows = c.execute(f"SELECT {', '.join(self.SUMMARY_COLUMNS)} FROM machines{cond} "
+                         f"ORDER BY {sort} IS NULL, {sort} {order}, mac {order} LIMIT ? OFFSET ?", [*args, limit, offset])
+        return [dict(r) for r in rows], total
+
+    def fingerprint(self) -> tuple[int, int, float]:
+        """What changes whenever any machine does: the newest event id, the number of machines and
+        the newest update time (a cheap ETag for a page that shows machines)."""
+        n, updated = self.conn().execute("SELECT count(*), COALESCE(max(updated_at), 0) FROM machines").fetchone()
+        return self.last_event_id(), n, updated
+
     def hardware_bytes(self) -> int:
         """The bytes of all stored hardware reports."""
         row = self.conn().execute("SELECT value FROM totals WHERE name='hardware_bytes'").fetchone()

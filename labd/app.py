@@ -27,5 +27,8 @@ def create_app(cfg: configmod.Config, test_config: dict | None = None) -> Flask:
     metrics.init_app(app)
     app.register_blueprint(api.public)
     app.register_blueprint(api.bp)
+    from labd import console
+
+    console.init_app(app)  # the web console (docs/console.md, "Under labd")
     logging.getLogger("labd").setLevel(logging.INFO)
     return app

@@ -675,6 +675,16 @@ class LabMachines:
             self.lab.stop_machine(m)
 
 
+def console_login(url: str, token: str) -> requests.Session:
+    """A requests session logged in to a bastion's web console (its login form, CSRF token and all)."""
+    s = requests.Session()
+    page = s.get(url + "/console/login", timeout=30).text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    r = s.post(url + "/console/login", data={"csrf": csrf, "token": token}, allow_redirects=False, timeout=30)
+    assert r.status_code == 302, r.text
+    return s
+
+
 # -- a real PostgreSQL 15 for labd (one server per pytest session) -------------------------------------
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -824,3 +834,30 @@ def run_schemathesis(spec_url: str, cwd: Path, *headers: str, max_examples: int,
     out = r.stdout + r.stderr
     generated = re.search(r"(\d+) generated", out)
     return r.returncode, out, int(generated.group(1)) if generated else 0
+
+
+def start_chromium(width: int = 1280, height: int = 900):
+    """Debian's chromium, headless, driven by selenium through chromium-driver (the consoles'
+    browser tests); the caller quits it."""
+    need_binary("chromium", "chromedriver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={width},{height}",
+                "--disable-gpu", "--no-first-run"):
+        opts.add_argument(arg)
+    opts.accept_insecure_certs = True  # labd's certificate is signed by its own CA
+    return webdriver.Chrome(options=opts, service=Service(shutil.which("chromedriver")))
+
+
+def save_screenshot(driver, path: Path, width: int = 1280) -> None:
+    """The whole page at ``width`` as a PNG; with UPDATE_DOCS_IMAGES=1 also copied to docs/img/."""
+    driver.set_window_size(width, 900)
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(width, min(max(height + 200, 600), 2400))
+    driver.save_screenshot(str(path))
+    driver.set_window_size(1280, 900)
+    if os.environ.get("UPDATE_DOCS_IMAGES"):
+        shutil.copy(path, REPO / "docs" / "img" / path.name)

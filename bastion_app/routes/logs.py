@@ -160,6 +160,12 @@ def get_machine_logs(mac: str):
 @bp.get("/logs/<mac>/follow")
 @operator_required
 def follow(mac: str):
+    return follow_response(mac)
+
+
+def follow_response(mac: str) -> Response:
+    """The follow stream of ``mac`` for this request (its cursor, ``tail`` and ``heartbeat``); the
+    caller has checked who asks (the API: the operator token; the console: its session)."""
     mac = _target(mac)
     store, logs = get_store(), get_logs()
     _known(mac, logs)

@@ -665,6 +665,7 @@ def demo(root: Path, timeout: float = 900, install_timeout: float = 1800) -> int
         lab.up()
         say(f"demo: bastion up in network namespace {lab.ns} (machines reach it at {lab.machine_url}; "
             f"this host at {lab.api_url})")
+        say(f"demo: web console at {lab.api_url}/console/ (log in with the operator token in {lab.data / 'token'})")
         made = [lab.machine(**spec) for spec in DEMO_MACHINES]
         for m in made:
             say(f"demo: powered on {m.name} ({m.firmware.upper()}, {m.cpus} CPUs, {m.memory_mb} MiB, "
@@ -723,6 +724,8 @@ The lab keeps running (state: {root}; discovery image {info['discovery_bytes'] /
 debian-12 image {info['os_image_bytes'] / 1e6:.0f} MB, installer {info['installer_bytes'] / 1e6:.1f} MB).
 Log in to the installed machine (from the lab's network namespace):
     {ssh_cmd}
+Watch it in a browser (the web console; the token is in {lab.data / 'token'}):
+    {lab.api_url}/console/
 Use labctl against the lab:
     . {env_file}
     labctl provision list

@@ -23,7 +23,7 @@ import requests
 
 from bastion_app.images.osimage import MANIFEST, ROOTFS
 from tests.e2e.lab import Lab, Machine
-from tests.support import BIN, E2E_TIMES, REPO
+from tests.support import BIN, E2E_TIMES, REPO, console_login
 
 # the first test also builds the images when the cache is cold (debootstrap: several minutes)
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -191,6 +191,9 @@ def test_installed_machine_answers_ssh_with_the_layout(lab, deployed, key, firmw
     hostname = f"e2e-img-{firmware}"
     state = lab.machine_state(m.mac)
     assert state["state"] == "installed" and state["os"] == "debian-12"
+    if firmware == "bios":  # the web console shows the same install (one page, no browser: cheap)
+        page = console_login(lab.api_url, lab.token).get(f"{lab.api_url}/console/machines/{m.mac}", timeout=30)
+        assert page.status_code == 200 and 'data-state="installed"' in page.text and hostname in page.text
     # after the install the machine rebooted, asked /dispatch and was sent to its local disk
     assert f"booting {hostname} from its local disk" in m.console_text()
     assert _sh(lab, m, key, "hostname").strip() == hostname
