@@ -78,13 +78,14 @@ def test_a_viewer_sees_no_delete_and_gets_403_when_posting_anyway(labd, world, a
 
 def test_lists_update_through_a_conditional_poll(labd, admin):
     s, _ = console_as(labd, "admin", labd.admin_password)
-    r = s.get(labd.url + "/console/bastions", params={"live": "1", "cloud": "lab9"})
+    cloud = f"c{uuid.uuid4().hex[:6]}"  # a cloud of this test alone: other tests share the database
+    r = s.get(labd.url + "/console/bastions", params={"live": "1", "cloud": cloud})
     assert r.status_code == 200 and "<html" not in r.text and "None match" in r.text
-    assert s.get(labd.url + "/console/bastions", params={"live": "1", "cloud": "lab9"},
+    assert s.get(labd.url + "/console/bastions", params={"live": "1", "cloud": cloud},
                  headers={"If-None-Match": r.headers["ETag"]}).status_code == 304
     name = f"b-{uuid.uuid4().hex[:6]}"
-    assert admin.post(labd.url + "/api/v1/bastions", json={"name": name, "cloud": "lab9", "environment": "e"}).status_code == 201
-    r = s.get(labd.url + "/console/bastions", params={"live": "1", "cloud": "lab9"}, headers={"If-None-Match": r.headers["ETag"]})
+    assert admin.post(labd.url + "/api/v1/bastions", json={"name": name, "cloud": cloud, "environment": "e"}).status_code == 201
+    r = s.get(labd.url + "/console/bastions", params={"live": "1", "cloud": cloud}, headers={"If-None-Match": r.headers["ETag"]})
     assert r.status_code == 200 and name in r.text
     assert labd.session().get(labd.url + "/console/bastions?live=1", allow_redirects=False).status_code == 401
 
