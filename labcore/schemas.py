@@ -159,6 +159,14 @@ class Dmi(Reported):
     bios_version: Text = ""
 
 
+class BmcHint(Reported):
+    """What the discovery environment saw of a BMC: an IPMI device (/dev/ipmi0 or SMBIOS type 38),
+    and its LAN address when it could read one."""
+
+    ipmi: bool = False
+    address: Annotated[str, AfterValidator(lambda a: v.bmc_address(a, "ipmi", "hardware.bmc.address") and a)] | None = None
+
+
 class Hardware(Reported):
     cpu: Cpu = Field(default_factory=Cpu)
     memory_mb: Int(0, 2**40) = 0
@@ -166,6 +174,7 @@ class Hardware(Reported):
     nics: list[Nic] = Field(default_factory=list, max_length=256)
     dmi: Dmi = Field(default_factory=Dmi)
     firmware: Literal["bios", "uefi", "unknown"] = "unknown"
+    bmc: BmcHint | None = None
 
 
 class DiscoverRequest(Reported):
@@ -181,6 +190,34 @@ class DiscoverRequest(Reported):
         return hw
 
 
+BmcDriver = Literal[v.BMC_DRIVERS]
+BmcAddress = Annotated[str, Field(description="[https://|http://]HOST[:PORT] (a scheme for Redfish only); HOST an IP "
+                                              "address ([v6] in brackets) or a host name", max_length=300,
+                                  examples=["https://10.0.0.21", "10.0.0.22:623"],
+                                  json_schema_extra={"pattern": v.BMC_ADDRESS_PATTERN})]
+BmcSystemId = Annotated[str, AfterValidator(v.bmc_system_id), Field(json_schema_extra={"pattern": v.BMC_SYSTEM_ID_PATTERN})]
+BmcUsername = Annotated[str, AfterValidator(v.bmc_username), Field(json_schema_extra={"pattern": v.BMC_USERNAME_PATTERN})]
+BmcPassword = Annotated[str, AfterValidator(v.bmc_password), Field(json_schema_extra={"pattern": v.BMC_PASSWORD_PATTERN})]
+
+
+class BmcRequest(Strict):
+    """A machine's BMC. The credentials are sealed at rest and never shown again."""
+
+    driver: BmcDriver
+    address: BmcAddress
+    username: BmcUsername
+    password: BmcPassword
+    system_id: BmcSystemId | None = Field(None, description="Redfish only: /redfish/v1/Systems/<id> (default: the BMC's only system)")
+    verify_tls: bool = Field(True, description="Redfish over https: check the BMC's certificate")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        v.bmc_address(self.address, self.driver)
+        if self.system_id is not None and self.driver != "redfish":
+            raise ValueError("system_id is for Redfish only")
+        return self
+
+
 class InstallRequest(Strict):
     mac: Mac
     hostname: Hostname
@@ -188,6 +225,7 @@ class InstallRequest(Strict):
     os: OsName
     disk: Disk = ""
     ssh_keys: list[SshKey] = Field(default_factory=list, max_length=v.MAX_SSH_KEYS)
+    bmc: BmcRequest | None = Field(None, description="the machine's BMC, recorded with the install (see /api/machines/{mac}/bmc)")
 
 
 class ReprovisionRequest(Strict):
@@ -222,6 +260,19 @@ class DebugRequest(Strict):
 
 class ReasonRequest(Strict):
     reason: Text = ""
+
+
+PowerAction = Literal["on", "off", "cycle"]
+BootDevice = Literal["network", "disk"]
+
+
+class PowerRequest(Strict):
+    """A power action through the machine's BMC; ``boot`` first sets the next boot device
+    (once, unless ``persistent``)."""
+
+    action: PowerAction
+    boot: BootDevice | None = None
+    persistent: bool = False
 
 
 # -- responses (documented in the OpenAPI document; tests check answers against them) -----------
@@ -274,6 +325,28 @@ class EventView(Loose):
     to_state: str | None
     reason: str
     data: dict
+
+
+class BmcView(Loose):
+    """A machine's BMC as the API shows it: never its credentials."""
+
+    mac: str
+    driver: str
+    address: str | None
+    system_id: str | None
+    verify_tls: bool
+    credentials: bool = Field(description="whether credentials are stored (they are never shown)")
+    source: Literal["operator", "discovery"]
+    updated_at: str
+
+
+class PowerReply(Loose):
+    mac: str
+    driver: str
+    action: Literal["status", "on", "off", "cycle"]
+    power: Literal["on", "off", "unknown"]
+    changed: bool
+    boot: str | None = None
 
 
 class MachineList(Loose):

@@ -218,3 +218,63 @@ def text(value: object, field: str, max_len: int = 1024, allow_newlines: bool = 
     if _CONTROL.search(probe):
         raise ValidationError(field, "control characters are not allowed")
     return value
+
+
+# -- BMCs (bastion_app.power) ------------------------------------------------------------------------
+BMC_DRIVERS = ("redfish", "ipmi")
+# host[:port], for Redfish optionally behind http:// or https://; the host is an IPv4 address, an
+# [IPv6] address or a host name. Nothing else (no path, no user@, no white space) gets through.
+BMC_ADDRESS_PATTERN = (r"^(?:https?://)?(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])"
+                       r"(?::[0-9]{1,5})?$")
+BMC_SYSTEM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+BMC_USERNAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
+BMC_PASSWORD_PATTERN = r"^[\x20-\x7e]{1,128}$"
+_BMC_ADDRESS = re.compile(BMC_ADDRESS_PATTERN)
+_BMC_SYSTEM_ID = re.compile(BMC_SYSTEM_ID_PATTERN)
+_BMC_USERNAME = re.compile(BMC_USERNAME_PATTERN)
+_BMC_PASSWORD = re.compile(BMC_PASSWORD_PATTERN)
+
+
+def bmc_address(value: object, driver: str = "redfish", field: str = "address") -> tuple[str | None, str, int | None]:
+    """A BMC's address -> (scheme or None, host, port or None). The scheme is for Redfish only; the
+    host is an IP address (IPv6 in brackets) or an RFC 1123 host name; the port 1-65535."""
+    if not isinstance(value, str) or not _BMC_ADDRESS.fullmatch(value):
+        raise ValidationError(field, f"{str(value)[:80]!r} is not a BMC address: [https://|http://]HOST[:PORT], "
+                                     "HOST an IP address ([v6] in brackets) or a host name")
+    scheme, _, rest = value.rpartition("://")
+    if scheme and driver != "redfish":
+        raise ValidationError(field, f"a {driver} BMC address is HOST[:PORT] (a scheme is for Redfish only)")
+    port = None
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        if not netaddr.valid_ipv6(host):
+            raise ValidationError(field, f"{host!r} is not an IPv6 address")
+        if tail:
+            port = int(tail[1:])
+    else:
+        host, _, p = rest.partition(":")
+        port = int(p) if p else None
+        if not (netaddr.valid_ipv4(host, netaddr.INET_PTON) or _HOSTNAME.fullmatch(host)):
+            raise ValidationError(field, f"{host!r} is neither an IPv4 address nor a host name")
+    if port is not None and not 1 <= port <= 65535:
+        raise ValidationError(field, f"port {port} is not from 1 to 65535")
+    return scheme or None, host, port
+
+
+def bmc_system_id(value: object, field: str = "system_id") -> str:
+    if not isinstance(value, str) or not _BMC_SYSTEM_ID.fullmatch(value):
+        raise ValidationError(field, "a Redfish system id is 1-64 letters, digits or ._- (the last part of "
+                                     "/redfish/v1/Systems/<id>)")
+    return value
+
+
+def bmc_username(value: object, field: str = "username") -> str:
+    if not isinstance(value, str) or not _BMC_USERNAME.fullmatch(value):
+        raise ValidationError(field, "a BMC user name is 1-64 letters, digits or ._@-")
+    return value
+
+
+def bmc_password(value: object, field: str = "password") -> str:
+    if not isinstance(value, str) or not _BMC_PASSWORD.fullmatch(value):
+        raise ValidationError(field, "a BMC password is 1-128 printable ASCII characters")
+    return value
