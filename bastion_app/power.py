@@ -11,8 +11,10 @@ debug log (which shows request bodies) is kept quiet.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import threading
 import time
 from typing import Any, Protocol
 
@@ -121,22 +123,47 @@ class RedfishDriver:
 
 
 class IpmiDriver:
+    """pyghmi keeps one RMCP+ session per BMC and credentials in the process (and logs in again
+    when the BMC drops it); a second ``Command`` on a live session hangs in pyghmi 1.6, so the
+    commands are kept here, one per BMC and credentials, used by one thread at a time."""
+
+    _commands: dict[tuple, Any] = {}
+    _locks: dict[tuple, threading.Lock] = {}
+    _guard = threading.Lock()
+
     def __init__(self, host: str, port: int | None, username: str, password: str, *, uefi: bool | None = None):
         from pyghmi import exceptions as px
-        from pyghmi.ipmi import command
 
         self._px, self.uefi, self._password = px, uefi, password
-        with _errors(self, password):
-            self._cmd = command.Command(bmc=host, userid=username, password=password, port=port or IPMI_PORT,
-                                        keepalive=False)
+        self._key = (host, port or IPMI_PORT, username, hashlib.sha256(password.encode()).hexdigest())
+        with self._guard:
+            self._lock = self._locks.setdefault(self._key, threading.Lock())
+        if not self._lock.acquire(timeout=2 * (CONNECT_S + READ_S)):
+            raise BmcUnreachable("the BMC is busy with another call")
+        try:
+            with _errors(self, password):
+                self._cmd = self._commands.get(self._key) or self._login(host, port, username, password)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _login(self, host, port, username, password):
+        from pyghmi.ipmi import command
+
+        cmd = command.Command(bmc=host, userid=username, password=password, port=port or IPMI_PORT, keepalive=False)
+        self._commands[self._key] = cmd
+        return cmd
 
     def _map(self, exc: Exception) -> BmcError | None:
         if isinstance(exc, self._px.IpmiException):
+            self._commands.pop(self._key, None)  # log in afresh next time
             text = str(exc)
+            if text in ("None", ""):
+                return BmcUnreachable("the BMC did not answer")
             low = text.lower()
             if "unauthorized" in low or "password" in low or "privilege" in low or "rakp" in low or "authentication" in low:
                 return BmcAuthError(f"the BMC refused the credentials ({text})")
-            if "timeout" in low or "not responding" in low:
+            if "timeout" in low or "not responding" in low or "no longer connected" in low:
                 return BmcUnreachable("the BMC did not answer")
             return BmcError(f"IPMI error: {text}")
         return None
@@ -170,10 +197,7 @@ class IpmiDriver:
                                   uefiboot=bool(self.uefi))
 
     def close(self) -> None:
-        try:
-            self._cmd.ipmi_session.logout()
-        except Exception:  # noqa: BLE001 - a session that is gone is closed
-            pass
+        self._lock.release()  # the session stays, for the next call
 
 
 class _errors:
