@@ -149,8 +149,18 @@ class IpmiDriver:
 
     def _login(self, host, port, username, password):
         from pyghmi.ipmi import command
+        from pyghmi.ipmi.private import session
 
-        cmd = command.Command(bmc=host, userid=username, password=password, port=port or IPMI_PORT, keepalive=False)
+        try:
+            cmd = command.Command(bmc=host, userid=username, password=password, port=port or IPMI_PORT, keepalive=False)
+        except self._px.IpmiException:
+            # pyghmi keeps a failed login among its sessions being set up, and the next login with
+            # the same credentials waits on it for 8 s: drop it
+            for key, sess in list(session.Session.initting_sessions.items()):
+                if key[0] == host and key[3] == (port or IPMI_PORT):
+                    sess._mark_broken()
+                    session.Session.initting_sessions.pop(key, None)
+            raise
         self._commands[self._key] = cmd
         return cmd
 
