@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     StringConstraints,
+    model_serializer,
     model_validator,
 )
 
@@ -175,6 +176,13 @@ class Hardware(Reported):
     dmi: Dmi = Field(default_factory=Dmi)
     firmware: Literal["bios", "uefi", "unknown"] = "unknown"
     bmc: BmcHint | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_bmc(self, handler):
+        out = handler(self)
+        if isinstance(out, dict) and out.get("bmc") is None:
+            out.pop("bmc", None)  # only a machine that saw a BMC carries the field
+        return out
 
 
 class DiscoverRequest(Reported):
