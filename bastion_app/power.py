@@ -21,9 +21,9 @@ from typing import Any, Protocol
 from bastion_app.errors import ApiError
 from labcore import secretbox
 
-CONNECT_S = 3.0  # TCP connect to a BMC
-READ_S = 8.0  # one answer from a BMC
-ATTEMPTS = 2  # tries of one operation on a transient error
+CONNECT_S = 3.0  # TCP connect to a BMC, at most (the read timeout is the bastion's bmc_timeout setting)
+ATTEMPTS = 2  # tries of one operation on a transient error (pyghmi retransmits IPMI packets itself:
+# an IPMI BMC that does not answer is not tried again)
 RETRY_DELAY_S = 1.0
 IPMI_PORT = 623
 
@@ -58,18 +58,17 @@ class Driver(Protocol):
 
 class RedfishDriver:
     def __init__(self, scheme: str | None, host: str, port: int | None, username: str, password: str, *,
-                 system_id: str | None = None, verify_tls: bool = True, uefi: bool | None = None):
+                 system_id: str | None = None, verify_tls: bool = True, uefi: bool | None = None, timeout: float = 8.0):
         import sushy
         from sushy import exceptions as sx
 
         self._sushy, self._sx, self.uefi = sushy, sx, uefi
-        netloc = f"[{host}]" if ":" in host else host
-        url = f"{scheme or 'https'}://{netloc}" + (f":{port}" if port else "")
+        url = f"{scheme or 'https'}://{host}" + (f":{port}" if port else "")
         self._password = password
         with _errors(self, password):
             self._conn = sushy.Sushy(url, auth=sushy.auth.BasicAuth(username, password), verify=verify_tls,
                                      server_side_retries=1, server_side_retries_delay=RETRY_DELAY_S,
-                                     read_timeout=READ_S, connect_timeout=CONNECT_S)
+                                     read_timeout=timeout, connect_timeout=min(CONNECT_S, timeout))
             self._system = self._conn.get_system(f"/redfish/v1/Systems/{system_id}" if system_id else None)
 
     def _map(self, exc: Exception) -> BmcError | None:
@@ -138,7 +137,7 @@ class IpmiDriver:
         self._key = (host, port or IPMI_PORT, username, hashlib.sha256(password.encode()).hexdigest())
         with self._guard:
             self._lock = self._locks.setdefault(self._key, threading.Lock())
-        if not self._lock.acquire(timeout=2 * (CONNECT_S + READ_S)):
+        if not self._lock.acquire(timeout=30):
             raise BmcUnreachable("the BMC is busy with another call")
         try:
             with _errors(self, password):
@@ -169,12 +168,12 @@ class IpmiDriver:
             self._commands.pop(self._key, None)  # log in afresh next time
             text = str(exc)
             if text in ("None", ""):
-                return BmcUnreachable("the BMC did not answer")
+                return _silent()
             low = text.lower()
             if "unauthorized" in low or "password" in low or "privilege" in low or "rakp" in low or "authentication" in low:
                 return BmcAuthError(f"the BMC refused the credentials ({text})")
             if "timeout" in low or "not responding" in low or "no longer connected" in low:
-                return BmcUnreachable("the BMC did not answer")
+                return _silent()
             return BmcError(f"IPMI error: {text}")
         return None
 
@@ -208,6 +207,12 @@ class IpmiDriver:
 
     def close(self) -> None:
         self._lock.release()  # the session stays, for the next call
+
+
+def _silent() -> BmcUnreachable:
+    err = BmcUnreachable("the BMC did not answer")
+    err.transient = False  # pyghmi has retransmitted already
+    return err
 
 
 class _errors:
@@ -250,8 +255,8 @@ def _aad(mac: str) -> bytes:
 def sealed_record(cfg, mac: str, req) -> dict[str, Any]:
     """What the store keeps of a :class:`labcore.schemas.BmcRequest`: the credentials sealed."""
     creds = json.dumps({"username": req.username, "password": req.password}).encode()
-    return {"driver": req.driver, "address": req.address, "system_id": req.system_id, "verify_tls": req.verify_tls,
-            "credentials": secretbox.seal(_key(cfg), creds, _aad(mac))}
+    return {"driver": req.driver, "address": req.address, "system_id": getattr(req, "system_id", None),
+            "verify_tls": getattr(req, "verify_tls", True), "credentials": secretbox.seal(_key(cfg), creds, _aad(mac))}
 
 
 def view(bmc: dict[str, Any]) -> dict[str, Any]:
@@ -275,7 +280,7 @@ def connect(cfg, bmc: dict[str, Any], *, uefi: bool | None = None) -> Driver:
     scheme, host, port = validate.bmc_address(bmc["address"], bmc["driver"])
     if bmc["driver"] == "redfish":
         return RedfishDriver(scheme, host, port, creds["username"], creds["password"], system_id=bmc["system_id"],
-                             verify_tls=bool(bmc["verify_tls"]), uefi=uefi)
+                             verify_tls=bool(bmc["verify_tls"]), uefi=uefi, timeout=cfg.bmc_timeout)
     return IpmiDriver(host, port, creds["username"], creds["password"], uefi=uefi)
 
 

@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    RootModel,
     StringConstraints,
     model_serializer,
     model_validator,
@@ -160,12 +161,56 @@ class Dmi(Reported):
     bios_version: Text = ""
 
 
+def _bmc_address(driver: str):
+    return lambda a: v.bmc_address(a, driver) and a
+
+
+IpmiAddress = Annotated[str, AfterValidator(_bmc_address("ipmi")),
+                        Field(description="HOST[:PORT]: an IPv4 address or a host name (port 623 by default)",
+                              max_length=v.BMC_ADDRESS_MAX, examples=["10.0.1.22"],
+                              json_schema_extra={"pattern": v.IPMI_ADDRESS_PATTERN})]
+RedfishAddress = Annotated[str, AfterValidator(_bmc_address("redfish")),
+                           Field(description="[https://|http://]HOST[:PORT]: an IPv4 address or a host name (https by default)",
+                                 max_length=v.BMC_ADDRESS_MAX, examples=["https://10.0.1.21"],
+                                 json_schema_extra={"pattern": v.REDFISH_ADDRESS_PATTERN})]
+BmcSystemId = Annotated[str, AfterValidator(v.bmc_system_id), Field(json_schema_extra={"pattern": v.BMC_SYSTEM_ID_PATTERN})]
+BmcUsername = Annotated[str, AfterValidator(v.bmc_username), Field(json_schema_extra={"pattern": v.BMC_USERNAME_PATTERN})]
+BmcPassword = Annotated[str, AfterValidator(v.bmc_password), Field(json_schema_extra={"pattern": v.BMC_PASSWORD_PATTERN})]
+
+
+class RedfishBmc(Strict):
+    """A Redfish BMC. The credentials are sealed at rest and never shown again."""
+
+    driver: Literal["redfish"]
+    address: RedfishAddress
+    username: BmcUsername
+    password: BmcPassword
+    system_id: BmcSystemId | None = Field(None, description="/redfish/v1/Systems/<id> (default: the BMC's only system)")
+    verify_tls: bool = Field(True, description="over https: check the BMC's certificate")
+
+
+class IpmiBmc(Strict):
+    """An IPMI (RMCP+, IPMI 2.0 LAN) BMC. The credentials are sealed at rest and never shown again."""
+
+    driver: Literal["ipmi"]
+    address: IpmiAddress
+    username: BmcUsername
+    password: BmcPassword
+
+
+BmcSpec = Annotated[RedfishBmc | IpmiBmc, Field(discriminator="driver")]
+
+
+class BmcRequest(RootModel[BmcSpec]):
+    """A machine's BMC, Redfish or IPMI (by ``driver``)."""
+
+
 class BmcHint(Reported):
     """What the discovery environment saw of a BMC: an IPMI device (/dev/ipmi0 or SMBIOS type 38),
     and its LAN address when it could read one."""
 
     ipmi: bool = False
-    address: Annotated[str, AfterValidator(lambda a: v.bmc_address(a, "ipmi", "hardware.bmc.address") and a)] | None = None
+    address: IpmiAddress | None = None
 
 
 class Hardware(Reported):
@@ -198,34 +243,6 @@ class DiscoverRequest(Reported):
         return hw
 
 
-BmcDriver = Literal[v.BMC_DRIVERS]
-BmcAddress = Annotated[str, Field(description="[https://|http://]HOST[:PORT] (a scheme for Redfish only); HOST an IP "
-                                              "address ([v6] in brackets) or a host name", max_length=300,
-                                  examples=["https://10.0.0.21", "10.0.0.22:623"],
-                                  json_schema_extra={"pattern": v.BMC_ADDRESS_PATTERN})]
-BmcSystemId = Annotated[str, AfterValidator(v.bmc_system_id), Field(json_schema_extra={"pattern": v.BMC_SYSTEM_ID_PATTERN})]
-BmcUsername = Annotated[str, AfterValidator(v.bmc_username), Field(json_schema_extra={"pattern": v.BMC_USERNAME_PATTERN})]
-BmcPassword = Annotated[str, AfterValidator(v.bmc_password), Field(json_schema_extra={"pattern": v.BMC_PASSWORD_PATTERN})]
-
-
-class BmcRequest(Strict):
-    """A machine's BMC. The credentials are sealed at rest and never shown again."""
-
-    driver: BmcDriver
-    address: BmcAddress
-    username: BmcUsername
-    password: BmcPassword
-    system_id: BmcSystemId | None = Field(None, description="Redfish only: /redfish/v1/Systems/<id> (default: the BMC's only system)")
-    verify_tls: bool = Field(True, description="Redfish over https: check the BMC's certificate")
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        v.bmc_address(self.address, self.driver)
-        if self.system_id is not None and self.driver != "redfish":
-            raise ValueError("system_id is for Redfish only")
-        return self
-
-
 class InstallRequest(Strict):
     mac: Mac
     hostname: Hostname
@@ -233,7 +250,7 @@ class InstallRequest(Strict):
     os: OsName
     disk: Disk = ""
     ssh_keys: list[SshKey] = Field(default_factory=list, max_length=v.MAX_SSH_KEYS)
-    bmc: BmcRequest | None = Field(None, description="the machine's BMC, recorded with the install (see /api/machines/{mac}/bmc)")
+    bmc: BmcSpec | None = Field(None, description="the machine's BMC, recorded with the install (see /api/machines/{mac}/bmc)")
 
 
 class ReprovisionRequest(Strict):

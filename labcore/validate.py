@@ -222,43 +222,37 @@ def text(value: object, field: str, max_len: int = 1024, allow_newlines: bool = 
 
 # -- BMCs (bastion_app.power) ------------------------------------------------------------------------
 BMC_DRIVERS = ("redfish", "ipmi")
-# host[:port], for Redfish optionally behind http:// or https://; the host is an IPv4 address, an
-# [IPv6] address or a host name. Nothing else (no path, no user@, no white space) gets through.
-BMC_ADDRESS_PATTERN = (r"^(?:https?://)?(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])"
-                       r"(?::[0-9]{1,5})?$")
+# host[:port], for Redfish optionally behind http:// or https://; the host is an IPv4 address or an
+# RFC 1123 host name, the port 1-65535. Nothing else (no path, no user@, no white space) gets through,
+# and the published pattern is the whole rule (the API's schema and this module agree exactly).
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_BMC_HOST = rf"(?:{_OCTET}(?:\.{_OCTET}){{3}}|(?:{_HN_LABEL}\.)*(?![0-9]+(?::|$)){_HN_LABEL})"
+_PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+IPMI_ADDRESS_PATTERN = rf"^{_BMC_HOST}(?::{_PORT})?$"
+REDFISH_ADDRESS_PATTERN = rf"^(?:https?://)?{_BMC_HOST}(?::{_PORT})?$"
+BMC_ADDRESS_MAX = 300
 BMC_SYSTEM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 BMC_USERNAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
 BMC_PASSWORD_PATTERN = r"^[\x20-\x7e]{1,128}$"
-_BMC_ADDRESS = re.compile(BMC_ADDRESS_PATTERN)
+_BMC_ADDRESS = {"redfish": re.compile(REDFISH_ADDRESS_PATTERN), "ipmi": re.compile(IPMI_ADDRESS_PATTERN)}
 _BMC_SYSTEM_ID = re.compile(BMC_SYSTEM_ID_PATTERN)
 _BMC_USERNAME = re.compile(BMC_USERNAME_PATTERN)
 _BMC_PASSWORD = re.compile(BMC_PASSWORD_PATTERN)
 
 
 def bmc_address(value: object, driver: str = "redfish", field: str = "address") -> tuple[str | None, str, int | None]:
-    """A BMC's address -> (scheme or None, host, port or None). The scheme is for Redfish only; the
-    host is an IP address (IPv6 in brackets) or an RFC 1123 host name; the port 1-65535."""
-    if not isinstance(value, str) or not _BMC_ADDRESS.fullmatch(value):
-        raise ValidationError(field, f"{str(value)[:80]!r} is not a BMC address: [https://|http://]HOST[:PORT], "
-                                     "HOST an IP address ([v6] in brackets) or a host name")
+    """A BMC's address -> (scheme or None, host, port or None): [http(s)://]HOST[:PORT], the scheme
+    for Redfish only, HOST an IPv4 address or a host name, PORT 1-65535."""
+    pattern = _BMC_ADDRESS.get(driver)
+    if pattern is None:
+        raise ValidationError("driver", f"a BMC driver is one of {', '.join(BMC_DRIVERS)}")
+    if not isinstance(value, str) or len(value) > BMC_ADDRESS_MAX or not pattern.fullmatch(value):
+        form = "[https://|http://]HOST[:PORT]" if driver == "redfish" else "HOST[:PORT] (no scheme)"
+        raise ValidationError(field, f"{str(value)[:80]!r} is not a {driver} BMC address: {form}, "
+                                     "HOST an IPv4 address or a host name, PORT 1-65535")
     scheme, _, rest = value.rpartition("://")
-    if scheme and driver != "redfish":
-        raise ValidationError(field, f"a {driver} BMC address is HOST[:PORT] (a scheme is for Redfish only)")
-    port = None
-    if rest.startswith("["):
-        host, _, tail = rest[1:].partition("]")
-        if not netaddr.valid_ipv6(host):
-            raise ValidationError(field, f"{host!r} is not an IPv6 address")
-        if tail:
-            port = int(tail[1:])
-    else:
-        host, _, p = rest.partition(":")
-        port = int(p) if p else None
-        if not (netaddr.valid_ipv4(host, netaddr.INET_PTON) or _HOSTNAME.fullmatch(host)):
-            raise ValidationError(field, f"{host!r} is neither an IPv4 address nor a host name")
-    if port is not None and not 1 <= port <= 65535:
-        raise ValidationError(field, f"port {port} is not from 1 to 65535")
-    return scheme or None, host, port
+    host, _, port = rest.partition(":")
+    return scheme or None, host, int(port) if port else None
 
 
 def bmc_system_id(value: object, field: str = "system_id") -> str:

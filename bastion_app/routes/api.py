@@ -197,7 +197,7 @@ def bmc_get(mac: str):
 def bmc_put(mac: str):
     """Record a machine's BMC; the credentials are sealed at rest and never shown again."""
     mac = mac_arg(mac)
-    req = json_body(schemas.BmcRequest)
+    req = json_body(schemas.BmcRequest).root
     get_store().require(mac)
     b = get_store().set_bmc(mac, power.sealed_record(cfg(), mac, req), actor=actor())
     return jsonify(power.view(b))

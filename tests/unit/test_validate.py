@@ -144,9 +144,9 @@ def test_interface_name_rejected(name):
 @pytest.mark.parametrize("value, driver, expected", [
     ("10.0.0.5", "redfish", (None, "10.0.0.5", None)),
     ("https://bmc-1.lab:8443", "redfish", ("https", "bmc-1.lab", 8443)),
-    ("http://[fd00::5]:8000", "redfish", ("http", "fd00::5", 8000)),
+    ("http://10.0.0.7:65535", "redfish", ("http", "10.0.0.7", 65535)),
     ("10.0.0.6:623", "ipmi", (None, "10.0.0.6", 623)),
-    ("[fd00::6]", "ipmi", (None, "fd00::6", None)),
+    ("bmc7", "ipmi", (None, "bmc7", None)),
 ])
 def test_bmc_address_accepts(value, driver, expected):
     assert v.bmc_address(value, driver) == expected
@@ -156,7 +156,8 @@ def test_bmc_address_accepts(value, driver, expected):
     ("https://10.0.0.5", "ipmi"), ("ftp://10.0.0.5", "redfish"), ("10.0.0.5/redfish", "redfish"),
     ("user@10.0.0.5", "redfish"), ("10.0.0.5:0", "ipmi"), ("10.0.0.5:70000", "ipmi"), ("[10.0.0.5]", "ipmi"),
     ("10.0.0.5 ", "ipmi"), ("10.0.0.5\n", "ipmi"), ("-bmc", "ipmi"), ("$(id)", "redfish"), ("", "ipmi"), (5, "ipmi"),
-    ("999.1.1.1", "ipmi"), ("a" * 300, "ipmi"),
+    ("999.1.1.1", "ipmi"), ("a" * 300, "ipmi"), ("[fd00::6]", "ipmi"), ("01.2.3.4", "ipmi"), ("1.2.3", "ipmi"),
+    ("host:01", "ipmi"), ("bmc-.lab", "ipmi"),
 ])
 def test_bmc_address_refuses(value, driver):
     with pytest.raises(v.ValidationError):
