@@ -36,10 +36,13 @@ def bmc_body(driver: str, address: str, username: str, password: str, system_id:
     """The validated body of PUT /api/machines/<mac>/bmc (and of an install request's ``bmc``)."""
     _check(validate.bmc_address, address, "address", driver)
     body = {"driver": driver, "address": address, "username": _check(validate.bmc_username, username, "username"),
-            "password": _check(validate.bmc_password, password, "password"), "verify_tls": not insecure}
+            "password": _check(validate.bmc_password, password, "password")}
+    if driver != "redfish":
+        if system_id or insecure:
+            raise errors.UsageError("--system-id and --insecure are for Redfish only", "nothing was sent")
+        return body
+    body["verify_tls"] = not insecure
     if system_id:
-        if driver != "redfish":
-            raise errors.UsageError("--system-id is for Redfish only", "nothing was sent")
         body["system_id"] = _check(validate.bmc_system_id, system_id, "system_id")
     return body
 
