@@ -20,6 +20,7 @@ from labcore import validate
 from labctl import errors, get, output, targets
 from labctl.context import Ctx, complete_machines, output_option, pass_ctx
 
+
 @click.group()
 def power() -> None:
     """Power machines on, off or cycle them through their BMC (Redfish or IPMI)."""
