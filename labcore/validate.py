@@ -255,20 +255,22 @@ def bmc_address(value: object, driver: str = "redfish", field: str = "address") 
     return scheme or None, host, int(port) if port else None
 
 
-def bmc_system_id(value: object, field: str = "system_id") -> str:
-    if not isinstance(value, str) or not _BMC_SYSTEM_ID.fullmatch(value):
-        raise ValidationError(field, "a Redfish system id is 1-64 letters, digits or ._- (the last part of "
-                                     "/redfish/v1/Systems/<id>)")
+def _matching(pattern: re.Pattern, value: object, field: str, rule: str) -> str:
+    """``value`` if it is a string that ``pattern`` matches whole; else the rule, never the value
+    (a password must not come back in an error)."""
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ValidationError(field, rule)
     return value
+
+
+def bmc_system_id(value: object, field: str = "system_id") -> str:
+    return _matching(_BMC_SYSTEM_ID, value, field,
+                     "a Redfish system id is 1-64 letters, digits or ._- (the last part of /redfish/v1/Systems/<id>)")
 
 
 def bmc_username(value: object, field: str = "username") -> str:
-    if not isinstance(value, str) or not _BMC_USERNAME.fullmatch(value):
-        raise ValidationError(field, "a BMC user name is 1-64 letters, digits or ._@-")
-    return value
+    return _matching(_BMC_USERNAME, value, field, "a BMC user name is 1-64 letters, digits or ._@-")
 
 
 def bmc_password(value: object, field: str = "password") -> str:
-    if not isinstance(value, str) or not _BMC_PASSWORD.fullmatch(value):
-        raise ValidationError(field, "a BMC password is 1-128 printable ASCII characters")
-    return value
+    return _matching(_BMC_PASSWORD, value, field, "a BMC password is 1-128 printable ASCII characters")

@@ -226,6 +226,12 @@ def start_bastion(data_dir: Path, *args: str, env: dict | None = None, workers: 
     return Bastion(url, data_dir, token, proc, log_path, list(args))
 
 
+def labctl_env(bastion: Bastion, home: Path) -> dict[str, str]:
+    """The environment that points labctl at ``bastion`` with its own (empty) home."""
+    return {"LABCTL_HOME": str(home), "LABCTL_CONFIG": str(home / "config.yaml"),
+            "LABCTL_BASTION_URL": bastion.url, "LABCTL_TOKEN": bastion.token, "LABCTL_OUTPUT": ""}
+
+
 class Machines:
     """The machine side of the protocol against a live bastion (reports hardware ``UEFI_HW``)."""
 

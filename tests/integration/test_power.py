@@ -19,7 +19,7 @@ import requests
 from click.testing import CliRunner
 
 from labctl.main import cli
-from tests.support import HW, UEFI_HW, start_ipmi_bmc, start_redfish_bmc, synthetic_mac
+from tests.support import HW, UEFI_HW, labctl_env, start_ipmi_bmc, start_redfish_bmc, synthetic_mac
 
 USER, PASSWORD = "labadmin", "Sup3r-s3cret+pw"
 WRONG = "not-the-Password9"
@@ -39,9 +39,7 @@ def bmcs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env(bastion, tmp_path_factory):
-    home = tmp_path_factory.mktemp("labctl-home")
-    return {"LABCTL_HOME": str(home), "LABCTL_CONFIG": str(home / "config.yaml"),
-            "LABCTL_BASTION_URL": bastion.url, "LABCTL_TOKEN": bastion.token, "LABCTL_OUTPUT": ""}
+    return labctl_env(bastion, tmp_path_factory.mktemp("labctl-home"))
 
 
 @pytest.fixture
