@@ -18,8 +18,17 @@ import threading
 import time
 from typing import Any, Protocol
 
+import sushy
+from pyghmi import exceptions as pyghmi_exceptions
+from pyghmi.ipmi import command as ipmi_command
+from pyghmi.ipmi.private import session as ipmi_session
+from sushy import exceptions as sushy_exceptions
+
 from bastion_app.errors import ApiError
 from labcore import secretbox
+
+# (imported here, not in the calls: gunicorn loads the app before it forks its workers, so no
+# worker pays for these imports on its first BMC call)
 
 CONNECT_S = 3.0  # TCP connect to a BMC, at most (the read timeout is the bastion's bmc_timeout setting)
 ATTEMPTS = 2  # tries of one operation on a transient error (pyghmi retransmits IPMI packets itself:
@@ -59,10 +68,7 @@ class Driver(Protocol):
 class RedfishDriver:
     def __init__(self, scheme: str | None, host: str, port: int | None, username: str, password: str, *,
                  system_id: str | None = None, verify_tls: bool = True, uefi: bool | None = None, timeout: float = 8.0):
-        import sushy
-        from sushy import exceptions as sx
-
-        self._sushy, self._sx, self.uefi = sushy, sx, uefi
+        self._sushy, self._sx, self.uefi = sushy, sushy_exceptions, uefi
         url = f"{scheme or 'https'}://{host}" + (f":{port}" if port else "")
         self._password = password
         with _errors(self, password):
@@ -131,9 +137,7 @@ class IpmiDriver:
     _guard = threading.Lock()
 
     def __init__(self, host: str, port: int | None, username: str, password: str, *, uefi: bool | None = None):
-        from pyghmi import exceptions as px
-
-        self._px, self.uefi, self._password = px, uefi, password
+        self._px, self.uefi, self._password = pyghmi_exceptions, uefi, password
         self._key = (host, port or IPMI_PORT, username, hashlib.sha256(password.encode()).hexdigest())
         with self._guard:
             self._lock = self._locks.setdefault(self._key, threading.Lock())
@@ -147,11 +151,9 @@ class IpmiDriver:
             raise
 
     def _login(self, host, port, username, password):
-        from pyghmi.ipmi import command
-        from pyghmi.ipmi.private import session
-
+        session = ipmi_session
         try:
-            cmd = command.Command(bmc=host, userid=username, password=password, port=port or IPMI_PORT, keepalive=False)
+            cmd = ipmi_command.Command(bmc=host, userid=username, password=password, port=port or IPMI_PORT, keepalive=False)
         except self._px.IpmiException:
             # pyghmi keeps a failed login among its sessions being set up, and the next login with
             # the same credentials waits on it for 8 s: drop it

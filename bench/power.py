@@ -85,7 +85,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-power-") as d:
         systems = [{"uuid": uuid(i), "name": f"m{i}", "power_state": "Off", "nics": []} for i in range(n)]
         bmc = start_redfish_bmc(Path(d) / "redfish", systems, USER, PASSWORD)
-        server = start_bastion(Path(d) / "data", workers=args.workers)
+        server = start_bastion(Path(d) / "data", workers=args.workers,
+                               env={"LAB_BASTION_DISCOVER_RATE": "100000", "LAB_BASTION_DISCOVER_BURST": "100000"})
         try:
             s = server.session()
             macs = [synthetic_mac(i, "52:54:07") for i in range(n)]
