@@ -25,20 +25,27 @@ import sys
 import time
 
 
-def hmp(monitor: str, command: str) -> str:
-    """One HMP command on a QEMU monitor socket; its answer."""
+def hmp(monitor: str, command: str, expect: bytes | None = None) -> str:
+    """One HMP command on a QEMU monitor socket; its answer: read until ``expect`` has come and
+    the monitor is quiet (the banner and prompt may arrive in pieces, the echo with escapes)."""
     with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(5)
+        s.settimeout(0.3)
         s.connect(monitor)
-        s.recv(4096)  # banner and prompt
+        banner, deadline = b"", time.monotonic() + 5
+        while b"(qemu)" not in banner and time.monotonic() < deadline:
+            try:
+                banner += s.recv(4096)
+            except TimeoutError:
+                continue
         s.sendall(command.encode() + b"\n")
-        out = b""
-        deadline = time.monotonic() + 5
-        while b"(qemu)" not in out.split(command.encode(), 1)[-1] and time.monotonic() < deadline:
+        out, deadline = b"", time.monotonic() + 5
+        while time.monotonic() < deadline:
             try:
                 chunk = s.recv(65536)
             except TimeoutError:
-                break
+                if expect is None or expect in out:
+                    break
+                continue
             if not chunk:
                 break
             out += chunk
@@ -54,7 +61,7 @@ class Machine:
     @property
     def power(self) -> str:
         if self.monitor:
-            return "On" if "running" in hmp(self.monitor, "info status") else "Off"
+            return "On" if "running" in hmp(self.monitor, "info status", expect=b"VM status") else "Off"
         return self._power
 
     def on(self) -> None:
