@@ -76,6 +76,7 @@ class RedfishDriver:
                                      server_side_retries=1, server_side_retries_delay=RETRY_DELAY_S,
                                      read_timeout=timeout, connect_timeout=min(CONNECT_S, timeout))
             self._system = self._conn.get_system(f"/redfish/v1/Systems/{system_id}" if system_id else None)
+        self._fresh = True  # just read: the first status needs no second GET
 
     def _map(self, exc: Exception) -> BmcError | None:
         sx = self._sx
@@ -95,7 +96,9 @@ class RedfishDriver:
 
     def status(self) -> str:
         with _errors(self, self._password):
-            self._system.refresh()
+            if not self._fresh:
+                self._system.refresh()
+            self._fresh = False
             state = self._system.power_state
         return "on" if state in (self._sushy.PowerState.ON, self._sushy.PowerState.POWERING_OFF) else "off"
 

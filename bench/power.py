@@ -5,7 +5,7 @@ One sushy-tools Redfish emulator (tests/bmc.py's systems driver: sushy-tools' fa
 memory) serves 100 systems, one per machine. The same run measures, with all machines off first:
 
 - direct: 10 threads call sushy themselves, per machine what the bastion's driver does (connect
-  to the BMC, read the system, read its power state, reset ON);
+  to the BMC, read the system and its power state, reset ON);
 - bastion: `labctl power on` 's batch path (labctl.power.run_batch, --max-parallel 10) against
   a real `lab-bastion serve` (gunicorn, 4 workers), which makes those calls, opens the sealed
   credentials and records an event per machine.
@@ -49,7 +49,6 @@ def direct_on(address: str, i: int) -> str:
     import sushy
 
     system = sushy_conn(address).get_system(f"/redfish/v1/Systems/{uuid(i)}")
-    system.refresh()
     if system.power_state != sushy.PowerState.ON:
         system.reset_system(sushy.ResetType.ON)
     return "on"
