@@ -18,6 +18,7 @@ MODELS = [
     schemas.LogRequest, schemas.DebugRequest, schemas.ReasonRequest,
     schemas.ErrorBody, schemas.MachineView, schemas.MachineList, schemas.MachineDetail, schemas.EventView,
     schemas.EventList, schemas.StateReply,
+    schemas.BmcRequest, schemas.BmcView, schemas.PowerRequest, schemas.PowerReply,
 ]
 
 

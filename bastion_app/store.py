@@ -89,6 +89,20 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TRIGGER machines_hardware_delete AFTER DELETE ON machines BEGIN
             UPDATE totals SET value = value - length(OLD.hardware) WHERE name = 'hardware_bytes'; END""",
     ],
+    [
+        # a machine's BMC (bastion_app.power): credentials sealed with labcore.secretbox (never in
+        # clear); address NULL = seen by discovery, not configured yet
+        """CREATE TABLE bmc (
+            mac TEXT PRIMARY KEY,
+            driver TEXT NOT NULL,
+            address TEXT,
+            system_id TEXT,
+            verify_tls INTEGER NOT NULL DEFAULT 1,
+            credentials TEXT,
+            source TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+    ],
 ]
 
 _JSON_COLUMNS = ("ssh_keys", "hardware")
@@ -522,6 +536,8 @@ class Store(Database):
 
     def forget(self, mac: str, *, actor: str, reason: str = "") -> None:
         self._apply(mac, Action.FORGET, actor=actor, reason=reason or "forgotten")
+        with self.tx() as c:
+            c.execute("DELETE FROM bmc WHERE mac=?", (mac,))
 
     def request_debug(self, mac: str, mode: str, *, actor: str, reason: str = "") -> dict[str, Any]:
         with self.tx() as c:
@@ -555,6 +571,47 @@ class Store(Database):
             except (Conflict, NotFound, IllegalTransition):
                 pass
         return stalled
+
+    # -- BMCs (bastion_app.power) ----------------------------------------------------------------
+    def get_bmc(self, mac: str) -> dict[str, Any] | None:
+        row = self.conn().execute("SELECT * FROM bmc WHERE mac=?", (mac,)).fetchone()
+        return dict(row) if row else None
+
+    def set_bmc(self, mac: str, record: dict[str, Any], *, actor: str, source: str = "operator") -> dict[str, Any]:
+        """Record a machine's BMC (``record``: driver, address, system_id, verify_tls, credentials
+        already sealed) and an event naming what changed, never the credentials. A discovery
+        hint (source ``discovery``) never replaces what an operator set."""
+        now = time.time()
+        with self.tx() as c:
+            row = c.execute("SELECT state FROM machines WHERE mac=?", (mac,)).fetchone()
+            if row is None:
+                raise NotFound(f"no machine with MAC {mac}")
+            old = c.execute("SELECT source FROM bmc WHERE mac=?", (mac,)).fetchone()
+            if source == "discovery" and old is not None and old[0] == "operator":
+                return self.get_bmc(mac)  # type: ignore[return-value]
+            values = {"mac": mac, "driver": record["driver"], "address": record.get("address"),
+                      "system_id": record.get("system_id"), "verify_tls": int(record.get("verify_tls", True)),
+                      "credentials": record.get("credentials"), "source": source, "updated_at": now}
+            c.execute(f"INSERT OR REPLACE INTO bmc({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                      list(values.values()))
+            shown = {k: values[k] for k in ("driver", "address", "system_id", "source")}
+            self._event(c, mac, actor, "bmc_set", row[0], row[0], f"BMC {record['driver']} {record.get('address') or '(address unknown)'}",
+                        shown, now)
+        return self.get_bmc(mac)  # type: ignore[return-value]
+
+    def delete_bmc(self, mac: str, *, actor: str) -> None:
+        with self.tx() as c:
+            row = c.execute("SELECT state FROM machines WHERE mac=?", (mac,)).fetchone()
+            if row is None or c.execute("DELETE FROM bmc WHERE mac=?", (mac,)).rowcount == 0:
+                raise NotFound(f"no BMC recorded for {mac}")
+            self._event(c, mac, actor, "bmc_removed", row[0], row[0], "BMC removed")
+
+    def power_event(self, mac: str, *, actor: str, reason: str, data: dict[str, Any]) -> None:
+        """The result of a BMC call (bastion_app.power), on the machine's history."""
+        with self.tx() as c:
+            row = c.execute("SELECT state FROM machines WHERE mac=?", (mac,)).fetchone()
+            state = row[0] if row else None
+            self._event(c, mac, actor, "power", state, state, reason, data)
 
     # -- export / import of the seed's state.json shape --------------------------------------
     def export_state(self) -> dict[str, dict[str, Any]]:

@@ -213,6 +213,9 @@ class Config(BaseModel):
     kernel_args: Annotated[str, AfterValidator(valid_kernel_args)] = ""
     #: what discovery does when done: poweroff | reboot
     discovery_action: Literal["poweroff", "reboot"] = "poweroff"
+    #: seconds a BMC has to answer one request (Redfish read; connecting gets at most 3 s of it); a
+    #: power operation is tried twice on a transient error (bastion_app.power)
+    bmc_timeout: AtLeastOne = 8
     #: gunicorn's access log: '' none, '-' standard output, or a file
     access_log: Annotated[str, AfterValidator(_access_log)] = ""
     #: gunicorn's log level

@@ -17,7 +17,9 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    RootModel,
     StringConstraints,
+    model_serializer,
     model_validator,
 )
 
@@ -159,6 +161,58 @@ class Dmi(Reported):
     bios_version: Text = ""
 
 
+def _bmc_address(driver: str):
+    return lambda a: v.bmc_address(a, driver) and a
+
+
+IpmiAddress = Annotated[str, AfterValidator(_bmc_address("ipmi")),
+                        Field(description="HOST[:PORT]: an IPv4 address or a host name (port 623 by default)",
+                              max_length=v.BMC_ADDRESS_MAX, examples=["10.0.1.22"],
+                              json_schema_extra={"pattern": v.IPMI_ADDRESS_PATTERN})]
+RedfishAddress = Annotated[str, AfterValidator(_bmc_address("redfish")),
+                           Field(description="[https://|http://]HOST[:PORT]: an IPv4 address or a host name (https by default)",
+                                 max_length=v.BMC_ADDRESS_MAX, examples=["https://10.0.1.21"],
+                                 json_schema_extra={"pattern": v.REDFISH_ADDRESS_PATTERN})]
+BmcSystemId = Annotated[str, AfterValidator(v.bmc_system_id), Field(json_schema_extra={"pattern": v.BMC_SYSTEM_ID_PATTERN})]
+BmcUsername = Annotated[str, AfterValidator(v.bmc_username), Field(json_schema_extra={"pattern": v.BMC_USERNAME_PATTERN})]
+BmcPassword = Annotated[str, AfterValidator(v.bmc_password), Field(json_schema_extra={"pattern": v.BMC_PASSWORD_PATTERN})]
+
+
+class RedfishBmc(Strict):
+    """A Redfish BMC. The credentials are sealed at rest and never shown again."""
+
+    driver: Literal["redfish"]
+    address: RedfishAddress
+    username: BmcUsername
+    password: BmcPassword
+    system_id: BmcSystemId | None = Field(None, description="/redfish/v1/Systems/<id> (default: the BMC's only system)")
+    verify_tls: bool = Field(True, description="over https: check the BMC's certificate")
+
+
+class IpmiBmc(Strict):
+    """An IPMI (RMCP+, IPMI 2.0 LAN) BMC. The credentials are sealed at rest and never shown again."""
+
+    driver: Literal["ipmi"]
+    address: IpmiAddress
+    username: BmcUsername
+    password: BmcPassword
+
+
+BmcSpec = Annotated[RedfishBmc | IpmiBmc, Field(discriminator="driver")]
+
+
+class BmcRequest(RootModel[BmcSpec]):
+    """A machine's BMC, Redfish or IPMI (by ``driver``)."""
+
+
+class BmcHint(Reported):
+    """What the discovery environment saw of a BMC: an IPMI device (/dev/ipmi0 or SMBIOS type 38),
+    and its LAN address when it could read one."""
+
+    ipmi: bool = False
+    address: IpmiAddress | None = None
+
+
 class Hardware(Reported):
     cpu: Cpu = Field(default_factory=Cpu)
     memory_mb: Int(0, 2**40) = 0
@@ -166,6 +220,14 @@ class Hardware(Reported):
     nics: list[Nic] = Field(default_factory=list, max_length=256)
     dmi: Dmi = Field(default_factory=Dmi)
     firmware: Literal["bios", "uefi", "unknown"] = "unknown"
+    bmc: BmcHint | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_bmc(self, handler):
+        out = handler(self)
+        if isinstance(out, dict) and out.get("bmc") is None:
+            out.pop("bmc", None)  # only a machine that saw a BMC carries the field
+        return out
 
 
 class DiscoverRequest(Reported):
@@ -188,6 +250,7 @@ class InstallRequest(Strict):
     os: OsName
     disk: Disk = ""
     ssh_keys: list[SshKey] = Field(default_factory=list, max_length=v.MAX_SSH_KEYS)
+    bmc: BmcSpec | None = Field(None, description="the machine's BMC, recorded with the install (see /api/machines/{mac}/bmc)")
 
 
 class ReprovisionRequest(Strict):
@@ -222,6 +285,19 @@ class DebugRequest(Strict):
 
 class ReasonRequest(Strict):
     reason: Text = ""
+
+
+PowerAction = Literal["on", "off", "cycle"]
+BootDevice = Literal["network", "disk"]
+
+
+class PowerRequest(Strict):
+    """A power action through the machine's BMC; ``boot`` first sets the next boot device
+    (once, unless ``persistent``)."""
+
+    action: PowerAction
+    boot: BootDevice | None = None
+    persistent: bool = False
 
 
 # -- responses (documented in the OpenAPI document; tests check answers against them) -----------
@@ -274,6 +350,28 @@ class EventView(Loose):
     to_state: str | None
     reason: str
     data: dict
+
+
+class BmcView(Loose):
+    """A machine's BMC as the API shows it: never its credentials."""
+
+    mac: str
+    driver: str
+    address: str | None
+    system_id: str | None
+    verify_tls: bool
+    credentials: bool = Field(description="whether credentials are stored (they are never shown)")
+    source: Literal["operator", "discovery"]
+    updated_at: str
+
+
+class PowerReply(Loose):
+    mac: str
+    driver: str
+    action: Literal["status", "on", "off", "cycle"]
+    power: Literal["on", "off", "unknown"]
+    changed: bool
+    boot: str | None = None
 
 
 class MachineList(Loose):

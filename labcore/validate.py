@@ -218,3 +218,59 @@ def text(value: object, field: str, max_len: int = 1024, allow_newlines: bool = 
     if _CONTROL.search(probe):
         raise ValidationError(field, "control characters are not allowed")
     return value
+
+
+# -- BMCs (bastion_app.power) ------------------------------------------------------------------------
+BMC_DRIVERS = ("redfish", "ipmi")
+# host[:port], for Redfish optionally behind http:// or https://; the host is an IPv4 address or an
+# RFC 1123 host name, the port 1-65535. Nothing else (no path, no user@, no white space) gets through,
+# and the published pattern is the whole rule (the API's schema and this module agree exactly).
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_BMC_HOST = rf"(?:{_OCTET}(?:\.{_OCTET}){{3}}|(?:{_HN_LABEL}\.)*(?![0-9]+(?::|$)){_HN_LABEL})"
+_PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+IPMI_ADDRESS_PATTERN = rf"^{_BMC_HOST}(?::{_PORT})?$"
+REDFISH_ADDRESS_PATTERN = rf"^(?:https?://)?{_BMC_HOST}(?::{_PORT})?$"
+BMC_ADDRESS_MAX = 300
+BMC_SYSTEM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+BMC_USERNAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
+BMC_PASSWORD_PATTERN = r"^[\x20-\x7e]{1,128}$"
+_BMC_ADDRESS = {"redfish": re.compile(REDFISH_ADDRESS_PATTERN), "ipmi": re.compile(IPMI_ADDRESS_PATTERN)}
+_BMC_SYSTEM_ID = re.compile(BMC_SYSTEM_ID_PATTERN)
+_BMC_USERNAME = re.compile(BMC_USERNAME_PATTERN)
+_BMC_PASSWORD = re.compile(BMC_PASSWORD_PATTERN)
+
+
+def bmc_address(value: object, driver: str = "redfish", field: str = "address") -> tuple[str | None, str, int | None]:
+    """A BMC's address -> (scheme or None, host, port or None): [http(s)://]HOST[:PORT], the scheme
+    for Redfish only, HOST an IPv4 address or a host name, PORT 1-65535."""
+    pattern = _BMC_ADDRESS.get(driver)
+    if pattern is None:
+        raise ValidationError("driver", f"a BMC driver is one of {', '.join(BMC_DRIVERS)}")
+    if not isinstance(value, str) or len(value) > BMC_ADDRESS_MAX or not pattern.fullmatch(value):
+        form = "[https://|http://]HOST[:PORT]" if driver == "redfish" else "HOST[:PORT] (no scheme)"
+        raise ValidationError(field, f"{str(value)[:80]!r} is not a {driver} BMC address: {form}, "
+                                     "HOST an IPv4 address or a host name, PORT 1-65535")
+    scheme, _, rest = value.rpartition("://")
+    host, _, port = rest.partition(":")
+    return scheme or None, host, int(port) if port else None
+
+
+def _matching(pattern: re.Pattern, value: object, field: str, rule: str) -> str:
+    """``value`` if it is a string that ``pattern`` matches whole; else the rule, never the value
+    (a password must not come back in an error)."""
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ValidationError(field, rule)
+    return value
+
+
+def bmc_system_id(value: object, field: str = "system_id") -> str:
+    return _matching(_BMC_SYSTEM_ID, value, field,
+                     "a Redfish system id is 1-64 letters, digits or ._- (the last part of /redfish/v1/Systems/<id>)")
+
+
+def bmc_username(value: object, field: str = "username") -> str:
+    return _matching(_BMC_USERNAME, value, field, "a BMC user name is 1-64 letters, digits or ._@-")
+
+
+def bmc_password(value: object, field: str = "password") -> str:
+    return _matching(_BMC_PASSWORD, value, field, "a BMC password is 1-128 printable ASCII characters")

@@ -17,6 +17,8 @@ from labctl import errors
 
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
+#: a BMC call: the bastion tries twice with 3 s to connect and 8 s to read (bastion_app.power)
+POWER_READ_TIMEOUT = 60.0
 
 
 class Client:
@@ -97,8 +99,17 @@ class Client:
     def post(self, path: str, body: Any = None) -> Any:
         return self._json(self.request("POST", path, json=body))
 
+    def put(self, path: str, body: Any = None) -> Any:
+        return self._json(self.request("PUT", path, json=body))
+
     def delete(self, path: str) -> Any:
         return self._json(self.request("DELETE", path))
+
+    def power(self, mac: str, body: dict | None = None) -> Any:
+        """A power call through the machine's BMC (None: its status); the bastion bounds each BMC
+        call, labctl waits POWER_READ_TIMEOUT."""
+        return self._json(self.request("GET" if body is None else "POST", f"/api/machines/{mac}/power", json=body,
+                                       read_timeout=POWER_READ_TIMEOUT))
 
     def _json(self, resp: requests.Response, key: str | None = None) -> Any:
         """The answer's JSON; with ``key``, that list in it (else the answer is not a bastion's)."""

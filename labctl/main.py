@@ -26,6 +26,7 @@ COMMANDS = {
     "completion": "labctl.completion:completion",
     "init": "labctl.init_cmd:init",
     "app": "labctl.app_k3s:app",
+    "power": "labctl.power:power",
 }
 
 

@@ -90,6 +90,8 @@ def install(obj: Ctx, target, hostname, role, os_, disk, ssh_key_files, wait, ti
 @provision.command()
 @click.argument("target", shell_complete=complete_machines)
 @click.option("--no-reboot", is_flag=True, help="Only queue the reinstall; do not touch the machine.")
+@click.option("--power", "use_power", is_flag=True,
+              help="Reboot through the machine's BMC instead of SSH: next boot network, then a power cycle.")
 @click.option("--os", "os_", type=click.Choice(OS_NAMES), help="Install another OS this time.")
 @click.option("--role", type=click.Choice(ROLE_NAMES), help="Change the role.")
 @click.option("--reason", default="", help="Why (recorded in the event history).")
@@ -101,16 +103,28 @@ def install(obj: Ctx, target, hostname, role, os_, disk, ssh_key_files, wait, ti
               help="Limit for each playbook run.")
 @output_option
 @pass_ctx
-def reprovision(obj: Ctx, target, no_reboot, os_, role, reason, ssh_user, ssh_private_key, playbook, timeout) -> None:
+def reprovision(obj: Ctx, target, no_reboot, use_power, os_, role, reason, ssh_user, ssh_private_key, playbook,
+                timeout) -> None:
     """Reinstall TARGET: check that playbooks/reprovision.yml can run on it (a --check run over SSH),
     queue the reinstall, then (unless --no-reboot) run the playbook through ansible-runner: it sets the
     next boot to PXE (efibootmgr --bootnext on UEFI) and reboots the machine. The playbook's result is
-    labctl's exit code (10 + ansible rc on failure); a failed check queues nothing."""
+    labctl's exit code (10 + ansible rc on failure); a failed check queues nothing.
+
+    With --power, no SSH: the bastion sets the next boot to the network through the machine's BMC
+    (labctl power set) and power-cycles it; a machine without a usable BMC record queues nothing."""
     body = {"os": os_, "role": role, "reason": _v(lambda v, f: validate.text(v, f, 256), reason, "reason")}
     m = targets.resolve_target(obj.client, target)
     name = m.get("hostname") or m["mac"]
     reboot = None
-    if not no_reboot:  # everything the run needs is checked before the reinstall is queued
+    if use_power and no_reboot:
+        raise errors.UsageError("--power reboots through the BMC, --no-reboot does not reboot: choose one")
+    if use_power:
+        bmc = obj.client.get(f"/api/machines/{m['mac']}/bmc")  # 404 before anything is queued
+        if not bmc.get("address") or not bmc.get("credentials"):
+            raise errors.UsageError(f"{name}'s BMC has no address or credentials yet; nothing was queued",
+                                    "labctl power set TARGET --driver ... --address ... --username ... --password-stdin")
+        reboot = functools.partial(_power_reboot, obj, m)
+    elif not no_reboot:  # everything the run needs is checked before the reinstall is queued
         if not m.get("ip"):
             raise errors.UsageError(f"{name} has no known IP address, so it cannot be rebooted over SSH",
                                     "rerun with --no-reboot and power-cycle it yourself")
@@ -129,6 +143,9 @@ def reprovision(obj: Ctx, target, no_reboot, os_, role, reason, ssh_user, ssh_pr
         f"{name} ({m['mac']}) queued for reinstall{f' (changed: {changes})' if changes else ''}"))
     if reboot is None:
         return
+    if use_power:
+        reboot()
+        return
     try:
         runner.check(reboot(check_mode=False), f"reprovision of {name}")
     except errors.PlaybookFailed as exc:
@@ -136,6 +153,20 @@ def reprovision(obj: Ctx, target, no_reboot, os_, role, reason, ssh_user, ssh_pr
         exc.hint = (f"{exc.hint}; it reinstalls at its next PXE boot (power-cycle it), "
                     f"or withdraw the reinstall: labctl provision cancel {target}")
         raise
+
+
+def _power_reboot(obj: Ctx, m: dict) -> None:
+    from labctl import power
+
+    name = m.get("hostname") or m["mac"]
+    try:
+        r = power.pxe_cycle(obj, m)
+    except errors.LabctlError as exc:
+        exc.message = f"{name} is queued, but the BMC call failed: {exc.message}"
+        exc.hint = f"power-cycle it yourself, or withdraw it: labctl provision cancel {name}"
+        raise
+    if obj.output not in ("json", "yaml"):
+        click.echo(f"{name}: next boot network, power-cycled through its {r['driver']} BMC (now {r['power']})")
 
 
 def _reboot(obj: Ctx, name: str, hostvars: dict, book, timeout: int, *, check_mode: bool) -> runner.RunResult:
@@ -179,14 +210,18 @@ def forget(obj: Ctx, target, ignore_not_found) -> None:
 @click.argument("target", shell_complete=complete_machines)
 @click.option("--mode", type=click.Choice(DEBUG_MODES), default="rescue", show_default=True,
               help="rescue: installer rescue shell with SSH; pxe: iPXE diagnostics shell.")
+@click.option("--power", "use_power", is_flag=True,
+              help="Boot it now through its BMC: next boot network, then a power cycle.")
 @output_option
 @pass_ctx
-def debug(obj: Ctx, target, mode) -> None:
+def debug(obj: Ctx, target, mode, use_power) -> None:
     """Boot TARGET once into a debug environment at its next PXE boot, then back to normal."""
     m = targets.resolve_target(obj.client, target)
     result = obj.client.post("/api/debug", {"mac": m["mac"], "mode": mode})
     output.emit(result, obj.output, lambda: click.echo(
         f"{m.get('hostname') or m['mac']} boots into {mode} debug once at its next PXE boot"))
+    if use_power:
+        _power_reboot(obj, m)
 
 
 @provision.command()

@@ -226,6 +226,12 @@ def start_bastion(data_dir: Path, *args: str, env: dict | None = None, workers: 
     return Bastion(url, data_dir, token, proc, log_path, list(args))
 
 
+def labctl_env(bastion: Bastion, home: Path) -> dict[str, str]:
+    """The environment that points labctl at ``bastion`` with its own (empty) home."""
+    return {"LABCTL_HOME": str(home), "LABCTL_CONFIG": str(home / "config.yaml"),
+            "LABCTL_BASTION_URL": bastion.url, "LABCTL_TOKEN": bastion.token, "LABCTL_OUTPUT": ""}
+
+
 class Machines:
     """The machine side of the protocol against a live bastion (reports hardware ``UEFI_HW``)."""
 
@@ -861,3 +867,63 @@ def save_screenshot(driver, path: Path, width: int = 1280) -> None:
     driver.set_window_size(1280, 900)
     if os.environ.get("UPDATE_DOCS_IMAGES"):
         shutil.copy(path, REPO / "docs" / "img" / path.name)
+
+
+# -- emulated BMCs (tests/bmc.py) ------------------------------------------------------------------
+@dataclass
+class EmulatedBmc:
+    proc: subprocess.Popen
+    address: str  # what `labctl power set --address` takes
+    log_path: Path
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_redfish_bmc(work: Path, systems: list[dict], user: str, password: str, *, prefix: tuple[str, ...] = (),
+                      host: str = "127.0.0.1", port: int | None = None) -> EmulatedBmc:
+    """sushy-tools' Redfish emulator with tests/bmc.py's systems driver (``systems``: {uuid, name,
+    power_state, monitor?}), basic auth ``user``/``password``; ``prefix`` runs it elsewhere (ip netns exec)."""
+    import bcrypt
+
+    work.mkdir(parents=True, exist_ok=True)
+    auth = work / "htpasswd"
+    auth.write_text(f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()}\n")
+    port = port or free_port(host)
+    log_path = work / f"redfish-{port}.log"
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "tests.bmc", "redfish", "--host", host, "--port", str(port),
+                                 "--auth-file", str(auth), "--systems", json.dumps(systems)],
+                                stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                cwd=REPO, start_new_session=True)
+    bmc = EmulatedBmc(proc, f"http://{host}:{port}", log_path)
+    if not prefix:
+        def up():
+            if proc.poll() is not None:
+                raise RuntimeError(f"the Redfish emulator exited:\n{bmc.log()[-2000:]}")
+            try:
+                return requests.get(bmc.address + "/redfish/v1/", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+        wait_for(up, timeout=30, interval=0.1, what="the Redfish emulator")
+    return bmc
+
+
+def start_ipmi_bmc(work: Path, user: str, password: str, *, monitor: str | None = None, prefix: tuple[str, ...] = (),
+                   host: str = "127.0.0.1", port: int | None = None) -> EmulatedBmc:
+    """pyghmi's BMC server (tests/bmc.py) for one machine, on UDP ``port``."""
+    work.mkdir(parents=True, exist_ok=True)
+    port = port or free_port(host, socket.SOCK_DGRAM)
+    log_path = work / f"ipmi-{port}.log"
+    argv = [*prefix, sys.executable, "-m", "tests.bmc", "ipmi", "--host", host, "--port", str(port), "--user", user,
+            "--password", password] + (["--monitor", monitor] if monitor else [])
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                cwd=REPO, start_new_session=True)
+    time.sleep(0.5)
+    if proc.poll() is not None:
+        raise RuntimeError(f"the IPMI BMC exited:\n{log_path.read_text(errors='replace')[-2000:]}")
+    return EmulatedBmc(proc, f"{host}:{port}", log_path)

@@ -7,7 +7,7 @@ import json
 
 from flask import Blueprint, current_app, jsonify, request
 
-from bastion_app import get_store, limits, metrics
+from bastion_app import get_store, limits, metrics, power
 from bastion_app.auth import actor, operator_required
 from bastion_app.binding import Claim
 from bastion_app.errors import ApiError
@@ -51,6 +51,9 @@ def discover():
                        f"at most {c.discover_rate:g} new machines per second ({c.discover_burst} at once) per host")
     m = store.discover(req.mac, hardware, ip=ip, verdict=caller_claim(req.mac) if known else Claim.UNKNOWN,
                        max_machines=c.max_machines, max_hardware_total=c.max_hardware_total)
+    hint = req.hardware.bmc
+    if hint is not None and (hint.ipmi or hint.address):  # an unconfigured BMC, unless an operator set one
+        store.set_bmc(req.mac, {"driver": "ipmi", "address": hint.address}, actor="machine", source="discovery")
     answer = {"mac": m["mac"], "state": m["state"]}
     dropped = schemas.dropped_fields(req)
     if dropped:  # unknown fields beyond the bounds: the machine is accepted without them
@@ -75,7 +78,10 @@ def progress():
 @operator_required
 def install():
     req = json_body(schemas.InstallRequest)
-    m = get_store().queue_install(req.mac, req.model_dump(exclude={"mac"}), actor=actor())
+    store = get_store()
+    m = store.queue_install(req.mac, req.model_dump(exclude={"mac", "bmc"}), actor=actor())
+    if req.bmc is not None:
+        store.set_bmc(req.mac, power.sealed_record(cfg(), req.mac, req.bmc), actor=actor())
     return jsonify(machine_view(m)), 202
 
 
@@ -173,3 +179,50 @@ def events():
     rows = get_store().events(mac_arg(mac) if mac is not None else None, since=int_arg("since", 0, 0, 2**62),
                               limit=int_arg("limit", 500, 1, 5000))
     return jsonify({"events": [event_view(e) for e in rows]})
+
+
+@bp.get("/machines/<mac>/bmc")
+@operator_required
+def bmc_get(mac: str):
+    mac = mac_arg(mac)
+    get_store().require(mac)
+    b = get_store().get_bmc(mac)
+    if b is None:
+        raise ApiError(404, f"no BMC recorded for {mac}")
+    return jsonify(power.view(b))
+
+
+@bp.put("/machines/<mac>/bmc")
+@operator_required
+def bmc_put(mac: str):
+    """Record a machine's BMC; the credentials are sealed at rest and never shown again."""
+    mac = mac_arg(mac)
+    req = json_body(schemas.BmcRequest).root
+    get_store().require(mac)
+    b = get_store().set_bmc(mac, power.sealed_record(cfg(), mac, req), actor=actor())
+    return jsonify(power.view(b))
+
+
+@bp.delete("/machines/<mac>/bmc")
+@operator_required
+def bmc_delete(mac: str):
+    mac = mac_arg(mac)
+    get_store().delete_bmc(mac, actor=actor())
+    return jsonify({"mac": mac, "state": get_store().require(mac)["state"]})
+
+
+@bp.get("/machines/<mac>/power")
+@operator_required
+def power_status(mac: str):
+    """The machine's power state, asked of its BMC now."""
+    return jsonify(power.run(cfg(), get_store(), mac_arg(mac), "status", actor=actor()))
+
+
+@bp.post("/machines/<mac>/power")
+@operator_required
+def power_action(mac: str):
+    """on / off / cycle through the machine's BMC, optionally setting the next boot device first."""
+    mac = mac_arg(mac)
+    req = json_body(schemas.PowerRequest)
+    return jsonify(power.run(cfg(), get_store(), mac, req.action, boot=req.boot, persistent=req.persistent,
+                             actor=actor()))

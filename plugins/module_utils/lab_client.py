@@ -131,6 +131,29 @@ class LabClient:
     def forget(self, mac):
         return self.request("DELETE", "/api/machines/" + quote(mac, safe=""))
 
+    def bmc(self, mac):
+        """The machine's BMC record (never its credentials), or None when it has none."""
+        try:
+            return self.request("GET", "/api/machines/%s/bmc" % quote(mac, safe=""))
+        except LabClientError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def set_bmc(self, mac, record):
+        return self.request("PUT", "/api/machines/%s/bmc" % quote(mac, safe=""), record)
+
+    def power(self, mac, action=None, boot=None):
+        """The power state through the machine's BMC (action None), or on/off/cycle after setting
+        the next boot device (boot: network or disk)."""
+        path = "/api/machines/%s/power" % quote(mac, safe="")
+        if action is None:
+            return self.request("GET", path)
+        body = {"action": action}
+        if boot:
+            body["boot"] = boot
+        return self.request("POST", path, body)
+
 
 def client_from_module(module):
     """A LabClient from a module's connection options; a bad URL fails the module."""

@@ -16,7 +16,8 @@ import yaml
 from tests.support import BIN, REPO, ansible_env, run
 
 PLUGINS = [("inventory", "lab.platform.lab"), ("module", "lab.platform.lab_machine"),
-           ("module", "lab.platform.lab_machine_info"), ("module", "lab.platform.efi_bootnext")]
+           ("module", "lab.platform.lab_machine_info"), ("module", "lab.platform.efi_bootnext"),
+           ("module", "lab.platform.lab_power")]
 
 
 def build(tmp_path: Path) -> Path:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -311,3 +312,73 @@ def test_reprovision_keeps_home_and_srv(lab, deployed, key):
     assert installs_started(lab, m.mac) == 2
     ready = [e["reason"] for e in lab.machine_state(m.mac)["events"] if "labvg ready" in (e.get("reason") or "")]
     assert ready and "kept: /home /srv /var/lib/rancher" in ready[-1], ready
+
+
+# --------------------------------------------------------------------------------------------------
+# reprovision through the BMC (issue 20): no SSH, the bastion drives emulated BMCs in front of QEMU
+
+
+def _power(lab: Lab, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **lab.labctl_env(), "PYTHONPATH": str(REPO)}
+    return subprocess.run([str(BIN / "labctl"), *args], capture_output=True, text=True, timeout=120, env=env, input=stdin)
+
+
+def test_reprovision_through_the_bmc_redfish_and_ipmi(lab, deployed, tmp_path):
+    """The BIOS machine behind sushy-tools' Redfish emulator, the UEFI one behind pyghmi's IPMI BMC
+    (tests/bmc.py: power and reset become QEMU monitor commands), both on the lab's network where
+    the bastion makes its calls. `labctl provision reprovision --power` sets the next boot to the
+    network and power-cycles each machine: it PXE-boots into its install script, with no SSH. The
+    power state is right before (the BIOS machine is switched off first) and after."""
+    from tests.e2e.lab import BASTION_IP
+    from tests.support import free_port, start_ipmi_bmc, start_redfish_bmc
+
+    made, _ = deployed
+    bios, uefi = made["bios"], made["uefi"]
+    user, password = "lab-bmc", "e2e-BMC-secret"
+    ns = ("ip", "netns", "exec", lab.ns)
+    system = "e2e00000-0000-0000-0000-000000000001"
+    redfish = start_redfish_bmc(tmp_path / "redfish", [{"uuid": system, "name": "img-bios", "power_state": "On",
+                                                        "monitor": str(bios.monitor), "nics": []}],
+                                user, password, prefix=ns, host=BASTION_IP, port=free_port())
+    ipmi = start_ipmi_bmc(tmp_path / "ipmi", user, password, monitor=str(uefi.monitor), prefix=ns, host=BASTION_IP,
+                          port=free_port(kind=socket.SOCK_DGRAM))
+    try:
+        for m, args in ((bios, ("--driver", "redfish", "--address", redfish.address, "--system-id", system)),
+                        (uefi, ("--driver", "ipmi", "--address", ipmi.address))):
+            r = _power(lab, "power", "set", m.mac, *args, "--username", user, "--password-stdin", stdin=password + "\n")
+            assert r.returncode == 0, r.stdout + r.stderr
+        deadline = time.monotonic() + 30
+        while True:  # the emulators start inside the lab's namespace
+            r = _power(lab, "-o", "json", "power", "status", bios.mac, uefi.mac)
+            if r.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert r.returncode == 0, r.stdout + r.stderr + redfish.log()[-2000:] + ipmi.log()[-2000:]
+        assert [x["power"] for x in json.loads(r.stdout)] == ["on", "on"]
+        r = _power(lab, "-o", "json", "power", "off", bios.mac)
+        assert r.returncode == 0 and json.loads(r.stdout)["changed"] is True, r.stdout + r.stderr
+        assert "paused" in bios.hmp("info status")  # "off": the VM does nothing
+        assert json.loads(_power(lab, "-o", "json", "power", "status", bios.mac).stdout)["power"] == "off"
+
+        mark = lab.access_mark()
+        started = time.monotonic()
+        for m in (bios, uefi):
+            m.started = time.monotonic()
+            r = _power(lab, "provision", "reprovision", m.mac, "--power", "--reason", "e2e reprovision through the BMC")
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert "power-cycled through its" in r.stdout
+        for m in (bios, uefi):
+            lab.wait_access(f"/install.sh?mac={m.mac}", BOOT_TIMEOUT, m, since=mark)
+            assert lab.wait_state(m.mac, "installing", 120, m)["state"] == "installing"
+        E2E_TIMES.append(("reprovision --power (Redfish BIOS + IPMI UEFI) to the install script", time.monotonic() - started,
+                          "no SSH"))
+        r = _power(lab, "-o", "json", "power", "status", bios.mac, uefi.mac)
+        assert [x["power"] for x in json.loads(r.stdout)] == ["on", "on"], r.stdout + r.stderr
+        for m, driver, before in ((bios, "redfish", "off"), (uefi, "ipmi", "on")):
+            cycle = [e["data"] for e in events(lab, m.mac) if e["kind"] == "power" and e["data"].get("action") == "cycle"]
+            assert cycle and (cycle[-1]["driver"], cycle[-1]["boot"], cycle[-1]["before"]) == (driver, "network", before)
+        everything = json.dumps([lab.machine_state(m.mac) for m in (bios, uefi)]) + lab.bastion_log.read_text(errors="replace")
+        assert password not in everything
+    finally:
+        redfish.stop()
+        ipmi.stop()

@@ -92,7 +92,7 @@ def test_json_text_is_always_accepted_by_the_bastion(value):
 
 def _check_inventory(hw: dict) -> None:
     """The exact shape /api/discover validates."""
-    assert set(hw) == {"cpu", "memory_mb", "disks", "nics", "dmi", "firmware"}
+    assert set(hw) - {"bmc"} == {"cpu", "memory_mb", "disks", "nics", "dmi", "firmware"}
     cpu = hw["cpu"]
     assert set(cpu) == {"model", "cores", "threads", "arch"}
     assert isinstance(cpu["model"], str) and cpu["arch"] == "x86_64"
@@ -124,6 +124,25 @@ def test_inventory_of_this_host_has_the_api_shape():
     from labcore.schemas import DiscoverRequest
 
     DiscoverRequest.model_validate_json(proc.stdout)  # what the bastion's /api/discover accepts
+
+
+def test_an_ipmi_device_is_reported_as_a_bmc(tmp_path):
+    """/dev/ipmi0 (or an SMBIOS IPMI record) adds "bmc": {"ipmi": true}; without, no bmc field."""
+    need_binary("busybox")
+    dev = tmp_path / "dev"
+    dev.mkdir()
+
+    def hardware() -> dict:
+        proc = subprocess.run(["busybox", "sh", "-c", '. "$0"; discover_json AA:BB:CC:00:11:23', str(LIB)],
+                              capture_output=True, check=True, timeout=60, env={**os.environ, "DEVDIR": str(dev)})
+        from labcore.schemas import DiscoverRequest
+
+        return DiscoverRequest.model_validate_json(proc.stdout).stored_hardware()
+
+    if not Path("/sys/firmware/dmi/entries/38-0").exists():
+        assert "bmc" not in hardware()
+    (dev / "ipmi0").touch()
+    assert hardware()["bmc"] == {"ipmi": True, "address": None}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,16 +23,14 @@ import yaml
 from click.testing import CliRunner
 
 from labctl.main import cli
-from tests.support import Machines, ed25519_key, start_bastion, wait_for
+from tests.support import Machines, ed25519_key, labctl_env, start_bastion, wait_for
 
 LABCTL = [sys.executable, "-m", "labctl.main"]
 
 
 @pytest.fixture(scope="module")
 def env(bastion, tmp_path_factory):
-    home = tmp_path_factory.mktemp("labctl-home")
-    return {"LABCTL_HOME": str(home), "LABCTL_CONFIG": str(home / "config.yaml"),
-            "LABCTL_BASTION_URL": bastion.url, "LABCTL_TOKEN": bastion.token, "LABCTL_OUTPUT": ""}
+    return labctl_env(bastion, tmp_path_factory.mktemp("labctl-home"))
 
 
 @pytest.fixture

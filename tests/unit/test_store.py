@@ -253,3 +253,24 @@ def test_pages_are_bounded_in_machines_and_bytes_and_hardware_is_counted(store):
     with pytest.raises(Forbidden):  # a known machine from another address
         store.discover(synthetic_mac(1), {}, ip="10.0.9.9")
     assert store.get(synthetic_mac(1))["hardware"] == hw
+
+
+def test_bmc_records_and_the_sealed_value_is_bound_to_its_machine(store, tmp_path):
+    from labcore import secretbox
+
+    store.discover(MAC, HW, ip="10.0.0.9")
+    store.discover("52:54:00:00:00:02", HW, ip="10.0.0.10")
+    key = secretbox.load_or_create_key(tmp_path / "secret.key")
+    sealed = secretbox.seal(key, b'{"username": "u", "password": "p"}', f"bmc:{MAC}".encode())
+    store.set_bmc(MAC, {"driver": "redfish", "address": "10.0.0.1", "credentials": sealed}, actor="op")
+    # a discovery hint never replaces what an operator set
+    store.set_bmc(MAC, {"driver": "ipmi", "address": None}, actor="machine", source="discovery")
+    b = store.get_bmc(MAC)
+    assert (b["driver"], b["source"], b["credentials"]) == ("redfish", "operator", sealed)
+    # the sealed credentials do not open for another machine
+    with pytest.raises(secretbox.SecretError):
+        secretbox.unseal(key, sealed, b"bmc:52:54:00:00:00:02")
+    ev = [e for e in store.events(MAC) if e["kind"] == "bmc_set"]
+    assert len(ev) == 1 and sealed not in json.dumps(ev)
+    store.forget(MAC, actor="op")
+    assert store.get_bmc(MAC) is None

@@ -139,3 +139,38 @@ def test_interface_name_ok(name):
 def test_interface_name_rejected(name):
     with pytest.raises(v.ValidationError, match="not an interface name"):
         v.interface_name(name)
+
+
+@pytest.mark.parametrize("value, driver, expected", [
+    ("10.0.0.5", "redfish", (None, "10.0.0.5", None)),
+    ("https://bmc-1.lab:8443", "redfish", ("https", "bmc-1.lab", 8443)),
+    ("http://10.0.0.7:65535", "redfish", ("http", "10.0.0.7", 65535)),
+    ("10.0.0.6:623", "ipmi", (None, "10.0.0.6", 623)),
+    ("bmc7", "ipmi", (None, "bmc7", None)),
+])
+def test_bmc_address_accepts(value, driver, expected):
+    assert v.bmc_address(value, driver) == expected
+
+
+@pytest.mark.parametrize("value, driver", [
+    ("https://10.0.0.5", "ipmi"), ("ftp://10.0.0.5", "redfish"), ("10.0.0.5/redfish", "redfish"),
+    ("user@10.0.0.5", "redfish"), ("10.0.0.5:0", "ipmi"), ("10.0.0.5:70000", "ipmi"), ("[10.0.0.5]", "ipmi"),
+    ("10.0.0.5 ", "ipmi"), ("10.0.0.5\n", "ipmi"), ("-bmc", "ipmi"), ("$(id)", "redfish"), ("", "ipmi"), (5, "ipmi"),
+    ("999.1.1.1", "ipmi"), ("a" * 300, "ipmi"), ("[fd00::6]", "ipmi"), ("01.2.3.4", "ipmi"), ("1.2.3", "ipmi"),
+    ("host:01", "ipmi"), ("bmc-.lab", "ipmi"),
+])
+def test_bmc_address_refuses(value, driver):
+    with pytest.raises(v.ValidationError):
+        v.bmc_address(value, driver)
+
+
+def test_bmc_credentials_and_system_id():
+    assert v.bmc_username("ADMIN.ops@lab") == "ADMIN.ops@lab"
+    assert v.bmc_password("p a$$ w0rd!") == "p a$$ w0rd!"
+    assert v.bmc_system_id("System.Embedded.1") == "System.Embedded.1"
+    for fn, bad in [(v.bmc_username, "root;id"), (v.bmc_username, ""), (v.bmc_password, "pw\n"),
+                    (v.bmc_password, "é"), (v.bmc_password, "x" * 129), (v.bmc_system_id, "../1"),
+                    (v.bmc_system_id, "1/Actions")]:
+        with pytest.raises(v.ValidationError) as exc:
+            fn(bad)
+        assert bad not in exc.value.message or bad == ""  # the refusal never echoes a secret

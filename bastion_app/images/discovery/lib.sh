@@ -4,6 +4,7 @@
 # prints JSON on stdout. No function changes the machine.
 
 SYSFS=${SYSFS:-/sys}
+DEVDIR=${DEVDIR:-/dev}
 PROCFS=${PROCFS:-/proc}
 
 # json_str VALUE: print VALUE as a JSON string literal (with the quotes).
@@ -216,11 +217,21 @@ inventory_firmware() {
 	if [ -d "$SYSFS/firmware/efi" ]; then echo uefi; else echo bios; fi
 }
 
+# inventory_bmc: ', "bmc": {"ipmi": true}' when the machine has an IPMI BMC (the kernel's IPMI
+# driver made /dev/ipmi0, or the firmware's SMBIOS table has an IPMI device record, type 38);
+# nothing otherwise. Its LAN address needs IPMI commands through /dev/ipmi0 (Get LAN Configuration
+# Parameters), which this image has no tool for: the bastion records an unconfigured BMC.
+inventory_bmc() {
+	if [ -e "$DEVDIR/ipmi0" ] || [ -e "$SYSFS/firmware/dmi/entries/38-0" ]; then
+		printf ', "bmc": {"ipmi": true}'
+	fi
+}
+
 # inventory_json: the whole hardware inventory (the shape /api/discover validates).
 inventory_json() {
-	printf '{"cpu": %s, "memory_mb": %s, "disks": %s, "nics": %s, "dmi": %s, "firmware": %s}' \
+	printf '{"cpu": %s, "memory_mb": %s, "disks": %s, "nics": %s, "dmi": %s, "firmware": %s%s}' \
 		"$(inventory_cpu)" "$(inventory_memory_mb)" "$(inventory_disks)" "$(inventory_nics)" \
-		"$(inventory_dmi)" "$(json_str "$(inventory_firmware)")"
+		"$(inventory_dmi)" "$(json_str "$(inventory_firmware)")" "$(inventory_bmc)"
 }
 
 # discover_json MAC: the body POSTed to /api/discover.
