@@ -47,6 +47,12 @@ def path() -> Path:
     return Path(os.environ.get("LABCTL_CONFIG") or home() / "config.yaml")
 
 
+def ca_path(context: str) -> Path:
+    """The CA certificate of the labd named by ``context``, pinned at `labctl login` (beside the
+    settings file)."""
+    return path().parent / "ca" / f"{check_context_name(context)}.pem"
+
+
 def check_value(key: str, value: str) -> str:
     """Validate one setting; returns the normalised value."""
     if key not in KEYS:

@@ -26,6 +26,9 @@ COMMANDS = {
     "completion": "labctl.completion:completion",
     "init": "labctl.init_cmd:init",
     "app": "labctl.app_k3s:app",
+    "login": "labctl.login:login",
+    "logout": "labctl.login:logout",
+    "create": "labctl.fleet:create",
 }
 
 
