@@ -3,15 +3,18 @@
 - ``app`` / ``client``: the Flask app on a temporary data dir (unit tests of routes).
 - ``bastion``: a real ``lab-bastion serve --no-dnsmasq`` (gunicorn, several workers) on a free
   loopback port, stopped at the end of the test module.
+- ``postgres`` / ``labd_db``: one real PostgreSQL 15 per session; a fresh database per test,
+  cloned from a template that labd's migrations ran on once.
 """
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.support import start_bastion
+from tests.support import start_bastion, start_postgres
 
 
 @pytest.fixture
@@ -48,3 +51,26 @@ def bastion(tmp_path_factory):
     b = start_bastion(tmp_path_factory.mktemp("bastion") / "data")
     yield b
     b.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """One PostgreSQL 15 server for the whole session, with a template database ``labd_template``
+    migrated once (labd's schema), cloned by ``labd_db``."""
+    from labd import migrations
+
+    pg = start_postgres()
+    try:
+        pg.sql("CREATE DATABASE labd_template")
+        migrations.migrate(pg.url("labd_template"))
+        yield pg
+    finally:
+        pg.stop()
+
+
+@pytest.fixture
+def labd_db(postgres, request) -> str:
+    """The URL of a fresh database for this test, cloned from the migrated template."""
+    name = "t_" + uuid.uuid4().hex[:16]
+    postgres.sql(f"CREATE DATABASE {name} TEMPLATE labd_template")
+    return postgres.url(name)

@@ -673,3 +673,133 @@ class LabMachines:
     def stop_all(self) -> None:
         for m in self.made:
             self.lab.stop_machine(m)
+
+
+# -- a real PostgreSQL 15 for labd (one server per pytest session) -------------------------------------
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@dataclass
+class Postgres:
+    """A PostgreSQL server started from Debian's binaries as user postgres, on a unix socket only."""
+
+    root: Path
+    socket_dir: Path
+    port: int
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://postgres@/{dbname}?host={self.socket_dir}&port={self.port}"
+
+    def sql(self, statement: str, dbname: str = "postgres") -> None:
+        import psycopg
+
+        with psycopg.connect(self.url(dbname), autocommit=True) as conn:
+            conn.execute(statement)
+
+    def stop(self) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "stop", "-D", str(self.root / "pgdata"),
+                        "-m", "immediate", "-w"], capture_output=True, timeout=60)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def start_postgres() -> Postgres:
+    """initdb + pg_ctl start through `runuser -u postgres` (Debian's initdb refuses root), in a
+    directory of its own under /tmp (short: the socket path must fit in sun_path; reachable by user
+    postgres). Tuned for tests: no fsync, no full-page writes (a crash loses a test database only).
+    :meth:`Postgres.stop` stops it and removes the directory."""
+    import tempfile
+
+    need(PG_BIN.joinpath("initdb").exists(), "needs PostgreSQL 15 (apt-get install postgresql-15)")
+    need(os.geteuid() == 0, "needs root to run PostgreSQL as user postgres")
+    root = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    socket_dir = root / "sock"
+    socket_dir.mkdir()
+    shutil.chown(root, "postgres")
+    shutil.chown(socket_dir, "postgres")
+    pgdata = root / "pgdata"
+    as_pg = ["runuser", "-u", "postgres", "--"]
+    r = subprocess.run([*as_pg, str(PG_BIN / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                        "--locale=C.UTF-8", "--no-sync"], capture_output=True, text=True, timeout=120)
+    if r.returncode:
+        raise RuntimeError(f"initdb failed: {r.stdout}{r.stderr}")
+    port = free_port()
+    opts = (f"-c listen_addresses='' -c unix_socket_directories={socket_dir} -c port={port} -c fsync=off "
+            "-c full_page_writes=off -c synchronous_commit=off -c max_connections=200")
+    r = subprocess.run([*as_pg, str(PG_BIN / "pg_ctl"), "start", "-D", str(pgdata), "-w", "-t", "60", "-o", opts,
+                        "-l", str(root / "postgres.log")], capture_output=True, text=True, timeout=90)
+    if r.returncode:
+        raise RuntimeError(f"pg_ctl start failed: {r.stdout}{r.stderr}{(root / 'postgres.log').read_text(errors='replace')}")
+    return Postgres(root, socket_dir, port)
+
+
+# -- a real `labd serve` ------------------------------------------------------------------------------
+@dataclass
+class Labd:
+    """A running `labd serve` (gunicorn, HTTPS with labd's own CA) on a database of its own."""
+
+    url: str
+    data_dir: Path
+    database_url: str
+    admin_password: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def ca(self) -> str:
+        return str(self.data_dir / "ca.crt")
+
+    def session(self, token: str | None = None) -> requests.Session:
+        s = requests.Session()
+        s.verify = self.ca
+        if token:
+            s.headers["Authorization"] = f"Bearer {token}"
+        return s
+
+    def login(self, user: str = "admin", password: str | None = None) -> str:
+        r = self.session().post(self.url + "/api/v1/login", json={"username": user, "password": password or self.admin_password})
+        r.raise_for_status()
+        return r.json()["token"]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=20, group=True)
+
+
+def labd_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "labd", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, cwd=REPO)
+
+
+def start_labd(data_dir: Path, database_url: str, *, workers: int = 2, timeout: float = 30.0) -> Labd:
+    """`labd init` (keeps the printed admin password) then `labd serve` on a free loopback port;
+    waits for /readyz over HTTPS, trusting labd's own CA."""
+    r = labd_cli("init", "--data-dir", str(data_dir), "--database-url", database_url)
+    if r.returncode:
+        raise RuntimeError(f"labd init failed:\n{r.stdout}{r.stderr}")
+    password = re.search(r"^admin password: (\S+)$", r.stdout, re.M).group(1)
+    port = free_port()
+    log_path = data_dir.parent / f"labd-{port}.log"
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "labd", "serve", "--data-dir", str(data_dir), "--listen",
+                                 f"127.0.0.1:{port}", "--workers", str(workers)], stdout=logf, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, start_new_session=True)
+    url = f"https://127.0.0.1:{port}"
+
+    def ready():
+        if proc.poll() is not None:
+            raise RuntimeError(f"labd serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            return requests.get(url + "/readyz", timeout=1, verify=str(data_dir / "ca.crt")).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_for(ready, timeout=timeout, interval=0.1, what="labd serve /readyz")
+    except BaseException:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return Labd(url, data_dir, database_url, password, proc, log_path)

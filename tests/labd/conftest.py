@@ -1,0 +1,22 @@
+"""labd's fixtures: one real `labd serve` (gunicorn, HTTPS) per session on a database of its own,
+cloned from the session PostgreSQL's migrated template (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import start_labd
+
+
+@pytest.fixture(scope="session")
+def labd(postgres, tmp_path_factory):
+    postgres.sql("CREATE DATABASE labd_http TEMPLATE labd_template")
+    server = start_labd(tmp_path_factory.mktemp("labd") / "data", postgres.url("labd_http"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def admin(labd):
+    """A session with the admin's API token."""
+    return labd.session(labd.login())
