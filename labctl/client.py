@@ -29,8 +29,9 @@ class Client:
         self.timeout = timeout
         self.labd = labd
         self.what = "labd" if labd else "the bastion"
+        # per request, not session.verify: requests lets REQUESTS_CA_BUNDLE override a session's setting
+        self.verify = verify
         self.session = requests.Session()
-        self.session.verify = verify
         # a kept-alive connection the server closed meanwhile is retried for reads only (GET);
         # nothing that changes state is ever sent twice
         retry = Retry(total=2, connect=2, read=1, status=0, other=0, allowed_methods=frozenset({"GET"}),
@@ -50,7 +51,7 @@ class Client:
                 ok: tuple[int, ...] = ()) -> requests.Response:
         """Send one request; any answer that is not 2xx (or listed in ``ok``) raises a LabctlError."""
         try:
-            resp = self.session.request(method, self.url(path), json=json, params=params, stream=stream,
+            resp = self.session.request(method, self.url(path), json=json, params=params, stream=stream, verify=self.verify,
                                         headers=headers, timeout=(CONNECT_TIMEOUT, read_timeout or self.timeout))
         except requests.Timeout:
             raise errors.Unreachable(f"{self.what} at {self.base_url} did not answer in time",

@@ -55,27 +55,28 @@ RESOURCES: dict[str, Resource] = {r.plural: r for r in [
              [("LABELS", _labels), ("HARDWARE", hw_summary), ("INSTALLED", lambda m: m.get("installed_at")), _SEEN],
              ("cloud", "environment", "bastion", "state", "role", "os"), labels=True),
     Resource("bastions", "bastion", [("NAME", _name), *_PLACE, ("STATUS", lambda r: r.get("status")), _SEEN],
-             [("VERSION", lambda r: r.get("version"))], ("cloud", "environment", "status")),
+             [("VERSION", lambda r: r.get("version"))], ("cloud", "environment")),
     Resource("agents", "agent", [("HOSTNAME", lambda r: r.get("hostname")), ("SERVER", lambda r: r.get("server")),
                                  ("STATUS", lambda r: r.get("status")), _SEEN],
-             [("VERSION", lambda r: r.get("version"))], ("status",)),
+             [("CLOUD", lambda r: r.get("cloud")), ("ENV", lambda r: r.get("environment")),
+              ("VERSION", lambda r: r.get("version"))], ("cloud", "environment")),
     Resource("clusters", "cluster", [("NAME", _name), *_PLACE, ("MEMBERS", lambda r: len(r.get("members") or [])),
                                      ("KUBECONFIG", lambda r: "yes" if r.get("has_kubeconfig") else "no")],
              [("MEMBER NAMES", lambda r: ",".join(map(str, r.get("members") or [])))], ("cloud", "environment")),
-    Resource("users", "user", [("NAME", _name), ("ROLES", lambda r: ",".join(map(str, r.get("roles") or [])))],
-             [("CREATED", lambda r: r.get("created_at"))]),
-    Resource("roles", "role", [("NAME", _name), ("RULES", lambda r: len(r.get("rules") or [])),
-                               ("BUILTIN", lambda r: "yes" if r.get("builtin") else "")]),
+    Resource("users", "user", [("NAME", _name), ("CREATED", lambda r: r.get("created_at"))]),
+    Resource("roles", "role", [("NAME", _name), ("BUILTIN", lambda r: "yes" if r.get("builtin") else ""),
+                               ("RULES", lambda r: len(r.get("rules") or []))],
+             [("DESCRIPTION", lambda r: r.get("description"))]),
     Resource("rolebindings", "rolebinding", [("ID", lambda r: r.get("id")), ("USER", lambda r: r.get("user")),
                                              ("ROLE", lambda r: r.get("role")), ("SCOPE", lambda r: r.get("scope"))]),
     Resource("tokens", "token", [("ID", lambda r: r.get("id")), ("KIND", lambda r: r.get("kind")),
-                                 ("SCOPE", lambda r: r.get("scope")), ("USES", lambda r: r.get("uses")),
-                                 ("EXPIRES", lambda r: r.get("expires_at"))],
-             [("CREATED", lambda r: r.get("created_at")), ("USER", lambda r: r.get("user"))]),
-    Resource("audit", "audit", [("TIME", lambda r: r.get("ts") or r.get("time") or r.get("created_at")),
-                                ("ACTOR", lambda r: r.get("actor")), ("ACTION", lambda r: r.get("action")),
-                                ("RESOURCE", lambda r: r.get("resource")),
-                                ("RESULT", lambda r: r.get("result") or r.get("outcome"))],
+                                 ("USER", lambda r: r.get("user")), ("SCOPE", lambda r: r.get("scope")),
+                                 ("USES LEFT", lambda r: r.get("uses")), ("EXPIRES", lambda r: r.get("expires_at")),
+                                 ("REVOKED", lambda r: r.get("revoked_at"))],
+             [("CREATED", lambda r: r.get("created_at")), ("BY", lambda r: r.get("created_by"))]),
+    Resource("audit", "audit", [("TIME", lambda r: r.get("ts")), ("ACTOR", lambda r: r.get("actor")),
+                                ("ACTION", lambda r: r.get("action")), ("RESOURCE", lambda r: r.get("resource")),
+                                ("OUTCOME", lambda r: r.get("outcome")), ("STATUS", lambda r: r.get("status"))],
              [("DETAIL", lambda r: r.get("detail"))], ("actor", "action", "resource", "since", "until")),
 ]}
 #: every name labctl accepts for a labd resource: plural, singular and short forms
@@ -171,31 +172,30 @@ def create() -> None:
     """Create labd users, roles, role bindings and tokens (needs a labd: labctl login URL)."""
 
 
-def _created(obj: Ctx, res: Resource, body: dict[str, Any], say: str) -> dict[str, Any]:
-    made = obj.labd.post(res.path, body)
-    output.emit(made, obj.output, lambda: click.echo(say))
-    return made
-
-
 @create.command("user")
-@click.argument("username")
+@click.argument("name")
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin "
-              "(default: prompted for, twice).")
-@click.option("--role", "roles", multiple=True, metavar="ROLE", help="Bind this role (repeatable).")
+              "(default: labd makes one up and it is printed once).")
+@click.option("--role", "roles", multiple=True, metavar="ROLE", help="Bind this role to the user, scope * (repeatable; "
+              "for a narrower scope: labctl create rolebinding).")
 @output_option
 @pass_ctx
-def create_user(obj: Ctx, username: str, password_stdin: bool, roles: tuple[str, ...]) -> None:
-    """Create the user USERNAME with a password (and optionally roles)."""
-    password = (sys.stdin.readline().rstrip("\r\n") if password_stdin else
-                click.prompt("Password", hide_input=True, confirmation_prompt=True, err=True))
-    _created(obj, RESOURCES["users"], {"username": username, "password": password, "roles": list(roles)},
-             f"user {username} created")
+def create_user(obj: Ctx, name: str, password_stdin: bool, roles: tuple[str, ...]) -> None:
+    """Create the user NAME (and bind ROLEs to it)."""
+    body: dict[str, Any] = {"name": name}
+    if password_stdin:
+        body["password"] = sys.stdin.readline().rstrip("\r\n")
+    made = obj.labd.post(RESOURCES["users"].path, body)
+    made["rolebindings"] = [obj.labd.post(RESOURCES["rolebindings"].path, {"user": name, "role": r}) for r in roles]
+    output.emit(made, obj.output, lambda: click.echo(
+        f"user {name} created" + (f" with role(s) {', '.join(roles)}" if roles else "")
+        + (f"\npassword: {made['password']}  (shown once)" if made.get("password") else "")))
 
 
 def _rule(text: str) -> dict[str, Any]:
     verbs, resources, scope = (text.split(":", 2) + ["", ""])[:3]
     if not verbs or not resources:
-        raise errors.UsageError(f"invalid rule {text!r}", "VERB[,VERB]:RESOURCE[,RESOURCE][:SCOPE], e.g. get,list:servers:lab1/prod/*")
+        raise errors.UsageError(f"invalid rule {text!r}", "VERB[,VERB]:RESOURCE[,RESOURCE][:SCOPE], e.g. read:servers:lab1/prod/*")
     return {"verbs": verbs.split(","), "resources": resources.split(","), "scope": scope or "*"}
 
 
@@ -204,28 +204,31 @@ def _rule(text: str) -> dict[str, Any]:
 @click.option("--rule", "rules", multiple=True, required=True, metavar="VERBS:RESOURCES[:SCOPE]",
               help="A rule: comma-separated verbs and resources and a scope glob over cloud/environment/server "
                    "(default *); repeatable.")
+@click.option("--description", default="", help="What the role is for.")
 @output_option
 @pass_ctx
-def create_role(obj: Ctx, name: str, rules: tuple[str, ...]) -> None:
+def create_role(obj: Ctx, name: str, rules: tuple[str, ...], description: str) -> None:
     """Create the role NAME from its rules."""
-    _created(obj, RESOURCES["roles"], {"name": name, "rules": [_rule(r) for r in rules]}, f"role {name} created")
+    made = obj.labd.post(RESOURCES["roles"].path, {"name": name, "description": description, "rules": [_rule(r) for r in rules]})
+    output.emit(made, obj.output, lambda: click.echo(f"role {name} created"))
 
 
 @create.command("rolebinding")
-@click.option("--user", required=True, metavar="USERNAME")
+@click.option("--user", required=True, metavar="NAME")
 @click.option("--role", required=True, metavar="ROLE")
+@click.option("--scope", default="*", show_default=True, metavar="GLOB", help="cloud/environment/server glob the role "
+              "holds in, e.g. lab1/prod/*.")
 @output_option
 @pass_ctx
-def create_rolebinding(obj: Ctx, user: str, role: str) -> None:
-    """Give USER the role ROLE."""
-    made = _created(obj, RESOURCES["rolebindings"], {"user": user, "role": role}, f"role {role} bound to {user}")
-    if obj.output not in ("json", "yaml") and made.get("id"):
-        click.echo(f"id: {made['id']}")
+def create_rolebinding(obj: Ctx, user: str, role: str, scope: str) -> None:
+    """Give the user USER the role ROLE (in SCOPE); prints the binding's id (labctl delete rolebinding ID)."""
+    made = obj.labd.post(RESOURCES["rolebindings"].path, {"user": user, "role": role, "scope": scope})
+    output.emit(made, obj.output, lambda: click.echo(f"role {role} bound to {user} in {scope}: {made.get('id')}"))
 
 
 @create.command("token")
 @click.option("--kind", type=click.Choice(["api", "bastion", "agent"]), default="api", show_default=True)
-@click.option("--ttl", "ttl_seconds", type=click.IntRange(1), default=86400, show_default=True, metavar="SECONDS",
+@click.option("--ttl", "ttl_seconds", type=click.IntRange(60, 366 * 86400), default=3600, show_default=True, metavar="SECONDS",
               help="Lifetime of the token.")
 @click.option("--uses", type=click.IntRange(1), metavar="N", help="How many times a join token may be used "
               "(default: any number until it expires).")

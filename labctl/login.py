@@ -115,7 +115,7 @@ def login(obj: Ctx, url: str, username, password_stdin, api_token, context, ca_f
         client = Client(url, labd=True, verify=str(ca) if ca else True)
         if api_token:
             token = config.check_value("token", api_token)
-            who = Client(url, token, labd=True, verify=client.session.verify).get("/api/v1/whoami")
+            who = Client(url, token, labd=True, verify=client.verify).get("/api/v1/whoami")
             user = who.get("user")
         else:
             username = username or click.prompt("Username", err=True)

@@ -751,6 +751,7 @@ class Labd:
 
     def session(self, token: str | None = None) -> requests.Session:
         s = requests.Session()
+        s.trust_env = False  # else REQUESTS_CA_BUNDLE overrides s.verify
         s.verify = self.ca
         if token:
             s.headers["Authorization"] = f"Bearer {token}"
