@@ -751,7 +751,7 @@ class Labd:
 
     def session(self, token: str | None = None) -> requests.Session:
         s = requests.Session()
-        s.trust_env = False  # else REQUESTS_CA_BUNDLE overrides s.verify
+        s.trust_env = False  # else REQUESTS_CA_BUNDLE overrides the session's verify (psf/requests#3829)
         s.verify = self.ca
         if token:
             s.headers["Authorization"] = f"Bearer {token}"
@@ -794,6 +794,8 @@ def start_labd(data_dir: Path, database_url: str, *, workers: int = 2, timeout: 
             raise RuntimeError(f"labd serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
             return requests.get(url + "/readyz", timeout=1, verify=str(data_dir / "ca.crt")).status_code == 200
+        except requests.exceptions.SSLError:
+            raise
         except requests.ConnectionError:
             return False
 
@@ -804,3 +806,21 @@ def start_labd(data_dir: Path, database_url: str, *, workers: int = 2, timeout: 
             os.killpg(proc.pid, signal.SIGKILL)
         raise
     return Labd(url, data_dir, database_url, password, proc, log_path)
+
+
+# -- schemathesis against a running server -----------------------------------------------------------
+def run_schemathesis(spec_url: str, cwd: Path, *headers: str, max_examples: int, seed: str = "1",
+                     extra: tuple[str, ...] = ()) -> tuple[int, str, int]:
+    """`schemathesis run` with every check over the examples, coverage and fuzzing phases; returns
+    (exit code, output, number of test cases generated). ``cwd`` may hold a schemathesis.toml."""
+    exe = Path(sys.executable).with_name("schemathesis")
+    need(exe.exists() or shutil.which("schemathesis") is not None, "schemathesis is not installed (make venv)")
+    cmd = [str(exe if exe.exists() else "schemathesis"), "run", spec_url, "--checks", "all",
+           "--max-examples", str(max_examples), "--phases", "examples,coverage,fuzzing", "-w", "2",
+           "--seed", seed, "--suppress-health-check", "all", *extra]
+    for h in headers:
+        cmd += ["-H", h]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300)
+    out = r.stdout + r.stderr
+    generated = re.search(r"(\d+) generated", out)
+    return r.returncode, out, int(generated.group(1)) if generated else 0
