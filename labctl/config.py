@@ -3,7 +3,7 @@
 The file holds the operator token, so it is written with mode 0600. ``LABCTL_CONFIG`` names another
 file (tests use a temporary one); ``LABCTL_HOME`` moves the whole ~/.labctl directory (runs too).
 
-Like kubectl's kubeconfig, the file may name several bastions (later labd instances) as contexts::
+Like kubectl's kubeconfig, the file may name several bastions (and labd instances) as contexts::
 
     current-context: lab1          # `labctl config use-context lab1`
     contexts:
