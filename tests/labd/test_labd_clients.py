@@ -250,3 +250,26 @@ def test_inventory_plugin_reads_labd_in_one_request(labd, admin, servers, coll, 
     inv.write_text(json.dumps({"plugin": "lab.platform.lab", "sources": [{"url": labd.url, "kind": "labd"}], "ca_file": labd.ca}))
     r = run([str(BIN / "ansible-inventory"), "-i", str(inv), "--list"], ansible_env(coll, **strict))
     assert r.returncode != 0 and "HTTP 401" in r.stderr and "LAB_LABD_TOKEN" in r.stderr, r.stderr
+
+
+def test_get_bastions_agents_clusters(labd, home, admin):
+    for path, body in (("bastions", {"name": "b-c1", "cloud": "lab9", "environment": "prod"}),
+                       ("agents", {"hostname": "a-c1", "cloud": "lab9", "environment": "prod", "server": "w1"}),
+                       ("clusters", {"name": "k-c1", "cloud": "lab9", "environment": "prod", "members": ["w1", "w2"]})):
+        r = admin.post(f"{labd.url}/api/v1/{path}", json=body, timeout=10)
+        assert r.status_code in (201, 409), r.text
+    logged_in(home, labd)
+    r = labctl(home, "get", "bastions", "--cloud", "lab9")
+    assert r.exit_code == 0, r.output
+    assert [line.split()[:4] for line in r.stdout.splitlines()] == [["NAME", "CLOUD", "ENV", "STATUS"],
+                                                                     ["b-c1", "lab9", "prod", "never-connected"]]
+    r = labctl(home, "get", "agents", "-l", "cloud=lab9", "-o", "wide")
+    assert r.exit_code == 0 and r.stdout.splitlines()[1].split()[:3] == ["a-c1", "w1", "pending"], r.stdout
+    r = labctl(home, "get", "clusters", "--env", "prod", "--cloud", "lab9")
+    assert r.stdout.splitlines()[1].split() == ["k-c1", "lab9", "prod", "2", "no"], r.stdout
+    r = labctl(home, "get", "clusters", "-l", "rack=r1")  # clusters have no labels: refused before sending
+    assert r.exit_code == 2 and "clusters cannot be selected by 'rack'" in r.stderr
+    r = labctl(home, "describe", "cluster", "k-c1")
+    assert r.exit_code == 0 and yaml.safe_load(r.stdout)["members"] == ["w1", "w2"]
+    assert labctl(home, "delete", "cluster", "k-c1").exit_code == 0
+    assert labctl(home, "get", "cluster", "k-c1").exit_code == 5
