@@ -1,4 +1,4 @@
-"""Checks on the live VM after converge, as an operator would make them (pytest-testinfra)."""
+"""labd on the bastion VM after converge, as an operator would check it (pytest-testinfra)."""
 
 import json
 
