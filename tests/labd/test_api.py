@@ -50,10 +50,18 @@ def test_the_database_url_flag_beats_env_beats_file(tmp_path):
 
 
 def test_public_endpoints(labd):
+    import requests
+
     s = labd.session()
+    with pytest.raises(requests.ConnectionError):  # HTTPS only: plain HTTP gets no answer
+        requests.get(labd.url.replace("https://", "http://") + "/healthz", timeout=5)
+    with pytest.raises(requests.exceptions.SSLError):  # labd's own CA, not one the system trusts
+        requests.get(labd.url + "/healthz", timeout=5, verify=True)
     assert s.get(labd.url + "/healthz").json() == {"status": "ok"}
     assert s.get(labd.url + "/readyz").json() == {"status": "ready"}
-    assert "labd_requests_total" in s.get(labd.url + "/metrics").text
+    assert s.get(labd.url + "/api/v1/whoami").status_code == 401
+    metrics = s.get(labd.url + "/metrics").text
+    assert "labd_requests_total" in metrics and "labd_denied_total" in metrics
     ca = s.get(labd.url + "/api/v1/ca")
     assert ca.headers["Content-Type"].startswith("text/plain") and ca.text == open(labd.ca).read()
     doc = s.get(labd.url + "/api/openapi.json").json()
