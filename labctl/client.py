@@ -1,6 +1,8 @@
 """THE HTTP client of labctl: requests, bearer token, timeouts, HTTP errors mapped to exit codes.
 
-Every command talks to the bastion through :class:`Client`; nothing else in labctl opens a URL.
+Every command talks to the bastion (or to labd) through :class:`Client`; nothing else in labctl
+opens a URL. A labd client (``labd=True``) verifies TLS with the CA pinned at `labctl login`
+(``verify=<pem file>``) and words its errors for labd.
 """
 
 from __future__ import annotations
@@ -22,10 +24,15 @@ POWER_READ_TIMEOUT = 60.0
 
 
 class Client:
-    def __init__(self, base_url: str, token: str = "", timeout: float = READ_TIMEOUT):
+    def __init__(self, base_url: str, token: str = "", timeout: float = READ_TIMEOUT, *,
+                 labd: bool = False, verify: bool | str = True):
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.labd = labd
+        self.what = "labd" if labd else "the bastion"
+        # per request, not session.verify: requests lets REQUESTS_CA_BUNDLE override a session's setting
+        self.verify = verify
         self.session = requests.Session()
         # a kept-alive connection the server closed meanwhile is retried for reads only (GET);
         # nothing that changes state is ever sent twice
@@ -46,13 +53,18 @@ class Client:
                 ok: tuple[int, ...] = ()) -> requests.Response:
         """Send one request; any answer that is not 2xx (or listed in ``ok``) raises a LabctlError."""
         try:
-            resp = self.session.request(method, self.url(path), json=json, params=params, stream=stream,
+            resp = self.session.request(method, self.url(path), json=json, params=params, stream=stream, verify=self.verify,
                                         headers=headers, timeout=(CONNECT_TIMEOUT, read_timeout or self.timeout))
         except requests.Timeout:
-            raise errors.Unreachable(f"the bastion at {self.base_url} did not answer in time",
+            raise errors.Unreachable(f"{self.what} at {self.base_url} did not answer in time",
                                      "check that it is running and reachable (labctl doctor)") from None
+        except requests.exceptions.SSLError as exc:
+            raise errors.Unreachable(f"{self.what} at {self.base_url} failed TLS verification: {exc}",
+                                     "its certificate is not signed by the CA pinned at `labctl login`; if labd "
+                                     "was re-initialised on purpose, log in again with --ca-fingerprint") from None
         except requests.ConnectionError:
-            raise errors.Unreachable(f"cannot reach the bastion at {self.base_url}",
+            raise errors.Unreachable(f"cannot reach {self.what} at {self.base_url}",
+                                     "is `labd serve` running? Check labdUrl (labctl config list)" if self.labd else
                                      "is `lab-bastion serve` running? Set the URL with --bastion, "
                                      "LABCTL_BASTION_URL or `labctl config set bastionUrl URL`") from None
         if resp.status_code < 400 or resp.status_code in ok:
@@ -63,8 +75,9 @@ class Client:
         """The answer is not one a lab-platform bastion gives (HTML, another API, a proxy's page)."""
         ctype = resp.headers.get("Content-Type", "no content type").split(";")[0]
         return errors.Unreachable(
-            f"{self.base_url} is not a lab-platform bastion: {resp.request.method} {resp.request.path_url} "
-            f"answered {resp.status_code} {resp.reason or ''} with {what} ({ctype})".replace("  ", " "),
+            f"{self.base_url} is not a lab-platform {'labd' if self.labd else 'bastion'}: {resp.request.method} "
+            f"{resp.request.path_url} answered {resp.status_code} {resp.reason or ''} with {what} ({ctype})".replace("  ", " "),
+            "check the URL: labctl config get labdUrl (or --context, LABCTL_LABD_URL)" if self.labd else
             "check the URL: labctl config get bastionUrl (or --bastion, --context, LABCTL_BASTION_URL); "
             "a bastion answers GET /healthz with JSON")
 
@@ -73,37 +86,49 @@ class Client:
             body = resp.json()
         except ValueError:
             body = None
-        if not isinstance(body, dict) or "error" not in body:  # every error of the bastion is {"error", "detail"}
-            return self.not_a_bastion(resp, "something other than the bastion's JSON error")
+        if not isinstance(body, dict) or "error" not in body:  # every error of bastion and labd is {"error", "detail"}
+            return self.not_a_bastion(resp, f"something other than {self.what}'s JSON error")
         msg, detail = str(body.get("error") or resp.reason), body.get("detail")
         where = f"{resp.request.method} {resp.request.path_url}"
         code = resp.status_code
+        if code in (401, 403) and self.labd:
+            return errors.Unauthorized(f"labd refused the request ({code} {msg}{_detail(detail)}) for {where}",
+                                       "log in again: labctl login URL" if code == 401 else
+                                       "your roles do not allow it: labctl get rolebindings (ask an admin)")
         if code in (401, 403):
             return errors.Unauthorized(
                 f"the bastion refused the token ({code} {msg}) for {where}",
                 "set the operator token: labctl config set token \"$(lab-bastion token --data-dir DIR)\" "
                 "(or LABCTL_TOKEN / --token)")
         if code == 404:
-            return errors.NotFound(f"{msg} ({where})", "labctl get machines lists what the bastion knows")
+            return errors.NotFound(f"{msg} ({where})", "labctl get servers lists what labd knows" if self.labd
+                                   else "labctl get machines lists what the bastion knows")
         if code == 409:
-            return errors.Conflict(msg, "labctl describe machine NAME shows its state and history")
+            return errors.Conflict(f"{msg}{_detail(detail)}" if self.labd else msg,
+                                   None if self.labd else "labctl describe machine NAME shows its state and history")
         if code in (400, 413, 422):
-            return errors.UsageError(f"the bastion rejected the request: {msg}{_detail(detail)}")
-        return errors.LabctlError(f"the bastion failed ({code} {msg}) on {where}",
-                                  "this is a bastion bug: see its log")
+            return errors.UsageError(f"{self.what} rejected the request: {msg}{_detail(detail)}")
+        return errors.LabctlError(f"{self.what} failed ({code} {msg}) on {where}",
+                                  f"this is a {'labd' if self.labd else 'bastion'} bug: see its log")
 
     # -- API ---------------------------------------------------------------------------------
     def get(self, path: str, **params) -> Any:
         return self._json(self.request("GET", path, params={k: v for k, v in params.items() if v is not None}))
 
     def post(self, path: str, body: Any = None) -> Any:
-        return self._json(self.request("POST", path, json=body))
+        resp = self.request("POST", path, json=body)
+        return self._json(resp) if resp.content else {}
 
     def put(self, path: str, body: Any = None) -> Any:
         return self._json(self.request("PUT", path, json=body))
 
     def delete(self, path: str) -> Any:
-        return self._json(self.request("DELETE", path))
+        resp = self.request("DELETE", path)
+        return self._json(resp) if resp.content else {}
+
+    def text(self, path: str) -> str:
+        """A text/plain answer (labd's CA certificate, a kubeconfig)."""
+        return self.request("GET", path).text
 
     def power(self, mac: str, body: dict | None = None) -> Any:
         """A power call through the machine's BMC (None: its status); the bastion bounds each BMC
@@ -126,19 +151,24 @@ class Client:
     def get_list(self, path: str, key: str, **params) -> list[dict[str, Any]]:
         return self._json(self.request("GET", path, params={k: v for k, v in params.items() if v is not None}), key)
 
-    def machines(self, page_size: int = 1000, **filters) -> list[dict[str, Any]]:
-        """Every machine (matching ``filters``), following the pages of GET /api/machines."""
+    def pages(self, path: str, key: str, page_size: int = 1000, **filters) -> list[dict[str, Any]]:
+        """Every item of a paged list (``{key: [...], "next": cursor}``, the bastion's and labd's
+        shape), following ``next``. A filter value may be a list (a repeated query parameter)."""
         out: list[dict[str, Any]] = []
         cursor = None
         while True:
-            resp = self.request("GET", "/api/machines", params={k: v for k, v in
-                                                                 {"limit": page_size, "cursor": cursor, **filters}.items()
-                                                                 if v is not None})
-            page = self._json(resp, "machines")
+            resp = self.request("GET", path, params={k: v for k, v in
+                                                     {"limit": page_size, "cursor": cursor, **filters}.items()
+                                                     if v is not None})
+            page = self._json(resp, key)
             out += page
             cursor = resp.json().get("next")
             if not cursor or not page:
                 return out
+
+    def machines(self, page_size: int = 1000, **filters) -> list[dict[str, Any]]:
+        """Every machine (matching ``filters``), following the pages of GET /api/machines."""
+        return self.pages("/api/machines", "machines", page_size, **filters)
 
     def machine(self, mac: str) -> dict[str, Any]:
         return self.get(f"/api/machines/{quote(mac)}")

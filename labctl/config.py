@@ -3,7 +3,7 @@
 The file holds the operator token, so it is written with mode 0600. ``LABCTL_CONFIG`` names another
 file (tests use a temporary one); ``LABCTL_HOME`` moves the whole ~/.labctl directory (runs too).
 
-Like kubectl's kubeconfig, the file may name several bastions (later labd instances) as contexts::
+Like kubectl's kubeconfig, the file may name several bastions (and labd instances) as contexts::
 
     current-context: lab1          # `labctl config use-context lab1`
     contexts:
@@ -45,6 +45,12 @@ def home() -> Path:
 
 def path() -> Path:
     return Path(os.environ.get("LABCTL_CONFIG") or home() / "config.yaml")
+
+
+def ca_path(context: str) -> Path:
+    """The CA certificate of the labd named by ``context``, pinned at `labctl login` (beside the
+    settings file)."""
+    return path().parent / "ca" / f"{check_context_name(context)}.pem"
 
 
 def check_value(key: str, value: str) -> str:

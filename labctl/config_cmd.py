@@ -87,7 +87,7 @@ def set_cmd(obj: Ctx, key: str, value: str) -> None:
 @output_option
 @pass_ctx
 def get_contexts(obj: Ctx) -> None:
-    """List the contexts (bastions, later labd) of the settings file; * marks the current one."""
+    """List the contexts (bastions and labd instances) of the settings file; * marks the current one."""
     doc = cfgmod.read_doc()
     rows = [{"name": n, "current": n == doc.current, "bastionUrl": c.get("bastionUrl", ""),
              "labdUrl": c.get("labdUrl", ""), "token": bool(c.get("token"))} for n, c in sorted(doc.contexts.items())]

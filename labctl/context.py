@@ -28,15 +28,32 @@ class Ctx:
     def output(self) -> str:
         return self.settings["output"]
 
+    @property
+    def uses_labd(self) -> bool:
+        """A labd is configured (labdUrl) and no bastion was named (bastionUrl is the default)."""
+        s = self.settings
+        return bool(s["labdUrl"]) and s.sources["bastionUrl"] == "default"
+
     @cached_property
     def client(self) -> Client:
         s = self.settings
-        if s.sources["bastionUrl"] == "default" and s["labdUrl"]:
+        if self.uses_labd:
             raise errors.UsageError(
                 f"{'context ' + s.context if s.context else 'the configuration'} names a labd ({s['labdUrl']}) "
-                "and no bastion; this labctl talks to bastions only",
+                "and no bastion; machines are a bastion's (labd has servers: labctl get servers)",
                 "labctl config use-context NAME (a bastion's context), or --bastion URL")
         return Client(s["bastionUrl"], s["token"])
+
+    @cached_property
+    def labd(self) -> Client:
+        """The client of the configured labd, verifying TLS with the CA pinned for the context."""
+        s = self.settings
+        if not s["labdUrl"]:
+            raise errors.UsageError("no labd configured (labdUrl is empty)",
+                                    "labctl login https://LABD:PORT (or --context NAME of a labd context)")
+        pinned = config.ca_path(s.context) if s.context else None
+        return Client(s["labdUrl"], s["token"], labd=True,
+                      verify=str(pinned) if pinned and pinned.exists() else True)
 
 
 pass_ctx = click.make_pass_decorator(Ctx, ensure=True)

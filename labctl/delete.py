@@ -1,10 +1,11 @@
-"""`labctl delete machine NAME` (the same as `labctl provision forget`)."""
+"""`labctl delete machine NAME` (the same as `labctl provision forget`); with a labd, `labctl
+delete server|user|role|rolebinding|token|... NAME` (labctl.fleet)."""
 
 from __future__ import annotations
 
 import click
 
-from labctl import errors, output, targets
+from labctl import errors, fleet, output, targets
 from labctl.context import Ctx, complete_machines, output_option, pass_ctx
 from labctl.get import RESOURCES
 
@@ -26,11 +27,18 @@ def forget(obj: Ctx, target: str, ignore_not_found: bool = False) -> None:
 
 
 @click.command()
-@click.argument("resource", type=click.Choice(sorted(RESOURCES)), metavar="machine")
+@click.argument("resource", type=click.Choice(sorted({*RESOURCES, *(a for a in fleet.ALIASES if a not in ("audit",))})),
+                metavar="RESOURCE")
 @click.argument("name", shell_complete=complete_machines)
 @ignore_not_found_option
 @output_option
 @pass_ctx
 def delete(obj: Ctx, resource: str, name: str, ignore_not_found: bool) -> None:
-    """Forget a machine (NAME: host name, MAC or IP); its next PXE boot discovers it again."""
+    """Forget a machine (NAME: host name, MAC or IP); its next PXE boot discovers it again.
+
+    With a labd: delete a server, bastion, agent, cluster, user, role, rolebinding (by id) or token (by id).
+    """
+    if resource in fleet.ALIASES:
+        fleet.delete(obj, resource, name, ignore_not_found)
+        return
     forget(obj, name, ignore_not_found)

@@ -1,4 +1,6 @@
-"""`labctl get machines [NAME]` (kubectl-style), shared with `labctl provision list`."""
+"""`labctl get machines [NAME]` (kubectl-style), shared with `labctl provision list`; with a labd
+configured, `labctl get servers|bastions|agents|clusters|users|roles|rolebindings|tokens|audit`
+(labctl.fleet)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import click
 
 from labcore.domain import OS_NAMES, ROLE_NAMES
 from labcore.lifecycle import STORED_STATES
-from labctl import errors, output, targets
+from labctl import errors, fleet, output, targets
 from labctl.context import Ctx, complete_machines, output_option, pass_ctx, watch_options
 
 #: resource names and their aliases
@@ -24,8 +26,9 @@ SELECTOR_KEYS: dict[str, Any] = {
 Requirement = tuple[str, bool, str]  # key, equal (= or ==) or not (!=), value
 
 
-def parse_selector(exprs: tuple[str, ...]) -> list[Requirement]:
-    """kubectl's equality-based selectors: ``-l role=worker,os!=fedora-43`` (repeatable, all must hold)."""
+def parse_selector(exprs: tuple[str, ...], any_key: bool = False) -> list[Requirement]:
+    """kubectl's equality-based selectors: ``-l role=worker,os!=fedora-43`` (repeatable, all must hold).
+    Keys are a machine's SELECTOR_KEYS, or anything with ``any_key`` (labd's resources check them)."""
     out: list[Requirement] = []
     for expr in exprs:
         for part in filter(None, (p.strip() for p in expr.split(","))):
@@ -35,7 +38,7 @@ def parse_selector(exprs: tuple[str, ...]) -> list[Requirement]:
             if not op or not value:
                 raise errors.UsageError(f"invalid selector {part!r}: use KEY=VALUE or KEY!=VALUE (comma-separated)",
                                         "e.g. -l role=worker,os=fedora-43")
-            if key not in SELECTOR_KEYS:
+            if not any_key and key not in SELECTOR_KEYS:
                 raise errors.UsageError(f"cannot select on {key!r}", f"selector keys: {', '.join(SELECTOR_KEYS)}")
             out.append((key, op != "!=", value))
     return out
@@ -51,7 +54,12 @@ filter_options = [
     click.option("--os", "os_", type=click.Choice(OS_NAMES), help="Only machines with this OS."),
     click.option("-l", "--selector", multiple=True, metavar="KEY=VALUE",
                  help=f"Only machines matching KEY=VALUE or KEY!=VALUE, comma-separated, repeatable; keys: "
-                      f"{', '.join(SELECTOR_KEYS)}."),
+                      f"{', '.join(SELECTOR_KEYS)} (labd's servers: also cloud, environment, bastion and any "
+                      f"label; other labd resources: their list filters)."),
+]
+labd_filter_options = [
+    click.option("--cloud", help="labd: only what belongs to this cloud."),
+    click.option("--env", "environment", metavar="ENVIRONMENT", help="labd: only what belongs to this environment."),
 ]
 
 
@@ -117,12 +125,27 @@ def watch_machines(obj: Ctx, cursor: int, mac: str | None, filters: dict[str, An
 
 
 @click.command()
-@click.argument("resource", type=click.Choice(sorted(RESOURCES)), metavar="machines")
+@click.argument("resource", type=click.Choice(sorted({*RESOURCES, *fleet.ALIASES})), metavar="RESOURCE")
 @click.argument("name", required=False, shell_complete=complete_machines)
 @with_filters
+@labd_filter_options[0]
+@labd_filter_options[1]
 @output_option
 @watch_options
 @pass_ctx
-def get(obj: Ctx, resource: str, name: str | None, state, role, os_, selector, watch, watch_timeout, interval) -> None:
-    """List machines (those -l selects), or show the one NAME (a host name, MAC or IP)."""
+def get(obj: Ctx, resource: str, name: str | None, state, role, os_, selector, cloud, environment, watch,
+        watch_timeout, interval) -> None:
+    """List machines (those -l selects), or show the one NAME (a host name, MAC or IP).
+
+    With a labd (labctl login): servers, bastions, agents, clusters, users, roles, rolebindings,
+    tokens or audit; NAME shows one.
+    """
+    if resource in fleet.ALIASES:
+        if watch:
+            raise errors.UsageError("--watch follows a bastion's machines; labd's resources have no watch yet")
+        flags = {"state": state, "role": role, "os": os_, "cloud": cloud, "environment": environment}
+        fleet.get(obj, resource, name, parse_selector(selector, any_key=True), flags)
+        return
+    if cloud or environment:
+        raise errors.UsageError("--cloud and --env select labd's resources (labctl get servers)")
     list_machines(obj, name, {"state": state, "role": role, "os": os_}, watch, watch_timeout, interval, selector)

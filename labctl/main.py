@@ -27,6 +27,9 @@ COMMANDS = {
     "init": "labctl.init_cmd:init",
     "app": "labctl.app_k3s:app",
     "power": "labctl.power:power",
+    "login": "labctl.login:login",
+    "logout": "labctl.login:logout",
+    "create": "labctl.fleet:create",
 }
 
 

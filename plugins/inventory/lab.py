@@ -5,12 +5,17 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 name: lab
-short_description: Machines of one or more lab-platform bastions as an inventory
+short_description: Machines of lab-platform bastions, or servers of labd, as an inventory
 version_added: 0.1.0
 description:
   - Reads the machines of each bastion with C(GET /api/machines), one request per page of 1000 machines
     (so exactly one per bastion for fleets of up to 1000), and turns them into hosts, groups and host
     variables.
+  - "A labd source (C(kind: labd)) is read the same way with C(GET /api/v1/servers) (one request per page of
+    1000 servers) and gives the same groups and host variables; C(lab_bastion) is then the server's bastion
+    name, and the servers' clouds, environments and labels add the groups C(lab_cloud_<cloud>),
+    C(lab_env_<environment>) and C(lab_label_<key>_<value>) and the host variables C(lab_cloud),
+    C(lab_environment), C(lab_labels) and C(lab_server_id)."
   - Only installed machines are hosts by default; O(states) adds machines in other states.
   - "Values that a machine controls (its hardware report, C(lab_hardware), and the C(lab_cpu_*),
     C(lab_dmi_*), C(lab_disks) and C(lab_nics) facts) are marked unsafe wherever they could be a
@@ -43,8 +48,9 @@ options:
     description:
       - Base URLs of the bastions (or labd) to read, for example C(http://10.0.0.2:8080).
       - Each source is read with one HTTP request per page of 1000 machines.
-      - An item may also be a mapping with C(url) and optionally C(token) and C(name) (the bastion's
-        group name; default derived from the URL's host and port).
+      - An item may also be a mapping with C(url) and optionally C(token), C(name) (the bastion's
+        group name; default derived from the URL's host and port), C(kind) (C(bastion), the default, or
+        C(labd)) and C(ca_file) (overrides O(ca_file) for this source).
     type: list
     elements: raw
     required: true
@@ -57,6 +63,20 @@ options:
     type: str
     env:
       - name: LAB_BASTION_TOKEN
+  labd_token:
+    description:
+      - API token of labd (C(labctl login) stores one; C(labctl create token) makes another), sent to every labd
+        source without a token of its own. Without it, labd sources get O(token).
+    type: str
+    env:
+      - name: LAB_LABD_TOKEN
+  ca_file:
+    description:
+      - CA certificate file to verify C(https://) sources with, for example labd's own CA as C(labctl login)
+        pinned it (C(~/.labctl/ca/<context>.pem)). Default is the system's trust store.
+    type: path
+    env:
+      - name: LAB_CA_FILE
   states:
     description:
       - Lifecycle states whose machines become hosts. The default lists only installed machines; add
@@ -108,6 +128,15 @@ groups:
 keyed_groups:
   - key: lab_dmi_vendor
     prefix: vendor
+
+---
+# lab.yml: every installed server labd knows (all bastions), with lab_cloud_*, lab_env_* and
+# lab_label_* groups; token from LAB_LABD_TOKEN, TLS verified with labd's CA as labctl pinned it
+plugin: lab.platform.lab
+sources:
+  - url: https://labd.lab:8443
+    kind: labd
+ca_file: ~/.labctl/ca/labd.lab.pem
 """
 
 import re
@@ -154,9 +183,9 @@ def machine_controlled(value):
     return value
 
 
-def host_vars(machine, bastion):
-    """The host variables of one machine: plain validated scalars, the hardware report through
-    machine_controlled()."""
+def host_vars(machine, bastion, labd=False):
+    """The host variables of one machine (or labd server): plain validated scalars, the hardware
+    report (and a server's labels) through machine_controlled()."""
     hw = machine_controlled(machine.get("hardware") or {})
     cpu = hw.get("cpu") or {}
     dmi = hw.get("dmi") or {}
@@ -181,6 +210,10 @@ def host_vars(machine, bastion):
         "lab_disks": hw.get("disks") or [],
         "lab_nics": hw.get("nics") or [],
     }
+    if labd:
+        hv.update(lab_bastion=machine.get("bastion"), lab_cloud=machine.get("cloud"),
+                  lab_environment=machine.get("environment"), lab_server_id=machine.get("id"),
+                  lab_labels=machine_controlled(machine.get("labels") or {}))
     running = machine.get("state") == "installed" or (machine.get("state") == "install_queued" and machine.get("installed_at"))
     if running and machine.get("ip"):  # an installed system, still running while its reinstall is queued
         hv["ansible_host"] = machine["ip"]
@@ -208,9 +241,12 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
                     self._add_machine(machine, src)
 
     def _sources(self):
-        default_token = self.get_option("token")
-        if default_token is not None and self.templar.is_template(default_token):
-            default_token = self.templar.template(default_token)
+        tokens = {}
+        for kind, option in (("bastion", "token"), ("labd", "labd_token")):
+            tokens[kind] = self.get_option(option)
+            if tokens[kind] is not None and self.templar.is_template(tokens[kind]):
+                tokens[kind] = self.templar.template(tokens[kind])
+        tokens["labd"] = tokens["labd"] or tokens["bastion"]
         out, seen = [], set()
         for item in self.get_option("sources") or []:
             if isinstance(item, str):
@@ -221,11 +257,15 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             if url in seen:
                 continue
             seen.add(url)
-            token = item.get("token", default_token)
+            kind = item.get("kind", "bastion")
+            if kind not in tokens:
+                raise AnsibleParserError("lab inventory: source %s: kind must be bastion or labd, not %r" % (url, kind))
+            token = item.get("token", tokens[kind])
             if token is not None and self.templar.is_template(token):
                 token = self.templar.template(token)
             name = item.get("name") or url.split("://", 1)[-1].split("/", 1)[0]
-            out.append({"url": url, "token": token, "name": group_name(to_text(name))})
+            out.append({"url": url, "token": token, "name": group_name(to_text(name)), "labd": kind == "labd",
+                        "ca_file": item.get("ca_file") or self.get_option("ca_file")})
         if not out:
             raise AnsibleParserError("lab inventory: 'sources' lists no bastion URL")
         return out
@@ -233,7 +273,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
     def _fetch(self, sources, cache_key, cache):
         """The only place that talks to bastions or the cache: {url: [machine, ...]}.
 
-        One GET /api/machines per source and page of 1000 machines. A source that cannot be read falls back to its cached
+        One GET /api/machines (labd: /api/v1/servers) per source and page of 1000. A source that cannot be read falls back to its cached
         machines (with a warning) when caching is enabled and the cache has them; else it is an error."""
         use_cache = bool(self.get_option("cache"))
         cached = {}
@@ -248,9 +288,10 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             if use_cache and cache and url in cached:
                 result[url] = cached[url]
                 continue
-            client = LabClient(url, src["token"], self.get_option("timeout"), self.get_option("validate_certs"))
+            client = LabClient(url, src["token"], self.get_option("timeout"), self.get_option("validate_certs"),
+                               ca_path=src["ca_file"])
             try:
-                result[url] = client.machines()
+                result[url] = client.servers() if src["labd"] else client.machines()
             except LabClientError as exc:
                 if use_cache and url in cached:
                     self.display.warning("lab inventory: %s; using the cached machines of %s" % (exc, url))
@@ -265,14 +306,20 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         prefix = self.get_option("group_prefix")
         strict = self.get_option("strict")
         host = self.inventory.add_host(host_name(machine))
-        hv = host_vars(machine, src["url"])
+        hv = host_vars(machine, src["url"], src["labd"])
         for key, value in hv.items():
             self.inventory.set_variable(host, key, value)
-        for kind, value in (("state", machine.get("state")), ("role", machine.get("role")),
-                            ("os", machine.get("os"))):
+        kinds = [("state", machine.get("state")), ("role", machine.get("role")), ("os", machine.get("os"))]
+        if src["labd"]:
+            labels = machine.get("labels") if isinstance(machine.get("labels"), dict) else {}
+            kinds += [("bastion", machine.get("bastion")), ("cloud", machine.get("cloud")),
+                      ("env", machine.get("environment"))]
+            kinds += [("label", "%s_%s" % (k, v)) for k, v in sorted(labels.items())]
+        else:
+            kinds.append(("bastion", src["name"]))
+        for kind, value in kinds:
             if value:
-                self.inventory.add_child(self.inventory.add_group(group_name("%s%s_%s" % (prefix, kind, value))), host)
-        self.inventory.add_child(self.inventory.add_group(group_name("%sbastion_%s" % (prefix, src["name"]))), host)
+                self.inventory.add_child(self.inventory.add_group(group_name("%s%s_%s" % (prefix, kind, to_text(value)))), host)
         self._set_composite_vars(self.get_option("compose"), hv, host, strict=strict)
         self._add_host_to_composed_groups(self.get_option("groups"), hv, host, strict=strict)
         self._add_host_to_keyed_groups(self.get_option("keyed_groups"), hv, host, strict=strict)

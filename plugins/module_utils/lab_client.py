@@ -43,13 +43,14 @@ class LabClientError(Exception):
 class LabClient:
     """JSON over HTTP to one bastion. Operator endpoints get ``Authorization: Bearer <token>``."""
 
-    def __init__(self, url, token=None, timeout=30, validate_certs=True):
+    def __init__(self, url, token=None, timeout=30, validate_certs=True, ca_path=None):
         if not url or not (url.startswith("http://") or url.startswith("https://")):
             raise LabClientError("bastion URL must start with http:// or https://, not %r" % (url,))
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
         self.validate_certs = validate_certs
+        self.ca_path = ca_path  # a CA certificate file to verify TLS with (labd's own CA)
 
     def request(self, method, path, body=None, query=None):
         """Send one request; return the decoded JSON answer (a dict) or raise LabClientError."""
@@ -66,7 +67,8 @@ class LabClient:
             headers["Content-Type"] = "application/json"
         try:
             resp = open_url(url, data=data, headers=headers, method=method, timeout=self.timeout,
-                            validate_certs=self.validate_certs, http_agent=USER_AGENT, follow_redirects="safe")
+                            validate_certs=self.validate_certs, http_agent=USER_AGENT, follow_redirects="safe",
+                            ca_path=self.ca_path)
             raw = resp.read()
         except HTTPError as exc:
             raise self._http_error(method, url, exc)
@@ -86,26 +88,38 @@ class LabClient:
         except (ValueError, AttributeError, OSError):
             pass
         hint = ""
-        if exc.code == 401:
+        if exc.code == 401 and "/api/v1/" in url:
+            hint = " (set labd_token or LAB_LABD_TOKEN to an API token of labd: `labctl login`, `labctl create token`)"
+        elif exc.code == 401:
             hint = " (set token or %s to the output of `lab-bastion token`)" % TOKEN_ENV
         msg = "%s %s: HTTP %s %s%s%s" % (method, url, exc.code, error, ": %s" % (detail,) if detail else "", hint)
         return LabClientError(msg, status=exc.code, error=error, detail=detail)
 
     # -- the API, one method per endpoint used by the plugins ---------------------------------
-    def machines(self, page_size=1000, **filters):
-        """All machines (``GET /api/machines``, one request per page of ``page_size``: one for
-        fleets of up to 1000), optionally filtered by state/role/os."""
-        machines, cursor = [], None
+    def pages(self, path, key, page_size=1000, **filters):
+        """Every item of a paged list (``{key: [...], "next": cursor}``, the bastion's and labd's
+        shape): one request per page of ``page_size``, following ``next``."""
+        items, cursor = [], None
         while True:
             query = dict(filters, limit=page_size, cursor=cursor)
-            doc = self.request("GET", "/api/machines", query=query)
-            page = doc.get("machines") if isinstance(doc, dict) else None
+            doc = self.request("GET", path, query=query)
+            page = doc.get(key) if isinstance(doc, dict) else None
             if not isinstance(page, list):
-                raise LabClientError("GET %s/api/machines: answer has no 'machines' list" % self.url)
-            machines.extend(page)
+                raise LabClientError("GET %s%s: answer has no %r list" % (self.url, path, key))
+            items.extend(page)
             cursor = doc.get("next")
             if not cursor or not page:
-                return machines
+                return items
+
+    def machines(self, page_size=1000, **filters):
+        """All machines of a bastion (``GET /api/machines``, one request per page of ``page_size``:
+        one for fleets of up to 1000), optionally filtered by state/role/os."""
+        return self.pages("/api/machines", "machines", page_size, **filters)
+
+    def servers(self, page_size=1000, **filters):
+        """All servers of a labd (``GET /api/v1/servers``, one request per page), each a bastion's
+        machine view plus ``id``, ``bastion``, ``cloud``, ``environment`` and ``labels``."""
+        return self.pages("/api/v1/servers", "servers", page_size, **filters)
 
     def machine(self, mac):
         """One machine with its events, or None when the bastion does not know it."""

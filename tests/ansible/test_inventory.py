@@ -168,7 +168,7 @@ def test_examples_are_inventory_files(coll):
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)["lab.platform.lab"]
     files = list(yaml.safe_load_all(doc["examples"]))
-    assert len(files) == 2, doc["examples"]
+    assert len(files) == 3, doc["examples"]  # two bastion sources, one labd
     for example in files:
         assert example["plugin"] == "lab.platform.lab"
         assert set(example) <= set(doc["doc"]["options"]), sorted(set(example) - set(doc["doc"]["options"]))

@@ -111,7 +111,7 @@ def test_unknown_context_and_labd_only_context_are_clear_errors(home, bastion):
     r = labctl(home, "--context", "bad\nname", "get", "machines")
     assert r.exit_code == 2 and "invalid context name" in r.stderr
     assert labctl(home, "config", "current-context").exit_code == 2
-    # labd is not there yet: a context that names only a labd says so instead of trying 127.0.0.1
+    # a context that names only a labd says so for machines (a bastion's) instead of trying 127.0.0.1
     assert labctl(home, "config", "set-context", "central", "--labd", "https://labd.example:8443", "--use").exit_code == 0
     r = labctl(home, "get", "machines")
     assert r.exit_code == 2 and "context central names a labd (https://labd.example:8443)" in r.stderr

@@ -319,3 +319,64 @@ def test_wheel_requirements_leave_out_extras(tmp_path):
                    "Requires-Dist: ansible-core<2.20,>=2.18\nProvides-Extra: test\nRequires-Dist: pytest<9; extra == \"test\"\n"
                    "Requires-Dist: tomli; python_version < \"3.11\"\n\nREADME\n")
     assert init_cmd.requirements(whl) == ["flask<4,>=3.0", "ansible-core<2.20,>=2.18", 'tomli; python_version < "3.11"']
+
+
+def test_labd_ca_fingerprint_is_the_sha256_of_the_der_certificate():
+    import hashlib
+    import ssl
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from labctl import login
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "labd test CA")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + timedelta(days=1)).sign(key, hashes.SHA256()))
+    text = cert.public_bytes(serialization.Encoding.PEM).decode()
+    assert ssl.PEM_cert_to_DER_cert(text) == cert.public_bytes(serialization.Encoding.DER)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    fp = login.fingerprint(text)
+    assert fp == "sha256:" + hashlib.sha256(der).hexdigest()
+    colons = ":".join(fp[7:][i:i + 2] for i in range(0, 64, 2)).upper()
+    assert login.parse_fingerprint(colons) == fp and login.parse_fingerprint("SHA256:" + fp[7:].upper()) == fp
+    for bad in ("sha256:abc", "md5:" + fp[7:], fp + "00", "sha256:" + "g" * 64):
+        with pytest.raises(errors.UsageError):
+            login.parse_fingerprint(bad)
+    with pytest.raises(errors.Unreachable):
+        login.fingerprint("<html>not a certificate</html>")
+
+
+def test_labd_context_is_named_after_the_host(tmp_path, monkeypatch):
+    from labctl import login
+
+    assert login.context_name("https://labd.lab:8443") == "labd.lab"
+    assert login.context_name("https://[fd00::1]:8443") == "fd00--1"
+    assert login.context_name("https://10.0.0.5") == "10.0.0.5"
+    monkeypatch.setenv("LABCTL_CONFIG", str(tmp_path / "c" / "config.yaml"))
+    assert config.ca_path("labd.lab") == tmp_path / "c" / "ca" / "labd.lab.pem"
+    with pytest.raises(errors.UsageError):
+        config.ca_path("../x")
+
+
+def test_labd_selectors_become_query_parameters_or_local_filters():
+    from labctl import fleet
+    from labctl.get import parse_selector
+
+    servers = fleet.resource("server")
+    params, local = fleet.query(servers, parse_selector(("role=worker,rack=r1,env=prod", "zone!=a"), any_key=True),
+                                {"cloud": "lab1", "environment": None})
+    assert params == {"cloud": "lab1", "role": "worker", "environment": "prod", "label": ["rack=r1"]}
+    assert local == [("zone", "a")]
+    assert fleet._value(servers, {"labels": {"zone": "a"}}, "zone") == "a"
+    audit = fleet.resource("audit")
+    assert fleet.query(audit, parse_selector(("actor=admin",), any_key=True), {})[0] == {"actor": "admin"}
+    with pytest.raises(errors.UsageError) as e:
+        fleet.query(fleet.resource("users"), parse_selector(("rack=r1",), any_key=True), {})
+    assert "users cannot be selected by 'rack'" in e.value.message
+    with pytest.raises(errors.UsageError):  # machines keep their own keys
+        parse_selector(("rack=r1",))
