@@ -33,7 +33,7 @@ options:
       - V(cycled) is a hard reset of a machine that is on, power-on of one that is off.
       - V(status) only reports the power state.
     type: str
-    choices: [on, off, cycled, status]
+    choices: ["on", "off", cycled, status]
     default: status
   boot:
     description:
@@ -63,7 +63,6 @@ options:
         description: The BMC password.
         type: str
         required: true
-        no_log: true
       system_id:
         description: Redfish only - the system id (default - the BMC's only system).
         type: str
