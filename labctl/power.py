@@ -26,25 +26,27 @@ def power() -> None:
     """Power machines on, off or cycle them through their BMC (Redfish or IPMI)."""
 
 
-def _check(fn, value, field: str, *args):
-    try:
-        return fn(value, *args, field) if args else fn(value, field)
-    except validate.ValidationError as exc:
-        raise errors.UsageError(f"invalid --{field.replace('_', '-')}: {exc.message}", "nothing was sent") from None
+def bmc_body(driver: str, address: str, username: str, password: str, system_id: str | None, insecure: bool,
+             flags: str = "--") -> dict:
+    """The validated body of PUT /api/machines/<mac>/bmc (and of an install request's ``bmc``, whose
+    options are named ``--bmc-...``: ``flags``)."""
+    def check(fn, value, field: str, *args):
+        try:
+            return fn(value, *args, field) if args else fn(value, field)
+        except validate.ValidationError as exc:
+            raise errors.UsageError(f"invalid {flags}{field.replace('_', '-')}: {exc.message}",
+                                    "nothing was sent") from None
 
-
-def bmc_body(driver: str, address: str, username: str, password: str, system_id: str | None, insecure: bool) -> dict:
-    """The validated body of PUT /api/machines/<mac>/bmc (and of an install request's ``bmc``)."""
-    _check(validate.bmc_address, address, "address", driver)
-    body = {"driver": driver, "address": address, "username": _check(validate.bmc_username, username, "username"),
-            "password": _check(validate.bmc_password, password, "password")}
+    check(validate.bmc_address, address, "address", driver)
+    body = {"driver": driver, "address": address, "username": check(validate.bmc_username, username, "username"),
+            "password": check(validate.bmc_password, password, "password")}
     if driver != "redfish":
         if system_id or insecure:
-            raise errors.UsageError("--system-id and --insecure are for Redfish only", "nothing was sent")
+            raise errors.UsageError(f"{flags}system-id and {flags}insecure are for Redfish only", "nothing was sent")
         return body
     body["verify_tls"] = not insecure
     if system_id:
-        body["system_id"] = _check(validate.bmc_system_id, system_id, "system_id")
+        body["system_id"] = check(validate.bmc_system_id, system_id, "system_id")
     return body
 
 

@@ -106,6 +106,25 @@ def test_ipmi_on_off_and_reprovision_power(bastion, bmcs, labctl, machines_insta
     assert json.loads(labctl("-o", "json", "power", "status", mac).output)["power"] == "on"
 
 
+def test_install_records_the_bmc_given_with_bmc_flags(bastion, bmcs, labctl):
+    rf, _ = bmcs
+    mac = synthetic_mac(3, "52:54:02")
+    discover(bastion, mac)
+    base = ["provision", "install", mac, "--hostname", "pw-inst", "--role", "worker", "--os", "debian-12"]
+    r = labctl(*base, "--bmc-address", rf.address)
+    assert r.exit_code != 0 and "need --bmc-driver" in r.output
+    r = labctl(*base, "--bmc-driver", "ipmi", "--bmc-address", "10.0.0.1;reboot", "--bmc-username", USER,
+               "--bmc-password-stdin", input=PASSWORD + "\n")
+    assert r.exit_code != 0 and "invalid --bmc-address" in r.output
+    assert bastion.session().get(f"{bastion.url}/api/machines/{mac}").json()["state"] == "discovered"  # nothing sent
+    r = labctl(*base, "--bmc-driver", "redfish", "--bmc-address", rf.address, "--bmc-username", USER,
+               "--bmc-system-id", SYSTEMS[2]["uuid"], "--bmc-password-stdin", input=PASSWORD + "\n")
+    assert r.exit_code == 0, r.output
+    shown = bastion.session().get(f"{bastion.url}/api/machines/{mac}/bmc").json()
+    assert shown["driver"] == "redfish" and shown["credentials"] is True and shown["system_id"] == SYSTEMS[2]["uuid"]
+    assert json.loads(labctl("-o", "json", "power", "status", mac).output)["power"] in ("on", "off")
+
+
 @pytest.fixture
 def machines_installed(bastion):
     """An installed machine (discovered, queued, served its script, reported complete)."""
