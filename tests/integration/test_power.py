@@ -269,6 +269,37 @@ def test_batch_with_a_cap_and_a_stagger_shows_progress(bastion, bmcs, labctl):
         assert events(bastion, mac)[-1]["data"]["power"] == "on"
 
 
+def test_batch_api_streams_each_result_through_the_front(bastion, bmcs):
+    """POST /api/power: the bastion staggers the starts itself, nginx passes each line on as it ends
+    (the first arrives well before the last start), a failed call is a line, then the summary."""
+    rf, _ = bmcs
+    macs = [synthetic_mac(70 + i, "52:54:02") for i in range(4)]
+    s = bastion.session()
+    for mac, system in zip(macs, SYSTEMS, strict=False):
+        discover(bastion, mac)
+        s.put(f"{bastion.url}/api/machines/{mac}/bmc", json={
+            "driver": "redfish", "address": rf.address, "username": USER, "password": PASSWORD,
+            "system_id": system["uuid"]}).raise_for_status()
+    discover(bastion, macs[3])  # no BMC: its line is the error
+    unknown = synthetic_mac(79, "52:54:02")
+    assert s.post(f"{bastion.url}/api/power", json={"macs": [macs[0], unknown], "action": "on"}).status_code == 404
+    assert s.post(f"{bastion.url}/api/power", json={"macs": macs, "action": "on", "max_parallel": 0}).status_code == 422
+    assert s.post(f"{bastion.url}/api/power", json={"macs": macs, "action": "on", "stagger": 61}).status_code == 422
+    t = time.monotonic()
+    resp = s.post(f"{bastion.url}/api/power", json={"macs": macs, "action": "status", "max_parallel": 4,
+                                                    "stagger": 0.6}, stream=True, timeout=30)
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("application/x-ndjson")
+    lines = []
+    for raw in resp.iter_lines(chunk_size=None):
+        lines.append((time.monotonic() - t, json.loads(raw)))
+    assert [set(r) >= {"mac", "power"} for _, r in lines[:3]] == [True] * 3
+    failed = [r for _, r in lines if "error" in r]
+    assert len(failed) == 1 and failed[0]["mac"] == macs[3] and failed[0]["status"] == 404
+    assert lines[-1][1]["summary"]["total"] == 4 and lines[-1][1]["summary"]["failed"] == 1
+    assert lines[-1][1]["summary"]["seconds"] >= 1.8  # four starts 0.6 s apart, though four could run at once
+    assert lines[0][0] < lines[-1][0] - 1.0  # streamed, not buffered until the end
+
+
 def test_install_request_records_the_bmc(bastion, bmcs):
     from tests.support import INSTALL
 
