@@ -304,7 +304,7 @@ class PowerBatchRequest(Strict):
     """Several machines' power through their BMCs, run by the bastion (POST /api/power): at most
     ``max_parallel`` BMC calls at once, two starts at least ``stagger`` seconds apart."""
 
-    macs: list[Mac] = Field(min_length=1, max_length=1000)
+    macs: list[Annotated[Mac, Field(max_length=17)]] = Field(min_length=1, max_length=1000)
     action: Literal["status", "on", "off", "cycle"]
     boot: BootDevice | None = None
     persistent: bool = False
