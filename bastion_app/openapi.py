@@ -19,6 +19,7 @@ MODELS = [
     schemas.ErrorBody, schemas.MachineView, schemas.MachineList, schemas.MachineDetail, schemas.EventView,
     schemas.EventList, schemas.StateReply,
     schemas.BmcRequest, schemas.BmcView, schemas.PowerRequest, schemas.PowerReply,
+    schemas.PowerBatchRequest,
 ]
 
 

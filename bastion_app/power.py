@@ -16,6 +16,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Protocol
 
 import sushy
@@ -349,3 +351,44 @@ def _reason(action: str, boot: str | None, power: str, changed: bool) -> str:
     if action == "status":
         return f"power status: {power}"
     return f"{first}power {action}: {power}" + ("" if changed else " (already)")
+
+
+def batch(cfg, store, macs: list[str], action: str, *, boot: str | None = None, persistent: bool = False,
+          max_parallel: int = 10, stagger: float = 0.0, actor: str = "operator") -> Iterator[dict[str, Any]]:
+    """:func:`run` on several machines from a pool of at most ``max_parallel`` threads, two starts
+    at least ``stagger`` seconds apart (a rack's circuits do not take every inrush at once; on the
+    bastion, so no client can skip it). Every machine must be known (404 before any call). Yields
+    each result as it ends (a failure as ``{mac, error, status, detail}``), then ``{"summary"}``."""
+    macs = list(dict.fromkeys(macs))
+    for mac in macs:
+        store.require(mac)
+    lock = threading.Lock()
+    next_start = [time.monotonic()]
+    started = time.monotonic()
+
+    def one(mac: str) -> dict[str, Any]:
+        with lock:  # the start times are handed out in order: one every `stagger` seconds
+            start = max(next_start[0], time.monotonic())
+            next_start[0] = start + stagger
+        time.sleep(max(0.0, start - time.monotonic()))
+        try:
+            if action == "status":
+                return run(cfg, store, mac, "status", actor=actor)
+            return run(cfg, store, mac, action, boot=boot, persistent=persistent, actor=actor)
+        except ApiError as exc:
+            return {"mac": mac, "error": exc.error, "status": exc.status, "detail": exc.detail}
+
+    def results() -> Iterator[dict[str, Any]]:
+        pool = ThreadPoolExecutor(max_workers=min(max_parallel, len(macs)), thread_name_prefix="power")
+        ok = 0
+        try:
+            for fut in as_completed([pool.submit(one, mac) for mac in macs]):
+                r = fut.result()
+                ok += "error" not in r
+                yield r
+            yield {"summary": {"total": len(macs), "ok": ok, "failed": len(macs) - ok,
+                               "seconds": round(time.monotonic() - started, 3)}}
+        finally:  # a client that went away: the calls not started yet are not made
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    return results()

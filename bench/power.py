@@ -6,9 +6,10 @@ memory) serves 100 systems, one per machine. The same run measures, with all mac
 
 - direct: 10 threads call sushy themselves, per machine what the bastion's driver does (connect
   to the BMC, read the system and its power state, reset ON);
-- bastion: `labctl power on` 's batch path (labctl.power.run_batch, --max-parallel 10) against
-  a real `lab-bastion serve` (gunicorn, 4 workers), which makes those calls, opens the sealed
-  credentials and records an event per machine.
+- bastion: `labctl power on` 's batch path (labctl.power.run_batch, --max-parallel 10): one
+  POST /api/power to a real `lab-bastion serve` (nginx, gunicorn, 4 workers), which makes those
+  calls from a pool of 10 threads, opens the sealed credentials, records an event per machine and
+  streams a line per machine back.
 
 Prints both wall times and their ratio (target <= 1.2x), and checks every machine ended up on.
 

@@ -300,6 +300,18 @@ class PowerRequest(Strict):
     persistent: bool = False
 
 
+class PowerBatchRequest(Strict):
+    """Several machines' power through their BMCs, run by the bastion (POST /api/power): at most
+    ``max_parallel`` BMC calls at once, two starts at least ``stagger`` seconds apart."""
+
+    macs: list[Annotated[Mac, Field(max_length=17)]] = Field(min_length=1, max_length=1000)
+    action: Literal["status", "on", "off", "cycle"]
+    boot: BootDevice | None = None
+    persistent: bool = False
+    max_parallel: Int(1, 100) = 10
+    stagger: Annotated[float, Field(ge=0, le=60)] = 0.0
+
+
 # -- responses (documented in the OpenAPI document; tests check answers against them) -----------
 def api_time(ts: float) -> str:
     """Epoch seconds as every answer shows a time: ISO 8601 in UTC with a Z."""

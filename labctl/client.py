@@ -7,6 +7,7 @@ opens a URL. A labd client (``labd=True``) verifies TLS with the CA pinned at `l
 
 from __future__ import annotations
 
+import json as json_lib
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -130,11 +131,18 @@ class Client:
         """A text/plain answer (labd's CA certificate, a kubeconfig)."""
         return self.request("GET", path).text
 
-    def power(self, mac: str, body: dict | None = None) -> Any:
-        """A power call through the machine's BMC (None: its status); the bastion bounds each BMC
-        call, labctl waits POWER_READ_TIMEOUT."""
-        return self._json(self.request("GET" if body is None else "POST", f"/api/machines/{mac}/power", json=body,
-                                       read_timeout=POWER_READ_TIMEOUT))
+    def power_batch(self, body: dict) -> Iterator[dict[str, Any]]:
+        """POST /api/power: the bastion runs the machines' BMC calls (its cap, its stagger) and
+        answers one JSON line per machine as each ends, then the summary; yields them as they come."""
+        resp = self.request("POST", "/api/power", json=body, stream=True,
+                            read_timeout=POWER_READ_TIMEOUT + body.get("stagger", 0))
+        with resp:
+            for line in resp.iter_lines(chunk_size=None):
+                if line:
+                    try:
+                        yield json_lib.loads(line)
+                    except ValueError:
+                        raise self.not_a_bastion(resp, "a line that is not JSON") from None
 
     def _json(self, resp: requests.Response, key: str | None = None) -> Any:
         """The answer's JSON; with ``key``, that list in it (else the answer is not a bastion's)."""

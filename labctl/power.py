@@ -1,17 +1,14 @@
 """`labctl power set|show|status|on|off|cycle`: machines' BMCs, through the bastion.
 
 The bastion makes the BMC calls (the BMCs live on its network) and records each result as an
-event; labctl names the machines and, for several, runs the calls side by side (--max-parallel)
-with a pause between starts (--stagger: a rack's circuits do not take every inrush at once),
-showing progress as each one ends.
+event; labctl names the machines and, for several, asks the bastion for one batch (POST
+/api/power) that it runs side by side (--max-parallel) with a pause between starts (--stagger: a
+rack's circuits do not take every inrush at once), showing progress as each one ends.
 """
 
 from __future__ import annotations
 
 import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import click
@@ -26,25 +23,27 @@ def power() -> None:
     """Power machines on, off or cycle them through their BMC (Redfish or IPMI)."""
 
 
-def _check(fn, value, field: str, *args):
-    try:
-        return fn(value, *args, field) if args else fn(value, field)
-    except validate.ValidationError as exc:
-        raise errors.UsageError(f"invalid --{field.replace('_', '-')}: {exc.message}", "nothing was sent") from None
+def bmc_body(driver: str, address: str, username: str, password: str, system_id: str | None, insecure: bool,
+             flags: str = "--") -> dict:
+    """The validated body of PUT /api/machines/<mac>/bmc (and of an install request's ``bmc``, whose
+    options are named ``--bmc-...``: ``flags``)."""
+    def check(fn, value, field: str, *args):
+        try:
+            return fn(value, *args, field) if args else fn(value, field)
+        except validate.ValidationError as exc:
+            raise errors.UsageError(f"invalid {flags}{field.replace('_', '-')}: {exc.message}",
+                                    "nothing was sent") from None
 
-
-def bmc_body(driver: str, address: str, username: str, password: str, system_id: str | None, insecure: bool) -> dict:
-    """The validated body of PUT /api/machines/<mac>/bmc (and of an install request's ``bmc``)."""
-    _check(validate.bmc_address, address, "address", driver)
-    body = {"driver": driver, "address": address, "username": _check(validate.bmc_username, username, "username"),
-            "password": _check(validate.bmc_password, password, "password")}
+    check(validate.bmc_address, address, "address", driver)
+    body = {"driver": driver, "address": address, "username": check(validate.bmc_username, username, "username"),
+            "password": check(validate.bmc_password, password, "password")}
     if driver != "redfish":
         if system_id or insecure:
-            raise errors.UsageError("--system-id and --insecure are for Redfish only", "nothing was sent")
+            raise errors.UsageError(f"{flags}system-id and {flags}insecure are for Redfish only", "nothing was sent")
         return body
     body["verify_tls"] = not insecure
     if system_id:
-        body["system_id"] = _check(validate.bmc_system_id, system_id, "system_id")
+        body["system_id"] = check(validate.bmc_system_id, system_id, "system_id")
     return body
 
 
@@ -110,30 +109,21 @@ def _machines(obj: Ctx, names: tuple[str, ...], selector: tuple[str, ...], state
 
 def run_batch(client, macs: list[str], body: dict | None, *, max_parallel: int = 10, stagger: float = 0.0,
               progress=None) -> list[dict[str, Any]]:
-    """One power call per machine (``body`` None: the status), at most ``max_parallel`` at a time,
-    starts at least ``stagger`` seconds apart; ``progress(done, total, result)`` after each. A result
-    is the bastion's answer, or ``{"mac", "error"}``. The one home of batch power calls."""
-    lock = threading.Lock()
-    next_start = [time.monotonic()]
-
-    def one(mac: str) -> dict[str, Any]:
-        if stagger:
-            with lock:
-                wait = next_start[0] - time.monotonic()
-                next_start[0] = max(next_start[0], time.monotonic()) + stagger
-            if wait > 0:
-                time.sleep(wait)
-        try:
-            return client.power(mac, body)
-        except errors.LabctlError as exc:
-            return {"mac": mac, "error": exc.message}
-
+    """One power call per machine (``body`` None: the status), made by the bastion (POST /api/power)
+    at most ``max_parallel`` at a time, starts at least ``stagger`` seconds apart;
+    ``progress(done, total, result)`` after each. A result is the bastion's answer, or
+    ``{"mac", "error", ...}``. The one home of batch power calls."""
+    request = {"macs": macs, "action": "status", **(body or {}), "max_parallel": max_parallel, "stagger": stagger}
     results: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(macs)))) as pool:
-        for fut in as_completed([pool.submit(one, mac) for mac in macs]):
-            results.append(fut.result())
-            if progress:
-                progress(len(results), len(macs), results[-1])
+    for r in client.power_batch(request):
+        if "summary" in r:
+            break
+        results.append(r)
+        if progress:
+            progress(len(results), len(macs), r)
+    if len(results) != len(set(macs)):
+        raise errors.LabctlError(f"the bastion's answer ended after {len(results)} of {len(macs)} machines",
+                                 "each call that was made is an event on its machine: labctl describe machine TARGET")
     order = {mac: i for i, mac in enumerate(macs)}
     return sorted(results, key=lambda r: order[r["mac"]])
 
@@ -144,7 +134,7 @@ def _batch_options(f):
         *get.filter_options,
         click.option("--max-parallel", type=click.IntRange(1, 100), default=10, show_default=True,
                      help="BMC calls at the same time."),
-        click.option("--stagger", type=click.FloatRange(0, 600), default=0.0, show_default=True, metavar="SECONDS",
+        click.option("--stagger", type=click.FloatRange(0, 60), default=0.0, show_default=True, metavar="SECONDS",
                      help="Least time between two starts (protects a rack's circuits at bring-up)."),
         output_option,
     ]):

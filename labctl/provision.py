@@ -10,7 +10,7 @@ import click
 from labcore import validate
 from labcore.domain import DEBUG_MODES, OS_NAMES, ROLE_NAMES
 from labcore.lifecycle import changed_params, describe_changes
-from labctl import delete, errors, follow, get, output, runner, targets
+from labctl import delete, errors, follow, get, output, power, runner, targets
 from labctl.context import Ctx, complete_machines, output_option, pass_ctx, watch_options
 from labctl.makeiso import makeiso
 
@@ -51,6 +51,18 @@ def read_ssh_keys(files: tuple[str, ...]) -> list[str]:
     return _v(validate.ssh_keys, keys, "ssh_key")
 
 
+def _install_bmc(driver, address, username, password_stdin, system_id, insecure) -> dict | None:
+    """The install request's ``bmc`` from the --bmc-* flags (None without --bmc-driver)."""
+    if not driver:
+        if address or username or password_stdin or system_id or insecure:
+            raise errors.UsageError("the --bmc-* options need --bmc-driver", "nothing was sent")
+        return None
+    if not (address and username and password_stdin):
+        raise errors.UsageError("--bmc-driver needs --bmc-address, --bmc-username and --bmc-password-stdin",
+                                "echo -n \"$PASSWORD\" | labctl provision install TARGET ... --bmc-password-stdin")
+    return power.bmc_body(driver, address, username, power.read_password(), system_id, insecure, flags="--bmc-")
+
+
 @provision.command()
 @click.argument("target", shell_complete=complete_machines)
 @click.option("--hostname", required=True, help="RFC 1123 host name the machine gets.")
@@ -62,12 +74,22 @@ def read_ssh_keys(files: tuple[str, ...]) -> list[str]:
 @click.option("--wait", is_flag=True, help="Wait until the machine is installed, with progress.")
 @click.option("--timeout", type=click.FloatRange(1), default=7200, show_default=True, metavar="SECONDS",
               help="How long --wait waits.")
+@click.option("--bmc-driver", type=click.Choice(validate.BMC_DRIVERS),
+              help="Also record the machine's BMC (as labctl power set): how the bastion talks to it.")
+@click.option("--bmc-address", metavar="[SCHEME://]HOST[:PORT]", help="The BMC's address (with --bmc-driver).")
+@click.option("--bmc-username", help="The BMC user (with --bmc-driver).")
+@click.option("--bmc-password-stdin", is_flag=True, help="Read the BMC password from stdin (with --bmc-driver).")
+@click.option("--bmc-system-id", help="Redfish: the system's id (default: the BMC's only system).")
+@click.option("--bmc-insecure", is_flag=True, help="Redfish over https: do not check the BMC's certificate.")
 @output_option
 @pass_ctx
-def install(obj: Ctx, target, hostname, role, os_, disk, ssh_key_files, wait, timeout) -> None:
+def install(obj: Ctx, target, hostname, role, os_, disk, ssh_key_files, wait, timeout, bmc_driver, bmc_address,
+            bmc_username, bmc_password_stdin, bmc_system_id, bmc_insecure) -> None:
     """Queue TARGET (host name, MAC or IP) for installation at its next PXE boot.
 
-    Every value is validated before anything is sent."""
+    With --bmc-driver, --bmc-address, --bmc-username and --bmc-password-stdin the same request records
+    the machine's BMC (sealed on the bastion; labctl power uses it). Every value is validated before
+    anything is sent."""
     body = {
         "hostname": _v(validate.hostname, hostname, "hostname"),
         "role": _v(validate.role, role, "role"),
@@ -75,9 +97,10 @@ def install(obj: Ctx, target, hostname, role, os_, disk, ssh_key_files, wait, ti
         "disk": _v(validate.disk, disk, "disk"),
         "ssh_keys": read_ssh_keys(ssh_key_files),
     }
+    bmc = _install_bmc(bmc_driver, bmc_address, bmc_username, bmc_password_stdin, bmc_system_id, bmc_insecure)
     m = targets.resolve_target(obj.client, target)
     cursor = obj.client.last_event_id() if wait else None
-    result = obj.client.post("/api/install", {"mac": m["mac"], **body})
+    result = obj.client.post("/api/install", {"mac": m["mac"], **body, **({"bmc": bmc} if bmc else {})})
     changes = describe_changes(changed_params(m, body))
     output.emit(result, obj.output, lambda: click.echo(
         f"{body['hostname']} ({m['mac']}) {'re-queued' if changes else 'queued'}: {body['os']} as {body['role']}"
@@ -156,7 +179,6 @@ def reprovision(obj: Ctx, target, no_reboot, use_power, os_, role, reason, ssh_u
 
 
 def _power_reboot(obj: Ctx, m: dict) -> None:
-    from labctl import power
 
     name = m.get("hostname") or m["mac"]
     try:

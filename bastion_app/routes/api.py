@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 
 from bastion_app import get_store, limits, metrics, power
 from bastion_app.auth import actor, operator_required
@@ -226,3 +226,16 @@ def power_action(mac: str):
     req = json_body(schemas.PowerRequest)
     return jsonify(power.run(cfg(), get_store(), mac, req.action, boot=req.boot, persistent=req.persistent,
                              actor=actor()))
+
+
+@bp.post("/power")
+@operator_required
+def power_batch():
+    """Several machines' power, the bastion running the BMC calls with the cap and the stagger;
+    one JSON line per machine as it ends, then a summary (docs/power.md, "Batch")."""
+    req = json_body(schemas.PowerBatchRequest)
+    lines = power.batch(cfg(), get_store(), req.macs, req.action, boot=req.boot, persistent=req.persistent,
+                        max_parallel=req.max_parallel, stagger=req.stagger, actor=actor())
+    body = (json.dumps(r) + "\n" for r in lines)
+    # nginx passes each line on as it comes (as it does the follow stream's events)
+    return Response(body, mimetype="application/x-ndjson", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

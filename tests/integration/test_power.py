@@ -106,6 +106,25 @@ def test_ipmi_on_off_and_reprovision_power(bastion, bmcs, labctl, machines_insta
     assert json.loads(labctl("-o", "json", "power", "status", mac).output)["power"] == "on"
 
 
+def test_install_records_the_bmc_given_with_bmc_flags(bastion, bmcs, labctl):
+    rf, _ = bmcs
+    mac = synthetic_mac(3, "52:54:02")
+    discover(bastion, mac)
+    base = ["provision", "install", mac, "--hostname", "pw-inst", "--role", "worker", "--os", "debian-12"]
+    r = labctl(*base, "--bmc-address", rf.address)
+    assert r.exit_code != 0 and "need --bmc-driver" in r.output
+    r = labctl(*base, "--bmc-driver", "ipmi", "--bmc-address", "10.0.0.1;reboot", "--bmc-username", USER,
+               "--bmc-password-stdin", input=PASSWORD + "\n")
+    assert r.exit_code != 0 and "invalid --bmc-address" in r.output
+    assert bastion.session().get(f"{bastion.url}/api/machines/{mac}").json()["state"] == "discovered"  # nothing sent
+    r = labctl(*base, "--bmc-driver", "redfish", "--bmc-address", rf.address, "--bmc-username", USER,
+               "--bmc-system-id", SYSTEMS[2]["uuid"], "--bmc-password-stdin", input=PASSWORD + "\n")
+    assert r.exit_code == 0, r.output
+    shown = bastion.session().get(f"{bastion.url}/api/machines/{mac}/bmc").json()
+    assert shown["driver"] == "redfish" and shown["credentials"] is True and shown["system_id"] == SYSTEMS[2]["uuid"]
+    assert json.loads(labctl("-o", "json", "power", "status", mac).output)["power"] in ("on", "off")
+
+
 @pytest.fixture
 def machines_installed(bastion):
     """An installed machine (discovered, queued, served its script, reported complete)."""
@@ -248,6 +267,37 @@ def test_batch_with_a_cap_and_a_stagger_shows_progress(bastion, bmcs, labctl):
     assert len(starts) == 3
     for mac in macs:
         assert events(bastion, mac)[-1]["data"]["power"] == "on"
+
+
+def test_batch_api_streams_each_result_through_the_front(bastion, bmcs):
+    """POST /api/power: the bastion staggers the starts itself, nginx passes each line on as it ends
+    (the first arrives well before the last start), a failed call is a line, then the summary."""
+    rf, _ = bmcs
+    macs = [synthetic_mac(70 + i, "52:54:02") for i in range(4)]
+    s = bastion.session()
+    for mac, system in zip(macs, SYSTEMS, strict=False):
+        discover(bastion, mac)
+        s.put(f"{bastion.url}/api/machines/{mac}/bmc", json={
+            "driver": "redfish", "address": rf.address, "username": USER, "password": PASSWORD,
+            "system_id": system["uuid"]}).raise_for_status()
+    discover(bastion, macs[3])  # no BMC: its line is the error
+    unknown = synthetic_mac(79, "52:54:02")
+    assert s.post(f"{bastion.url}/api/power", json={"macs": [macs[0], unknown], "action": "on"}).status_code == 404
+    assert s.post(f"{bastion.url}/api/power", json={"macs": macs, "action": "on", "max_parallel": 0}).status_code == 422
+    assert s.post(f"{bastion.url}/api/power", json={"macs": macs, "action": "on", "stagger": 61}).status_code == 422
+    t = time.monotonic()
+    resp = s.post(f"{bastion.url}/api/power", json={"macs": macs, "action": "status", "max_parallel": 4,
+                                                    "stagger": 0.6}, stream=True, timeout=30)
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("application/x-ndjson")
+    lines = []
+    for raw in resp.iter_lines(chunk_size=None):
+        lines.append((time.monotonic() - t, json.loads(raw)))
+    assert [set(r) >= {"mac", "power"} for _, r in lines[:3]] == [True] * 3
+    failed = [r for _, r in lines if "error" in r]
+    assert len(failed) == 1 and failed[0]["mac"] == macs[3] and failed[0]["status"] == 404
+    assert lines[-1][1]["summary"]["total"] == 4 and lines[-1][1]["summary"]["failed"] == 1
+    assert lines[-1][1]["summary"]["seconds"] >= 1.8  # four starts 0.6 s apart, though four could run at once
+    assert lines[0][0] < lines[-1][0] - 1.0  # streamed, not buffered until the end
 
 
 def test_install_request_records_the_bmc(bastion, bmcs):
