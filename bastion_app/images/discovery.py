@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 #: Bumped when the layout of the image changes in a way the other inputs do not capture.
-BUILD_FORMAT = 4
+BUILD_FORMAT = 5
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
@@ -61,7 +61,13 @@ MODULES: tuple[str, ...] = (
     "xhci_pci", "ehci_pci", "usb_storage", "uas",
     # packet sockets for udhcpc (built in on Debian)
     "af_packet",
+    # the IPMI BMC's /dev/ipmi0 (ipmi_si is loaded when SMBIOS or ACPI describes a BMC: see init)
+    "ipmi_msghandler", "ipmi_devintf", "ipmi_si",
 )
+
+#: Host tools copied into the image under ``/opt/lab/bin`` with the shared libraries ``ldd`` names
+#: (``scripts/apt-packages.txt`` installs them): ``ipmitool lan print`` reads the BMC's LAN address.
+HOST_TOOLS: tuple[str, ...] = ("ipmitool",)
 
 #: Kernel command-line arguments /init understands (documented in docs/discovery.md).
 CMDLINE_ARGS = {
@@ -194,6 +200,39 @@ def _resolve_cached(cache: Path, kernel_package: str | None) -> dict[str, tuple[
     return packages
 
 
+def host_libraries(binary: Path) -> list[Path]:
+    """The shared libraries ``binary`` loads, ELF interpreter included (from ``ldd``)."""
+    proc = subprocess.run(["ldd", str(binary)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return []  # statically linked
+    libs = []
+    for line in proc.stdout.splitlines():
+        m = re.search(r"(?:=>\s*)?(/\S+)\s+\(0x", line)
+        if m:
+            libs.append(Path(m.group(1)))
+    return libs
+
+
+def host_tool_files(tools: Iterable[str]) -> dict[str, Path]:
+    """Archive path -> host file: each tool of this host's PATH as ``opt/lab/bin/<name>`` and every
+    library it loads at its own path. Raises :class:`DiscoveryBuildError` naming missing tools."""
+    files: dict[str, Path] = {}
+    missing = []
+    for name in tools:
+        found = shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+        if found is None:
+            missing.append(name)
+            continue
+        path = Path(found).resolve()
+        files[f"opt/lab/bin/{name}"] = path
+        for lib in host_libraries(path):
+            files[str(lib).lstrip("/")] = lib
+    if missing:
+        raise DiscoveryBuildError(f"tools missing on this host: {', '.join(missing)} "
+                                  "(make deps-system installs them: scripts/apt-packages.txt)")
+    return files
+
+
 def _source_files() -> list[Path]:
     files = sorted(p for p in SOURCE_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     if not (SOURCE_DIR / "init").is_file():
@@ -201,10 +240,15 @@ def _source_files() -> list[Path]:
     return files
 
 
-def inputs_hash(packages: dict[str, tuple[str, str]], modules: Iterable[str] = MODULES) -> str:
-    """A short hash of everything that goes into the image."""
+def inputs_hash(packages: dict[str, tuple[str, str]], modules: Iterable[str] = MODULES,
+                tools: dict[str, Path] | None = None) -> str:
+    """A short hash of everything that goes into the image (``tools``: :func:`host_tool_files`
+    of :data:`HOST_TOOLS` by default; their contents count, so a host package update makes a new image)."""
     h = hashlib.sha256()
     h.update(f"format={BUILD_FORMAT}\n".encode())
+    for name, path in sorted((host_tool_files(HOST_TOOLS) if tools is None else tools).items()):
+        h.update(f"tool={name}\n".encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
     for key in sorted(packages):
         name, version = packages[key]
         h.update(f"{key}={name}={version}\n".encode())
@@ -524,9 +568,16 @@ def _build_into(work: Path, packages: dict[str, tuple[str, str]], modules: tuple
 
         raw = io.BytesIO()
         cpio = CpioWriter(raw)
-        for d in ("bin", "dev", "etc", "etc/lab", "lib", "lib/modules", f"lib/modules/{kver}", "proc",
-                  "root", "run", "sbin", "sys", "tmp", "usr", "usr/bin", "usr/sbin", "var", "var/run"):
+        base_dirs = ("bin", "dev", "etc", "etc/lab", "lib", "lib/modules", f"lib/modules/{kver}", "proc",
+                     "root", "run", "sbin", "sys", "tmp", "usr", "usr/bin", "usr/sbin", "var", "var/run")
+        for d in base_dirs:
             cpio.dir(d, 0o1777 if d == "tmp" else 0o755)
+        tools = host_tool_files(HOST_TOOLS)
+        for d in sorted({"/".join(n.split("/")[:i]) for n in tools for i in range(1, n.count("/") + 1)}
+                        - set(base_dirs)):
+            cpio.dir(d)
+        for name, path in sorted(tools.items()):
+            cpio.file(name, path.read_bytes(), 0o755 if os.access(path, os.X_OK) else 0o644)
         cpio.chardev("dev/console", 5, 1)
         cpio.chardev("dev/null", 1, 3, 0o666)
         cpio.file("bin/busybox", busybox.read_bytes(), 0o755)

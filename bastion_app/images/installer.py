@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -58,45 +57,16 @@ class InstallerBuildError(RuntimeError):
     """The installer environment could not be built; the message says what to do."""
 
 
-def _tool_paths() -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    missing = []
-    for name in TOOLS:
-        path = shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
-        if path is None:
-            missing.append(name)
-        else:
-            found[name] = Path(path).resolve()
-    if missing:
-        raise InstallerBuildError(f"install tools missing on this host: {', '.join(missing)} "
-                                  "(make deps-system installs them: scripts/apt-packages.txt)")
-    return found
-
-
-def _libraries(binary: Path) -> list[Path]:
-    """The shared libraries ``binary`` loads, ELF interpreter included (from ``ldd``)."""
-    proc = subprocess.run(["ldd", str(binary)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return []  # statically linked
-    libs = []
-    for line in proc.stdout.splitlines():
-        m = re.search(r"(?:=>\s*)?(/\S+)\s+\(0x", line)
-        if m:
-            libs.append(Path(m.group(1)))
-    return libs
-
-
 def _source_files() -> list[Path]:
     return sorted(p for p in SOURCE_DIR.iterdir() if p.is_file())
 
 
 def _layer_files() -> dict[str, Path]:
     """Archive path -> host file: the tools, their libraries (at their own paths), TOOL_FILES."""
-    files: dict[str, Path] = {}
-    for name, path in _tool_paths().items():
-        files[f"opt/lab/bin/{name}"] = path
-        for lib in _libraries(path):
-            files[str(lib).lstrip("/")] = lib
+    try:
+        files = disc.host_tool_files(TOOLS)
+    except disc.DiscoveryBuildError as exc:
+        raise InstallerBuildError(str(exc)) from exc
     for extra in TOOL_FILES:
         if Path(extra).is_file():
             files[extra.lstrip("/")] = Path(extra)

@@ -91,10 +91,10 @@ def disk_untouched(path: str) -> bool:
 
 
 def _fail_once(lab: Lab, m: Machine, mark: int, timeout: float = 420) -> str:
-    """Reset ``m`` into its queued install; wait for `failed`; the failure's message."""
+    """Power-cycle ``m`` through its BMC into its queued install (start it when its QEMU is not
+    running); wait for `failed`; the failure's message."""
     if m.running():
-        m.started = time.monotonic()
-        m.reset()
+        _cycle(lab, m)
     else:
         lab.start(m)
     got = lab.wait_state(m.mac, "failed", timeout, m)
@@ -103,7 +103,7 @@ def _fail_once(lab: Lab, m: Machine, mark: int, timeout: float = 420) -> str:
     return got.get("failure") or ""
 
 
-def test_bad_input_fails_before_anything_is_written(lab, machines, key):
+def test_bad_input_fails_before_anything_is_written(lab, machines, key, tmp_path, request):
     """A disk too small for the layout, an image whose checksum does not match, no image at all:
     each gives the machine `failed` with the reason, and its disk stays untouched. (The image
     faults are made on debian-13, which this lab does not build: debian-12's image stays intact.)"""
@@ -114,6 +114,8 @@ def test_bad_input_fails_before_anything_is_written(lab, machines, key):
     queue(lab, mac, "e2e-small", pub, role="worker")
     mark = lab.access_mark()
     m = machines("small", mac=mac, memory_mb=1024, disk_bytes=11 * GIB)
+    # _fail_once power-cycles through it (its QEMU starts with the first attempt: no status yet)
+    request.addfinalizer(_ipmi_bmc(lab, m, tmp_path / "bmc", wait=False).stop)
     reason = _fail_once(lab, m, mark)
     assert "step disk" in reason and "too small for role worker" in reason, reason
     assert disk_untouched(m.disk)
@@ -227,12 +229,12 @@ def test_installed_machine_answers_ssh_with_the_layout(lab, deployed, key, firmw
         assert "br_netfilter" in _sh(lab, m, key, "cat /etc/modules-load.d/90-lab-k3s.conf")
 
 
-def test_a_reset_boots_the_disk_again_without_reinstalling(lab, deployed, key):
+def test_a_reset_boots_the_disk_again_without_reinstalling(lab, deployed, bmcs, key):
+    """`labctl power cycle` through each machine's BMC (Redfish for BIOS, IPMI for UEFI)."""
     made, _ = deployed
     for m in made.values():
         mark = lab.access_mark()
-        m.started = time.monotonic()
-        m.reset()
+        _cycle(lab, m)
         lab.wait_access(f"/dispatch?mac={q(m.mac)}", BOOT_TIMEOUT, m, since=mark)
         lab.wait_ssh(lab.machine_state(m.mac)["ip"], key, BOOT_TIMEOUT, m)
         assert not lab.access_lines("/images/installer/", since=mark), "an installed machine fetched the installer"
@@ -323,62 +325,107 @@ def _power(lab: Lab, *args: str, stdin: str | None = None) -> subprocess.Complet
     return subprocess.run([str(BIN / "labctl"), *args], capture_output=True, text=True, timeout=120, env=env, input=stdin)
 
 
-def test_reprovision_through_the_bmc_redfish_and_ipmi(lab, deployed, tmp_path):
-    """The BIOS machine behind sushy-tools' Redfish emulator, the UEFI one behind pyghmi's IPMI BMC
-    (tests/bmc.py: power and reset become QEMU monitor commands), both on the lab's network where
-    the bastion makes its calls. `labctl provision reprovision --power` sets the next boot to the
-    network and power-cycles each machine: it PXE-boots into its install script, with no SSH. The
-    power state is right before (the BIOS machine is switched off first) and after."""
+BMC_USER, BMC_PASSWORD = "lab-bmc", "e2e-BMC-secret"
+REDFISH_SYSTEM = "e2e00000-0000-0000-0000-000000000001"
+
+
+def _record_bmc(lab: Lab, mac: str, args: tuple[str, ...], logs, wait: bool = True) -> None:
+    """`labctl power set` for one machine; with ``wait``, until its BMC answers (the emulators start
+    inside the lab's namespace; a BMC whose QEMU is not running yet does not answer)."""
+    r = _power(lab, "power", "set", mac, *args, "--username", BMC_USER, "--password-stdin", stdin=BMC_PASSWORD + "\n")
+    assert r.returncode == 0, r.stdout + r.stderr
+    deadline = time.monotonic() + 30
+    while wait:
+        r = _power(lab, "-o", "json", "power", "status", mac)
+        if r.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert r.returncode == 0, r.stdout + r.stderr + logs()
+
+
+def _ipmi_bmc(lab: Lab, m: Machine, work: Path, wait: bool = True):
+    """pyghmi's IPMI BMC (tests/bmc.py) in front of ``m``'s QEMU monitor, recorded on the bastion."""
     from tests.e2e.lab import BASTION_IP
-    from tests.support import free_port, start_ipmi_bmc, start_redfish_bmc
+    from tests.support import free_port, start_ipmi_bmc
+
+    bmc = start_ipmi_bmc(work, BMC_USER, BMC_PASSWORD, monitor=str(m.monitor), prefix=("ip", "netns", "exec", lab.ns),
+                         host=BASTION_IP, port=free_port(kind=socket.SOCK_DGRAM))
+    try:
+        _record_bmc(lab, m.mac, ("--driver", "ipmi", "--address", bmc.address), lambda: bmc.log()[-2000:], wait)
+    except BaseException:
+        bmc.stop()
+        raise
+    return bmc
+
+
+def _cycle(lab: Lab, *machines: Machine) -> None:
+    """`labctl power cycle` through the machines' BMCs (a hard reset: QEMU's system_reset)."""
+    for m in machines:
+        m.started = time.monotonic()
+    r = _power(lab, "power", "cycle", *(m.mac for m in machines))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def bmcs(lab, deployed, tmp_path_factory):
+    """The deployed machines behind emulated BMCs, started once and recorded on the bastion: the
+    BIOS machine behind sushy-tools' Redfish emulator, the UEFI one behind pyghmi's IPMI BMC
+    (tests/bmc.py: power and reset become QEMU monitor commands), both on the lab's network where
+    the bastion makes its calls."""
+    from tests.e2e.lab import BASTION_IP
+    from tests.support import free_port, start_redfish_bmc
 
     made, _ = deployed
     bios, uefi = made["bios"], made["uefi"]
-    user, password = "lab-bmc", "e2e-BMC-secret"
-    ns = ("ip", "netns", "exec", lab.ns)
-    system = "e2e00000-0000-0000-0000-000000000001"
-    redfish = start_redfish_bmc(tmp_path / "redfish", [{"uuid": system, "name": "img-bios", "power_state": "On",
-                                                        "monitor": str(bios.monitor), "nics": []}],
-                                user, password, prefix=ns, host=BASTION_IP, port=free_port())
-    ipmi = start_ipmi_bmc(tmp_path / "ipmi", user, password, monitor=str(uefi.monitor), prefix=ns, host=BASTION_IP,
-                          port=free_port(kind=socket.SOCK_DGRAM))
+    work = tmp_path_factory.mktemp("bmcs")
+    redfish = start_redfish_bmc(work / "redfish", [{"uuid": REDFISH_SYSTEM, "name": "img-bios", "power_state": "On",
+                                                    "monitor": str(bios.monitor), "nics": []}],
+                                BMC_USER, BMC_PASSWORD, prefix=("ip", "netns", "exec", lab.ns), host=BASTION_IP,
+                                port=free_port())
+    ipmi = None
     try:
-        for m, args in ((bios, ("--driver", "redfish", "--address", redfish.address, "--system-id", system)),
-                        (uefi, ("--driver", "ipmi", "--address", ipmi.address))):
-            r = _power(lab, "power", "set", m.mac, *args, "--username", user, "--password-stdin", stdin=password + "\n")
-            assert r.returncode == 0, r.stdout + r.stderr
-        deadline = time.monotonic() + 30
-        while True:  # the emulators start inside the lab's namespace
-            r = _power(lab, "-o", "json", "power", "status", bios.mac, uefi.mac)
-            if r.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        assert r.returncode == 0, r.stdout + r.stderr + redfish.log()[-2000:] + ipmi.log()[-2000:]
-        assert [x["power"] for x in json.loads(r.stdout)] == ["on", "on"]
-        r = _power(lab, "-o", "json", "power", "off", bios.mac)
-        assert r.returncode == 0 and json.loads(r.stdout)["changed"] is True, r.stdout + r.stderr
-        assert "paused" in bios.hmp("info status")  # "off": the VM does nothing
-        assert json.loads(_power(lab, "-o", "json", "power", "status", bios.mac).stdout)["power"] == "off"
-
-        mark = lab.access_mark()
-        started = time.monotonic()
-        for m in (bios, uefi):
-            m.started = time.monotonic()
-            r = _power(lab, "provision", "reprovision", m.mac, "--power", "--reason", "e2e reprovision through the BMC")
-            assert r.returncode == 0, r.stdout + r.stderr
-            assert "power-cycled through its" in r.stdout
-        for m in (bios, uefi):
-            lab.wait_access(f"/install.sh?mac={m.mac}", BOOT_TIMEOUT, m, since=mark)
-            assert lab.wait_state(m.mac, "installing", 120, m)["state"] == "installing"
-        E2E_TIMES.append(("reprovision --power (Redfish BIOS + IPMI UEFI) to the install script", time.monotonic() - started,
-                          "no SSH"))
-        r = _power(lab, "-o", "json", "power", "status", bios.mac, uefi.mac)
-        assert [x["power"] for x in json.loads(r.stdout)] == ["on", "on"], r.stdout + r.stderr
-        for m, driver, before in ((bios, "redfish", "off"), (uefi, "ipmi", "on")):
-            cycle = [e["data"] for e in events(lab, m.mac) if e["kind"] == "power" and e["data"].get("action") == "cycle"]
-            assert cycle and (cycle[-1]["driver"], cycle[-1]["boot"], cycle[-1]["before"]) == (driver, "network", before)
-        everything = json.dumps([lab.machine_state(m.mac) for m in (bios, uefi)]) + lab.bastion_log.read_text(errors="replace")
-        assert password not in everything
+        _record_bmc(lab, bios.mac, ("--driver", "redfish", "--address", redfish.address, "--system-id", REDFISH_SYSTEM),
+                    lambda: redfish.log()[-2000:])
+        ipmi = _ipmi_bmc(lab, uefi, work / "ipmi")
+        yield {"redfish": redfish, "ipmi": ipmi}
     finally:
         redfish.stop()
-        ipmi.stop()
+        if ipmi is not None:
+            ipmi.stop()
+
+
+def test_reprovision_through_the_bmc_redfish_and_ipmi(lab, deployed, bmcs):
+    """`labctl provision reprovision --power` sets the next boot to the network and power-cycles
+    each machine through its BMC (the `bmcs` fixture: Redfish for BIOS, IPMI for UEFI): it
+    PXE-boots into its install script, with no SSH. The power state is right before (the BIOS
+    machine is switched off first) and after."""
+    made, _ = deployed
+    bios, uefi = made["bios"], made["uefi"]
+    password = BMC_PASSWORD
+    r = _power(lab, "-o", "json", "power", "status", bios.mac, uefi.mac)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [x["power"] for x in json.loads(r.stdout)] == ["on", "on"]
+    r = _power(lab, "-o", "json", "power", "off", bios.mac)
+    assert r.returncode == 0 and json.loads(r.stdout)["changed"] is True, r.stdout + r.stderr
+    assert "paused" in bios.hmp("info status")  # "off": the VM does nothing
+    assert json.loads(_power(lab, "-o", "json", "power", "status", bios.mac).stdout)["power"] == "off"
+
+    mark = lab.access_mark()
+    started = time.monotonic()
+    for m in (bios, uefi):
+        m.started = time.monotonic()
+        r = _power(lab, "provision", "reprovision", m.mac, "--power", "--reason", "e2e reprovision through the BMC")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "power-cycled through its" in r.stdout
+    for m in (bios, uefi):
+        lab.wait_access(f"/install.sh?mac={m.mac}", BOOT_TIMEOUT, m, since=mark)
+        assert lab.wait_state(m.mac, "installing", 120, m)["state"] == "installing"
+    E2E_TIMES.append(("reprovision --power (Redfish BIOS + IPMI UEFI) to the install script", time.monotonic() - started,
+                      "no SSH"))
+    r = _power(lab, "-o", "json", "power", "status", bios.mac, uefi.mac)
+    assert [x["power"] for x in json.loads(r.stdout)] == ["on", "on"], r.stdout + r.stderr
+    for m, driver, before in ((bios, "redfish", "off"), (uefi, "ipmi", "on")):
+        cycle = [e["data"] for e in events(lab, m.mac) if e["kind"] == "power" and e["data"].get("action") == "cycle"]
+        assert cycle and (cycle[-1]["driver"], cycle[-1]["boot"], cycle[-1]["before"]) == (driver, "network", before)
+    everything = json.dumps([lab.machine_state(m.mac) for m in (bios, uefi)]) + lab.bastion_log.read_text(errors="replace")
+    assert password not in everything

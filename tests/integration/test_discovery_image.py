@@ -145,6 +145,52 @@ def test_an_ipmi_device_is_reported_as_a_bmc(tmp_path):
     assert hardware()["bmc"] == {"ipmi": True, "address": None}
 
 
+# `ipmitool lan print 1` of a BMC with a static address (the layout of ipmitool 1.8.19's lan.c)
+LAN_PRINT = """Set in Progress         : Set Complete
+Auth Type Support       : NONE MD2 MD5 PASSWORD
+Auth Type Enable        : Callback : MD2 MD5 PASSWORD
+                        : User     : MD2 MD5 PASSWORD
+IP Address Source       : Static Address
+IP Address              : {address}
+Subnet Mask             : 255.255.255.0
+MAC Address             : 0c:c4:7a:12:34:56
+SNMP Community String   : public
+Default Gateway IP      : 10.0.1.1
+802.1q VLAN ID          : Disabled
+Cipher Suite Priv Max   : XaaaXXaaaXXaaXX
+"""
+
+
+@pytest.mark.parametrize(("address", "reported"), [
+    ("10.0.1.22", "10.0.1.22"),
+    ("0.0.0.0", None),  # unconfigured
+    ('10.0.1.22", "x": "y', None),
+    ("10.0.1.256", None),
+    ("010.0.1.22", None),
+    ("fe80::1", None),
+])
+def test_a_bmc_lan_address_is_read_with_ipmitool(tmp_path, address, reported):
+    """The image's ipmitool (here a stand-in printing a recorded `lan print`) is asked channel by
+    channel; only a valid IPv4 address other than 0.0.0.0 is reported, and the JSON always parses."""
+    need_binary("busybox")
+    from labcore.schemas import DiscoverRequest
+
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    (dev / "ipmi0").touch()
+    (tmp_path / "lan2.txt").write_text(LAN_PRINT.format(address=address))
+    tool = tmp_path / "ipmitool"
+    # channel 1 is not a LAN channel on this board: the address comes from channel 2
+    tool.write_text(f'#!/bin/sh\n[ "$*" = "-I open lan print 2" ] && exec cat {tmp_path}/lan2.txt\n'
+                    'echo "Channel $4 is not a LAN channel" >&2\nexit 1\n')
+    tool.chmod(0o755)
+    proc = subprocess.run(["busybox", "sh", "-c", '. "$0"; discover_json AA:BB:CC:00:11:24', str(LIB)],
+                          capture_output=True, check=True, timeout=60,
+                          env={**os.environ, "DEVDIR": str(dev), "IPMITOOL": str(tool)})
+    hardware = DiscoverRequest.model_validate_json(proc.stdout).stored_hardware()
+    assert hardware["bmc"] == {"ipmi": True, "address": reported}
+
+
 # --------------------------------------------------------------------------------------------------
 # booting the image
 
@@ -289,7 +335,7 @@ VM_UUID = "6f1c2a8e-5b1d-4c3e-9a7f-0d15c0e4a001"
 
 
 def _boot(image, lab_net, *, uefi: bool, timeout: float, bootif: bool = True,
-          boot_nic: str = "virtio-net-pci", other_nic: str = "e1000"):
+          boot_nic: str = "virtio-net-pci", other_nic: str = "e1000", extra: tuple[str, ...] = ()):
     need_binary("qemu-system-x86_64")
     if uefi:
         need(OVMF.exists(), f"needs {OVMF} (Debian package ovmf)")
@@ -316,6 +362,7 @@ def _boot(image, lab_net, *, uefi: bool, timeout: float, bootif: bool = True,
         "-device", f"{boot_nic},netdev=n0,mac={BOOT_MAC}",
         "-drive", f"file={disk},if=none,id=d0,format=raw",
         "-device", f"virtio-blk-pci,drive=d0,serial={DISK_SERIAL}",
+        *extra,
     ]
     if uefi:
         cmd[cmd.index("-no-reboot"):cmd.index("-no-reboot")] = ["-bios", str(OVMF)]
@@ -420,6 +467,21 @@ def test_discovery_without_bootif_reports_through_the_nic_that_reaches_the_basti
     _report(f"BIOS without BOOTIF, bastion behind the second NIC: QEMU start -> POST {to_post:.1f} s")
 
 
+@pytest.mark.slow
+def test_discovery_reports_the_emulated_ipmi_bmc(image, lab_net):
+    """QEMU's BMC simulator on a KCS interface: SMBIOS type 38 describes it, /init loads ipmi_si,
+    ipmi_devintf makes /dev/ipmi0 and ipmitool asks it for the LAN address. QEMU 7.2's simulator
+    implements no transport commands (Get LAN Configuration Parameters), so the report has no
+    address: the recorded `lan print` of a real BMC checks the parser (test_a_bmc_lan_address_...)."""
+    body, to_post, _, console = _boot(image, lab_net, uefi=False, timeout=180,
+                                      extra=("-device", "ipmi-bmc-sim,id=bmc0", "-device", "isa-ipmi-kcs,bmc=bmc0"))
+    _check_vm_inventory(body, "bios")
+    assert "module ipmi_si did not load" not in console
+    assert re.search(r"ipmi_si .*: IPMI kcs interface initialized", console), console[-3000:]
+    assert body["hardware"]["bmc"] == {"ipmi": True}, body["hardware"]
+    _report(f"BIOS with QEMU's IPMI BMC simulator (KCS): QEMU start -> POST {to_post:.1f} s")
+
+
 def test_publish_is_atomic_and_cached(image, tmp_path):
     """A build into a second output directory reuses the cache and gives identical files."""
     from bastion_app.images.discovery import build_discovery
@@ -462,6 +524,15 @@ def test_initramfs_layout(image, tmp_path):
         assert f"lib/modules/{kver}/{module}" in entries
     assert position["realtek"] < position["r8169"]  # softdep pre: realtek
     assert position["virtio"] < position["virtio_net"] and position["scsi_mod"] < position["sd_mod"]
+    # ipmitool with every library it loads: it runs in the unpacked image alone (chrooted)
+    need(os.geteuid() == 0, "chroot needs root")
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet", "opt/lab/bin/*", "lib64/*", "lib/x86_64-linux-gnu/*"],
+                   input=raw, cwd=root, check=True)
+    version = subprocess.run(["chroot", root, "/opt/lab/bin/ipmitool", "-V"],
+                             capture_output=True, text=True, timeout=30)
+    assert version.stdout.startswith("ipmitool version"), version
     # Nothing in the image forces a serial console (it stalls machines without a UART).
     for path in (tmp_path / "etc/lab").iterdir():
         assert "console=ttyS0" not in path.read_text()
@@ -478,7 +549,8 @@ def test_initramfs_layout(image, tmp_path):
         return picked
 
     bare = select()
-    assert {"virtio_net", "virtio_blk", "sd_mod", "usb_storage", "scsi_mod"} <= set(bare)
+    assert {"virtio_net", "virtio_blk", "sd_mod", "usb_storage", "scsi_mod", "ipmi_devintf", "ipmi_msghandler"} <= set(bare)
+    assert "ipmi_si" not in bare  # /init loads it when SMBIOS or ACPI describes a BMC
     assert not {"e1000", "e1000e", "igb", "ixgbe", "i40e", "r8169", "nvme", "ahci", "virtio_pci", "libphy"} & set(bare)
     picked = select(
         "pci:v00008086d0000100Esv00001AF4sd00001100bc02sc00i00",  # 82540EM: e1000

@@ -1,7 +1,7 @@
 # lab-platform discovery: shell library (busybox ash). Sourced by /init; the tests source it too.
 #
-# Everything here only reads /proc and /sys (overridable with $SYSFS and $PROCFS for tests) and
-# prints JSON on stdout. No function changes the machine.
+# Everything here only reads /proc and /sys (overridable with $SYSFS and $PROCFS for tests), or asks
+# the BMC (ipmitool lan print, read only), and prints JSON on stdout. No function changes the machine.
 
 SYSFS=${SYSFS:-/sys}
 DEVDIR=${DEVDIR:-/dev}
@@ -217,13 +217,58 @@ inventory_firmware() {
 	if [ -d "$SYSFS/firmware/efi" ]; then echo uefi; else echo bios; fi
 }
 
+# ipv4 VALUE: true when VALUE is a dotted-quad IPv4 address (four decimal octets 0-255, no leading
+# zeros) other than 0.0.0.0 (what an unconfigured BMC answers).
+ipv4() {
+	case "$1" in
+	'' | *[!0-9.]* | .* | *. | *..* | 0.0.0.0) return 1 ;;
+	esac
+	[ "$(printf '%s\n' "$1" | awk -F. 'NF == 4 {
+		for (i = 1; i <= 4; i++) if (length($i) > 3 || $i + 0 > 255 || $i ~ /^0./) exit
+		print "ok" }')" = ok ]
+}
+
+# lan_print_address: the "IP Address" of `ipmitool lan print` output on stdin, when it is an IPv4
+# address (never "IP Address Source"); nothing otherwise.
+lan_print_address() {
+	_a=$(sed -n 's/^IP Address[ 	]*:[ 	]*//p' | head -n 1 | tr -d '\r')
+	while :; do
+		case "$_a" in
+		*" " | *"	") _a=${_a%?} ;;
+		*) break ;;
+		esac
+	done
+	if ipv4 "$_a"; then printf '%s' "$_a"; fi
+}
+
+# IPMITOOL: Debian's ipmitool, copied into the image with its libraries (discovery.py HOST_TOOLS).
+IPMITOOL=${IPMITOOL:-/opt/lab/bin/ipmitool}
+
+# ipmi_lan_address: the BMC's LAN IPv4 address through /dev/ipmi0 (`ipmitool lan print` on
+# channel 1, the usual LAN channel, then channels 2-11), or nothing.
+ipmi_lan_address() {
+	[ -x "$IPMITOOL" ] || return 0
+	for _ch in 1 2 3 4 5 6 7 8 9 10 11; do
+		_addr=$(timeout 10 "$IPMITOOL" -I open lan print "$_ch" 2>/dev/null | lan_print_address)
+		if [ -n "$_addr" ]; then
+			printf '%s' "$_addr"
+			return 0
+		fi
+	done
+}
+
 # inventory_bmc: ', "bmc": {"ipmi": true}' when the machine has an IPMI BMC (the kernel's IPMI
-# driver made /dev/ipmi0, or the firmware's SMBIOS table has an IPMI device record, type 38);
-# nothing otherwise. Its LAN address needs IPMI commands through /dev/ipmi0 (Get LAN Configuration
-# Parameters), which this image has no tool for: the bastion records an unconfigured BMC.
+# driver made /dev/ipmi0, or the firmware's SMBIOS table has an IPMI device record, type 38), with
+# '"address": "A.B.C.D"' when ipmitool read a LAN address through /dev/ipmi0; nothing otherwise.
 inventory_bmc() {
 	if [ -e "$DEVDIR/ipmi0" ] || [ -e "$SYSFS/firmware/dmi/entries/38-0" ]; then
-		printf ', "bmc": {"ipmi": true}'
+		_bmc_addr=
+		[ -e "$DEVDIR/ipmi0" ] && _bmc_addr=$(ipmi_lan_address)
+		if [ -n "$_bmc_addr" ]; then
+			printf ', "bmc": {"ipmi": true, "address": %s}' "$(json_str "$_bmc_addr")"
+		else
+			printf ', "bmc": {"ipmi": true}'
+		fi
 	fi
 }
 
