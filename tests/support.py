@@ -790,6 +790,14 @@ def labd_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subpr
                           env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, cwd=REPO)
 
 
+def serve_labd(postgres, tmp_path_factory, database: str):
+    """A fixture body: `labd serve` on a new database cloned from the session's migrated template."""
+    postgres.sql(f"CREATE DATABASE {database} TEMPLATE labd_template")
+    server = start_labd(tmp_path_factory.mktemp("labd") / "data", postgres.url(database))
+    yield server
+    server.stop()
+
+
 def start_labd(data_dir: Path, database_url: str, *, workers: int = 2, timeout: float = 30.0) -> Labd:
     """`labd init` (keeps the printed admin password) then `labd serve` on a free loopback port;
     waits for /readyz over HTTPS, trusting labd's own CA."""

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import start_labd
+from tests.support import serve_labd
 
 
 @pytest.fixture(scope="session")
 def labd(postgres, tmp_path_factory):
-    postgres.sql("CREATE DATABASE labd_http TEMPLATE labd_template")
-    server = start_labd(tmp_path_factory.mktemp("labd") / "data", postgres.url("labd_http"))
-    yield server
-    server.stop()
+    yield from serve_labd(postgres, tmp_path_factory, "labd_http")
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from labctl.login import fingerprint
 from labctl.main import cli
-from tests.support import BIN, ansible_env, inventory_list, run, unsafe
+from tests.support import BIN, ansible_env, inventory_list, run, serve_labd, unsafe
 from tests.vm.ansible import collections_path
 
 SERVERS = [
@@ -35,6 +35,18 @@ SERVERS = [
     {"mac": "52:54:00:d0:00:03", "hostname": "i1", "role": "infra", "os": "fedora-43", "state": "discovered",
      "cloud": "lab2", "environment": "prod", "labels": {}},
 ]
+
+
+@pytest.fixture(scope="module")
+def labd(postgres, tmp_path_factory):
+    """A labd of this module's own: its listings are asserted whole, so no other module's rows may
+    be in them (the session's labd serves every other module, in any order)."""
+    yield from serve_labd(postgres, tmp_path_factory, "labd_clients")
+
+
+@pytest.fixture(scope="module")
+def admin(labd):
+    return labd.session(labd.login())
 
 
 @pytest.fixture(scope="module")
