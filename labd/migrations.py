@@ -149,6 +149,7 @@ STEPS: list[tuple[str, str]] = [
         row JSONB NOT NULL,
         updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         PRIMARY KEY (mac, bastion))"""),
+    ("0112_bastions_machines", "ALTER TABLE bastions ADD COLUMN IF NOT EXISTS machines INT NOT NULL DEFAULT 0"),
 ]
 
 _LEDGER = """CREATE TABLE IF NOT EXISTS schema_migrations (
