@@ -256,10 +256,195 @@ def test_offline_bastion_refuses_commands_unless_queued(labd, admin, fleet):
         r = admin.post(labd.url + f"/api/v1/servers/{mac(1, 20)}/install", json=body)
         assert r.status_code == 503 and r.json()["error"].startswith("bastion b1 offline since 20")
         r = admin.post(labd.url + f"/api/v1/servers/{mac(1, 20)}/install", json={**body, "queue": True})
-        assert r.status_code == 202 and r.json()["state"] == "install_queued"
+        assert r.status_code == 202 and r.json()["state"] == "queued"
         cid = r.json()["command"]
     finally:
         fleet["b1"] = b = start_bastion(b.data_dir, workers=1)
     wait_for(lambda: admin.get(labd.url + f"/api/v1/commands/{cid}").json()["state"] == "done", timeout=30,
              what="the queued command delivered at reconnect")
     assert b.session().get(b.url + f"/api/machines/{mac(1, 20)}").json()["hostname"] == "queued-1"
+
+
+# -- autonomy and faults -----------------------------------------------------------------------------------
+def _install_some(b, i, js, prefix) -> None:
+    """Queue, boot and finish installs of machines ``js`` of bastion ``i`` through its own API."""
+    m, http = Machines(b), b.session()
+    for j in js:
+        r = http.post(b.url + "/api/install", json={"mac": mac(i, j), "hostname": f"{prefix}-{i}-{j}", "role": "worker",
+                                                    "os": "debian-12", "disk": "", "ssh_keys": []})
+        assert r.status_code == 202, r.text
+        token = m.boot(mac(i, j))
+        m.progress(mac(i, j), token, "partitioning", 10)
+        m.progress(mac(i, j), token, "complete", 100)
+
+
+def test_labd_killed_while_bastions_stream_events_loses_and_repeats_nothing(labd, admin, fleet):
+    """kill -9 labd (API, hub and all) while three bastions install; restart it; every (bastion,
+    event id) is in labd exactly once, and the bastions never stopped working."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def work(i, name):
+        try:
+            _install_some(fleet[name], i, range(30, 45), "crash")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=work, args=(i, n)) for i, n in enumerate(fleet, 1)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    labd.kill()
+    time.sleep(1.5)  # the bastions keep installing with labd down
+    labd.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for name, b in fleet.items():
+        wait_for(lambda b=b, name=name: caught_up(labd, b, name), timeout=60, what=f"{name} caught up")
+        got = events_in_labd(labd, name)
+        assert len(got) == len(set(got)) == len(events_on_bastion(b))
+    with db(labd) as c:
+        dup = c.execute("SELECT bastion, event_id, count(*) FROM bastion_events GROUP BY 1, 2 HAVING count(*) > 1").fetchall()
+    assert dup == []
+    for i, name in enumerate(fleet, 1):
+        s = admin.get(labd.url + f"/api/v1/servers/{mac(i, 44)}").json()
+        assert s["state"] == "installed" and s["hostname"] == f"crash-{i}-44" and s["bastion"] == name
+
+
+def test_a_link_killed_in_the_middle_of_a_command_applies_it_once(labd, admin, fleet):
+    b = fleet["b2"]
+    target = mac(2, 46)
+    wait_for(lambda: admin.get(labd.url + f"/api/v1/servers/{target}").status_code == 200, timeout=30, what="replicated")
+    link_pid = int(subprocess.run(["pgrep", "-f", "-P", str(b.proc.pid), "bastion_app.link"], capture_output=True,
+                                  text=True).stdout.split()[0])
+    body = {"hostname": "once-1", "role": "worker", "os": "debian-12", "disk": "", "ssh_keys": [], "wait_seconds": 60}
+    import threading
+
+    answer: dict = {}
+    t = threading.Thread(target=lambda: answer.update(r=admin.post(labd.url + f"/api/v1/servers/{target}/install", json=body)))
+    t.start()
+
+    def applied():
+        with sqlite3.connect(b.data_dir / "state.db") as c:
+            return c.execute("SELECT count(*) FROM link_commands").fetchone()[0] > 0 and \
+                c.execute("SELECT count(*) FROM events WHERE mac = ? AND kind = 'install'", (target,)).fetchone()[0] > 0
+    wait_for(lambda: applied() or "r" in answer, timeout=30, interval=0.005, what="the command applied on the bastion")
+    assert "r" not in answer, answer["r"].text
+    os.kill(link_pid, signal.SIGKILL)  # the answer may or may not have left: the supervisor restarts the link
+    t.join(90)
+    r = answer["r"]
+    assert r.status_code == 202 and r.json()["hostname"] == "once-1", r.text
+    with sqlite3.connect(b.data_dir / "state.db") as c:
+        assert c.execute("SELECT count(*) FROM events WHERE mac = ? AND kind = 'install'", (target,)).fetchone()[0] == 1
+
+
+def test_the_bastion_applies_a_command_id_at_most_once(fleet, tmp_path):
+    """The same command delivered twice (a resend after a lost answer): one effect, the same answer."""
+    from bastion_app.link import BastionLink
+    from labcore import bastion_config
+
+    b = fleet["b3"]
+    cfg = bastion_config.load(b.data_dir)
+    link = BastionLink(cfg)
+    cid = str(uuid.uuid4())
+    args = {"mac": mac(3, 47), "hostname": "twice-1", "role": "worker", "os": "debian-12", "disk": "", "ssh_keys": []}
+    first = link.apply(cid, "install", args)
+    second = link.apply(cid, "install", args)
+    assert first[0] == 202 and first == second
+    assert [e["kind"] for e in link.store.events(mac(3, 47))].count("install") == 1
+    taken = link.apply(str(uuid.uuid4()), "install", {**args, "mac": mac(3, 48)})  # a new command, another MAC
+    assert taken[0] == 409 and "twice-1" in taken[1]["error"]
+
+
+def test_postgresql_restarted_labd_recovers_without_a_restart(labd, admin, fleet, postgres):
+    pid = labd.proc.pid
+    postgres.restart()
+    wait_for(lambda: admin.get(labd.url + "/readyz").status_code == 200, timeout=30, what="labd ready again")
+    Machines(fleet["b1"]).discover(mac(1, 49) .replace(":00:", ":0f:"))
+    wait_for(lambda: caught_up(labd, fleet["b1"], "b1"), timeout=60, what="replication again")
+    assert admin.get(labd.url + "/api/v1/servers/" + mac(1, 49).replace(":00:", ":0f:")).status_code == 200
+    assert labd.proc.pid == pid and labd.proc.poll() is None
+
+
+# -- security ---------------------------------------------------------------------------------------------
+def _link(identity, **kw):
+    from labcore import link as linkmod
+
+    return linkmod.Link(identity, kind="bastion", software="test", backoff_cap=0.5, **kw)
+
+
+def _connect_once(link, seconds=10.0):
+    """Run the link until it is welcomed (returns the version) or refused (returns the error)."""
+    import asyncio
+
+    async def go():
+        stop = asyncio.Event()
+        task = asyncio.create_task(link.run(stop))
+        try:
+            await asyncio.wait_for(link.connected.wait(), seconds)
+            return link.version
+        except TimeoutError:
+            return link.last_error
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+    return asyncio.run(go())
+
+
+def test_versions_current_and_previous_accepted_others_refused(labd, admin, tmp_path):
+    assert join(labd, admin, tmp_path / "v", "versions").returncode == 0
+    identity = tmp_path / "v" / "link"
+    assert _connect_once(_link(identity)) == 2
+    assert _connect_once(_link(identity, versions=(1,))) == 1
+    err = _connect_once(_link(identity, versions=(0,)), seconds=3)
+    assert "no common protocol version" in err
+    assert any("no common protocol version" in a["detail"].get("reason", "")
+               for a in audit(admin, labd, "bastions.connect"))
+
+
+def test_revoked_bastion_is_refused_at_its_next_connect(labd, admin, tmp_path):
+    assert join(labd, admin, tmp_path / "r", "revokee").returncode == 0
+    identity = tmp_path / "r" / "link"
+    assert _connect_once(_link(identity)) == 2
+    admin.delete(labd.url + "/api/v1/bastions/revokee").raise_for_status()  # labctl delete bastion revokee
+    err = _connect_once(_link(identity), seconds=3)
+    assert "deleted in labd" in err
+    denied = [a for a in audit(admin, labd, "bastions.connect") if a["outcome"] == "denied"]
+    assert any("deleted in labd" in a["detail"]["reason"] for a in denied)
+    # re-joined with a new token: the old certificate stays refused, the new one works
+    assert join(labd, admin, tmp_path / "r2", "revokee").returncode == 0
+    assert "revoked" in _connect_once(_link(identity), seconds=3) or "deleted" in _connect_once(_link(identity), seconds=3)
+    assert _connect_once(_link(tmp_path / "r2" / "link")) == 2
+
+
+def test_a_certificate_of_another_ca_does_not_get_through_tls(labd, admin, tmp_path):
+    import asyncio
+    import ssl
+
+    import websockets
+
+    from labd import tls
+
+    assert join(labd, admin, tmp_path / "o", "other").returncode == 0
+    other = tmp_path / "otherca"
+    other.mkdir()
+    tls.make_ca(other)
+    tls.make_server_cert(other)  # a key and a certificate from a CA labd does not know
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "o" / "link" / "ca.pem"))
+    ctx.load_cert_chain(str(other / "server.crt"), str(other / "server.key"))
+
+    async def go():
+        async with websockets.connect(labd.hub_url, ssl=ctx, open_timeout=10) as ws:
+            await ws.send(json.dumps({"type": "hello", "versions": [2], "kind": "bastion", "software": "x"}))
+            await ws.recv()
+    with pytest.raises((ssl.SSLError, websockets.exceptions.WebSocketException, OSError)):
+        asyncio.run(go())
+    noclient = ssl.create_default_context(cafile=str(tmp_path / "o" / "link" / "ca.pem"))
+
+    async def anonymous():
+        async with websockets.connect(labd.hub_url, ssl=noclient, open_timeout=10) as ws:
+            await ws.recv()
+    with pytest.raises((ssl.SSLError, websockets.exceptions.WebSocketException, OSError)):
+        asyncio.run(anonymous())
+
