@@ -21,9 +21,8 @@ import uuid
 
 import psycopg
 import pytest
-import requests
 
-from tests.support import REPO, Machines, start_bastion, start_labd, stop_process, wait_for
+from tests.support import REPO, Machines, start_bastion, start_labd, wait_for
 
 N_MACHINES = 50  # per bastion (3 bastions); the 3 x 300 scale runs in bench/labd_fleet.py
 
