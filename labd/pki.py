@@ -83,6 +83,11 @@ def peer_of(cert_der: bytes) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
+def validity(cert_der: bytes) -> tuple[dt.datetime, dt.datetime]:
+    cert = x509.load_der_x509_certificate(cert_der)
+    return cert.not_valid_before_utc, cert.not_valid_after_utc
+
+
 def der_fingerprint(cert_der: bytes) -> str:
     return "sha256:" + x509.load_der_x509_certificate(cert_der).fingerprint(hashes.SHA256()).hex()
 

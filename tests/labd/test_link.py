@@ -447,3 +447,122 @@ def test_a_certificate_of_another_ca_does_not_get_through_tls(labd, admin, tmp_p
     with pytest.raises((ssl.SSLError, websockets.exceptions.WebSocketException, OSError)):
         asyncio.run(anonymous())
 
+
+
+@pytest.fixture(scope="module")
+def short_labd(postgres, tmp_path_factory):
+    """A labd whose bastion certificates live 12 seconds."""
+    postgres.sql("CREATE DATABASE labd_link_short TEMPLATE labd_template")
+    server = start_labd(tmp_path_factory.mktemp("labd-short") / "data", postgres.url("labd_link_short"),
+                        env={"LABD_BASTION_CERT_SECONDS": "12"}, workers=1)
+    yield server
+    server.stop()
+
+
+def test_certificates_renew_in_band_with_a_new_key(short_labd, tmp_path):
+    import asyncio
+
+    from labcore import enroll
+
+    admin = short_labd.session(short_labd.login())
+    assert join(short_labd, admin, tmp_path / "renew", "renewer").returncode == 0
+    renew_dir = tmp_path / "renew" / "link"
+    first_cert, first_key = (renew_dir / "cert.pem").read_bytes(), (renew_dir / "key.pem").read_bytes()
+    _, first_end = enroll.cert_times(first_cert)
+    link = _link(renew_dir, renew_check_seconds=0.2)
+
+    async def run_until_renewed():
+        stop = asyncio.Event()
+        task = asyncio.create_task(link.run(stop))
+        try:
+            for _ in range(200):
+                if (renew_dir / "cert.pem").read_bytes() != first_cert:
+                    return True
+                await asyncio.sleep(0.1)
+            return False
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+    assert asyncio.run(run_until_renewed()), "no renewal within 20 s"
+    assert (renew_dir / "key.pem").read_bytes() != first_key  # a new key
+    assert stat.S_IMODE((renew_dir / "key.pem").stat().st_mode) == 0o600
+    _, new_end = enroll.cert_times((renew_dir / "cert.pem").read_bytes())
+    assert new_end > first_end
+    assert audit(admin, short_labd, "bastions.renew")
+    assert _connect_once(_link(renew_dir, versions=(1,))) == 1  # the renewed certificate connects
+
+
+def test_an_expired_certificate_is_refused_with_a_reason_and_an_audit_row(labd, admin, tmp_path):
+    import asyncio
+    import ssl
+
+    import websockets
+
+    from labcore import enroll
+    from labd import pki
+
+    assert join(labd, admin, tmp_path / "x", "expirer").returncode == 0
+    d = tmp_path / "x" / "link"
+    peer = json.loads((d / "identity.json").read_text())["id"]
+    key, csr = enroll.new_key_and_csr("x")  # a certificate of labd's CA that lived one second
+    cert, fp, not_after = pki.sign(labd.data_dir, pki.load_csr(csr.decode()), "bastion", peer, 1)
+    with db(labd) as c:
+        pki.record(c.cursor(), fp, "bastion", peer, not_after)
+    enroll.store_identity(d, key, cert, (d / "ca.pem").read_bytes())
+    wait_for(lambda: time.time() > not_after.timestamp() + 0.5, timeout=10, what="expiry")
+    assert "our certificate expired" in _connect_once(_link(d), seconds=3)
+    ctx = ssl.create_default_context(cafile=str(d / "ca.pem"))
+    ctx.load_cert_chain(str(d / "cert.pem"), str(d / "key.pem"))
+
+    async def raw():  # past the client's own check: the hub refuses it
+        async with websockets.connect(labd.hub_url, ssl=ctx, open_timeout=10) as ws:
+            await ws.send(json.dumps({"type": "hello", "versions": [2, 1], "kind": "bastion", "software": "x"}))
+            try:
+                await ws.recv()
+            except websockets.ConnectionClosed as exc:
+                return exc.rcvd.code, exc.rcvd.reason
+    code, reason = asyncio.run(raw())
+    assert code == 4001 and "certificate expired at" in reason
+    denied = [a for a in audit(admin, labd, "bastions.connect") if a["outcome"] == "denied"]
+    assert any("certificate expired at" in a["detail"]["reason"] for a in denied)
+
+
+def test_a_bastion_cannot_change_another_bastions_machines(labd, admin, fleet, tmp_path):
+    """A joined bastion (its own certificate) sends rows and tombstones for b1's MACs, and tries to
+    answer a command meant for b1: b1's servers and the command are unchanged."""
+    import asyncio
+
+    import websockets
+
+    assert join(labd, admin, tmp_path / "m", "mallory").returncode == 0
+    identity = tmp_path / "m" / "link"
+    victim = mac(1, 5)
+    wait_for(lambda: admin.get(labd.url + f"/api/v1/servers/{victim}").status_code == 200, timeout=30, what="b1's row")
+    before = admin.get(labd.url + f"/api/v1/servers/{victim}").json()
+    with db(labd) as c:
+        b1 = c.execute("SELECT id FROM bastions WHERE name = 'b1'").fetchone()[0]
+        cid = c.execute("INSERT INTO commands (target_kind, target_id, kind, args, state, created_by) VALUES "
+                        "('bastion', %s, 'forget', '{}', 'sent', 'test') RETURNING id", (str(b1),)).fetchone()[0]
+    from labcore import link as linkmod
+
+    forged = {**before, "state": "installed", "hostname": "stolen", "bastion": "mallory", "change": 10 ** 9}
+
+    async def go():
+        async with websockets.connect(labd.hub_url, ssl=linkmod.ssl_context(identity), open_timeout=10) as ws:
+            await ws.send(json.dumps({"type": "hello", "versions": [2], "kind": "bastion", "software": "x"}))
+            assert json.loads(await ws.recv())["type"] == "welcome"
+            await ws.send(json.dumps({"type": "replicate", "machines": [forged], "events": [],
+                                      "deleted": [{"mac": mac(1, 6), "change": 10 ** 9}], "head": {}}))
+            ack = json.loads(await ws.recv())
+            await ws.send(json.dumps({"type": "result", "id": str(cid), "status": 200, "body": {"forged": True}}))
+            await ws.send(json.dumps({"type": "hello", "kind": "bastion", "versions": [2], "bastion": "b1"}))
+            await asyncio.sleep(0.5)
+            return ack
+    ack = asyncio.run(go())
+    assert ack["type"] == "ack"
+    after = admin.get(labd.url + f"/api/v1/servers/{victim}").json()
+    assert {k: after[k] for k in ("state", "hostname", "bastion")} == {k: before[k] for k in ("state", "hostname", "bastion")}
+    assert admin.get(labd.url + f"/api/v1/servers/{mac(1, 6)}").json()["bastion"] == "b1"
+    with db(labd) as c:
+        assert c.execute("SELECT state, result FROM commands WHERE id = %s", (cid,)).fetchone() == ("sent", None)
+        c.execute("UPDATE commands SET state = 'cancelled' WHERE id = %s", (cid,))
