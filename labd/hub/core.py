@@ -41,7 +41,7 @@ log = logging.getLogger("labd.hub")
 
 CURRENT_VERSION = 2
 VERSIONS = (CURRENT_VERSION, CURRENT_VERSION - 1)  # the current protocol and the previous one
-POLL_SECONDS = 0.1
+POLL_SECONDS = 0.02
 HEARTBEAT_SECONDS = 5.0
 HELLO_TIMEOUT = 10.0
 CLOSE_REVOKED, CLOSE_VERSION, CLOSE_UNKNOWN, CLOSE_REPLACED = 4001, 4002, 4003, 4004
@@ -216,7 +216,7 @@ class Hub:
         log.info("hub: %s %s (%s) connected, protocol %s, software %s", kind, peer.name, peer_id, peer.version, software)
         try:
             await handler.on_connect(peer)
-            await self._deliver(peer, states=("queued", "sent"))
+            await self._deliver(peer, resend=True)
             async for raw in ws:
                 try:
                     msg = json.loads(raw)
@@ -277,14 +277,17 @@ class Hub:
         self.sent.discard(cid)
 
     # -- commands and heartbeats ---------------------------------------------------------------------
-    async def _deliver(self, peer: Peer | None, states=("queued",)) -> None:
+    async def _deliver(self, peer: Peer | None, *, resend: bool = False) -> None:
+        """Send the queued commands of ``peer`` (else of every connected peer); with ``resend``
+        also those sent before without an answer (at a connect)."""
         ids = [peer.id] if peer else list(self.peers)
         if not ids:
             return
+        states = "state IN ('queued', 'sent')" if resend else "state = 'queued'"  # the latter: commands_queued_idx
 
         def pick(cur):
-            rows = cur.execute("SELECT id, target_id, kind, args FROM commands WHERE state = ANY(%s) AND target_id = ANY(%s) "
-                               "ORDER BY created_at LIMIT 500", (list(states), ids)).fetchall()
+            rows = cur.execute(f"SELECT id, target_id, kind, args FROM commands WHERE {states} AND target_id = ANY(%s) "
+                               "ORDER BY created_at LIMIT 500", (ids,)).fetchall()
             if rows:
                 cur.execute("UPDATE commands SET state = 'sent', updated_at = now() WHERE id = ANY(%s) AND state = 'queued'",
                             ([r["id"] for r in rows],))

@@ -15,14 +15,13 @@ import signal
 import sqlite3
 import stat
 import subprocess
-import sys
 import time
 import uuid
 
 import psycopg
 import pytest
 
-from tests.support import REPO, Machines, start_bastion, start_labd, wait_for
+from tests.support import Machines, bastion_join, join_token, start_bastion, start_labd, wait_for
 
 N_MACHINES = 50  # per bastion (3 bastions); the 3 x 300 scale runs in bench/labd_fleet.py
 
@@ -32,16 +31,7 @@ def mac(b: int, i: int) -> str:
 
 
 def join(labd, admin, data_dir, name, *, uses=1, ttl=3600, scope="*", extra=()) -> subprocess.CompletedProcess:
-    tok = admin.post(labd.url + "/api/v1/tokens", json={"kind": "bastion", "ttl_seconds": ttl, "uses": uses,
-                                                          "scope": scope}).json()["token"]
-    return bastion_join(labd.url, tok, data_dir, name, *extra)
-
-
-def bastion_join(url, tok, data_dir, name, *extra) -> subprocess.CompletedProcess:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([sys.executable, "-m", "bastion_app.cli", "join", "--data-dir", str(data_dir), "--labd", url,
-                           "--token", tok, "--name", name, *extra], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    return bastion_join(labd.url, join_token(labd, admin, uses=uses, ttl=ttl, scope=scope), data_dir, name, *extra)
 
 
 def servers(admin, labd, **params) -> list[dict]:
