@@ -189,6 +189,14 @@ def bastion_online(row: dict) -> bool:
             and (dt.datetime.now(dt.UTC) - seen).total_seconds() < OFFLINE_AFTER_SECONDS)
 
 
+#: the bastion view's derived fields as SQL (lists are rendered by the database: labd.api.Kind.json_sql)
+BASTION_SQL = {
+    "status": f"CASE WHEN status = 'online' AND (last_seen_at IS NULL OR last_seen_at < now() - interval "
+              f"'{OFFLINE_AFTER_SECONDS} seconds') THEN 'offline' ELSE status END",
+    "lag": "backlog",
+}
+
+
 def bastion_view(row: dict, out: dict) -> dict:
     """A bastion as the API shows it: its connection state (online only while the hub refreshes
     it), machine count and replication lag (events it holds that labd has not acknowledged)."""

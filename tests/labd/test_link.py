@@ -268,37 +268,53 @@ def _install_some(b, i, js, prefix) -> None:
 
 
 def test_labd_killed_while_bastions_stream_events_loses_and_repeats_nothing(labd, admin, fleet):
-    """kill -9 labd (API, hub and all) while three bastions install; restart it; every (bastion,
-    event id) is in labd exactly once, and the bastions never stopped working."""
+    """kill -9 labd (API, hub and all) while three bastions install a steady stream of machines;
+    restart it; every (bastion, event id) is in labd exactly once, and the bastions never stopped."""
     import threading
 
     errors: list[BaseException] = []
+    stop = threading.Event()
+    done = {name: 0 for name in fleet}
 
     def work(i, name):
         try:
-            _install_some(fleet[name], i, range(30, 45), "crash")
+            for j in range(30, 45):
+                if stop.is_set():
+                    break
+                _install_some(fleet[name], i, [j], "crash")
+                done[name] = j
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
     threads = [threading.Thread(target=work, args=(i, n)) for i, n in enumerate(fleet, 1)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    time.sleep(0.5)
     labd.kill()
-    time.sleep(1.5)  # the bastions keep installing with labd down
+    at_kill = {name: len(events_on_bastion(b)) for name, b in fleet.items()}
+    time.sleep(2.0)  # the bastions keep installing with labd down
+    down = {name: len(events_on_bastion(b)) - at_kill[name] for name, b in fleet.items()}
     labd.start()
+    time.sleep(0.5)
+    stop.set()
     for t in threads:
         t.join(120)
     assert not errors, errors
+    assert all(n > 0 for n in down.values()), down  # events were made while labd was down
     for name, b in fleet.items():
-        wait_for(lambda b=b, name=name: caught_up(labd, b, name), timeout=60, what=f"{name} caught up")
+        wait_for(lambda b=b, name=name: caught_up(labd, b, name), timeout=90, what=f"{name} caught up")
         got = events_in_labd(labd, name)
         assert len(got) == len(set(got)) == len(events_on_bastion(b))
     with db(labd) as c:
         dup = c.execute("SELECT bastion, event_id, count(*) FROM bastion_events GROUP BY 1, 2 HAVING count(*) > 1").fetchall()
     assert dup == []
     for i, name in enumerate(fleet, 1):
-        s = admin.get(labd.url + f"/api/v1/servers/{mac(i, 44)}").json()
-        assert s["state"] == "installed" and s["hostname"] == f"crash-{i}-44" and s["bastion"] == name
+        last = done[name]
+        wait_for(lambda i=i, last=last: admin.get(labd.url + f"/api/v1/servers/{mac(i, last)}").json()["state"] == "installed",
+                 timeout=30, what="the last install in labd")
+        s = admin.get(labd.url + f"/api/v1/servers/{mac(i, last)}").json()
+        assert s["hostname"] == f"crash-{i}-{last}" and s["bastion"] == name
+        wait_for(lambda name=name: admin.get(labd.url + f"/api/v1/bastions/{name}").json()["status"] == "online",
+                 timeout=60, what=f"{name} online")
 
 
 def test_a_link_killed_in_the_middle_of_a_command_applies_it_once(labd, admin, fleet):
@@ -556,3 +572,25 @@ def test_a_bastion_cannot_change_another_bastions_machines(labd, admin, fleet, t
     with db(labd) as c:
         assert c.execute("SELECT state, result FROM commands WHERE id = %s", (cid,)).fetchone() == ("sent", None)
         c.execute("UPDATE commands SET state = 'cancelled' WHERE id = %s", (cid,))
+
+
+def test_labctl_provision_commands_route_through_labd(labd, admin, fleet, monkeypatch):
+    """labctl's routed path (labctl/routed.py) against the real labd: the answer of the bastion,
+    its refusals as labctl errors, --bastion for a conflict."""
+    from types import SimpleNamespace
+
+    from labctl import errors, routed
+    from labctl.client import Client
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", labd.ca)
+    obj = SimpleNamespace(uses_labd=True, labd=Client(labd.url, admin.headers["Authorization"][7:]), output="json")
+    assert routed.check(obj, None, False)
+    out = routed.send(obj, mac(3, 10), "debug", {"mode": "rescue"}, None, False)
+    assert out["debug"] == "rescue" and out["mac"] == mac(3, 10)
+    with pytest.raises(errors.Conflict):  # b1 and b3 both see it (the conflict test above)
+        routed.send(obj, mac(1, 3), "debug", {"mode": "rescue"}, None, False)
+    assert routed.send(obj, mac(1, 3), "debug", {"mode": "pxe"}, "b1", False)["debug"] == "pxe"
+    with pytest.raises(errors.NotFound):
+        routed.send(obj, "52:54:ff:ff:ff:ff", "forget", {}, None, False)
+    with pytest.raises(errors.UsageError):
+        routed.check(SimpleNamespace(uses_labd=False), "b1", False)
