@@ -125,9 +125,13 @@ class BastionLink:
         answer = r.get_json(silent=True)
         if answer is None:
             answer = {"error": r.get_data(as_text=True)[:500]}
-        if self.store.command_result(command_id)[0]:
-            self.store.store_command_result(command_id, r.status_code, answer)
         return r.status_code, answer
+
+    def keep_answer(self, command_id: str, status: int, body: Any) -> None:
+        """Store the answer of an applied command (after it was sent: a command applied whose
+        answer was not stored is answered again by :meth:`_lost_answer`)."""
+        if self.store.command_result(command_id)[0]:
+            self.store.store_command_result(command_id, status, body)
 
     def _lost_answer(self, kind: str, args: dict) -> tuple[int, Any]:
         """The answer of a command applied before this process died and could store its answer:
@@ -147,7 +151,10 @@ class BastionLink:
             return
         async with self.command_lock:  # one at a time: the check and the apply see each other
             status, body = await asyncio.to_thread(self.apply, cid, str(msg.get("kind")), msg.get("args") or {})
-        await link.send({"type": "result", "id": cid, "status": status, "body": body})
+            try:
+                await link.send({"type": "result", "id": cid, "status": status, "body": body})
+            finally:
+                await asyncio.to_thread(self.keep_answer, cid, status, body)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.link.run(stop)

@@ -33,8 +33,8 @@ from labcore import enroll
 
 log = logging.getLogger("labcore.link")
 
-CURRENT_VERSION = 2
-VERSIONS = (2, 1)  # ours, best first
+CURRENT_VERSION = 2  # the one home of the protocol's version (labd's hub speaks it and the previous one)
+VERSIONS = (CURRENT_VERSION, CURRENT_VERSION - 1)  # ours, best first
 #: close codes the hub uses (4000-4999 are the application's): a refusal that retrying will not fix
 FATAL_CLOSE = {4001: "certificate revoked", 4002: "no common protocol version", 4003: "unknown peer"}
 
@@ -73,7 +73,7 @@ class Link:
     def __init__(self, identity_dir: Path | str, *, kind: str, software: str,
                  handlers: dict[str, Handler] | None = None, on_connect: Handler | None = None,
                  url: str | None = None, versions: tuple[int, ...] = VERSIONS,
-                 renew_check_seconds: float = 30.0, backoff_cap: float = 30.0):
+                 renew_check_seconds: float = 30.0, backoff_cap: float = 10.0):
         self.dir = Path(identity_dir)
         meta = enroll.load_meta(self.dir)
         self.url = url or meta["hub"]

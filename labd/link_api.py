@@ -39,7 +39,7 @@ OFFLINE_AFTER_SECONDS = 15
 #: how long a routed command waits for the bastion's answer before the request answers 504
 COMMAND_WAIT_SECONDS = 30
 #: how often the waiting request looks at the command's row
-COMMAND_POLL_SECONDS = 0.01
+COMMAND_POLL_SECONDS = 0.005
 ACTIONS = ("install", "reprovision", "cancel", "forget", "debug")
 
 

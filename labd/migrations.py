@@ -150,7 +150,7 @@ STEPS: list[tuple[str, str]] = [
         updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         PRIMARY KEY (mac, bastion))"""),
     ("0112_bastions_machines", "ALTER TABLE bastions ADD COLUMN IF NOT EXISTS machines INT NOT NULL DEFAULT 0"),
-    # the hub's poll (every 20 ms) reads only the queued commands
+    # the hub's poll (every 10 ms) reads only the queued commands
     ("0113_commands_queued_idx", "CREATE INDEX IF NOT EXISTS commands_queued_idx ON commands (created_at) WHERE state = 'queued'"),
 ]
 

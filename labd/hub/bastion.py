@@ -107,9 +107,10 @@ class BastionHandler(PeerHandler):
             "UPDATE bastions SET acked_event_id = GREATEST(acked_event_id, %s), acked_change = GREATEST(acked_change, %s), "
             "last_seen_at = now(), status = 'online' WHERE id = %s RETURNING acked_event_id, acked_change",
             (max_event, max_change, peer.id)).fetchone()
-        cur.execute("UPDATE bastions SET backlog = GREATEST(0, %s - acked_event_id), "
-                    "machines = (SELECT count(*) FROM server_claims WHERE bastion = %s) WHERE id = %s",
-                    (head_event, name, peer.id))
+        cur.execute("UPDATE bastions SET backlog = GREATEST(0, %s - acked_event_id) WHERE id = %s", (head_event, peer.id))
+        if machines or deleted:
+            cur.execute("UPDATE bastions SET machines = (SELECT count(*) FROM server_claims WHERE bastion = %s) WHERE id = %s",
+                        (name, peer.id))
         if bad:
             audit(cur, f"bastion:{peer.id}", "bastions.replicate", f"bastions/{peer.id}", outcome="rejected", status=422,
                   detail={"invalid_items": bad})

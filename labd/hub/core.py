@@ -34,14 +34,14 @@ from pathlib import Path
 import websockets
 from psycopg.types.json import Jsonb
 
+from labcore.link import CURRENT_VERSION
 from labd import pki
 from labd.store import Store, audit
 
 log = logging.getLogger("labd.hub")
 
-CURRENT_VERSION = 2
 VERSIONS = (CURRENT_VERSION, CURRENT_VERSION - 1)  # the current protocol and the previous one
-POLL_SECONDS = 0.02
+POLL_SECONDS = 0.01
 HEARTBEAT_SECONDS = 5.0
 HELLO_TIMEOUT = 10.0
 CLOSE_REVOKED, CLOSE_VERSION, CLOSE_UNKNOWN, CLOSE_REPLACED = 4001, 4002, 4003, 4004
