@@ -234,39 +234,50 @@ def route(ref: str, action: str):
         raise ApiError(422, "invalid request", [{"field": ".".join(map(str, e["loc"])), "message": e["msg"]}
                                                 for e in exc.errors()]) from None
     args = {k: val for k, val in (body.model_extra or {}).items()}
-    mac, holders = api.store().transaction(lambda cur: _holders(cur, ref))
-    if not holders:
-        raise ApiError(404, "no bastion holds this machine", mac)
-    if body.bastion:
-        holders = [b for b in holders if b["name"] == body.bastion]
-        if not holders:
-            raise ApiError(404, f"bastion {body.bastion} does not hold {mac}")
-    elif len(holders) > 1:
-        names = [b["name"] for b in holders]
-        raise ApiError(409, f"MAC {mac} is seen by bastions {', '.join(names)}: name one (--bastion)",
-                       {"mac": mac, "bastions": names})
-    b = holders[0]
     verb = "delete" if action == "forget" else "update"
-    api.authorize(verb, "servers", f"{b['cloud']}/{b['environment']}/{mac}", f"servers/{mac}")
-    online = bastion_online(b)
-    if not online and not body.queue:
-        since = _iso(b["last_seen_at"]) or "never (it has not connected yet)"
-        api.store().transaction(lambda cur: audit(cur, g.caller.user, f"servers.{action}", f"servers/{mac}",
-                                                  outcome="refused", status=503, detail={"bastion": b["name"]}))
-        raise ApiError(503, f"bastion {b['name']} offline since {since}",
-                       "the command was not sent; pass --queue to deliver it when the bastion reconnects")
     cid = uuid.uuid4()
 
-    def insert(cur):
+    def work(cur):
+        """Find the bastion, check the caller's grant and the bastion's state, and insert the
+        command with its audit row: one transaction. Refusals come back as values (their audit
+        rows are written by the caller, outside this transaction)."""
+        mac, holders = _holders(cur, ref)
+        if not holders:
+            raise ApiError(404, "no bastion holds this machine", mac)
+        if body.bastion:
+            holders = [b for b in holders if b["name"] == body.bastion]
+            if not holders:
+                raise ApiError(404, f"bastion {body.bastion} does not hold {mac}")
+        elif len(holders) > 1:
+            names = [b["name"] for b in holders]
+            raise ApiError(409, f"MAC {mac} is seen by bastions {', '.join(names)}: name one (--bastion)",
+                           {"mac": mac, "bastions": names})
+        b = holders[0]
+        path = f"{b['cloud']}/{b['environment']}/{mac}"
+        if not rbac.allowed(g.caller.grants, verb, "servers", path):
+            return "forbidden", mac, b, path
+        online = bastion_online(b)
+        if not online and not body.queue:
+            audit(cur, g.caller.user, f"servers.{action}", f"servers/{mac}", outcome="refused", status=503,
+                  detail={"bastion": b["name"]})
+            return "offline", mac, b, path
         cur.execute("INSERT INTO commands (id, target_kind, target_id, kind, args, created_by, deliver_after_reconnect) "
                     "VALUES (%s, 'bastion', %s, %s, %s, %s, %s)",
                     (cid, str(b["id"]), action, Jsonb({"mac": mac, **args}), g.caller.user, body.queue))
         audit(cur, g.caller.user, f"servers.{action}", f"servers/{mac}", status=202,
               detail={"bastion": b["name"], "command": str(cid), "queued": body.queue})
-    api.store().transaction(insert)
-    if body.queue and not online:
+        return ("sent" if online else "queued"), mac, b, path
+    outcome, mac, b, path = api.store().transaction(work)
+    if outcome == "forbidden":
+        api.authorize(verb, "servers", path, f"servers/{mac}")  # denies, with its audit row
+    if outcome == "offline":
+        since = _iso(b["last_seen_at"]) or "never (it has not connected yet)"
+        raise ApiError(503, f"bastion {b['name']} offline since {since}",
+                       "the command was not sent; pass --queue to deliver it when the bastion reconnects")
+    if outcome == "queued":
         return jsonify({"command": str(cid), "state": "queued", "bastion": b["name"],
                         "detail": f"bastion {b['name']} is offline; delivered when it reconnects"}), 202
+    time.sleep(COMMAND_POLL_SECONDS)  # it cannot have been answered yet
     return _await(cid, b["name"], body.wait_seconds, body.queue)
 
 

@@ -152,6 +152,9 @@ STEPS: list[tuple[str, str]] = [
     ("0112_bastions_machines", "ALTER TABLE bastions ADD COLUMN IF NOT EXISTS machines INT NOT NULL DEFAULT 0"),
     # the hub's poll (every 10 ms) reads only the queued commands
     ("0113_commands_queued_idx", "CREATE INDEX IF NOT EXISTS commands_queued_idx ON commands (created_at) WHERE state = 'queued'"),
+    # a bastion's claims (its machine count) without a scan, which under SERIALIZABLE would conflict
+    # with every other bastion's batch
+    ("0114_server_claims_bastion_idx", "CREATE INDEX IF NOT EXISTS server_claims_bastion_idx ON server_claims (bastion, mac)"),
 ]
 
 _LEDGER = """CREATE TABLE IF NOT EXISTS schema_migrations (

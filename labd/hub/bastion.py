@@ -91,8 +91,8 @@ class BastionHandler(PeerHandler):
         if events:
             cur.executemany("INSERT INTO bastion_events (bastion, event_id, mac, ts, kind, body) VALUES (%s, %s, %s, %s, %s, %s) "
                             "ON CONFLICT (bastion, event_id) DO NOTHING", [(name, *e) for e in events])
-        for m in machines:
-            self._upsert(cur, peer, m)
+        if machines:
+            self._upsert(cur, peer, machines)
         for mac, change in deleted:
             cur.execute("DELETE FROM server_claims WHERE mac = %s AND bastion = %s AND version < %s", (mac, name, change))
             cur.execute("DELETE FROM servers WHERE mac = %s AND bastion = %s AND COALESCE(bastion_version, 0) < %s",
@@ -118,25 +118,42 @@ class BastionHandler(PeerHandler):
         return {"event": max_event, "change": max_change,
                 "acked_event": row["acked_event_id"] if row else 0, "acked_change": row["acked_change"] if row else 0}
 
-    def _upsert(self, cur, peer: Peer, m: dict) -> None:
-        name, change, mac = peer.name, m["change"], m["mac"]
-        view = {k: m[k] for k in _COLUMNS}
-        cur.execute("INSERT INTO server_claims (mac, bastion, version, row) VALUES (%s, %s, %s, %s) "
-                    "ON CONFLICT (mac, bastion) DO UPDATE SET version = excluded.version, row = excluded.row, updated_at = now() "
-                    "WHERE server_claims.version < excluded.version", (mac, name, change, Jsonb(view)))
-        cols = [c for c in _COLUMNS if c not in ("mac",)]
-        values = [Jsonb(m[c]) if c in _JSON else m[c] for c in cols]
-        # a host name another server has already is not copied (the bastion's view keeps it)
-        hostname_free = "SELECT NOT EXISTS (SELECT 1 FROM servers o WHERE o.hostname = %s AND o.mac <> %s) AS free"
-        existing = cur.execute("SELECT bastion, bastion_version FROM servers WHERE mac = %s", (mac,)).fetchone()
-        if m["hostname"] is not None and not cur.execute(hostname_free, (m["hostname"], mac)).fetchone()["free"]:
-            values[cols.index("hostname")] = None
-        if existing is None:
-            cur.execute(f"INSERT INTO servers (mac, {', '.join(cols)}, bastion, bastion_version, cloud, environment) "
-                        f"VALUES (%s, {', '.join(['%s'] * len(cols))}, %s, %s, %s, %s) ON CONFLICT (mac) DO NOTHING",
-                        [mac, *values, name, change, peer.cloud, peer.environment])
-        elif existing["bastion"] in (None, name) and (existing["bastion_version"] or 0) < change:
+    def _upsert(self, cur, peer: Peer, machines: list[dict]) -> None:
+        """A batch of this bastion's machine rows: its claims, then the servers it owns (a few
+        statements per batch, each pipelined: not one round trip per machine)."""
+        name = peer.name
+        latest: dict[str, dict] = {}
+        for m in machines:  # a MAC twice in one batch: the newer row
+            if m["mac"] not in latest or latest[m["mac"]]["change"] < m["change"]:
+                latest[m["mac"]] = m
+        rows = list(latest.values())
+        cur.executemany("INSERT INTO server_claims (mac, bastion, version, row) VALUES (%s, %s, %s, %s) "
+                        "ON CONFLICT (mac, bastion) DO UPDATE SET version = excluded.version, row = excluded.row, "
+                        "updated_at = now() WHERE server_claims.version < excluded.version",
+                        [(m["mac"], name, m["change"], Jsonb({k: m[k] for k in _COLUMNS})) for m in rows])
+        macs = [m["mac"] for m in rows]
+        owners = {r["mac"]: r for r in cur.execute("SELECT mac, bastion, bastion_version FROM servers WHERE mac = ANY(%s)",
+                                                    (macs,)).fetchall()}
+        names = [m["hostname"] for m in rows if m["hostname"]]
+        taken = {r["hostname"]: r["mac"] for r in cur.execute(
+            "SELECT hostname, mac FROM servers WHERE hostname = ANY(%s)", (names,)).fetchall()} if names else {}
+        cols = [c for c in _COLUMNS if c != "mac"]
+        inserts, updates = [], []
+        for m in rows:
+            values = [Jsonb(m[c]) if c in _JSON else m[c] for c in cols]
+            if m["hostname"] and taken.get(m["hostname"], m["mac"]) != m["mac"]:
+                values[cols.index("hostname")] = None  # another server has this name: not copied (the claim keeps it)
+            own = owners.get(m["mac"])
+            if own is None:
+                inserts.append([m["mac"], *values, name, m["change"], peer.cloud, peer.environment])
+            elif own["bastion"] in (None, name) and (own["bastion_version"] or 0) < m["change"]:
+                updates.append([*values, name, m["change"], m["mac"], name])
+            # else: another bastion owns this MAC (a conflict, visible as two claims) or this is older
+        if inserts:
+            cur.executemany(f"INSERT INTO servers (mac, {', '.join(cols)}, bastion, bastion_version, cloud, environment) "
+                            f"VALUES (%s, {', '.join(['%s'] * len(cols))}, %s, %s, %s, %s) ON CONFLICT (mac) DO NOTHING",
+                            inserts)
+        if updates:
             sets = ", ".join(f"{c} = %s" for c in cols)
-            cur.execute(f"UPDATE servers SET {sets}, bastion = %s, bastion_version = %s WHERE mac = %s "
-                        "AND (bastion IS NULL OR bastion = %s)", [*values, name, change, mac, name])
-        # else: another bastion owns this MAC (a conflict, visible as two claims) or this is older
+            cur.executemany(f"UPDATE servers SET {sets}, bastion = %s, bastion_version = %s WHERE mac = %s "
+                            "AND (bastion IS NULL OR bastion = %s)", updates)
