@@ -116,10 +116,6 @@ def enroll():
     for value in (body.facts.get("cloud"), body.facts.get("environment")):
         if value is not None and not re.fullmatch(NAME_PATTERN, value):
             raise ApiError(422, "invalid request", [{"field": "facts", "message": f"{value[:64]!r} is not a valid name"}])
-    try:
-        csr = pki.load_csr(body.csr)
-    except pki.CsrError as exc:
-        raise ApiError(400, "bad CSR", str(exc)) from None
     cfg = current_app.config["LABD"]
     actor = f"{body.kind}:{body.name}"
     lifetime = cfg.bastion_cert_seconds if body.kind == "bastion" else cfg.agent_cert_seconds
@@ -141,11 +137,16 @@ def enroll():
         elif t["uses_left"] is not None and t["uses_left"] <= 0:
             refusal = (403, "join token used up", "the token has been used as many times as it allowed "
                        "(a replayed join token); make a new one")
-        place = None
+        place = csr = None
         if refusal is None:
             place = _place(t["scope"], body.facts, body.name)
             if isinstance(place, str):
                 refusal = (403, "join token out of scope", place)
+        if refusal is None:  # the CSR only once the token holds (nothing is spent on a bad one)
+            try:
+                csr = pki.load_csr(body.csr)
+            except pki.CsrError as exc:
+                refusal = (400, "bad CSR", str(exc))
         if refusal:
             audit(cur, actor, f"{body.kind}s.enroll", f"{body.kind}s/{body.name}", outcome="denied",
                   status=refusal[0], detail={"reason": refusal[1], "token": str(t["id"]) if t else None})

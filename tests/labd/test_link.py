@@ -156,6 +156,11 @@ def test_join_refusals_each_with_a_clear_message_and_an_audit_row(labd, admin, t
     assert r.returncode != 0 and "does not match the join token's pin" in r.stderr
     assert len(audit(admin, labd, "bastions.enroll")) == before  # the token was never sent
     assert not (tmp_path / "f" / "link").exists()
+    once = join_token(labd, admin, uses=1)  # a bad CSR is refused without spending the token's use
+    r = labd.session().post(labd.url + "/api/v1/enroll", json={"token": once.split(":")[0], "kind": "bastion",
+                                                               "name": "badcsr", "csr": "not a CSR"})
+    assert r.status_code == 400 and r.json()["error"] == "bad CSR"
+    assert bastion_join(labd.url, once, tmp_path / "g", "goodcsr").returncode == 0
     denied = [a for a in audit(admin, labd, "bastions.enroll") if a["outcome"] == "denied"]
     reasons = {a["detail"]["reason"] for a in denied}
     assert {"join token used up", "join token expired", "join token revoked", "wrong kind of join token"} <= reasons
