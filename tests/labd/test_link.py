@@ -282,12 +282,18 @@ def test_labd_killed_while_bastions_stream_events_loses_and_repeats_nothing(labd
     done = {name: 0 for name in fleet}
 
     def work(i, name):
+        b, http = fleet[name], fleet[name].session()
         try:
-            for j in range(30, 45):
-                if stop.is_set():
-                    break
-                _install_some(fleet[name], i, [j], "crash")
-                done[name] = j
+            k = 0
+            while not stop.is_set():  # a steady stream: installs queued and cancelled
+                m = mac(i, 30 + k % 15)
+                r = http.post(b.url + "/api/install", json={"mac": m, "hostname": f"crash-{i}-{k % 15}", "role": "worker",
+                                                            "os": "debian-12", "disk": "", "ssh_keys": []})
+                assert r.status_code == 202, r.text
+                assert http.post(b.url + f"/api/machines/{m}/cancel", json={}).status_code == 200
+                k += 1
+            _install_some(b, i, [45], "crash")  # and one install to its end
+            done[name] = 45
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
     threads = [threading.Thread(target=work, args=(i, n)) for i, n in enumerate(fleet, 1)]
