@@ -10,7 +10,7 @@ import click
 from labcore import validate
 from labcore.domain import DEBUG_MODES, OS_NAMES, ROLE_NAMES
 from labcore.lifecycle import changed_params, describe_changes
-from labctl import delete, errors, follow, get, output, power, runner, targets
+from labctl import delete, errors, follow, get, output, power, routed, runner, targets
 from labctl.context import Ctx, complete_machines, output_option, pass_ctx, watch_options
 from labctl.makeiso import makeiso
 
@@ -81,15 +81,17 @@ def _install_bmc(driver, address, username, password_stdin, system_id, insecure)
 @click.option("--bmc-password-stdin", is_flag=True, help="Read the BMC password from stdin (with --bmc-driver).")
 @click.option("--bmc-system-id", help="Redfish: the system's id (default: the BMC's only system).")
 @click.option("--bmc-insecure", is_flag=True, help="Redfish over https: do not check the BMC's certificate.")
+@routed.options
 @output_option
 @pass_ctx
 def install(obj: Ctx, target, hostname, role, os_, disk, ssh_key_files, wait, timeout, bmc_driver, bmc_address,
-            bmc_username, bmc_password_stdin, bmc_system_id, bmc_insecure) -> None:
+            bmc_username, bmc_password_stdin, bmc_system_id, bmc_insecure, via_bastion, queue) -> None:
     """Queue TARGET (host name, MAC or IP) for installation at its next PXE boot.
 
     With --bmc-driver, --bmc-address, --bmc-username and --bmc-password-stdin the same request records
     the machine's BMC (sealed on the bastion; labctl power uses it). Every value is validated before
-    anything is sent."""
+    anything is sent. With a labd context TARGET is a host name or MAC and the command
+    goes to the bastion that holds it."""
     body = {
         "hostname": _v(validate.hostname, hostname, "hostname"),
         "role": _v(validate.role, role, "role"),
@@ -98,6 +100,14 @@ def install(obj: Ctx, target, hostname, role, os_, disk, ssh_key_files, wait, ti
         "ssh_keys": read_ssh_keys(ssh_key_files),
     }
     bmc = _install_bmc(bmc_driver, bmc_address, bmc_username, bmc_password_stdin, bmc_system_id, bmc_insecure)
+    if routed.check(obj, via_bastion, queue):
+        if wait:
+            raise errors.UsageError("--wait needs a bastion context", "follow it with labctl get servers")
+        if bmc:  # BMC passwords are not sent through labd (they would sit in its command rows)
+            raise errors.UsageError("--bmc-* needs a bastion context", "record the BMC there: labctl power set")
+        result = routed.send(obj, target, "install", body, via_bastion, queue)
+        routed.report(obj, result, target, f"{body['os']} as {body['role']} queued; it installs at its next PXE boot")
+        return
     m = targets.resolve_target(obj.client, target)
     cursor = obj.client.last_event_id() if wait else None
     result = obj.client.post("/api/install", {"mac": m["mac"], **body, **({"bmc": bmc} if bmc else {})})
@@ -124,10 +134,11 @@ def install(obj: Ctx, target, hostname, role, os_, disk, ssh_key_files, wait, ti
               help="Playbook to run instead of the collection's playbooks/reprovision.yml.")
 @click.option("--timeout", type=click.IntRange(10), default=600, show_default=True, metavar="SECONDS",
               help="Limit for each playbook run.")
+@routed.options
 @output_option
 @pass_ctx
 def reprovision(obj: Ctx, target, no_reboot, use_power, os_, role, reason, ssh_user, ssh_private_key, playbook,
-                timeout) -> None:
+                timeout, via_bastion, queue) -> None:
     """Reinstall TARGET: check that playbooks/reprovision.yml can run on it (a --check run over SSH),
     queue the reinstall, then (unless --no-reboot) run the playbook through ansible-runner: it sets the
     next boot to PXE (efibootmgr --bootnext on UEFI) and reboots the machine. The playbook's result is
@@ -136,6 +147,14 @@ def reprovision(obj: Ctx, target, no_reboot, use_power, os_, role, reason, ssh_u
     With --power, no SSH: the bastion sets the next boot to the network through the machine's BMC
     (labctl power set) and power-cycles it; a machine without a usable BMC record queues nothing."""
     body = {"os": os_, "role": role, "reason": _v(lambda v, f: validate.text(v, f, 256), reason, "reason")}
+    if routed.check(obj, via_bastion, queue):
+        if use_power:
+            raise errors.UsageError("--power needs a bastion context", "use that bastion's context, or --no-reboot")
+        if not no_reboot:
+            raise errors.UsageError("through labd a reinstall is only queued", "add --no-reboot and power-cycle the machine")
+        result = routed.send(obj, target, "reprovision", {k: v for k, v in body.items() if v}, via_bastion, queue)
+        routed.report(obj, result, target, "queued for reinstall")
+        return
     m = targets.resolve_target(obj.client, target)
     name = m.get("hostname") or m["mac"]
     reboot = None
@@ -205,12 +224,17 @@ def _reboot(obj: Ctx, name: str, hostvars: dict, book, timeout: int, *, check_mo
 @provision.command()
 @click.argument("target", shell_complete=complete_machines)
 @click.option("--reason", default="", help="Why (recorded in the event history).")
+@routed.options
 @output_option
 @pass_ctx
-def cancel(obj: Ctx, target, reason) -> None:
+def cancel(obj: Ctx, target, reason, via_bastion, queue) -> None:
     """Withdraw TARGET's queued, running or failed install. The machine is discovered again: at its
     next PXE boot it gets the discovery image, not an installer."""
     body = {"reason": _v(lambda v, f: validate.text(v, f, 256), reason, "reason")}
+    if routed.check(obj, via_bastion, queue):
+        result = routed.send(obj, target, "cancel", {k: v for k, v in body.items() if v}, via_bastion, queue)
+        routed.report(obj, result, target, "install cancelled; it is discovered again")
+        return
     m = targets.resolve_target(obj.client, target)
     name = m.get("hostname") or m["mac"]
     result = obj.client.post(f"/api/machines/{m['mac']}/cancel", {k: v for k, v in body.items() if v})
@@ -221,10 +245,20 @@ def cancel(obj: Ctx, target, reason) -> None:
 @provision.command()
 @click.argument("target", shell_complete=complete_machines)
 @delete.ignore_not_found_option
+@routed.options
 @output_option
 @pass_ctx
-def forget(obj: Ctx, target, ignore_not_found) -> None:
+def forget(obj: Ctx, target, ignore_not_found, via_bastion, queue) -> None:
     """Remove TARGET from all of the bastion's state (same as `labctl delete machine`)."""
+    if routed.check(obj, via_bastion, queue):
+        try:
+            result = routed.send(obj, target, "forget", {}, via_bastion, queue)
+        except errors.NotFound:
+            if ignore_not_found:
+                return
+            raise
+        routed.report(obj, result, target, "forgotten by its bastion")
+        return
     delete.forget(obj, target, ignore_not_found)
 
 
@@ -234,10 +268,17 @@ def forget(obj: Ctx, target, ignore_not_found) -> None:
               help="rescue: installer rescue shell with SSH; pxe: iPXE diagnostics shell.")
 @click.option("--power", "use_power", is_flag=True,
               help="Boot it now through its BMC: next boot network, then a power cycle.")
+@routed.options
 @output_option
 @pass_ctx
-def debug(obj: Ctx, target, mode, use_power) -> None:
+def debug(obj: Ctx, target, mode, use_power, via_bastion, queue) -> None:
     """Boot TARGET once into a debug environment at its next PXE boot, then back to normal."""
+    if routed.check(obj, via_bastion, queue):
+        if use_power:
+            raise errors.UsageError("--power needs a bastion context", "use that bastion's context")
+        result = routed.send(obj, target, "debug", {"mode": mode}, via_bastion, queue)
+        routed.report(obj, result, target, f"boots into {mode} debug once at its next PXE boot")
+        return
     m = targets.resolve_target(obj.client, target)
     result = obj.client.post("/api/debug", {"mac": m["mac"], "mode": mode})
     output.emit(result, obj.output, lambda: click.echo(

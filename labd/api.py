@@ -201,12 +201,20 @@ class Kind:
         """A row as its answer's JSON text (the view's fields, in the view's order)."""
         fields = [f for f in VIEWS[self.name].model_fields]
         exprs = ["kubeconfig IS NOT NULL" if f == "has_kubeconfig" else f for f in fields]
+        if self.name == "bastions":
+            from labd.link_api import BASTION_SQL
+
+            exprs = [BASTION_SQL.get(f, e) for f, e in zip(fields, exprs, strict=True)]
         return "json_build_object(" + ", ".join(f"'{f}', {e}" for f, e in zip(fields, exprs, strict=True)) + ")::text"
 
     def view(self, row: dict) -> dict:
         out = _plain(row)
         if self.name == "clusters":
             out["has_kubeconfig"] = out.pop("kubeconfig") is not None
+        if self.name == "bastions":
+            from labd.link_api import bastion_view
+
+            out = bastion_view(row, out)
         return out
 
 
@@ -468,6 +476,10 @@ def create_token():
     row = _mutate("tokens.create", "tokens", lambda cur: cur.execute(
         "INSERT INTO tokens (kind, hash, username, scope, uses_left, expires_at, created_by) VALUES (%s, %s, %s, %s, %s, %s, %s) "
         "RETURNING *", (body.kind, auth.token_hash(secret), user, body.scope, body.uses, expires, g.caller.user)).fetchone(), 201)
+    if body.kind != "api":  # a join token: the secret with labd's CA pin (labcore.enroll)
+        from labcore.enroll import fingerprint, format_join
+
+        secret = format_join(secret, fingerprint(current_app.config["LABD"].ca_path.read_bytes()))
     return jsonify({**_token_view(row), "token": secret}), 201
 
 

@@ -106,6 +106,55 @@ STEPS: list[tuple[str, str]] = [
         status INT NOT NULL,
         detail JSONB NOT NULL DEFAULT '{}')"""),
     ("0012_audit_ts_idx", "CREATE INDEX IF NOT EXISTS audit_ts_idx ON audit (ts, id)"),
+    # -- issue 17 (bastions join labd): 01xx ----------------------------------------------------------
+    ("0101_commands", """CREATE TABLE IF NOT EXISTS commands (
+        id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+        target_kind TEXT NOT NULL,
+        target_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        args JSONB NOT NULL DEFAULT '{}',
+        state TEXT NOT NULL DEFAULT 'queued',
+        result JSONB,
+        created_by TEXT NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        deliver_after_reconnect BOOLEAN NOT NULL DEFAULT false)"""),
+    ("0102_commands_target_idx", "CREATE INDEX IF NOT EXISTS commands_target_idx ON commands (target_kind, target_id, state, created_at)"),
+    ("0103_certificates", """CREATE TABLE IF NOT EXISTS certificates (
+        fingerprint TEXT PRIMARY KEY,
+        peer_kind TEXT NOT NULL,
+        peer_id TEXT NOT NULL,
+        not_after TIMESTAMPTZ NOT NULL,
+        revoked_at TIMESTAMPTZ,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now())"""),
+    ("0104_bastions_link", "ALTER TABLE bastions ADD COLUMN IF NOT EXISTS revoked_at TIMESTAMPTZ"),
+    ("0105_bastions_token", "ALTER TABLE bastions ADD COLUMN IF NOT EXISTS facts JSONB NOT NULL DEFAULT '{}'"),
+    ("0106_bastion_events", """CREATE TABLE IF NOT EXISTS bastion_events (
+        bastion TEXT NOT NULL,
+        event_id BIGINT NOT NULL,
+        mac TEXT,
+        ts TEXT,
+        kind TEXT NOT NULL,
+        body JSONB NOT NULL DEFAULT '{}',
+        received_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (bastion, event_id))"""),
+    ("0107_servers_version", "ALTER TABLE servers ADD COLUMN IF NOT EXISTS bastion_version BIGINT"),
+    ("0108_bastions_counters", "ALTER TABLE bastions ADD COLUMN IF NOT EXISTS acked_event_id BIGINT NOT NULL DEFAULT 0"),
+    ("0109_bastions_changes", "ALTER TABLE bastions ADD COLUMN IF NOT EXISTS acked_change BIGINT NOT NULL DEFAULT 0"),
+    ("0110_bastions_backlog", "ALTER TABLE bastions ADD COLUMN IF NOT EXISTS backlog BIGINT NOT NULL DEFAULT 0"),
+    ("0111_server_claims", """CREATE TABLE IF NOT EXISTS server_claims (
+        mac TEXT NOT NULL,
+        bastion TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        row JSONB NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (mac, bastion))"""),
+    ("0112_bastions_machines", "ALTER TABLE bastions ADD COLUMN IF NOT EXISTS machines INT NOT NULL DEFAULT 0"),
+    # the hub's poll (every 10 ms) reads only the queued commands
+    ("0113_commands_queued_idx", "CREATE INDEX IF NOT EXISTS commands_queued_idx ON commands (created_at) WHERE state = 'queued'"),
+    # a bastion's claims (its machine count) without a scan, which under SERIALIZABLE would conflict
+    # with every other bastion's batch
+    ("0114_server_claims_bastion_idx", "CREATE INDEX IF NOT EXISTS server_claims_bastion_idx ON server_claims (bastion, mac)"),
 ]
 
 _LEDGER = """CREATE TABLE IF NOT EXISTS schema_migrations (
