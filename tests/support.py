@@ -806,3 +806,61 @@ def start_labd(data_dir: Path, database_url: str, *, workers: int = 2, timeout: 
             os.killpg(proc.pid, signal.SIGKILL)
         raise
     return Labd(url, data_dir, database_url, password, proc, log_path)
+
+
+# -- lab-agent: a fake `journalctl` (where systemd's journal is absent) ---------------------------------
+FAKE_JOURNALCTL = r'''#!/usr/bin/env python3
+"""A fake journalctl for lab-agent's tests: entries are the JSON lines of $FAKE_JOURNAL (appended by
+the test); supports -o json, -u UNIT, -n N, --since (ignored: all), --after-cursor C and -f."""
+import json, os, sys, time
+
+args = sys.argv[1:]
+def opt(name):
+    return args[args.index(name) + 1] if name in args else None
+path, unit, cursor, n = os.environ["FAKE_JOURNAL"], opt("-u"), opt("--after-cursor"), opt("-n")
+with open(os.environ["FAKE_JOURNAL"] + ".argv", "a") as f:
+    f.write(json.dumps(args) + "\n")
+def entries():
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+def wanted(es):
+    es = [e for e in es if unit is None or e.get("_SYSTEMD_UNIT") == unit]
+    return es
+es = wanted(entries())
+if cursor is not None:
+    idx = [i for i, e in enumerate(es) if e["__CURSOR"] == cursor]
+    es = es[idx[0] + 1:] if idx else es
+elif n is not None:
+    es = es[-int(n):]
+seen = {e["__CURSOR"] for e in wanted(entries())} - {e["__CURSOR"] for e in es}
+for e in es:
+    print(json.dumps(e), flush=True)
+    seen.add(e["__CURSOR"])
+while "-f" in args:
+    time.sleep(0.05)
+    for e in wanted(entries()):
+        if e["__CURSOR"] not in seen:
+            print(json.dumps(e), flush=True)
+            seen.add(e["__CURSOR"])
+'''
+
+
+def fake_journal(directory: Path) -> tuple[Path, Path]:
+    """(bin directory holding a fake `journalctl`, the journal file its entries come from)."""
+    bindir = directory / "fakebin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    script = bindir / "journalctl"
+    script.write_text(FAKE_JOURNALCTL.replace("/usr/bin/env python3", sys.executable))
+    script.chmod(0o755)
+    journal = directory / "journal.jsonl"
+    journal.touch()
+    return bindir, journal
+
+
+def journal_append(journal: Path, n: int, message: str, unit: str = "demo.service") -> str:
+    """Append one entry (cursor ``s=abc;i=<n hex>``); returns its cursor."""
+    cursor = f"s=abc;i={n:x}"
+    with journal.open("a") as f:
+        f.write(json.dumps({"__CURSOR": cursor, "__REALTIME_TIMESTAMP": str(1_700_000_000_000_000 + n), "PRIORITY": "6",
+                            "_SYSTEMD_UNIT": unit, "MESSAGE": message}) + "\n")
+    return cursor
