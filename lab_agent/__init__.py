@@ -3,4 +3,3 @@ a key made here, a CSR, a short-lived certificate), keeps a mutually authenticat
 labd's hub, sends heartbeats, runs commands and relays the journal. docs/agent.md."""
 
 VERSION = "0.1.0"
-PROTOCOL_VERSIONS = [1]

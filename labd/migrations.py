@@ -149,6 +149,16 @@ STEPS: list[tuple[str, str]] = [
         row JSONB NOT NULL,
         updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         PRIMARY KEY (mac, bastion))"""),
+    # -- issue 18 (lab-agent): 02xx ---------------------------------------------------------------------
+    ("0201_agents_facts", "ALTER TABLE agents ADD COLUMN IF NOT EXISTS facts JSONB NOT NULL DEFAULT '{}'"),
+    ("0202_agents_revoked", "ALTER TABLE agents ADD COLUMN IF NOT EXISTS revoked_at TIMESTAMPTZ"),
+    ("0203_command_output", """CREATE TABLE IF NOT EXISTS command_output (
+        command_id UUID NOT NULL,
+        seq INT NOT NULL,
+        stream TEXT NOT NULL,
+        data JSONB NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (command_id, seq))"""),
 ]
 
 _LEDGER = """CREATE TABLE IF NOT EXISTS schema_migrations (
