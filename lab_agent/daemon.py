@@ -56,7 +56,7 @@ class Agent:
 
     async def on_command(self, lnk: link.Link, msg: dict) -> None:
         cid, kind, args = str(msg.get("id")), msg.get("kind"), msg.get("args") or {}
-        seq = 0
+        seq = int(args.get("seq_base") or 0)  # a resumed follow numbers on
 
         async def out(stream: str, data) -> None:
             nonlocal seq

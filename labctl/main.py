@@ -26,6 +26,9 @@ COMMANDS = {
     "completion": "labctl.completion:completion",
     "init": "labctl.init_cmd:init",
     "app": "labctl.app_k3s:app",
+    "agent": "labctl.agent_cmd:agent",
+    "exec": "labctl.agent_cmd:exec_",
+    "logs": "labctl.agent_cmd:logs",
 }
 
 
