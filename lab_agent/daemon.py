@@ -3,7 +3,8 @@ with a new key at about 2/3 of the certificate's life) and what travels on it.
 
 Agent -> hub: ``heartbeat`` {facts} every ``heartbeat_seconds``; ``output`` {id, seq, stream, data}
 (stream stdout|stderr with text, or journal with an entry); ``result`` {id, status, body}.
-Hub -> agent: ``command`` {id, kind: exec|logs, args}; ``cancel`` {id}.
+Hub -> agent: ``settings`` {heartbeat_seconds} (labd's interval wins over --heartbeat-seconds);
+``command`` {id, kind: exec|logs, args}; ``cancel`` {id}.
 
 Commands run in tasks of the connection: when the link drops they are cancelled (an exec is
 killed with its process group; labd marks it failed). A ``logs`` follow is sent again by the hub
@@ -39,15 +40,26 @@ class Agent:
         self.s = settings
         self.sampler = facts.Sampler()
         self.running: dict[str, asyncio.Task] = {}
+        self._settings_changed = asyncio.Event()
         self.link = link.Link(settings.state_dir, kind="agent", software=VERSION,
-                              handlers={"command": self.on_command, "cancel": self.on_cancel},
+                              handlers={"command": self.on_command, "cancel": self.on_cancel, "settings": self.on_settings},
                               on_connect=self.on_connect, renew_check_seconds=settings.renew_check_seconds,
                               backoff_cap=settings.backoff_cap)
 
     async def on_connect(self, lnk: link.Link, welcome: dict) -> None:
         while True:
             await lnk.send({"type": "heartbeat", "facts": self.sampler.sample()})
-            await asyncio.sleep(self.s.heartbeat_seconds)
+            self._settings_changed.clear()
+            try:
+                await asyncio.wait_for(self._settings_changed.wait(), self.s.heartbeat_seconds)
+            except TimeoutError:
+                pass
+
+    async def on_settings(self, lnk: link.Link, msg: dict) -> None:
+        beat = msg.get("heartbeat_seconds")
+        if isinstance(beat, int | float) and 0.1 <= beat <= 3600:
+            self.s.heartbeat_seconds = float(beat)
+            self._settings_changed.set()
 
     async def on_cancel(self, lnk: link.Link, msg: dict) -> None:
         task = self.running.get(str(msg.get("id")))

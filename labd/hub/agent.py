@@ -90,6 +90,7 @@ class AgentPeers:
         if old is not None:  # the same agent again (a reconnect the old socket has not noticed): keep the new one
             await old.close(1000, "replaced by a newer connection")
         self.peers[agent_id] = Peer(agent_id, send, close, last_beat=loop.time())
+        await send({"type": "settings", "heartbeat_seconds": self.heartbeat_seconds})  # labd's interval is the one
 
         def work(cur):
             cur.execute("UPDATE agents SET status = 'active', last_seen_at = now(), version = %s "
