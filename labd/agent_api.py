@@ -17,12 +17,13 @@ from __future__ import annotations
 from typing import Annotated
 
 import pydantic
-from flask import g, jsonify, request
+from flask import current_app, g, jsonify, request
 from psycopg.types.json import Jsonb
 
 from bastion_app.errors import ApiError
 from labd import api
 from labd.api import KINDS, _find, _mutate, _plain, authorize, bp, store
+from labd.hub import agent as agent_hub
 from labd.schemas import Strict
 from labd.store import audit
 
@@ -89,11 +90,13 @@ def _command(ref: str, kind: str, args: dict, audit_detail: dict, follow: bool =
     row = _agent(ref)
     path = KINDS["agents"].path(row)
     authorize("exec", "servers", path, f"agents/{row['id']}")
-    if row["status"] != "active":
+    cfg = current_app.config["LABD"]
+    if not agent_hub.is_online(row, cfg.agent_heartbeat_seconds, cfg.agent_missed_beats):
         seen = api._time(row["last_seen_at"]) or "never"
         store().transaction(lambda cur: audit(cur, g.caller.user, f"agents.{kind}", f"agents/{row['id']}", outcome="refused",
                                               status=409, detail={**audit_detail, "agent_status": row["status"]}))
-        raise ApiError(409, f"agent {row['hostname']} is {row['status']}", f"last seen: {seen}")
+        state = "offline" if row["status"] == "active" else row["status"]
+        raise ApiError(409, f"agent {row['hostname']} is {state}", f"last seen: {seen}")
 
     def work(cur):
         c = cur.execute("INSERT INTO commands (target_kind, target_id, kind, args, created_by, deliver_after_reconnect) "

@@ -17,6 +17,9 @@ ENV = {"database_url": DATABASE_URL_ENV, "listen": "LABD_LISTEN", "workers": "LA
        "threads": "LABD_THREADS", "tls_cert": "LABD_TLS_CERT", "tls_key": "LABD_TLS_KEY",
        "token_ttl_seconds": "LABD_TOKEN_TTL_SECONDS", "pool_size": "LABD_POOL_SIZE"}
 INTS = {"workers", "threads", "token_ttl_seconds", "pool_size"}
+# lab-agent (issue 18): the heartbeat interval labd tells agents, and the beats missed before "offline"
+ENV.update(agent_heartbeat_seconds="LABD_AGENT_HEARTBEAT_SECONDS", agent_missed_beats="LABD_AGENT_MISSED_BEATS")
+INTS |= {"agent_heartbeat_seconds", "agent_missed_beats"}
 
 
 class ConfigError(ValueError):
@@ -34,6 +37,8 @@ class Config:
     tls_key: str = ""
     token_ttl_seconds: int = 12 * 3600  # an API token from a login
     pool_size: int = 8  # connections per gunicorn worker
+    agent_heartbeat_seconds: int = 15
+    agent_missed_beats: int = 3
     extra: dict = field(default_factory=dict, compare=False)
 
     @property

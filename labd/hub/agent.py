@@ -45,6 +45,18 @@ STREAMS = ("stdout", "stderr", "journal")
 CLOSE_REVOKED, CLOSE_PENDING, CLOSE_SILENT = 4001, 4004, 4005
 
 
+def offline_after(heartbeat_seconds: float, missed_beats: int) -> float:
+    """Seconds after the last beat stored in the database before an agent counts as offline: the
+    missed beats plus one flush interval (the stored ``last_seen_at`` lags by up to one flush)."""
+    return (missed_beats + 1) * heartbeat_seconds
+
+
+def is_online(row: dict, heartbeat_seconds: float, missed_beats: int) -> bool:
+    seen = row.get("last_seen_at")
+    return (row.get("status") == "active" and seen is not None
+            and (dt.datetime.now(dt.UTC) - seen).total_seconds() < offline_after(heartbeat_seconds, missed_beats))
+
+
 @dataclass
 class Peer:
     id: str
@@ -68,7 +80,7 @@ class AgentPeers:
     async def _tx(self, work):
         return await asyncio.to_thread(self.store.transaction, work)
 
-    def offline_after(self) -> float:
+    def silent_after(self) -> float:
         """Seconds without a beat after which an agent counts as offline (docs/agent.md)."""
         return self.missed_beats * self.heartbeat_seconds
 
@@ -251,12 +263,12 @@ class AgentPeers:
     async def check_silent(self) -> None:
         now = asyncio.get_running_loop().time()
         for peer in list(self.peers.values()):
-            if now - peer.last_beat > self.offline_after():
+            if now - peer.last_beat > self.silent_after():
                 log.warning("agent %s: no heartbeat for %.0f s; closing", peer.id, now - peer.last_beat)
                 await peer.close(CLOSE_SILENT, "no heartbeat")
 
     async def sweep(self) -> None:
-        limit = self.offline_after() + self.flush_seconds
+        limit = offline_after(self.heartbeat_seconds, self.missed_beats)
         n = await self._tx(lambda cur: cur.execute(
             "UPDATE agents SET status = 'offline' WHERE status = 'active' AND last_seen_at < now() - make_interval(secs => %s)",
             (limit,)).rowcount)
