@@ -23,7 +23,7 @@ from psycopg.types.json import Jsonb
 from bastion_app.errors import ApiError
 from labd import api
 from labd.api import KINDS, _find, _mutate, _plain, authorize, bp, store
-from labd.hub import agent as agent_hub
+from labd.hub import agent as agent_hub  # noqa: I001
 from labd.schemas import Strict
 from labd.store import audit
 

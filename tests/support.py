@@ -864,3 +864,33 @@ def journal_append(journal: Path, n: int, message: str, unit: str = "demo.servic
         f.write(json.dumps({"__CURSOR": cursor, "__REALTIME_TIMESTAMP": str(1_700_000_000_000_000 + n), "PRIORITY": "6",
                             "_SYSTEMD_UNIT": unit, "MESSAGE": message}) + "\n")
     return cursor
+
+
+# -- lab-agent as a subprocess -------------------------------------------------------------------------------
+def lab_agent_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lab_agent", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, cwd=REPO)
+
+
+@dataclass
+class Agent:
+    """A running `lab-agent run` (its own process group, log in ``log_path``)."""
+
+    state_dir: Path
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=10, group=True)
+
+
+def start_agent(state_dir: Path, *args: str, env: dict | None = None) -> Agent:
+    log_path = state_dir.parent / f"{state_dir.name}.log"
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "lab_agent", "run", "--state-dir", str(state_dir), *args],
+                                stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                                cwd=REPO, start_new_session=True)
+    return Agent(state_dir, proc, log_path)

@@ -1,24 +1,30 @@
-"""The hub's agent side (issue 18): what labd does with the agents connected to this hub process.
+"""The hub's side of an agent (issue 18), a :class:`~labd.hub.core.PeerHandler`.
 
-The hub core (labd/hub/core.py) authenticates the peer (certificate CN ``agent:<uuid>``, checked
-against labd's CA and the revocation list) and hands the connection to :class:`AgentPeers`:
-:meth:`admit` (pending or revoked agents are turned away), :meth:`connected`, :meth:`handle` for
-each message, :meth:`disconnected`. Everything an agent sends is attributed to the id of its
-certificate, never to a field of the message, and it can only touch commands addressed to that
-id (the in-flight set below, and ``target_id`` in every statement).
+The core authenticates the peer (certificate CN ``agent:<uuid>`` against labd's CA, the
+certificate recorded and not revoked), negotiates the protocol, answers ``renew`` and delivers
+queued commands. This handler keeps the agent's status and facts and takes its messages.
+Everything an agent sends is attributed to the id of its certificate, never to a field of a
+message, and touches only commands addressed to that id (``target_id`` in every statement).
 
-Writes are batched. A heartbeat changes memory only; every ``flush_seconds`` one statement writes
-``last_seen_at`` and the facts of all agents that beat since the last flush. Status changes
-(connect, disconnect, silence) are written at once. An agent is marked ``offline`` when it
-disconnects, or after ``MISSED_BEATS`` heartbeat intervals without a beat (the hub closes its
-connection); a sweep by any hub also marks agents offline whose ``last_seen_at`` is older than
-``MISSED_BEATS`` intervals plus one flush (their hub died).
+Status (column ``agents.status``): ``pending`` (enrolled with a reusable or unscoped token; it may
+connect and beat, but no command is created for it until ``labctl agent approve``), ``active``,
+``offline`` (was active; disconnected or silent), ``revoked`` (refused at connect; a live link is
+closed by the core's periodic check).
 
-Commands (table ``commands``, ``target_kind = 'agent'``) are polled every ``poll_seconds``:
-queued ones for agents connected here are sent; a sent one whose state the API turned to
-``cancelled`` gets a ``cancel``. When a connection ends, its unfinished ``exec`` commands fail
-("the agent disconnected": a command never runs twice) and a ``logs`` follow
-(``deliver_after_reconnect``) is queued again, to resume after the last journal cursor stored.
+Heartbeats are batched: a ``heartbeat`` message changes memory only; on the core's beat (every
+``core.HEARTBEAT_SECONDS``) one statement writes ``last_seen_at`` and the latest facts of every
+agent connected here. Status changes (connect, disconnect) are written at once. An agent silent
+for ``agent_missed_beats`` heartbeat intervals is disconnected (and so marked offline); the API
+treats an agent whose stored ``last_seen_at`` is older than :func:`offline_after` as offline even
+if no hub is left to mark it (a hub that died).
+
+Commands to agents: ``exec`` and ``logs``. When a connection ends, its unfinished ``exec``
+commands fail ("the agent disconnected": a command never runs twice) and a ``logs`` follow
+(``deliver_after_reconnect``) is queued again with the cursor of the last journal entry stored and
+the last sequence number, so the follow resumes where it stopped. A command the API turned to
+``cancelled`` while it runs gets a ``cancel`` message. The agent's ``result`` (status
+done|failed|cancelled, body with exit code, signal, user) ends the command; an exec's end writes an
+audit row (argv, user, exit code; never the output).
 """
 
 from __future__ import annotations
@@ -27,27 +33,24 @@ import asyncio
 import datetime as dt
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 from psycopg.types.json import Jsonb
 
-from labd.store import Store, audit
+from labd.hub.core import Peer, PeerHandler
+from labd.store import audit
 
 log = logging.getLogger("labd.hub.agent")
 
-HEARTBEAT_SECONDS = 15.0  # lab-agent's default --heartbeat-seconds
-MISSED_BEATS = 3
-POLL_SECONDS = 0.2
 MAX_FACTS = 8192  # bytes of JSON per heartbeat
 MAX_OUTPUT_ROW = 64 * 1024
 STREAMS = ("stdout", "stderr", "journal")
-CLOSE_REVOKED, CLOSE_PENDING, CLOSE_SILENT = 4001, 4004, 4005
+CLOSE_SILENT = 4005
+RESULT_FIELDS = ("exit_code", "signal", "timed_out", "truncated_bytes", "user", "error")
 
 
 def offline_after(heartbeat_seconds: float, missed_beats: int) -> float:
     """Seconds after the last beat stored in the database before an agent counts as offline: the
-    missed beats plus one flush interval (the stored ``last_seen_at`` lags by up to one flush)."""
+    missed beats plus one interval (the stored ``last_seen_at`` lags by up to one flush)."""
     return (missed_beats + 1) * heartbeat_seconds
 
 
@@ -57,220 +60,153 @@ def is_online(row: dict, heartbeat_seconds: float, missed_beats: int) -> bool:
             and (dt.datetime.now(dt.UTC) - seen).total_seconds() < offline_after(heartbeat_seconds, missed_beats))
 
 
-@dataclass
-class Peer:
-    id: str
-    send: Callable[[dict], Awaitable[None]]
-    close: Callable[[int, str], Awaitable[None]]
-    inflight: dict[str, str] = field(default_factory=dict)  # command id -> kind
-    last_beat: float = 0.0
+class AgentHandler(PeerHandler):
+    kind = "agent"
+    table = "agents"
 
+    def __init__(self, hub):
+        super().__init__(hub)
+        cfg = getattr(hub, "cfg", None)
+        self.heartbeat_seconds = float(getattr(cfg, "agent_heartbeat_seconds", 15))
+        self.missed_beats = int(getattr(cfg, "agent_missed_beats", 3))
+        self._facts: dict[str, dict] = {}  # agent id -> facts of its latest beat (flushed by beat())
+        self._last_beat: dict[str, float] = {}
+        self._cancels_sent: set[str] = set()
+        self._watch: asyncio.Task | None = None
+        self.flushes = 0  # statements that wrote heartbeats (bench/agents.py reads it)
 
-class AgentPeers:
-    def __init__(self, store: Store, *, heartbeat_seconds: float = HEARTBEAT_SECONDS, missed_beats: int = MISSED_BEATS,
-                 flush_seconds: float | None = None, poll_seconds: float = POLL_SECONDS):
-        self.store = store
-        self.heartbeat_seconds, self.missed_beats = heartbeat_seconds, missed_beats
-        self.flush_seconds = flush_seconds or heartbeat_seconds
-        self.poll_seconds = poll_seconds
-        self.peers: dict[str, Peer] = {}
-        self._beats: dict[str, tuple[dt.datetime, dict]] = {}
-        self.writes = 0  # statements that changed agents rows (the bench reads it)
+    # -- connection life (the core calls these) ---------------------------------------------------------
+    def check(self, cur, peer_id: str):
+        row = super().check(cur, peer_id)
+        if isinstance(row, dict) and row["status"] == "revoked":
+            return f"agent revoked at {row['revoked_at'].isoformat() if row.get('revoked_at') else '?'}: join again with a new token"
+        return row
 
-    async def _tx(self, work):
-        return await asyncio.to_thread(self.store.transaction, work)
+    def online(self, cur, peer: Peer) -> None:
+        cur.execute("UPDATE agents SET status = CASE WHEN status = 'offline' THEN 'active' ELSE status END, "
+                    "last_seen_at = now(), version = %s WHERE id = %s", (peer.software[:64], peer.id))
+        self._settle(cur, peer.id)
 
-    def silent_after(self) -> float:
-        """Seconds without a beat after which an agent counts as offline (docs/agent.md)."""
-        return self.missed_beats * self.heartbeat_seconds
+    def offline(self, cur, peer: Peer) -> None:
+        facts = self._facts.pop(peer.id, None)
+        if facts is not None:
+            cur.execute("UPDATE agents SET facts = %s WHERE id = %s", (Jsonb(facts), peer.id))
+        cur.execute("UPDATE agents SET status = CASE WHEN status = 'active' THEN 'offline' ELSE status END, "
+                    "last_seen_at = now() WHERE id = %s", (peer.id,))
+        self._settle(cur, peer.id)
 
-    # -- connection life ------------------------------------------------------------------------------------
-    async def admit(self, agent_id: str) -> tuple[int, str] | None:
-        """None to accept, else (close code, reason)."""
-        row = await self._tx(lambda cur: cur.execute("SELECT status FROM agents WHERE id = %s", (agent_id,)).fetchone())
-        if row is None:
-            return 4003, "unknown agent"
-        if row["status"] == "revoked":
-            return CLOSE_REVOKED, "agent revoked"
-        if row["status"] == "pending":
-            return CLOSE_PENDING, "pending approval (labctl agent approve)"
-        return None
-
-    async def connected(self, agent_id: str, software: str, send, close) -> None:
-        loop = asyncio.get_running_loop()
-        old = self.peers.get(agent_id)
-        if old is not None:  # the same agent again (a reconnect the old socket has not noticed): keep the new one
-            await old.close(1000, "replaced by a newer connection")
-        self.peers[agent_id] = Peer(agent_id, send, close, last_beat=loop.time())
-        await send({"type": "settings", "heartbeat_seconds": self.heartbeat_seconds})  # labd's interval is the one
-
-        def work(cur):
-            cur.execute("UPDATE agents SET status = 'active', last_seen_at = now(), version = %s "
-                        "WHERE id = %s AND status IN ('active', 'offline')", (software[:64], agent_id))
-            self._settle(cur, agent_id)
-        await self._tx(work)
-        self.writes += 1
-
-    def _settle(self, cur, agent_id: str) -> None:
-        """Commands left 'sent' by a previous connection: an exec fails, a follow is queued again."""
+    @staticmethod
+    def _settle(cur, agent_id: str) -> None:
+        """Commands left 'sent' to an earlier connection: a follow is queued again to resume after its
+        last stored entry; an exec fails (never run twice)."""
+        cur.execute(
+            "UPDATE commands c SET state = 'queued', updated_at = now(), args = c.args || jsonb_build_object("
+            "'seq_base', o.seq, 'after_cursor', o.data->>'cursor') FROM (SELECT DISTINCT ON (command_id) command_id, seq, data "
+            "FROM command_output WHERE command_id IN (SELECT id FROM commands WHERE target_kind = 'agent' AND target_id = %s "
+            "AND state = 'sent' AND deliver_after_reconnect) ORDER BY command_id, seq DESC) o WHERE c.id = o.command_id",
+            (agent_id,))
         cur.execute("UPDATE commands SET state = 'queued', updated_at = now() WHERE target_kind = 'agent' AND target_id = %s "
                     "AND state = 'sent' AND deliver_after_reconnect", (agent_id,))
         cur.execute("UPDATE commands SET state = 'failed', updated_at = now(), result = %s WHERE target_kind = 'agent' "
                     "AND target_id = %s AND state = 'sent'", (Jsonb({"error": "the agent disconnected"}), agent_id))
 
-    async def disconnected(self, agent_id: str, peer_send=None) -> None:
-        peer = self.peers.get(agent_id)
-        if peer is None or (peer_send is not None and peer.send is not peer_send):
-            return  # a replaced connection
-        del self.peers[agent_id]
-        beat = self._beats.pop(agent_id, None)
+    async def on_connect(self, peer: Peer) -> None:
+        self._last_beat[peer.id] = asyncio.get_running_loop().time()
+        await peer.send({"type": "settings", "heartbeat_seconds": self.heartbeat_seconds})
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.create_task(self._watch_cancels())
 
-        def work(cur):
-            if beat:
-                cur.execute("UPDATE agents SET facts = %s WHERE id = %s", (Jsonb(beat[1]), agent_id))
-            cur.execute("UPDATE agents SET status = 'offline', last_seen_at = now() WHERE id = %s AND status = 'active'",
-                        (agent_id,))
-            self._settle(cur, agent_id)
-        await self._tx(work)
-        self.writes += 1
+    async def on_disconnect(self, peer: Peer) -> None:
+        if self.hub.peers.get(peer.id) is None:
+            self._last_beat.pop(peer.id, None)
 
-    # -- messages ---------------------------------------------------------------------------------------------
-    async def handle(self, agent_id: str, msg: dict) -> None:
-        peer = self.peers.get(agent_id)
-        if peer is None:
-            return
+    # -- messages -----------------------------------------------------------------------------------------
+    async def on_message(self, peer: Peer, msg: dict) -> None:
         kind = msg.get("type")
         if kind == "heartbeat":
-            beat = msg.get("facts")
-            if isinstance(beat, dict) and len(json.dumps(beat)) <= MAX_FACTS:
-                peer.last_beat = asyncio.get_running_loop().time()
-                self._beats[agent_id] = (dt.datetime.now(dt.UTC), beat)
+            facts = msg.get("facts")
+            if isinstance(facts, dict) and len(json.dumps(facts)) <= MAX_FACTS:
+                self._facts[peer.id] = facts
+                self._last_beat[peer.id] = asyncio.get_running_loop().time()
         elif kind == "output":
             await self._output(peer, msg)
-        elif kind == "result":
-            await self._result(peer, msg)
         else:
-            log.warning("agent %s: unknown message type %.40r", agent_id, kind)
+            await super().on_message(peer, msg)
 
     async def _output(self, peer: Peer, msg: dict) -> None:
-        cid, seq, stream, data = str(msg.get("id")), msg.get("seq"), msg.get("stream"), msg.get("data")
-        if cid not in peer.inflight or not isinstance(seq, int) or stream not in STREAMS:
-            log.warning("agent %s: output for a command it was not sent (%.40s); dropped", peer.id, cid)
+        cid, seq, stream, data = str(msg.get("id", "")), msg.get("seq"), msg.get("stream"), msg.get("data")
+        if not _uuid_ok(cid) or not isinstance(seq, int) or not 0 < seq < 2**31 or stream not in STREAMS:
             return
         if len(json.dumps(data)) > MAX_OUTPUT_ROW:
             return
-        await self._tx(lambda cur: cur.execute(
+        # only for a command addressed to this agent and running
+        await self.hub.db(lambda cur: cur.execute(
             "INSERT INTO command_output (command_id, seq, stream, data) SELECT id, %s, %s, %s FROM commands "
-            "WHERE id = %s AND target_kind = 'agent' AND target_id = %s ON CONFLICT DO NOTHING",
-            (seq, stream, Jsonb(data), cid, peer.id)))
+            "WHERE id = %s AND target_kind = 'agent' AND target_id = %s AND state IN ('sent', 'cancelled') "
+            "ON CONFLICT DO NOTHING", (seq, stream, Jsonb(data), cid, peer.id)))
 
-    async def _result(self, peer: Peer, msg: dict) -> None:
-        cid, status, body = str(msg.get("id")), msg.get("status"), msg.get("body")
-        if cid not in peer.inflight or status not in ("done", "failed", "cancelled") or not isinstance(body, dict):
-            log.warning("agent %s: a result for a command it was not sent (%.40s); dropped", peer.id, cid)
+    async def on_result(self, peer: Peer, msg: dict) -> None:
+        cid, status, body = str(msg.get("id", "")), msg.get("status"), msg.get("body")
+        if not _uuid_ok(cid) or status not in ("done", "failed", "cancelled") or not isinstance(body, dict):
             return
-        kind = peer.inflight.pop(cid)
-        body = {k: body[k] for k in ("exit_code", "signal", "timed_out", "truncated_bytes", "user", "error") if k in body}
+        body = {k: body[k] for k in RESULT_FIELDS if k in body}
 
         def work(cur):
-            row = cur.execute("UPDATE commands SET state = CASE WHEN state = 'cancelled' THEN 'cancelled' ELSE %s END, "
-                              "result = %s, updated_at = now() WHERE id = %s AND target_kind = 'agent' AND target_id = %s "
-                              "AND state IN ('sent', 'cancelled') RETURNING created_by, args", (status, Jsonb(body), cid, peer.id)).fetchone()
-            if row is not None and kind == "exec":  # the exec's outcome: argv, user, exit code; never the output
+            row = cur.execute(
+                "UPDATE commands SET state = CASE WHEN state = 'cancelled' THEN 'cancelled' ELSE %s END, result = %s, "
+                "updated_at = now() WHERE id = %s AND target_kind = 'agent' AND target_id = %s AND state IN ('sent', 'cancelled') "
+                "AND result IS NULL RETURNING kind, created_by, args, state", (status, Jsonb(body), cid, peer.id)).fetchone()
+            if row is not None and row["kind"] == "exec":  # argv, user, exit code; never the output
                 audit(cur, f"agent:{peer.id}", "agents.exec.result", f"commands/{cid}", status=200,
                       detail={"by": row["created_by"], "argv": row["args"].get("argv"), "user": body.get("user"),
                               "exit_code": body.get("exit_code"), "signal": body.get("signal"),
-                              "timed_out": body.get("timed_out"), "status": status})
-        await self._tx(work)
+                              "timed_out": body.get("timed_out"), "state": row["state"]})
+        await self.hub.db(work)
+        self._cancels_sent.discard(cid)
 
-    # -- the loops --------------------------------------------------------------------------------------------
-    async def run(self) -> None:
-        await asyncio.gather(self._poll_loop(), self._flush_loop())
-
-    async def _poll_loop(self) -> None:
-        while True:
-            try:
-                await self.poll_once()
-            except Exception:  # noqa: BLE001 - the database may be away for a moment; try again
-                log.exception("agent command poll failed")
-            await asyncio.sleep(self.poll_seconds)
-
-    async def poll_once(self) -> None:
-        ids = list(self.peers)
-        if not ids:
-            return
-        inflight = [c for p in self.peers.values() for c in p.inflight]
-
-        def work(cur):
-            todo = cur.execute(
-                "UPDATE commands SET state = 'sent', updated_at = now() WHERE target_kind = 'agent' AND target_id = ANY(%s) "
-                "AND state = 'queued' RETURNING id, target_id, kind, args, deliver_after_reconnect", (ids,)).fetchall()
-            for c in todo:
-                if c["deliver_after_reconnect"]:  # resume: after the last stored entry, numbering on
-                    last = cur.execute("SELECT seq, data FROM command_output WHERE command_id = %s ORDER BY seq DESC LIMIT 1",
-                                       (c["id"],)).fetchone()
-                    if last is not None:
-                        c["args"] = {**c["args"], "seq_base": last["seq"]}
-                        if last["data"].get("cursor"):
-                            c["args"]["after_cursor"] = last["data"]["cursor"]
-            cancelled = cur.execute("SELECT id FROM commands WHERE id = ANY(%s) AND state = 'cancelled'",
-                                    (inflight,)).fetchall() if inflight else []
-            revoked = cur.execute("SELECT id FROM agents WHERE id = ANY(%s) AND status = 'revoked'", (ids,)).fetchall()
-            return todo, cancelled, revoked
-        todo, cancelled, revoked = await self._tx(work)
-        for c in todo:
-            peer = self.peers.get(str(c["target_id"]))
-            if peer is None:
-                continue
-            peer.inflight[str(c["id"])] = c["kind"]
-            await peer.send({"type": "command", "id": str(c["id"]), "kind": c["kind"], "args": c["args"]})
-        for c in cancelled:
-            for peer in self.peers.values():
-                if str(c["id"]) in peer.inflight:
-                    await peer.send({"type": "cancel", "id": str(c["id"])})
-        for r in revoked:
-            peer = self.peers.get(str(r["id"]))
-            if peer is not None:
-                await peer.close(CLOSE_REVOKED, "agent revoked")
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_seconds)
-            try:
-                await self.flush()
-                await self.check_silent()
-                await self.sweep()
-            except Exception:  # noqa: BLE001
-                log.exception("agent heartbeat flush failed")
-
-    async def flush(self) -> int:
-        """Write the beats since the last flush in one statement; returns how many agents."""
-        beats, self._beats = self._beats, {}
-        if not beats:
-            return 0
-        ids = list(beats)
-        seen = [beats[i][0] for i in ids]
-        facts = [json.dumps(beats[i][1]) for i in ids]
-        versions = [str(beats[i][1].get("version", ""))[:64] for i in ids]
-        await self._tx(lambda cur: cur.execute(
-            "UPDATE agents AS a SET last_seen_at = v.seen, facts = v.facts::jsonb, version = v.version, "
+    # -- batched heartbeats (the core's beat), cancels --------------------------------------------------------
+    def beat(self, cur, ids: list[str]) -> None:
+        """One statement for every agent connected here: last_seen_at, and the facts of those that beat."""
+        facts = {i: self._facts.pop(i) for i in ids if i in self._facts}
+        cur.execute(
+            "UPDATE agents AS a SET last_seen_at = now(), facts = COALESCE(v.facts::jsonb, a.facts), "
             "status = CASE WHEN a.status = 'offline' THEN 'active' ELSE a.status END "
-            "FROM (SELECT * FROM unnest(%s::uuid[], %s::timestamptz[], %s::text[], %s::text[]) AS t(id, seen, facts, version)) AS v "
-            "WHERE a.id = v.id AND a.status IN ('active', 'offline')", (ids, seen, facts, versions)))
-        self.writes += 1
-        return len(ids)
+            "FROM (SELECT * FROM unnest(%s::uuid[], %s::text[]) AS t(id, facts)) AS v WHERE a.id = v.id",
+            (ids, [json.dumps(facts[i]) if i in facts else None for i in ids]))
+        self.flushes += 1
 
-    async def check_silent(self) -> None:
+    def silent(self, ids: list[str]) -> list[str]:
+        """Agents connected here that missed their beats (the core closes them)."""
         now = asyncio.get_running_loop().time()
-        for peer in list(self.peers.values()):
-            if now - peer.last_beat > self.silent_after():
-                log.warning("agent %s: no heartbeat for %.0f s; closing", peer.id, now - peer.last_beat)
-                await peer.close(CLOSE_SILENT, "no heartbeat")
+        limit = self.missed_beats * self.heartbeat_seconds
+        return [i for i in ids if now - self._last_beat.get(i, now) > limit]
 
-    async def sweep(self) -> None:
-        limit = offline_after(self.heartbeat_seconds, self.missed_beats)
-        n = await self._tx(lambda cur: cur.execute(
-            "UPDATE agents SET status = 'offline' WHERE status = 'active' AND last_seen_at < now() - make_interval(secs => %s)",
-            (limit,)).rowcount)
-        if n:
-            self.writes += 1
+    async def _watch_cancels(self, interval: float = 0.2) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            ids = [p.id for p in self.hub.peers.values() if p.kind == "agent"]
+            if not ids:
+                continue
+            try:
+                rows = await self.hub.db(lambda cur, ids=ids: cur.execute(
+                    "SELECT id, target_id FROM commands WHERE target_kind = 'agent' AND target_id = ANY(%s) "
+                    "AND state = 'cancelled' AND result IS NULL", (ids,)).fetchall())
+            except Exception as exc:  # noqa: BLE001 - the database may be restarting
+                log.warning("hub: agent cancel poll failed: %s", exc)
+                continue
+            for r in rows:
+                cid = str(r["id"])
+                peer = self.hub.peers.get(r["target_id"])
+                if peer is not None and cid not in self._cancels_sent:
+                    self._cancels_sent.add(cid)
+                    await peer.send({"type": "cancel", "id": cid})
+
+
+def _uuid_ok(text: str) -> bool:
+    import uuid
+
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
