@@ -1,6 +1,11 @@
 """The journal relay: `journalctl -o json` read line by line, each entry cut down to what an
 operator reads (time, unit, priority, message) plus its cursor, so that a follow interrupted by a
-reconnect resumes with `--after-cursor` where it stopped (no entry lost, none sent twice)."""
+reconnect resumes where it stopped (no entry lost, none sent twice).
+
+Resuming uses `--cursor C` (the entry C itself first) and drops that first entry, rather than
+`--after-cursor C`: with a filter such as `-u UNIT`, `--after-cursor` skipped the first matching
+entry after the cursor's position even when it was not the cursor's entry, so one entry was lost
+(systemd/systemd#30288, fixed in systemd 255; Debian 12 ships 252)."""
 
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ def argv(*, unit: str | None = None, since: str | None = None, after_cursor: str
     if after_cursor is not None:
         if not CURSOR.match(after_cursor):
             raise ValueError("not a journal cursor")
-        out += ["--after-cursor", after_cursor]
+        out += ["--cursor", after_cursor]  # relay() drops the cursor's own entry
     elif since is not None:
         if not SINCE.match(since):
             raise ValueError(f"not a time: {since!r}")
@@ -58,12 +63,18 @@ def entry(line: str) -> dict | None:
 
 
 async def relay(args: list[str], emit: Callable[[dict], Awaitable[None]]) -> int:
-    """Run journalctl and ``emit`` each entry; returns journalctl's exit code. Cancelling kills it."""
+    """Run journalctl and ``emit`` each entry (not the entry of ``--cursor``, already sent before);
+    returns journalctl's exit code. Cancelling kills it."""
+    skip = args[args.index("--cursor") + 1] if "--cursor" in args else None
     proc = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.DEVNULL, limit=1 << 20)
     try:
         while line := await proc.stdout.readline():
             e = entry(line.decode("utf-8", "replace"))
+            if e is not None and skip is not None and e["cursor"] == skip:
+                skip = None
+                continue
+            skip = None
             if e is not None:
                 await emit(e)
         return await proc.wait()

@@ -811,13 +811,14 @@ def start_labd(data_dir: Path, database_url: str, *, workers: int = 2, timeout: 
 # -- lab-agent: a fake `journalctl` (where systemd's journal is absent) ---------------------------------
 FAKE_JOURNALCTL = r'''#!/usr/bin/env python3
 """A fake journalctl for lab-agent's tests: entries are the JSON lines of $FAKE_JOURNAL (appended by
-the test); supports -o json, -u UNIT, -n N, --since (ignored: all), --after-cursor C and -f."""
+the test); supports -o json, -u UNIT, -n N, --since (ignored: all), --cursor C (from C on), --after-cursor C and -f."""
 import json, os, sys, time
 
 args = sys.argv[1:]
 def opt(name):
     return args[args.index(name) + 1] if name in args else None
-path, unit, cursor, n = os.environ["FAKE_JOURNAL"], opt("-u"), opt("--after-cursor"), opt("-n")
+path, unit, n = os.environ["FAKE_JOURNAL"], opt("-u"), opt("-n")
+cursor, inclusive = (opt("--cursor"), 0) if "--cursor" in args else (opt("--after-cursor"), 1)
 with open(os.environ["FAKE_JOURNAL"] + ".argv", "a") as f:
     f.write(json.dumps(args) + "\n")
 def entries():
@@ -829,7 +830,7 @@ def wanted(es):
 es = wanted(entries())
 if cursor is not None:
     idx = [i for i, e in enumerate(es) if e["__CURSOR"] == cursor]
-    es = es[idx[0] + 1:] if idx else es
+    es = es[idx[0] + inclusive:] if idx else es
 elif n is not None:
     es = es[-int(n):]
 seen = {e["__CURSOR"] for e in wanted(entries())} - {e["__CURSOR"] for e in es}

@@ -219,7 +219,7 @@ def test_journal_follow_resumes_after_a_labd_restart(labd, admin, host_a, journa
     assert msgs == ["before 0", "before 1", "before 2", "during 3", "during 4", "during 5", "after 6"]
     assert seqs == list(range(1, 8))
     argvs = [json.loads(line) for line in open(str(jfile) + ".argv")]
-    assert any("--after-cursor" in a for a in argvs)  # resumed by cursor, not re-read
+    assert any("--cursor" in a for a in argvs)  # resumed by cursor, not re-read
     # the same through labctl's follow, then Ctrl-C's cancel ends it
     c.post(f"/api/v1/commands/{made['id']}/cancel")
     wait_for(lambda: c.get(f"/api/v1/commands/{made['id']}")["state"] == "cancelled", timeout=10, what="cancel")
