@@ -110,6 +110,40 @@ def token(data_dir):
     click.echo(ensure_token(cfg.token_path))
 
 
+@main.command()
+@data_dir_option
+@click.option("--labd", "labd_url", required=True, metavar="URL", help="labd's API, e.g. https://labd.example:8443.")
+@click.option("--token", required=True, envvar="LAB_BASTION_JOIN_TOKEN", metavar="JOIN",
+              help="The join token `labctl create token --kind bastion` printed (it pins labd's CA). "
+              "Env: LAB_BASTION_JOIN_TOKEN.")
+@click.option("--name", metavar="NAME", help="This bastion's name in labd (default: the host name).")
+@click.option("--cloud", metavar="NAME", help="Its cloud (default: from the token's scope, else 'default').")
+@click.option("--environment", metavar="NAME", help="Its environment (default: from the token's scope, else 'default').")
+def join(data_dir, labd_url, token, name, cloud, environment):
+    """Enroll this bastion with labd: make a key here (it never leaves; <data dir>/link/key.pem,
+    0600), send a certificate request with the join token, check labd's CA against the token's pin
+    and store the certificate labd signs. `lab-bastion serve` then keeps the link to labd's hub."""
+    import socket
+
+    from labcore import enroll
+
+    cfg = _load(data_dir)
+    name = name or socket.gethostname().split(".")[0]
+    facts = {k: val for k, val in (("cloud", cloud), ("environment", environment)) if val}
+    from labcore.link import software_version
+
+    facts["software"] = software_version()
+    try:
+        out = enroll.enroll(labd_url, token, "bastion", name, facts)
+    except enroll.EnrollError as exc:
+        raise click.ClickException(str(exc)) from None
+    enroll.store_identity(cfg.link_path, out["key"], out["certificate"], out["ca"],
+                          meta={"id": out["id"], "kind": "bastion", "name": name, "hub": out["hub"],
+                                "labd": labd_url.rstrip("/")})
+    click.echo(f"lab-bastion: joined labd {labd_url} as bastion {name} ({out['id']}); certificate valid until "
+               f"{out['expires_at']}; hub {out['hub']}. Restart `lab-bastion serve` to start the link.")
+
+
 @main.command("export")
 @data_dir_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to FILE (mode 0600: it holds install tokens) instead of stdout.")

@@ -15,6 +15,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,29 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TRIGGER machines_hardware_delete AFTER DELETE ON machines BEGIN
             UPDATE totals SET value = value - length(OLD.hardware) WHERE name = 'hardware_bytes'; END""",
     ],
+    [
+        # the link to labd (bastion_app/link.py): a change counter for machine rows, tombstones of
+        # forgotten ones, what labd acknowledged, and the ids of commands applied (at most once)
+        "ALTER TABLE machines ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0",
+        "CREATE TABLE link_state (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        "INSERT INTO link_state(name, value) VALUES ('change_seq', 0), ('acked_event', 0), ('acked_change', 0)",
+        "UPDATE machines SET change_seq = rowid",
+        "UPDATE link_state SET value = (SELECT COALESCE(max(rowid), 0) FROM machines) WHERE name = 'change_seq'",
+        "CREATE INDEX machines_change ON machines(change_seq)",
+        "CREATE TABLE machine_tombstones (mac TEXT PRIMARY KEY, change_seq INTEGER NOT NULL)",
+        """CREATE TRIGGER machines_change_insert AFTER INSERT ON machines BEGIN
+            UPDATE link_state SET value = value + 1 WHERE name = 'change_seq';
+            UPDATE machines SET change_seq = (SELECT value FROM link_state WHERE name = 'change_seq') WHERE mac = NEW.mac;
+            DELETE FROM machine_tombstones WHERE mac = NEW.mac; END""",
+        """CREATE TRIGGER machines_change_update AFTER UPDATE ON machines WHEN NEW.change_seq = OLD.change_seq BEGIN
+            UPDATE link_state SET value = value + 1 WHERE name = 'change_seq';
+            UPDATE machines SET change_seq = (SELECT value FROM link_state WHERE name = 'change_seq') WHERE mac = NEW.mac; END""",
+        """CREATE TRIGGER machines_change_delete AFTER DELETE ON machines BEGIN
+            UPDATE link_state SET value = value + 1 WHERE name = 'change_seq';
+            INSERT OR REPLACE INTO machine_tombstones(mac, change_seq)
+                VALUES (OLD.mac, (SELECT value FROM link_state WHERE name = 'change_seq')); END""",
+        "CREATE TABLE link_commands (id TEXT PRIMARY KEY, ts REAL NOT NULL, status INTEGER, body TEXT)",
+    ],
 ]
 
 _JSON_COLUMNS = ("ssh_keys", "hardware")
@@ -121,6 +145,13 @@ class Forbidden(StoreError):
     code = "forbidden"
 
 
+class AlreadyApplied(StoreError):
+    """A command from labd whose id is recorded already: it is not applied again."""
+
+    status = 409
+    code = "already_applied"
+
+
 class Full(StoreError):
     """The store takes no more of something a machine sends (machines, hardware bytes)."""
 
@@ -141,6 +172,71 @@ class Store(Database):
         super().__init__(path, synchronous=synchronous, busy_timeout_s=busy_timeout_s, queue_writers=True)
         self.migrate()
         self.creating = False
+
+    @contextmanager
+    def tx(self):
+        """A write transaction; while :meth:`applying` a command from labd, its id is recorded in
+        the first one (the command's effect): a command is applied at most once."""
+        command = getattr(self._local, "command", None)
+        with super().tx() as c:
+            if command is not None:
+                try:
+                    c.execute("INSERT INTO link_commands(id, ts) VALUES (?, ?)", (command, time.time()))
+                except sqlite3.IntegrityError:
+                    raise AlreadyApplied(f"command {command} was applied already") from None
+            yield c
+        if command is not None:
+            self._local.command = None
+
+    @contextmanager
+    def applying(self, command_id: str):
+        """Within this block (this thread), the next write transaction records ``command_id``."""
+        self._local.command = command_id
+        try:
+            yield
+        finally:
+            self._local.command = None
+
+    def command_result(self, command_id: str) -> tuple[bool, int | None, Any]:
+        """(applied?, status, body) of a command from labd."""
+        row = self.conn().execute("SELECT status, body FROM link_commands WHERE id=?", (command_id,)).fetchone()
+        if row is None:
+            return False, None, None
+        return True, row[0], json.loads(row[1]) if row[1] is not None else None
+
+    def store_command_result(self, command_id: str, status: int, body: Any) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE link_commands SET status=?, body=? WHERE id=?", (status, json.dumps(body), command_id))
+
+    # -- replication to labd (bastion_app/link.py) ----------------------------------------------
+    def link_state(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self.conn().execute("SELECT name, value FROM link_state")}
+
+    def link_ack(self, event: int, change: int) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE link_state SET value = max(value, ?) WHERE name = 'acked_event'", (event,))
+            c.execute("UPDATE link_state SET value = max(value, ?) WHERE name = 'acked_change'", (change,))
+
+    def changes_after(self, change: int, limit: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(machine rows, tombstones) with a change counter above ``change``, the ``limit`` lowest,
+        read in one snapshot."""
+        c = self.conn()
+        c.execute("BEGIN")
+        try:
+            keys = c.execute(
+                "SELECT mac, change_seq, 0 AS gone FROM machines WHERE change_seq > ? UNION ALL "
+                "SELECT mac, change_seq, 1 FROM machine_tombstones WHERE change_seq > ? ORDER BY change_seq LIMIT ?",
+                (change, change, limit)).fetchall()
+            gone = [{"mac": k[0], "change": k[1]} for k in keys if k[2]]
+            live = [k[0] for k in keys if not k[2]]
+            rows = []
+            for i in range(0, len(live), 500):
+                part = live[i:i + 500]
+                rows += [self._row(r) for r in c.execute(
+                    f"SELECT * FROM machines WHERE mac IN ({','.join('?' * len(part))})", part).fetchall()]
+        finally:
+            c.execute("COMMIT")
+        return rows, gone
 
     @classmethod
     def from_config(cls, cfg) -> Store:

@@ -133,6 +133,10 @@ def children(cfg: Config) -> list[ChildSpec]:
     specs.append(ChildSpec("syslog", [sys.executable, "-m", "bastion_app.syslog"]))
     if cfg.dnsmasq:
         specs.append(dnsmasq_child(cfg))
+    from labcore.enroll import has_identity
+
+    if has_identity(cfg.link_path):  # joined to a labd (lab-bastion join): keep the link up
+        specs.append(ChildSpec("link", [sys.executable, "-m", "bastion_app.link"], critical=False))
     return specs
 
 

@@ -236,6 +236,8 @@ class Config(BaseModel):
     serve_state_path = _in_data_dir(SERVE_STATE_NAME)
     images_path = _in_data_dir("images")
     run_path = _in_data_dir("run")
+    #: the identity for the link to labd (lab-bastion join; labcore.enroll)
+    link_path = _in_data_dir("link")
 
     @property
     def listen_host(self) -> str:

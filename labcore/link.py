@@ -41,6 +41,16 @@ FATAL_CLOSE = {4001: "certificate revoked", 4002: "no common protocol version", 
 Handler = Callable[["Link", dict], Awaitable[None]]
 
 
+def software_version() -> str:
+    """This installation's lab-platform version (sent in hello, shown by `labctl get bastions`)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lab-platform")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
 class LinkError(Exception):
     pass
 

@@ -215,6 +215,10 @@ class Kind:
         out = _plain(row)
         if self.name == "clusters":
             out["has_kubeconfig"] = out.pop("kubeconfig") is not None
+        if self.name == "bastions":
+            from labd.link_api import bastion_view
+
+            out = bastion_view(row, out)
         return out
 
 
@@ -466,6 +470,10 @@ def create_token():
     row = _mutate("tokens.create", "tokens", lambda cur: cur.execute(
         "INSERT INTO tokens (kind, hash, username, scope, uses_left, expires_at, created_by) VALUES (%s, %s, %s, %s, %s, %s, %s) "
         "RETURNING *", (body.kind, auth.token_hash(secret), user, body.scope, body.uses, expires, g.caller.user)).fetchone(), 201)
+    if body.kind != "api":  # a join token: the secret with labd's CA pin (labcore.enroll)
+        from labcore.enroll import fingerprint, format_join
+
+        secret = format_join(secret, fingerprint(current_app.config["LABD"].ca_path.read_bytes()))
     return jsonify({**_token_view(row), "token": secret}), 201
 
 

@@ -135,21 +135,53 @@ def migrate(data_dir, database_url):
 @click.option("--workers", type=int, help="gunicorn worker processes (default 2).")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), help="Certificate (PEM chain) instead of labd's own server.crt.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="Its private key (instead of server.key).")
-def serve(data_dir, database_url, listen, workers, tls_cert, tls_key):
-    """Serve the HTTPS API (gunicorn, gthread workers, each with its own connection pool)."""
+@click.option("--hub-listen", metavar="HOST:PORT", help="Address of the hub bastions and agents dial (mTLS WebSocket; "
+              "default: the API's host and port + 1). Env: LABD_HUB_LISTEN.")
+@click.option("--no-hub", is_flag=True, help="Serve the API only (another `labd serve` runs the hub).")
+def serve(data_dir, database_url, listen, workers, tls_cert, tls_key, hub_listen, no_hub):
+    """Serve the HTTPS API (gunicorn, gthread workers, each with its own connection pool) and,
+    beside it, the hub (a child process, restarted if it dies; it shares only the database)."""
     import tempfile
 
     from labd.gunicorn_app import LabdGunicorn
 
-    cfg = _load(data_dir, database_url=database_url, listen=listen, workers=workers, tls_cert=tls_cert, tls_key=tls_key)
+    cfg = _load(data_dir, database_url=database_url, listen=listen, workers=workers, tls_cert=tls_cert, tls_key=tls_key,
+                hub_listen=hub_listen)
     for p in (cfg.cert_path, cfg.key_path):
         if not p.exists():
             raise click.ClickException(f"{p} does not exist: run `labd init --data-dir {data_dir}` or pass --tls-cert/--tls-key")
+    if not no_hub:
+        _start_hub(cfg)
     with tempfile.TemporaryDirectory(prefix="labd-metrics-") as metrics_dir:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         click.echo(f"labd: serving https://{cfg.listen} from {data_dir}", err=True)
         LabdGunicorn(cfg).run()
     sys.exit(0)
+
+
+def _start_hub(cfg: configmod.Config) -> None:
+    """Run ``python -m labd.hub`` with this configuration, restarted (after a second) whenever it
+    exits; it gets SIGTERM when this process dies, however it dies."""
+    import subprocess
+    import threading
+    import time
+
+    from bastion_app.supervisor import _die_with_parent
+
+    env = dict(os.environ)
+    env.update({configmod.DATA_DIR_ENV: str(cfg.data_dir), configmod.DATABASE_URL_ENV: cfg.database_url,
+                "LABD_LISTEN": cfg.listen, "LABD_TLS_CERT": str(cfg.cert_path), "LABD_TLS_KEY": str(cfg.key_path),
+                "LABD_HUB_LISTEN": "{}:{}".format(*cfg.hub_address)})
+    host, port = cfg.hub_address
+    click.echo(f"labd: hub on wss://{host}:{port}", err=True)
+
+    def keep():  # this thread lives as long as the process: PR_SET_PDEATHSIG follows the thread that forked
+        while True:
+            proc = subprocess.Popen([sys.executable, "-m", "labd.hub"], env=env, preexec_fn=_die_with_parent)
+            code = proc.wait()
+            logging.getLogger("labd").warning("labd: the hub exited with status %s; restarting it", code)
+            time.sleep(1)
+    threading.Thread(target=keep, name="hub", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ DATABASE_URL_ENV = "LABD_DATABASE_URL"
 #: environment name of each setting (flags use the same names with dashes)
 ENV = {"database_url": DATABASE_URL_ENV, "listen": "LABD_LISTEN", "workers": "LABD_WORKERS",
        "threads": "LABD_THREADS", "tls_cert": "LABD_TLS_CERT", "tls_key": "LABD_TLS_KEY",
-       "token_ttl_seconds": "LABD_TOKEN_TTL_SECONDS", "pool_size": "LABD_POOL_SIZE"}
-INTS = {"workers", "threads", "token_ttl_seconds", "pool_size"}
+       "token_ttl_seconds": "LABD_TOKEN_TTL_SECONDS", "pool_size": "LABD_POOL_SIZE",
+       "hub_listen": "LABD_HUB_LISTEN", "hub_url": "LABD_HUB_URL",
+       "bastion_cert_seconds": "LABD_BASTION_CERT_SECONDS", "agent_cert_seconds": "LABD_AGENT_CERT_SECONDS"}
+INTS = {"workers", "threads", "token_ttl_seconds", "pool_size", "bastion_cert_seconds", "agent_cert_seconds"}
 # lab-agent (issue 18): the heartbeat interval labd tells agents, and the beats missed before "offline"
 ENV.update(agent_heartbeat_seconds="LABD_AGENT_HEARTBEAT_SECONDS", agent_missed_beats="LABD_AGENT_MISSED_BEATS")
 INTS |= {"agent_heartbeat_seconds", "agent_missed_beats"}
@@ -37,6 +39,10 @@ class Config:
     tls_key: str = ""
     token_ttl_seconds: int = 12 * 3600  # an API token from a login
     pool_size: int = 8  # connections per gunicorn worker
+    hub_listen: str = ""  # the hub's HOST:PORT (bastions and agents dial it); default: the API's port + 1
+    hub_url: str = ""  # the hub's URL as peers reach it; default: wss://<the host they enrolled at>:<hub port>
+    bastion_cert_seconds: int = 30 * 86400  # lifetime of a bastion's client certificate
+    agent_cert_seconds: int = 14 * 86400  # lifetime of an agent's
     agent_heartbeat_seconds: int = 15
     agent_missed_beats: int = 3
     extra: dict = field(default_factory=dict, compare=False)
@@ -56,6 +62,14 @@ class Config:
     @property
     def secret_key_path(self) -> Path:
         return self.data_dir / "secret.key"
+
+    @property
+    def hub_address(self) -> tuple[str, int]:
+        if self.hub_listen:
+            host, _, port = self.hub_listen.rpartition(":")
+            return host, int(port)
+        host, _, port = self.listen.rpartition(":")
+        return host, int(port) + 1
 
     def require_database(self) -> str:
         if not self.database_url:
@@ -93,4 +107,9 @@ def load(data_dir: Path | str, env: dict | None = None, **flags) -> Config:
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"listen must be HOST:PORT, not {listen!r}")
+    hub = str(values.get("hub_listen") or "")
+    if hub:
+        host, _, port = hub.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"hub_listen must be HOST:PORT, not {hub!r}")
     return Config(data_dir=data_dir, **{k: (str(val) if k not in INTS else val) for k, val in values.items()})

@@ -149,6 +149,7 @@ STEPS: list[tuple[str, str]] = [
         row JSONB NOT NULL,
         updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         PRIMARY KEY (mac, bastion))"""),
+    ("0112_bastions_machines", "ALTER TABLE bastions ADD COLUMN IF NOT EXISTS machines INT NOT NULL DEFAULT 0"),
     # -- issue 18 (lab-agent): 02xx ---------------------------------------------------------------------
     ("0201_agents_facts", "ALTER TABLE agents ADD COLUMN IF NOT EXISTS facts JSONB NOT NULL DEFAULT '{}'"),
     ("0202_agents_revoked", "ALTER TABLE agents ADD COLUMN IF NOT EXISTS revoked_at TIMESTAMPTZ"),

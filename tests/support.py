@@ -696,6 +696,14 @@ class Postgres:
         with psycopg.connect(self.url(dbname), autocommit=True) as conn:
             conn.execute(statement)
 
+    def restart(self) -> None:
+        """Stop it (fast: connections are cut) and start it again with the same options."""
+        r = subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "restart", "-D", str(self.root / "pgdata"),
+                            "-m", "fast", "-w", "-t", "60", "-l", str(self.root / "postgres.log")],
+                           capture_output=True, text=True, timeout=90)
+        if r.returncode:
+            raise RuntimeError(f"pg_ctl restart failed: {r.stdout}{r.stderr}")
+
     def stop(self) -> None:
         subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "stop", "-D", str(self.root / "pgdata"),
                         "-m", "immediate", "-w"], capture_output=True, timeout=60)
@@ -762,11 +770,52 @@ class Labd:
         r.raise_for_status()
         return r.json()["token"]
 
+    hub_port: int = 0
+    workers: int = 2
+    env: dict = field(default_factory=dict)
+
+    @property
+    def hub_url(self) -> str:
+        return f"wss://127.0.0.1:{self.hub_port}"
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
         stop_process(self.proc, timeout=20, group=True)
+
+    def kill(self) -> None:
+        """SIGKILL to labd and its children (gunicorn's workers, the hub): a crash."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """(Re)start `labd serve` on this data directory and ports; wait for /readyz."""
+        port = int(self.url.rsplit(":", 1)[1])
+        self.log_path = self.data_dir.parent / f"labd-{port}.log"
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "labd", "serve", "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{port}",
+                 "--workers", str(self.workers), "--hub-listen", f"127.0.0.1:{self.hub_port}"],
+                stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO), **self.env}, cwd=REPO,
+                start_new_session=True)
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"labd serve exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                return requests.get(self.url + "/readyz", timeout=1, verify=self.ca).status_code == 200
+            except requests.exceptions.SSLError:
+                raise
+            except requests.ConnectionError:
+                return False
+
+        try:
+            wait_for(ready, timeout=timeout, interval=0.1, what="labd serve /readyz")
+        except BaseException:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            raise
 
 
 def labd_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -774,38 +823,17 @@ def labd_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subpr
                           env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, cwd=REPO)
 
 
-def start_labd(data_dir: Path, database_url: str, *, workers: int = 2, timeout: float = 30.0) -> Labd:
-    """`labd init` (keeps the printed admin password) then `labd serve` on a free loopback port;
-    waits for /readyz over HTTPS, trusting labd's own CA."""
+def start_labd(data_dir: Path, database_url: str, *, workers: int = 2, timeout: float = 30.0, env: dict | None = None) -> Labd:
+    """`labd init` (keeps the printed admin password) then `labd serve` on a free loopback port
+    (and its hub on another); waits for /readyz over HTTPS, trusting labd's own CA."""
     r = labd_cli("init", "--data-dir", str(data_dir), "--database-url", database_url)
     if r.returncode:
         raise RuntimeError(f"labd init failed:\n{r.stdout}{r.stderr}")
     password = re.search(r"^admin password: (\S+)$", r.stdout, re.M).group(1)
-    port = free_port()
-    log_path = data_dir.parent / f"labd-{port}.log"
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "labd", "serve", "--data-dir", str(data_dir), "--listen",
-                                 f"127.0.0.1:{port}", "--workers", str(workers)], stdout=logf, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, start_new_session=True)
-    url = f"https://127.0.0.1:{port}"
-
-    def ready():
-        if proc.poll() is not None:
-            raise RuntimeError(f"labd serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            return requests.get(url + "/readyz", timeout=1, verify=str(data_dir / "ca.crt")).status_code == 200
-        except requests.exceptions.SSLError:
-            raise
-        except requests.ConnectionError:
-            return False
-
-    try:
-        wait_for(ready, timeout=timeout, interval=0.1, what="labd serve /readyz")
-    except BaseException:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    return Labd(url, data_dir, database_url, password, proc, log_path)
+    server = Labd(f"https://127.0.0.1:{free_port()}", data_dir, database_url, password, None, None,  # type: ignore[arg-type]
+                  hub_port=free_port(), workers=workers, env=dict(env or {}))
+    server.start(timeout)
+    return server
 
 
 # -- lab-agent: a fake `journalctl` (where systemd's journal is absent) ---------------------------------

@@ -176,17 +176,24 @@ class AgentHandler(PeerHandler):
         self.flushes += 1
 
     def silent(self, ids: list[str]) -> list[str]:
-        """Agents connected here that missed their beats (the core closes them)."""
+        """Agents connected here that missed their beats."""
         now = asyncio.get_running_loop().time()
         limit = self.missed_beats * self.heartbeat_seconds
         return [i for i in ids if now - self._last_beat.get(i, now) > limit]
 
     async def _watch_cancels(self, interval: float = 0.2) -> None:
+        """Send ``cancel`` for running commands the API cancelled; close agents that went silent."""
         while True:
             await asyncio.sleep(interval)
             ids = [p.id for p in self.hub.peers.values() if p.kind == "agent"]
             if not ids:
                 continue
+            for i in self.silent(ids):
+                peer = self.hub.peers.get(i)
+                if peer is not None:
+                    log.warning("hub: agent %s missed %s heartbeats; closing", i, self.missed_beats)
+                    self._last_beat.pop(i, None)
+                    await peer.ws.close(CLOSE_SILENT, "no heartbeat")
             try:
                 rows = await self.hub.db(lambda cur, ids=ids: cur.execute(
                     "SELECT id, target_id FROM commands WHERE target_kind = 'agent' AND target_id = ANY(%s) "

@@ -1,0 +1,159 @@
+"""The bastion's link to labd (``python -m bastion_app.link``, a child of `lab-bastion serve` once
+`lab-bastion join` stored an identity in <data dir>/link/).
+
+- Replication: machine rows (by the store's change counter, forgotten ones as tombstones) and
+  events (by id) go to labd in batches; labd answers ``ack`` only after it committed a batch, and
+  only then does the bastion move its acknowledged marks (in state.db). Nothing is deleted for
+  the link: at every (re)connect, everything above the acknowledged marks is sent again (labd's
+  writes are idempotent).
+- Commands from labd (install, reprovision, cancel, forget, debug) are applied through the
+  bastion's own API routes (the Flask app, in this process: the same validation and the same
+  answers, 409s included), with the command id recorded in the same SQLite transaction as the
+  effect (Store.applying): a command delivered twice is applied once, and the second delivery
+  gets the first answer.
+- The bastion never needs labd: this process only reads and writes state.db like any worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import uuid
+from typing import Any
+
+from bastion_app.routes import event_view, machine_view
+from bastion_app.store import Store
+from labcore import bastion_config as configmod
+from labcore import link as linkmod
+
+log = logging.getLogger("bastion_app.link")
+
+#: the most machine rows and events in one replicate message
+BATCH = 500
+#: batches sent and not yet acknowledged, at most
+WINDOW = 4
+#: how often an idle link looks for new changes
+IDLE_POLL_SECONDS = 0.2
+
+#: a command kind -> (method, path, body) of the bastion's operator API
+ROUTES = {
+    "install": lambda a: ("POST", "/api/install", {k: v for k, v in a.items()}),
+    "reprovision": lambda a: ("POST", f"/api/machines/{a.get('mac')}/reprovision", {k: v for k, v in a.items() if k != "mac"}),
+    "cancel": lambda a: ("POST", f"/api/machines/{a.get('mac')}/cancel", {k: v for k, v in a.items() if k != "mac"}),
+    "forget": lambda a: ("DELETE", f"/api/machines/{a.get('mac')}", None),
+    "debug": lambda a: ("POST", "/api/debug", {k: v for k, v in a.items()}),
+}
+
+
+class BastionLink:
+    def __init__(self, cfg: configmod.Config, *, versions: tuple[int, ...] = linkmod.VERSIONS):
+        from bastion_app import create_app
+
+        self.cfg = cfg
+        self.app = create_app(cfg)
+        self.store: Store = self.app.extensions["lab_store"]
+        self.client = self.app.test_client()
+        self.token = self.app.config["LAB_TOKEN"]
+        self.command_lock = asyncio.Lock()
+        self.acked = asyncio.Event()
+        self.link = linkmod.Link(cfg.link_path, kind="bastion", software=linkmod.software_version(), versions=versions,
+                                 handlers={"ack": self.on_ack, "command": self.on_command}, on_connect=self.pump)
+
+    # -- replication ---------------------------------------------------------------------------------
+    def _batch(self, event_after: int, change_after: int) -> dict[str, Any]:
+        rows, gone = self.store.changes_after(change_after, BATCH)
+        events = self.store.events(since=event_after, limit=BATCH)
+        return {"machines": [{**machine_view(m), "change": m["change_seq"]} for m in rows], "deleted": gone,
+                "events": [event_view(e) for e in events]}
+
+    async def pump(self, link: linkmod.Link, welcome: dict) -> None:
+        """Per connection: send everything above the acknowledged marks, then what comes."""
+        state = await asyncio.to_thread(self.store.link_state)
+        sent_event, sent_change = state["acked_event"], state["acked_change"]
+        in_flight: list[tuple[int, int]] = []
+        self.in_flight = in_flight
+        while True:
+            state = await asyncio.to_thread(self.store.link_state)
+            while in_flight and in_flight[0][0] <= state["acked_event"] and in_flight[0][1] <= state["acked_change"]:
+                in_flight.pop(0)
+            if len(in_flight) >= WINDOW:
+                self.acked.clear()
+                try:
+                    await asyncio.wait_for(self.acked.wait(), 30)
+                except TimeoutError:  # labd did not acknowledge: resend from the marks
+                    sent_event, sent_change = state["acked_event"], state["acked_change"]
+                    in_flight.clear()
+                continue
+            batch = await asyncio.to_thread(self._batch, sent_event, sent_change)
+            if not batch["events"] and not batch["machines"] and not batch["deleted"]:
+                self.acked.clear()
+                try:
+                    await asyncio.wait_for(self.acked.wait(), IDLE_POLL_SECONDS)
+                except TimeoutError:
+                    pass
+                continue
+            sent_event = max([e["id"] for e in batch["events"]], default=sent_event)
+            sent_change = max([m["change"] for m in batch["machines"]] + [d["change"] for d in batch["deleted"]],
+                              default=sent_change)
+            head_event = await asyncio.to_thread(self.store.last_event_id)
+            await link.send({"type": "replicate", **batch, "head": {"event": head_event, "change": sent_change}})
+            in_flight.append((sent_event, sent_change))
+
+    async def on_ack(self, link: linkmod.Link, msg: dict) -> None:
+        try:
+            event, change = int(msg.get("event", 0)), int(msg.get("change", 0))
+        except (TypeError, ValueError):
+            return
+        await asyncio.to_thread(self.store.link_ack, event, change)
+        self.acked.set()
+
+    # -- commands --------------------------------------------------------------------------------------
+    def apply(self, command_id: str, kind: str, args: dict) -> tuple[int, Any]:
+        """Apply one command at most once; (status, body) as the bastion's API answers it."""
+        applied, status, body = self.store.command_result(command_id)
+        if applied:
+            return (status, body) if status is not None else (200, {"detail": "applied already (answer lost)"})
+        route = ROUTES.get(kind)
+        if route is None or not isinstance(args, dict):
+            return 400, {"error": f"unknown command {kind!r}", "detail": f"known: {', '.join(ROUTES)}"}
+        method, path, body = route(args)
+        with self.store.applying(command_id):
+            r = self.client.open(path, method=method, json=body, headers={"Authorization": f"Bearer {self.token}"},
+                                 environ_base={"REMOTE_ADDR": "labd"})
+        answer = r.get_json(silent=True)
+        if answer is None:
+            answer = {"error": r.get_data(as_text=True)[:500]}
+        if self.store.command_result(command_id)[0]:
+            self.store.store_command_result(command_id, r.status_code, answer)
+        return r.status_code, answer
+
+    async def on_command(self, link: linkmod.Link, msg: dict) -> None:
+        try:
+            cid = str(uuid.UUID(str(msg.get("id"))))
+        except ValueError:
+            return
+        async with self.command_lock:  # one at a time: the check and the apply see each other
+            status, body = await asyncio.to_thread(self.apply, cid, str(msg.get("kind")), msg.get("args") or {})
+        await link.send({"type": "result", "id": cid, "status": status, "body": body})
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.link.run(stop)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = configmod.load(os.environ.get(configmod.DATA_DIR_ENV))
+
+    async def go():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await BastionLink(cfg).run(stop)
+    asyncio.run(go())
+
+
+if __name__ == "__main__":
+    main()

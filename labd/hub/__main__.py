@@ -1,0 +1,3 @@
+from labd.hub.core import main
+
+main()

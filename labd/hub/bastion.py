@@ -1,0 +1,141 @@
+"""The hub's side of a bastion: replication in, acknowledgements out.
+
+The bastion sends ``{"type": "replicate", "events": [...], "machines": [...], "deleted": [...],
+"head": {"event": E, "change": C}}``: events by their id in the bastion's events table, machine
+rows (the bastion's machine view, never an install token) and forgotten MACs, each with the
+bastion's change counter (``change``). labd stores the batch in one transaction and only then
+answers ``{"type": "ack", "event": <highest event id stored>, "change": <highest change stored>}``.
+
+Idempotent: an event is stored once per (bastion, id) (ON CONFLICT DO NOTHING); a machine row only
+replaces an older version of itself (change counter); a batch sent twice changes nothing.
+
+Ownership: each bastion's view of a MAC is kept in ``server_claims`` (mac, bastion). The row in
+``servers`` belongs to one bastion (``servers.bastion``), the first that reported the MAC (or a
+server an operator made by hand, without a bastion); a bastion's rows never change a server that
+another bastion owns: the MAC is then a conflict, which labd shows (two claims) and which a
+routed command must settle with ``--bastion``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pydantic
+from psycopg.types.json import Jsonb
+
+from labcore import schemas
+from labcore import validate as v
+from labd.hub.core import Peer, PeerHandler
+from labd.store import audit
+
+log = logging.getLogger("labd.hub")
+
+#: the most items of one kind in one replicate message (the bastion sends fewer)
+MAX_BATCH = 2000
+_COLUMNS = [n for n in schemas.MachineView.model_fields]
+_JSON = ("ssh_keys", "hardware")
+
+
+def _machine(raw) -> dict | None:
+    try:
+        m = schemas.MachineView.model_validate(raw).model_dump()
+        m["mac"] = v.mac(m["mac"])
+        change = int(raw["change"])
+    except (pydantic.ValidationError, v.ValidationError, KeyError, TypeError, ValueError):
+        return None
+    if m["hostname"] is not None:
+        try:
+            m["hostname"] = v.hostname(m["hostname"])
+        except v.ValidationError:
+            return None
+    m["change"] = change
+    return m
+
+
+def _event(raw) -> tuple | None:
+    try:
+        eid = int(raw["id"])
+        mac = v.mac(raw["mac"])
+        kind = str(raw["kind"])[:64]
+    except (KeyError, TypeError, ValueError, v.ValidationError):
+        return None
+    if eid < 1:
+        return None
+    body = {k: raw.get(k) for k in ("actor", "from_state", "to_state", "reason", "data")}
+    return eid, mac, str(raw.get("ts", ""))[:40], kind, json.dumps(body)[:65536]
+
+
+class BastionHandler(PeerHandler):
+    kind = "bastion"
+    table = "bastions"
+
+    async def on_message(self, peer: Peer, msg: dict) -> None:
+        if msg.get("type") != "replicate":
+            return await super().on_message(peer, msg)
+        events = [e for e in map(_event, (msg.get("events") or [])[:MAX_BATCH]) if e]
+        machines = [m for m in map(_machine, (msg.get("machines") or [])[:MAX_BATCH]) if m]
+        deleted = []
+        for d in (msg.get("deleted") or [])[:MAX_BATCH]:
+            try:
+                deleted.append((v.mac(d["mac"]), int(d["change"])))
+            except (KeyError, TypeError, ValueError, v.ValidationError):
+                continue
+        bad = (len(msg.get("events") or []) - len(events)) + (len(msg.get("machines") or []) - len(machines))
+        head = msg.get("head") or {}
+        ack = await self.hub.db(lambda cur: self.store_batch(cur, peer, events, machines, deleted, head, bad))
+        await peer.send({"type": "ack", **ack})
+
+    def store_batch(self, cur, peer: Peer, events, machines, deleted, head, bad) -> dict:
+        name = peer.name
+        if events:
+            cur.executemany("INSERT INTO bastion_events (bastion, event_id, mac, ts, kind, body) VALUES (%s, %s, %s, %s, %s, %s) "
+                            "ON CONFLICT (bastion, event_id) DO NOTHING", [(name, *e) for e in events])
+        for m in machines:
+            self._upsert(cur, peer, m)
+        for mac, change in deleted:
+            cur.execute("DELETE FROM server_claims WHERE mac = %s AND bastion = %s AND version < %s", (mac, name, change))
+            cur.execute("DELETE FROM servers WHERE mac = %s AND bastion = %s AND COALESCE(bastion_version, 0) < %s",
+                        (mac, name, change))
+        max_event = max((e[0] for e in events), default=0)
+        max_change = max([m["change"] for m in machines] + [c for _, c in deleted], default=0)
+        try:
+            head_event = int(head.get("event", 0))
+        except (TypeError, ValueError):
+            head_event = 0
+        row = cur.execute(
+            "UPDATE bastions SET acked_event_id = GREATEST(acked_event_id, %s), acked_change = GREATEST(acked_change, %s), "
+            "last_seen_at = now(), status = 'online' WHERE id = %s RETURNING acked_event_id, acked_change",
+            (max_event, max_change, peer.id)).fetchone()
+        cur.execute("UPDATE bastions SET backlog = GREATEST(0, %s - acked_event_id), "
+                    "machines = (SELECT count(*) FROM server_claims WHERE bastion = %s) WHERE id = %s",
+                    (head_event, name, peer.id))
+        if bad:
+            audit(cur, f"bastion:{peer.id}", "bastions.replicate", f"bastions/{peer.id}", outcome="rejected", status=422,
+                  detail={"invalid_items": bad})
+        # the acknowledgement names what this batch stored: the bastion advances to it
+        return {"event": max_event, "change": max_change,
+                "acked_event": row["acked_event_id"] if row else 0, "acked_change": row["acked_change"] if row else 0}
+
+    def _upsert(self, cur, peer: Peer, m: dict) -> None:
+        name, change, mac = peer.name, m["change"], m["mac"]
+        view = {k: m[k] for k in _COLUMNS}
+        cur.execute("INSERT INTO server_claims (mac, bastion, version, row) VALUES (%s, %s, %s, %s) "
+                    "ON CONFLICT (mac, bastion) DO UPDATE SET version = excluded.version, row = excluded.row, updated_at = now() "
+                    "WHERE server_claims.version < excluded.version", (mac, name, change, Jsonb(view)))
+        cols = [c for c in _COLUMNS if c not in ("mac",)]
+        values = [Jsonb(m[c]) if c in _JSON else m[c] for c in cols]
+        # a host name another server has already is not copied (the bastion's view keeps it)
+        hostname_free = "SELECT NOT EXISTS (SELECT 1 FROM servers o WHERE o.hostname = %s AND o.mac <> %s) AS free"
+        existing = cur.execute("SELECT bastion, bastion_version FROM servers WHERE mac = %s", (mac,)).fetchone()
+        if m["hostname"] is not None and not cur.execute(hostname_free, (m["hostname"], mac)).fetchone()["free"]:
+            values[cols.index("hostname")] = None
+        if existing is None:
+            cur.execute(f"INSERT INTO servers (mac, {', '.join(cols)}, bastion, bastion_version, cloud, environment) "
+                        f"VALUES (%s, {', '.join(['%s'] * len(cols))}, %s, %s, %s, %s) ON CONFLICT (mac) DO NOTHING",
+                        [mac, *values, name, change, peer.cloud, peer.environment])
+        elif existing["bastion"] in (None, name) and (existing["bastion_version"] or 0) < change:
+            sets = ", ".join(f"{c} = %s" for c in cols)
+            cur.execute(f"UPDATE servers SET {sets}, bastion = %s, bastion_version = %s WHERE mac = %s "
+                        "AND (bastion IS NULL OR bastion = %s)", [*values, name, change, mac, name])
+        # else: another bastion owns this MAC (a conflict, visible as two claims) or this is older
