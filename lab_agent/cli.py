@@ -44,7 +44,8 @@ def join(labd_url, token, name, force, state_dir):
         raise click.ClickException(f"already enrolled as {meta.get('id')} in {state_dir}; --force to enroll again")
     name = name or socket.gethostname()
     try:
-        answer = enroll.enroll(labd_url, token, "agent", name, facts.Sampler().sample())
+        beat = facts.Sampler().sample()
+        answer = enroll.enroll(labd_url, token, "agent", name, {k: str(beat[k]) for k in ("hostname", "os", "kernel", "version")})
     except enroll.EnrollError as exc:
         raise click.ClickException(str(exc)) from None
     enroll.store_identity(state_dir, answer["key"], answer["certificate"], answer["ca"],

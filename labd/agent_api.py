@@ -8,7 +8,7 @@ host, read its journal, and follow a command's output.
   logged, so reading it is as strong as running a command). The command and its audit row (argv,
   never output) are written in one transaction; 202 with the command's id. An agent that is not
   connected fails at once: 409 with when it was last seen.
-- ``GET /api/v1/commands/<id>?after=N``: state, result and the output rows after seq N (the
+- ``GET /api/v1/commands/<id>?after=N`` (routed by labd/link_api.py): state, result and the output rows after seq N (the
   caller polls; no connection is held open); ``POST /api/v1/commands/<id>/cancel``.
 """
 
@@ -22,7 +22,7 @@ from psycopg.types.json import Jsonb
 
 from bastion_app.errors import ApiError
 from labd import api
-from labd.api import KINDS, _find, _mutate, _plain, authorize, bp, store
+from labd.api import KINDS, _find, _mutate, authorize, bp, store
 from labd.hub import agent as agent_hub  # noqa: I001
 from labd.schemas import Strict
 from labd.store import audit
@@ -123,24 +123,28 @@ def logs_of_agent(ref):
     return _command(ref, "logs", args, args, follow=body.follow)
 
 
+def _authorize_command(c: dict) -> None:
+    """Your own command: always; someone else's: exec on its host."""
+    if c["created_by"] == g.caller.user:
+        return
+    a = store().transaction(lambda cur: cur.execute("SELECT * FROM agents WHERE id::text = %s", (c["target_id"],)).fetchone())
+    authorize("exec", "servers", KINDS["agents"].path(a) if a else None, f"commands/{c['id']}")
+
+
 def _own_command(cid: str) -> dict:
     uid = api._uuid(cid, "command")
-
-    def look(cur):
-        c = cur.execute("SELECT * FROM commands WHERE id = %s AND target_kind = 'agent'", (uid,)).fetchone()
-        a = cur.execute("SELECT * FROM agents WHERE id::text = %s", (c["target_id"],)).fetchone() if c else None
-        return c, a
-    c, a = store().transaction(look)
+    c = store().transaction(lambda cur: cur.execute("SELECT * FROM commands WHERE id = %s AND target_kind = 'agent'",
+                                                    (uid,)).fetchone())
     if c is None:
         raise ApiError(404, "no such command", cid)
-    if c["created_by"] != g.caller.user:  # someone else's: exec on the host is needed to read it
-        authorize("exec", "servers", KINDS["agents"].path(a) if a else None, f"commands/{cid}")
+    _authorize_command(c)
     return c
 
 
-@bp.get("/commands/<cid>")
-def get_command(cid):
-    c = _own_command(cid)
+def command_with_output(c: dict, view: dict):
+    """``GET /api/v1/commands/<id>`` of an agent's command (labd/link_api.py's route hands it here):
+    the command and its output rows after ``?after=N``."""
+    _authorize_command(c)
     try:
         after = int(request.args.get("after", "0"))
     except ValueError:
@@ -148,10 +152,7 @@ def get_command(cid):
     rows = store().transaction(lambda cur: cur.execute(
         "SELECT seq, stream, data FROM command_output WHERE command_id = %s AND seq > %s ORDER BY seq LIMIT %s",
         (c["id"], after, OUTPUT_PAGE)).fetchall())
-    view = _plain({k: c[k] for k in ("id", "kind", "state", "result", "created_by", "created_at", "updated_at")})
-    view["output"] = rows
-    view["next_after"] = rows[-1]["seq"] if rows else after
-    return jsonify(view)
+    return jsonify({**view, "output": rows, "next_after": rows[-1]["seq"] if rows else after})
 
 
 @bp.post("/commands/<cid>/cancel")

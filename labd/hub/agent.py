@@ -36,6 +36,7 @@ import logging
 
 from psycopg.types.json import Jsonb
 
+from labd.hub.core import HEARTBEAT_SECONDS as HUB_BEAT_SECONDS
 from labd.hub.core import Peer, PeerHandler
 from labd.store import audit
 
@@ -50,8 +51,8 @@ RESULT_FIELDS = ("exit_code", "signal", "timed_out", "truncated_bytes", "user", 
 
 def offline_after(heartbeat_seconds: float, missed_beats: int) -> float:
     """Seconds after the last beat stored in the database before an agent counts as offline: the
-    missed beats plus one interval (the stored ``last_seen_at`` lags by up to one flush)."""
-    return (missed_beats + 1) * heartbeat_seconds
+    missed beats plus one hub beat (the stored ``last_seen_at`` lags by up to one flush)."""
+    return missed_beats * heartbeat_seconds + HUB_BEAT_SECONDS
 
 
 def is_online(row: dict, heartbeat_seconds: float, missed_beats: int) -> bool:
