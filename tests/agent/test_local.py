@@ -70,8 +70,8 @@ def test_exec_interleaves_stdout_and_stderr_in_order_and_returns_the_exit_code()
 
 
 def test_exec_argv_is_not_a_shell_line():
-    result, chunks = _run(["echo", "$(id) ; rm -rf /", "`x`"])
-    assert result["exit_code"] == 0 and "".join(t for _, t in chunks) == "$(id) ; rm -rf / `x`\n"
+    result, chunks = _run(["printf", "%s|%s", "$(id) ; rm -rf /", "`x`"])
+    assert result["exit_code"] == 0 and "".join(t for _, t in chunks) == "$(id) ; rm -rf /|`x`"
 
 
 def test_exec_timeout_kills_the_whole_group():
