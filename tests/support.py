@@ -923,3 +923,16 @@ def start_agent(state_dir: Path, *args: str, env: dict | None = None) -> Agent:
                                 stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
                                 cwd=REPO, start_new_session=True)
     return Agent(state_dir, proc, log_path)
+
+
+def pids_with(marker: str) -> list[int]:
+    """The processes whose command line contains ``marker`` (to prove nothing was left running)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    out.append(int(pid))
+            except OSError:
+                pass
+    return out

@@ -11,7 +11,9 @@ import asyncio
 import io
 import json
 import os
+import signal
 import ssl
+import subprocess
 import sys
 import time
 
@@ -22,7 +24,16 @@ from psycopg.rows import dict_row
 from labcore import enroll
 from labctl import agent_cmd
 from labctl.client import Client
-from tests.support import fake_journal, journal_append, lab_agent_cli, start_agent, start_labd, wait_for
+from tests.support import (
+    REPO,
+    fake_journal,
+    journal_append,
+    lab_agent_cli,
+    pids_with,
+    start_agent,
+    start_labd,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 CERT_SECONDS = 24  # renewal at about 16 s (2/3), so the renewal test sees one within its run
@@ -85,18 +96,6 @@ def run_exec(c: Client, host: str, argv: list[str], timeout: float | None = None
     out, err = io.StringIO(), io.StringIO()
     final = agent_cmd.follow(c, made["id"], out, err, deadline=time.monotonic() + 60, poll=0.05)
     return agent_cmd.exit_code(final), out.getvalue(), err.getvalue(), final
-
-
-def alive(marker: str) -> list[int]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if marker.encode() in open(f"/proc/{pid}/cmdline", "rb").read():
-                    out.append(int(pid))
-            except OSError:
-                pass
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -170,13 +169,13 @@ def test_exec_timeout_and_cancel_leave_nothing_running(labd, admin, host_a):
     t0 = time.monotonic()
     code, out, _, final = run_exec(c, "host-a", ["bash", "-c", f"echo go; exec -a {marker}-t sleep 300"], timeout=1)
     assert code == agent_cmd.TIMEOUT_EXIT and out == "go\n" and final["result"]["timed_out"] and time.monotonic() - t0 < 15
-    assert alive(f"{marker}-t") == []
+    assert pids_with(f"{marker}-t") == []
     made = c.post("/api/v1/agents/host-a/exec", {"argv": ["bash", "-c", f"exec -a {marker}-c sleep 300"]})
-    wait_for(lambda: alive(f"{marker}-c"), timeout=15, what="the remote command to start")
+    wait_for(lambda: pids_with(f"{marker}-c"), timeout=15, what="the remote command to start")
     c.post(f"/api/v1/commands/{made['id']}/cancel")
     final = wait_for(lambda: (x := c.get(f"/api/v1/commands/{made['id']}"))["result"] and x, timeout=15, what="the cancel")
     assert final["state"] == "cancelled" and agent_cmd.exit_code(final) == 130
-    wait_for(lambda: alive(f"{marker}-c") == [], timeout=5, what="the cancelled process to go")
+    wait_for(lambda: pids_with(f"{marker}-c") == [], timeout=5, what="the cancelled process to go")
 
 
 def test_exec_offline_pending_and_permission(labd, admin, host_a, tmp_path):
@@ -304,3 +303,27 @@ def test_offline_when_the_agent_stops_and_no_secret_in_logs(labd, admin, host_a,
     for text in (labd.log(), agent.log(), host_a["agent"].log(),
                  json.dumps(db(labd, "SELECT * FROM audit"), default=str)):
         assert secret not in text and key_line not in text
+
+
+def test_ctrl_c_in_labctl_kills_the_remote_process(labd, admin, host_a, tmp_path):
+    """labctl's follow loop in a process of its own gets SIGINT (Ctrl-C): it cancels the command and
+    the agent kills the remote process group."""
+    marker = f"agent-ctrlc-{os.getpid()}"
+    script = tmp_path / "exec.py"
+    script.write_text(
+        "import sys\nfrom labctl import agent_cmd\nfrom labctl.client import Client\n"
+        f"c = Client({labd.url!r}, sys.stdin.readline().strip())\nc.session.trust_env = False\nc.session.verify = {labd.ca!r}\n"
+        f"made = c.post('/api/v1/agents/host-a/exec', {{'argv': ['bash', '-c', 'echo started; exec -a {marker} sleep 300']}})\n"
+        "print(made['id'], flush=True)\n"
+        "try:\n    agent_cmd.follow(c, made['id'], sys.stdout, sys.stderr)\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc.stdin.write(labd.login() + "\n")
+    proc.stdin.flush()
+    cid = proc.stdout.readline().strip()
+    wait_for(lambda: pids_with(marker), timeout=15, what="the remote command to start")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(20) == 130
+    wait_for(lambda: pids_with(marker) == [], timeout=10, what="the remote process to be killed")
+    c = client(labd, labd.login())
+    wait_for(lambda: c.get(f"/api/v1/commands/{cid}")["state"] == "cancelled", timeout=10, what="cancelled")

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from lab_agent import execute, facts, journal
-from tests.support import fake_journal, journal_append, need_root
+from tests.support import fake_journal, journal_append, need_root, pids_with
 
 
 def test_heartbeat_reads_proc_and_cpu_moves_between_samples():
@@ -49,18 +49,6 @@ def _run(argv, **kw):
     return result, chunks
 
 
-def _alive(marker: str) -> list[int]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if marker.encode() in open(f"/proc/{pid}/cmdline", "rb").read():
-                    out.append(int(pid))
-            except OSError:
-                pass
-    return out
-
-
 def test_exec_interleaves_stdout_and_stderr_in_order_and_returns_the_exit_code():
     script = "import sys,time\nfor i in range(4):\n    s = sys.stdout if i % 2 == 0 else sys.stderr\n" \
              "    s.write(f'line {i}\\n'); s.flush(); time.sleep(0.05)\nsys.exit(3)"
@@ -81,7 +69,7 @@ def test_exec_timeout_kills_the_whole_group():
     assert result["timed_out"] and result["exit_code"] is None and result["signal"] in (15, 9)
     assert time.monotonic() - t0 < 5 and ("stdout", "started\n") in chunks
     time.sleep(0.1)
-    assert _alive(marker) == []
+    assert pids_with(marker) == []
 
 
 def test_exec_leaves_no_background_child_behind():
@@ -89,7 +77,7 @@ def test_exec_leaves_no_background_child_behind():
     result, _ = _run(["bash", "-c", f"(exec -a {marker} sleep 300) >/dev/null 2>&1 & echo done"])
     assert result["exit_code"] == 0
     time.sleep(0.1)
-    assert _alive(marker) == []
+    assert pids_with(marker) == []
 
 
 def test_exec_cancel_kills_the_process():
@@ -100,13 +88,13 @@ def test_exec_cancel_kills_the_process():
             pass
         task = asyncio.create_task(execute.run(["bash", "-c", f"exec -a {marker} sleep 300"], emit))
         await asyncio.sleep(0.3)
-        assert _alive(marker)
+        assert pids_with(marker)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
     asyncio.run(main())
-    assert _alive(marker) == []
+    assert pids_with(marker) == []
 
 
 def test_exec_runs_as_the_configured_user():
