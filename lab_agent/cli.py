@@ -13,6 +13,7 @@ import click
 from lab_agent import VERSION, facts
 
 DEFAULT_STATE = "/var/lib/lab-agent"
+EXIT_REFUSED = 78  # EX_CONFIG: labd refuses this identity (revoked, expired certificate): join again
 state_option = click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_STATE,
                             show_default=True, envvar="LAB_AGENT_STATE_DIR",
                             help="Where the identity (key, certificate, labd's CA) lives (0700). Env: LAB_AGENT_STATE_DIR.")
@@ -73,5 +74,6 @@ def run(state_dir, exec_user, heartbeat_seconds, journalctl, renew_check_seconds
         raise click.ClickException(f"no identity in {state_dir}: run `lab-agent join --labd URL --token T` first")
     agent = Agent(Settings(state_dir, exec_user, heartbeat_seconds, journalctl, renew_check_seconds, backoff_cap))
     asyncio.run(agent.run())
-    if agent.link.last_error:
-        raise click.ClickException(agent.link.last_error)
+    if agent.link.last_error:  # a refusal retrying cannot fix (revoked, expired): systemd does not restart on 78
+        click.echo(f"lab-agent: {agent.link.last_error}", err=True)
+        sys.exit(EXIT_REFUSED)

@@ -279,7 +279,7 @@ def test_revoke_closes_the_link_and_refuses_it(labd, admin, tmp_path):
         wait_for(lambda: agent_row(admin, labd, "host-d").get("facts"), timeout=20, what="host-d's heartbeat")
         r = admin.post(labd.url + "/api/v1/agents/host-d/revoke")
         assert r.status_code == 200 and r.json()["status"] == "revoked"
-        agent.proc.wait(30)  # closed by the hub, refused on reconnect: the agent gives up
+        assert agent.proc.wait(30) == 78  # closed by the hub, refused on reconnect: the agent gives up (no restart)
         assert "revoked" in agent.log()
         r = admin.post(labd.url + "/api/v1/agents/host-d/exec", json={"argv": ["true"]})
         assert r.status_code == 409
