@@ -12,8 +12,9 @@ connect and beat, but no command is created for it until ``labctl agent approve`
 closed by the core's periodic check).
 
 Heartbeats are batched: a ``heartbeat`` message changes memory only; on the core's beat (every
-``core.HEARTBEAT_SECONDS``) one statement writes ``last_seen_at`` and the latest facts of every
-agent connected here. Status changes (connect, disconnect) are written at once. An agent silent
+``core.HEARTBEAT_SECONDS``) one statement writes ``last_seen_at`` and the latest facts of the
+agents connected here that beat since the previous one (so each agent's row is written at most
+once per heartbeat interval, and all of them in one statement). Status changes (connect, disconnect) are written at once. An agent silent
 for ``agent_missed_beats`` heartbeat intervals is disconnected (and so marked offline); the API
 treats an agent whose stored ``last_seen_at`` is older than :func:`offline_after` as offline even
 if no hub is left to mark it (a hub that died).
@@ -167,13 +168,16 @@ class AgentHandler(PeerHandler):
 
     # -- batched heartbeats (the core's beat), cancels --------------------------------------------------------
     def beat(self, cur, ids: list[str]) -> None:
-        """One statement for every agent connected here: last_seen_at, and the facts of those that beat."""
-        facts = {i: self._facts.pop(i) for i in ids if i in self._facts}
+        """One statement for the agents connected here that sent a heartbeat since the last hub beat:
+        their last_seen_at and facts (an agent that did not beat is not written)."""
+        beats = [(i, self._facts.pop(i)) for i in ids if i in self._facts]
+        if not beats:
+            return
         cur.execute(
-            "UPDATE agents AS a SET last_seen_at = now(), facts = COALESCE(v.facts::jsonb, a.facts), "
+            "UPDATE agents AS a SET last_seen_at = now(), facts = v.facts::jsonb, "
             "status = CASE WHEN a.status = 'offline' THEN 'active' ELSE a.status END "
             "FROM (SELECT * FROM unnest(%s::uuid[], %s::text[]) AS t(id, facts)) AS v WHERE a.id = v.id",
-            (ids, [json.dumps(facts[i]) if i in facts else None for i in ids]))
+            ([i for i, _ in beats], [json.dumps(f) for _, f in beats]))
         self.flushes += 1
 
     def silent(self, ids: list[str]) -> list[str]:
