@@ -23,6 +23,7 @@ import asyncio
 import logging
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import threading
@@ -193,6 +194,7 @@ def main() -> int:
         if labd is not None:
             labd.stop()
         pg.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def wait(pred, timeout: float, what: str) -> None:
