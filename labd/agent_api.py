@@ -24,7 +24,7 @@ from bastion_app.errors import ApiError
 from labd import api
 from labd.api import KINDS, _find, _mutate, authorize, bp, store
 from labd.hub import agent as agent_hub  # noqa: I001
-from labd.schemas import Strict
+from labd.schemas import Loose, Strict
 from labd.store import audit
 
 MAX_ARGV = 256
@@ -52,6 +52,18 @@ class LogsRequest(Strict):
     since: Annotated[str, pydantic.StringConstraints(pattern=r"^[A-Za-z0-9 :.+-]{1,64}$")] | None = None
     follow: bool = False
     lines: Annotated[int, pydantic.Field(ge=1, le=100000)] | None = None
+
+
+class CommandCreated(Loose):
+    id: str
+    state: str
+    agent: str
+    host: str
+
+
+class CommandState(Loose):
+    id: str
+    state: str
 
 
 def _agent(ref: str) -> dict:
