@@ -43,23 +43,29 @@ def observe_install(machine: dict, result: str) -> None:
         INSTALL_SECONDS.labels(machine.get("os") or "unknown", result).observe(max(0.0, time.time() - machine["install_started_at"]))
 
 
-def exposition(store) -> bytes:
+def process_exposition() -> bytes:
+    """This process' metrics, or every gunicorn worker's summed when PROMETHEUS_MULTIPROC_DIR is set
+    (labd uses it too)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
         reg = CollectorRegistry()
         multiprocess.MultiProcessCollector(reg)
-        process = generate_latest(reg)
-    else:
-        from prometheus_client import REGISTRY
+        return generate_latest(reg)
+    from prometheus_client import REGISTRY
 
-        process = generate_latest(REGISTRY)
+    return generate_latest(REGISTRY)
+
+
+def exposition(store) -> bytes:
+    process = process_exposition()
     machines = CollectorRegistry(auto_describe=False)
     machines.register(MachineCollector(store))
     return process + generate_latest(machines)
 
 
-def init_app(app: Flask) -> None:
+def init_app(app: Flask, requests: Counter = REQUESTS, latency: Histogram = LATENCY) -> None:
+    """Count every request (method, route, status) and time it (labd passes its own metrics)."""
     @app.before_request
     def _start():
         g._lab_t0 = time.perf_counter()
@@ -67,7 +73,7 @@ def init_app(app: Flask) -> None:
     @app.after_request
     def _count(resp):
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        REQUESTS.labels(request.method, endpoint, str(resp.status_code)).inc()
+        requests.labels(request.method, endpoint, str(resp.status_code)).inc()
         if hasattr(g, "_lab_t0"):
-            LATENCY.labels(endpoint).observe(time.perf_counter() - g._lab_t0)
+            latency.labels(endpoint).observe(time.perf_counter() - g._lab_t0)
         return resp

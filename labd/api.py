@@ -7,7 +7,6 @@ the one that creates them, never in an audit row and never logged.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import json
 import re
@@ -31,6 +30,7 @@ bp = Blueprint("labd_api", __name__, url_prefix="/api/v1")
 REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,252}$"
 _REF = re.compile(REF_PATTERN)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def store() -> Store:
@@ -67,7 +67,7 @@ def ca():
 
 @public.post("/api/v1/login")
 def login():
-    body = sc.LoginRequest.model_validate(request.get_json(silent=False))
+    body = _body(sc.LoginRequest)
     cfg = current_app.config["LABD"]
     row = store().transaction(lambda cur: cur.execute("SELECT password_hash FROM users WHERE name = %s",
                                                       (body.username,)).fetchone())
@@ -113,20 +113,17 @@ def authenticate():
     secret = header[7:].strip() if header[:7].lower() == "bearer " else ""
     caller = None
     if secret:
-        def look(cur):
-            t = cur.execute("SELECT t.id, t.username, t.expires_at FROM tokens t JOIN users u ON u.name = t.username "
-                            "WHERE t.hash = %s AND t.kind = 'api' AND t.revoked_at IS NULL AND t.expires_at > now()",
-                            (auth.token_hash(secret),)).fetchone()
-            if t is None:
-                return None
-            b = cur.execute("SELECT b.role, b.scope, r.rules FROM role_bindings b JOIN roles r ON r.name = b.role "
-                            "WHERE b.username = %s ORDER BY b.role, b.scope", (t["username"],)).fetchall()
-            return t, b
-        found = store().transaction(look)
-        if found:
-            t, b = found
-            caller = Caller(t["username"], str(t["id"]), t["expires_at"], [{"role": r["role"], "scope": r["scope"]} for r in b],
-                            rbac.grants([(r["rules"], r["scope"]) for r in b]))
+        rows = store().transaction(lambda cur: cur.execute(
+            "SELECT t.id, t.username, t.expires_at, b.role, b.scope, r.rules FROM tokens t "
+            "JOIN users u ON u.name = t.username "
+            "LEFT JOIN role_bindings b ON b.username = t.username LEFT JOIN roles r ON r.name = b.role "
+            "WHERE t.hash = %s AND t.kind = 'api' AND t.revoked_at IS NULL AND t.expires_at > now() "
+            "ORDER BY b.role, b.scope", (auth.token_hash(secret),)).fetchall())
+        if rows:
+            bound = [r for r in rows if r["role"] is not None and r["rules"] is not None]
+            caller = Caller(rows[0]["username"], str(rows[0]["id"]), rows[0]["expires_at"],
+                            [{"role": r["role"], "scope": r["scope"]} for r in bound],
+                            rbac.grants([(r["rules"], r["scope"]) for r in bound]))
     if caller is None:
         _deny(401, "authenticate", request.path, "authentication required",
               "send Authorization: Bearer <token> (POST /api/v1/login makes one)" if not secret
@@ -164,29 +161,18 @@ def _query(model: type[pydantic.BaseModel]):
 
 
 def _time(value: dt.datetime | None) -> str | None:
-    return None if value is None else value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+    """ISO 8601 in UTC, as the database renders a timestamptz in JSON (session time zone UTC)."""
+    return None if value is None else value.astimezone(dt.UTC).isoformat()
 
 
 def _plain(row: dict) -> dict:
     return {k: (_time(x) if isinstance(x, dt.datetime) else str(x) if isinstance(x, uuid.UUID) else x) for k, x in row.items()}
 
 
-def encode_cursor(value) -> str:
-    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str | None):
-    if cursor is None:
-        return None
-    try:
-        return json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(422, "invalid request", [{"field": "cursor", "message": "not a cursor from a previous page"}]) from None
-
-
 def _page(rows: list[dict], limit: int, key) -> tuple[list[dict], str | None]:
+    """One page (fetched with limit + 1 rows) and the cursor of the next, None on the last."""
     if len(rows) > limit:
-        return rows[:limit], encode_cursor(key(rows[limit - 1]))
+        return rows[:limit], key(rows[limit - 1])
     return rows, None
 
 
@@ -211,6 +197,12 @@ class Kind:
         leaf = (row.get("hostname") or row["mac"]) if self.name == "servers" else row[self.key]
         return f"{row['cloud']}/{row['environment']}/{leaf}"
 
+    def json_sql(self) -> str:
+        """A row as its answer's JSON text (the view's fields, in the view's order)."""
+        fields = [f for f in VIEWS[self.name].model_fields]
+        exprs = ["kubeconfig IS NOT NULL" if f == "has_kubeconfig" else f for f in fields]
+        return "json_build_object(" + ", ".join(f"'{f}', {e}" for f, e in zip(fields, exprs, strict=True)) + ")::text"
+
     def view(self, row: dict) -> dict:
         out = _plain(row)
         if self.name == "clusters":
@@ -222,6 +214,7 @@ class Kind:
         return out
 
 
+VIEWS = {"servers": sc.ServerView, "bastions": sc.BastionView, "agents": sc.AgentView, "clusters": sc.ClusterView}
 KINDS = {k.name: k for k in [
     Kind("servers", sc.ServerCreate, sc.ServerPatch, sc.ServerQuery, "mac", ("mac", "hostname"),
          ("ssh_keys", "hardware", "labels"), ("cloud", "environment", "disk", "ssh_keys", "state", "labels"),
@@ -263,11 +256,13 @@ def _find(cur, kind: Kind, ref: str) -> dict:
     return row
 
 
-def list_kind(kind: Kind):
-    q = _query(kind.query)
-    scope = rbac.sql_filter(g.caller.grants, "read", kind.name, ("cloud", "environment", kind.leaf_sql()))
+def list_query(kind: Kind, grants: list[rbac.Grant], q) -> tuple[str, list] | None:
+    """The SQL (and its parameters) of one page of a list, for the caller's grants and the query's
+    filters; None when no grant reaches the resource. Each row comes as its answer's JSON text,
+    rendered by the database (json_build_object), so labd does not decode and encode it again."""
+    scope = rbac.sql_filter(grants, "read", kind.name, ("cloud", "environment", kind.leaf_sql()))
     if scope is None:
-        authorize("read", kind.name, None, kind.name)
+        return None
     where, params = [scope[0]], list(scope[1])
     for col in kind.filters:
         value = getattr(q, col)
@@ -278,16 +273,23 @@ def list_kind(kind: Kind):
         labels = dict(sel.split("=", 1) for sel in q.label)
         where.append("labels @> %s")
         params.append(Jsonb(labels))
-    after = decode_cursor(q.cursor)
-    if after is not None:
-        if not isinstance(after, str):
-            raise ApiError(422, "invalid request", [{"field": "cursor", "message": "not a cursor from a previous page"}])
+    if q.cursor is not None:
         where.append(f"{kind.key} > %s")
-        params.append(after)
-    sql = f"SELECT * FROM {kind.name} WHERE {' AND '.join(where)} ORDER BY {kind.key} LIMIT %s"
-    rows = store().transaction(lambda cur: cur.execute(sql, [*params, q.limit + 1]).fetchall())
-    rows, nxt = _page(rows, q.limit, lambda r: r[kind.key])
-    return jsonify({kind.name: [kind.view(r) for r in rows], "next": nxt})
+        params.append(q.cursor)
+    sql = (f"SELECT {kind.json_sql()} AS j, {kind.key} AS k FROM {kind.name} WHERE {' AND '.join(where)} "
+           f"ORDER BY {kind.key} LIMIT %s")
+    return sql, [*params, q.limit + 1]
+
+
+def list_kind(kind: Kind):
+    q = _query(kind.query)
+    query = list_query(kind, g.caller.grants, q)
+    if query is None:
+        authorize("read", kind.name, None, kind.name)
+    rows = store().transaction(lambda cur: cur.execute(*query).fetchall())
+    rows, nxt = _page(rows, q.limit, lambda r: r["k"])
+    body = f'{{"{kind.name}":[{",".join(r["j"] for r in rows)}],"next":{json.dumps(nxt)}}}'
+    return Response(body, mimetype="application/json")
 
 
 def get_kind(kind: Kind, ref: str):
@@ -388,7 +390,10 @@ def get_kubeconfig(ref):
     authorize("read-kubeconfig", "clusters", kind.path(row), f"clusters/{row['id']}")
     if row["kubeconfig"] is None:
         raise ApiError(404, "this cluster has no kubeconfig", row["name"])
-    text = secretbox.unseal(_secret_key(), row["kubeconfig"], f"kubeconfig:{row['id']}".encode())
+    try:
+        text = secretbox.unseal(_secret_key(), row["kubeconfig"], f"kubeconfig:{row['id']}".encode())
+    except secretbox.SecretError as exc:  # another secret.key, or a value copied from another cluster's row
+        raise ApiError(409, "the stored kubeconfig cannot be opened", f"{exc}; PUT it again") from None
     store().transaction(lambda cur: audit(cur, g.caller.user, "clusters.read-kubeconfig", f"clusters/{row['id']}"))
     return Response(text, mimetype="text/plain")
 
@@ -428,13 +433,10 @@ def _global(verb: str, resource: str, name: str | None = None) -> None:
 def _simple_list(resource: str, sql: str, params: list, view, order_key="id"):
     q = _query(sc.Query)
     _global("read", resource)
-    after = decode_cursor(q.cursor)
     where = ""
-    if after is not None:
-        if not isinstance(after, str):
-            raise ApiError(422, "invalid request", [{"field": "cursor", "message": "not a cursor from a previous page"}])
+    if q.cursor is not None:
         where = f" WHERE {order_key}::text > %s"
-        params = [*params, after]
+        params = [*params, q.cursor]
     rows = store().transaction(lambda cur: cur.execute(f"SELECT * FROM ({sql}) AS x{where} ORDER BY {order_key}::text LIMIT %s",
                                                        [*params, q.limit + 1]).fetchall())
     rows, nxt = _page(rows, q.limit, lambda r: str(r[order_key]))
@@ -626,9 +628,9 @@ def create_binding():
 
     def work(cur):
         if cur.execute("SELECT 1 FROM users WHERE name = %s", (body.user,)).fetchone() is None:
-            raise ApiError(422, "invalid request", [{"field": "user", "message": "no such user"}])
+            raise ApiError(404, "no such user", body.user)
         if cur.execute("SELECT 1 FROM roles WHERE name = %s", (body.role,)).fetchone() is None:
-            raise ApiError(422, "invalid request", [{"field": "role", "message": "no such role"}])
+            raise ApiError(404, "no such role", body.role)
         return cur.execute("INSERT INTO role_bindings (username, role, scope) VALUES (%s, %s, %s) RETURNING *",
                            (body.user, body.role, body.scope)).fetchone()
     return jsonify(_binding_view(_mutate("rolebindings.create", "rolebindings", work, 201))), 201
@@ -675,13 +677,11 @@ def list_audit():
         if t is not None:
             where.append(f"ts {op} %s")
             params.append(t)
-    after = decode_cursor(q.cursor)
-    if after is not None:
-        if not (isinstance(after, list) and len(after) == 2 and all(isinstance(x, str) for x in after)):
-            raise ApiError(422, "invalid request", [{"field": "cursor", "message": "not a cursor from a previous page"}])
+    if q.cursor is not None:
+        micros, _, rid = q.cursor.partition("-")
         where.append("(ts, id) < (%s, %s)")
-        params += [_parse_time(after[0], "cursor"), _uuid(after[1], "cursor")]
+        params += [EPOCH + dt.timedelta(microseconds=int(micros)), uuid.UUID(rid)]
     sql = f"SELECT * FROM audit WHERE {' AND '.join(where)} ORDER BY ts DESC, id DESC LIMIT %s"
     rows = store().transaction(lambda cur: cur.execute(sql, [*params, q.limit + 1]).fetchall())
-    rows, nxt = _page(rows, q.limit, lambda r: [r["ts"].isoformat(), str(r["id"])])
+    rows, nxt = _page(rows, q.limit, lambda r: f"{(r['ts'] - EPOCH) // dt.timedelta(microseconds=1)}-{r['id'].hex}")
     return jsonify(audit=[_plain(r) for r in rows], next=nxt)

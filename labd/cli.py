@@ -97,7 +97,7 @@ def init(data_dir, database_url, admin, san, force):
         with os.fdopen(fd, "w") as f:
             f.write(f"database_url: {_yaml_str(database_url)}\n")
     click.echo(f"labd: initialised {data_dir}; CA fingerprint {tls.fingerprint(cfg.ca_path.read_bytes())}", err=True)
-    click.echo(f"{admin} password: {password}" if admin != "admin" else f"admin password: {password}")
+    click.echo(f"admin password: {password}")  # one line, whatever --admin is called: scripts read it
 
 
 def _yaml_str(value: str) -> str:

@@ -12,11 +12,11 @@ from pydantic.json_schema import models_json_schema
 from labcore.schemas import ErrorBody
 from labd import agent_api
 from labd import schemas as sc
-from labd.api import KINDS, REF_PATTERN, AccessReview
+from labd.api import KINDS, REF_PATTERN, VIEWS, AccessReview
 
 ERRORS = {"400": "no JSON body", "401": "no valid token", "403": "the caller's roles do not allow it (audited)",
           "404": "no such object", "409": "conflicts with what exists", "422": "invalid request",
-          "503": "database unavailable"}
+          "413": "the body is larger than 2 MiB", "503": "database unavailable"}
 BODY_MODELS = [sc.ServerCreate, sc.ServerPatch, sc.BastionCreate, sc.BastionPatch, sc.AgentCreate, sc.AgentPatch,
                sc.ClusterCreate, sc.ClusterPatch, sc.TokenCreate, sc.UserCreate, sc.RoleCreate, sc.RolePatch,
                sc.RoleBindingCreate, sc.LoginRequest, agent_api.ExecRequest, agent_api.LogsRequest]
@@ -24,7 +24,6 @@ ANSWER_MODELS = [ErrorBody, sc.ServerView, sc.ServerList, sc.BastionView, sc.Bas
                  sc.ClusterView, sc.ClusterList, sc.TokenView, sc.TokenList, sc.TokenCreated, sc.UserView, sc.UserCreated,
                  sc.UserList, sc.RoleView, sc.RoleList, sc.RoleBindingView, sc.RoleBindingList, sc.AuditView, sc.AuditList,
                  sc.LoginAnswer, sc.WhoAmI, agent_api.CommandCreated, agent_api.CommandState]
-VIEWS = {"servers": sc.ServerView, "bastions": sc.BastionView, "agents": sc.AgentView, "clusters": sc.ClusterView}
 LISTS = {"servers": sc.ServerList, "bastions": sc.BastionList, "agents": sc.AgentList, "clusters": sc.ClusterList}
 
 
@@ -62,6 +61,7 @@ def _op(summary: str, ok: str, answer=None, *, body=None, params=(), errors=("40
     for code in errors:
         op["responses"][code] = {"description": ERRORS[code], **_json(ErrorBody)}
     if body is not None:
+        op["responses"]["413"] = {"description": ERRORS["413"], **_json(ErrorBody)}
         op["requestBody"] = {"required": True, **(_json(body) if isinstance(body, type) else body)}
     if params:
         op["parameters"] = list(params)
@@ -109,7 +109,7 @@ def document() -> dict:
         "put": _op("store the cluster's kubeconfig (sealed at rest)", "204", params=[ref], errors=all_errors,
                    body={"content": {"text/plain": {"schema": {"type": "string", "minLength": 1}}}}),
         "get": _op("the cluster's kubeconfig (verb read-kubeconfig; audited)", "200", True, params=[ref],
-                   errors=("401", "403", "404", "503"), text_answer=True),
+                   errors=("401", "403", "404", "409", "503"), text_answer=True),
     }
     uuid_param = _path_param("ref", sc.UUID_PATTERN)
     name_param = _path_param("ref", sc.NAME_PATTERN)

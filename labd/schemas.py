@@ -20,14 +20,26 @@ SCOPE_PATTERN = r"^(\*|[A-Za-z0-9._*?-]{1,64}/[A-Za-z0-9._*?-]{1,64}/[A-Za-z0-9.
 LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$"
 LABEL_VALUE_PATTERN = r"^[A-Za-z0-9._-]{0,63}$"
 LABEL_SELECTOR_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}=[A-Za-z0-9._-]{0,63}$"
-CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,400}={0,2}$"
+#: a list's cursor: the sort key of the previous page's last item (a MAC, a name, an id)
+CURSOR_PATTERN = r"^[A-Za-z0-9._:-]{1,253}$"
+#: the audit log's: microseconds since the epoch and the row's id (hex) of the previous page's last row
+AUDIT_CURSOR_PATTERN = r"^[0-9]{1,16}-[0-9a-f]{32}$"
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Scope = Annotated[str, StringConstraints(pattern=SCOPE_PATTERN), Field(examples=["*", "lab1/prod/*"])]
 LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
 LabelValue = Annotated[str, StringConstraints(pattern=LABEL_VALUE_PATTERN)]
-Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=32)]
+
+
+def _labels_schema(schema: dict) -> None:
+    # every key must match (pydantic publishes patternProperties, which leaves other keys unconstrained)
+    schema.pop("patternProperties", None)
+    schema["propertyNames"] = {"pattern": LABEL_KEY_PATTERN, "maxLength": 63}
+    schema["additionalProperties"] = {"type": "string", "pattern": LABEL_VALUE_PATTERN}
+
+
+Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=32, json_schema_extra=_labels_schema)]
 Password = Annotated[str, StringConstraints(min_length=8, max_length=256, pattern=r"^[^\x00]*$")]
 Ip = Annotated[str, StringConstraints(max_length=45, pattern=r"^[0-9A-Fa-f.:]{2,45}$")]
 Verb = Literal["read", "create", "update", "delete", "read-kubeconfig", "exec"]
@@ -52,18 +64,20 @@ class ServerCreate(Strict):
     labels: Labels = Field(default_factory=dict)
 
 
+# In the patches, a field left out keeps its value; null clears a field that may be empty (a host
+# name, a role); fields that are never empty (cloud, state, labels) take no null.
 class ServerPatch(Strict):
-    cloud: Name | None = None
-    environment: Name | None = None
+    cloud: Name = None
+    environment: Name = None
     hostname: Hostname | None = None
     role: Role | None = None
     os: OsName | None = None
-    disk: s.Disk | None = None
-    ssh_keys: list[SshKey] | None = Field(None, max_length=v.MAX_SSH_KEYS)
+    disk: s.Disk = None
+    ssh_keys: list[SshKey] = Field(None, max_length=v.MAX_SSH_KEYS)
     ip: Ip | None = None
-    state: StoredState | None = None
+    state: StoredState = None
     bastion: Name | None = None
-    labels: Labels | None = None
+    labels: Labels = None
 
 
 class BastionCreate(Strict):
@@ -73,8 +87,8 @@ class BastionCreate(Strict):
 
 
 class BastionPatch(Strict):
-    cloud: Name | None = None
-    environment: Name | None = None
+    cloud: Name = None
+    environment: Name = None
 
 
 class AgentCreate(Strict):
@@ -85,7 +99,7 @@ class AgentCreate(Strict):
 
 
 class AgentPatch(Strict):
-    status: Literal["pending", "active", "revoked", "offline"] | None = None
+    status: Literal["pending", "active", "revoked", "offline"] = None
     server: Hostname | None = None
 
 
@@ -97,7 +111,7 @@ class ClusterCreate(Strict):
 
 
 class ClusterPatch(Strict):
-    members: list[Hostname] | None = Field(None, max_length=1000)
+    members: list[Hostname] = Field(None, max_length=1000)
 
 
 class TokenCreate(Strict):
@@ -126,8 +140,8 @@ class RoleCreate(Strict):
 
 
 class RolePatch(Strict):
-    description: Text | None = None
-    rules: list[Rule] | None = Field(None, min_length=1, max_length=64)
+    description: Text = None
+    rules: list[Rule] = Field(None, min_length=1, max_length=64)
 
 
 class RoleBindingCreate(Strict):
@@ -164,6 +178,7 @@ class ScopedQuery(Query):
 
 
 class AuditQuery(Query):
+    cursor: Annotated[str, StringConstraints(pattern=AUDIT_CURSOR_PATTERN)] | None = None
     actor: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]*$")] | None = None
     action: Annotated[str, StringConstraints(pattern=r"^[a-z-]{1,32}(\.[a-z-]{1,32})?$")] | None = None
     resource: Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")] | None = None

@@ -40,6 +40,8 @@ class Store:
 
     def _configure(self, conn: psycopg.Connection) -> None:
         conn.isolation_level = IsolationLevel.SERIALIZABLE
+        conn.execute("SET TIME ZONE 'UTC'")  # times rendered by the database (JSON) are in UTC
+        conn.commit()
 
     @property
     def pool(self) -> ConnectionPool:

@@ -936,3 +936,21 @@ def pids_with(marker: str) -> list[int]:
             except OSError:
                 pass
     return out
+
+
+# -- schemathesis against a running server -----------------------------------------------------------
+def run_schemathesis(spec_url: str, cwd: Path, *headers: str, max_examples: int, seed: str = "1",
+                     extra: tuple[str, ...] = ()) -> tuple[int, str, int]:
+    """`schemathesis run` with every check over the examples, coverage and fuzzing phases; returns
+    (exit code, output, number of test cases generated). ``cwd`` may hold a schemathesis.toml."""
+    exe = Path(sys.executable).with_name("schemathesis")
+    need(exe.exists() or shutil.which("schemathesis") is not None, "schemathesis is not installed (make venv)")
+    cmd = [str(exe if exe.exists() else "schemathesis"), "run", spec_url, "--checks", "all",
+           "--max-examples", str(max_examples), "--phases", "examples,coverage,fuzzing", "-w", "2",
+           "--seed", seed, "--suppress-health-check", "all", *extra]
+    for h in headers:
+        cmd += ["-H", h]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300)
+    out = r.stdout + r.stderr
+    generated = re.search(r"(\d+) generated", out)
+    return r.returncode, out, int(generated.group(1)) if generated else 0

@@ -4,31 +4,15 @@ auth is not ignored, invalid input is rejected and valid input accepted."""
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import need, start_bastion
-
-CHECKS = "all"
+from tests.support import run_schemathesis, start_bastion
 
 
 def _schemathesis(bastion, tmp_path: Path, *headers: str, max_examples: int, seed: str = "1"):
-    exe = Path(sys.executable).with_name("schemathesis")
-    need(exe.exists() or shutil.which("schemathesis") is not None, "schemathesis is not installed (make venv)")
-    cmd = [str(exe if exe.exists() else "schemathesis"), "run", f"{bastion.url}/api/openapi.json", "--checks", CHECKS,
-           "--max-examples", str(max_examples), "--phases", "examples,coverage,fuzzing", "-w", "2",
-           "--seed", seed, "--suppress-health-check", "all"]
-    for h in headers:
-        cmd += ["-H", h]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    out = r.stdout + r.stderr
-    generated = re.search(r"(\d+) generated", out)
-    return r.returncode, out, int(generated.group(1)) if generated else 0
+    return run_schemathesis(f"{bastion.url}/api/openapi.json", tmp_path, *headers, max_examples=max_examples, seed=seed)
 
 
 @pytest.fixture(scope="module")
