@@ -114,7 +114,7 @@ class BastionLink:
         """Apply one command at most once; (status, body) as the bastion's API answers it."""
         applied, status, body = self.store.command_result(command_id)
         if applied:
-            return (status, body) if status is not None else (200, {"detail": "applied already (answer lost)"})
+            return (status, body) if status is not None else self._lost_answer(kind, args)
         route = ROUTES.get(kind)
         if route is None or not isinstance(args, dict):
             return 400, {"error": f"unknown command {kind!r}", "detail": f"known: {', '.join(ROUTES)}"}
@@ -128,6 +128,17 @@ class BastionLink:
         if self.store.command_result(command_id)[0]:
             self.store.store_command_result(command_id, r.status_code, answer)
         return r.status_code, answer
+
+    def _lost_answer(self, kind: str, args: dict) -> tuple[int, Any]:
+        """The answer of a command applied before this process died and could store its answer:
+        what the route answers on success (the machine as it is now)."""
+        mac = str(args.get("mac", ""))
+        if kind == "forget":
+            return 200, {"mac": mac, "state": "removed"}
+        m = self.store.get(mac)
+        if m is None:
+            return 200, {"mac": mac, "detail": "applied; the machine is gone since"}
+        return (200 if kind == "cancel" else 202), machine_view(m)
 
     async def on_command(self, link: linkmod.Link, msg: dict) -> None:
         try:

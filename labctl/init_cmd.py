@@ -207,8 +207,23 @@ def standalone() -> None:
 @click.option("--public-url", default="", help="URL machines use to reach the bastion.")
 @click.option("--no-firewall", is_flag=True, help="Do not open the bastion's ports in the host firewall.")
 @click.option("--timeout", type=int, default=1800, show_default=True, help="Seconds before the playbook run is stopped.")
-def start(target, ssh_key, wheelhouse, listen, interface, dhcp_mode, dhcp_range, public_url, no_firewall, timeout) -> None:
-    """Install (or update) and start the bastion, then check that it answers."""
+@click.option("--labd", "labd_url", default="", metavar="URL", help="Join this labd (https://HOST:PORT) with --token.")
+@click.option("--token", "join_token", default="", envvar="LAB_BASTION_JOIN_TOKEN", metavar="JOIN",
+              help="The join token `labctl create token --kind bastion` printed (pins labd's CA). Env: LAB_BASTION_JOIN_TOKEN.")
+@click.option("--name", "labd_name", default="", metavar="NAME", help="The bastion's name in labd (default: the host's name).")
+def start(target, ssh_key, wheelhouse, listen, interface, dhcp_mode, dhcp_range, public_url, no_firewall, timeout,
+          labd_url, join_token, labd_name) -> None:
+    """Install (or update) and start the bastion, then check that it answers. With --labd and
+    --token the bastion joins labd (its key is made on the bastion) and keeps a link to its hub."""
+    if bool(labd_url) != bool(join_token):
+        raise errors.UsageError("--labd and --token go together", "labctl create token --kind bastion prints the token")
+    if join_token:
+        from labcore.enroll import EnrollError, parse_join
+
+        try:
+            parse_join(join_token)
+        except EnrollError as exc:
+            raise errors.UsageError(str(exc), "nothing was changed") from None
     try:  # the bastion's own rules, before anything is installed
         bastion_config.build({"listen": listen, "interface": interface, "dhcp_mode": dhcp_mode,
                               "dhcp_range": dhcp_range, "public_url": public_url})
@@ -218,9 +233,12 @@ def start(target, ssh_key, wheelhouse, listen, interface, dhcp_mode, dhcp_range,
         wheelhouse = build_wheelhouse(cache_dir() / "current")
     extravars = {"bastion_wheelhouse": str(Path(wheelhouse).resolve()), "bastion_listen": listen,
                  "bastion_interface": interface, "bastion_dhcp_mode": dhcp_mode, "bastion_dhcp_range": dhcp_range,
-                 "bastion_public_url": public_url, "bastion_firewall_enabled": not no_firewall}
+                 "bastion_public_url": public_url, "bastion_firewall_enabled": not no_firewall,
+                 "bastion_labd_url": labd_url, "bastion_labd_join_token": join_token, "bastion_labd_name": labd_name}
     result = runner.run_playbook(runner.playbook_path("bastion.yml"), inventory=target_inventory(target, ssh_key),
                                  extravars=extravars, name="init-bastion", timeout=timeout)
+    if join_token:  # the run's artefacts keep no secret: the join token was in its extravars
+        (result.run_dir / "env" / "extravars").unlink(missing_ok=True)
     runner.check(result, "bastion.yml")
     port = int(listen.rsplit(":", 1)[1])
     deadline = time.monotonic() + 30

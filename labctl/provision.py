@@ -10,7 +10,7 @@ import click
 from labcore import validate
 from labcore.domain import DEBUG_MODES, OS_NAMES, ROLE_NAMES
 from labcore.lifecycle import changed_params, describe_changes
-from labctl import delete, errors, follow, get, output, runner, targets
+from labctl import delete, errors, follow, get, output, routed, runner, targets
 from labctl.context import Ctx, complete_machines, output_option, pass_ctx, watch_options
 from labctl.makeiso import makeiso
 
@@ -62,12 +62,14 @@ def read_ssh_keys(files: tuple[str, ...]) -> list[str]:
 @click.option("--wait", is_flag=True, help="Wait until the machine is installed, with progress.")
 @click.option("--timeout", type=click.FloatRange(1), default=7200, show_default=True, metavar="SECONDS",
               help="How long --wait waits.")
+@routed.options
 @output_option
 @pass_ctx
-def install(obj: Ctx, target, hostname, role, os_, disk, ssh_key_files, wait, timeout) -> None:
+def install(obj: Ctx, target, hostname, role, os_, disk, ssh_key_files, wait, timeout, via_bastion, queue) -> None:
     """Queue TARGET (host name, MAC or IP) for installation at its next PXE boot.
 
-    Every value is validated before anything is sent."""
+    Every value is validated before anything is sent. With a labd context TARGET is a host name
+    or MAC and the command goes to the bastion that holds it."""
     body = {
         "hostname": _v(validate.hostname, hostname, "hostname"),
         "role": _v(validate.role, role, "role"),
@@ -75,6 +77,12 @@ def install(obj: Ctx, target, hostname, role, os_, disk, ssh_key_files, wait, ti
         "disk": _v(validate.disk, disk, "disk"),
         "ssh_keys": read_ssh_keys(ssh_key_files),
     }
+    if routed.check(obj, via_bastion, queue):
+        if wait:
+            raise errors.UsageError("--wait needs a bastion context", "follow it with labctl get servers")
+        result = routed.send(obj, target, "install", body, via_bastion, queue)
+        routed.report(obj, result, target, f"{body['os']} as {body['role']} queued; it installs at its next PXE boot")
+        return
     m = targets.resolve_target(obj.client, target)
     cursor = obj.client.last_event_id() if wait else None
     result = obj.client.post("/api/install", {"mac": m["mac"], **body})
@@ -99,14 +107,22 @@ def install(obj: Ctx, target, hostname, role, os_, disk, ssh_key_files, wait, ti
               help="Playbook to run instead of the collection's playbooks/reprovision.yml.")
 @click.option("--timeout", type=click.IntRange(10), default=600, show_default=True, metavar="SECONDS",
               help="Limit for each playbook run.")
+@routed.options
 @output_option
 @pass_ctx
-def reprovision(obj: Ctx, target, no_reboot, os_, role, reason, ssh_user, ssh_private_key, playbook, timeout) -> None:
+def reprovision(obj: Ctx, target, no_reboot, os_, role, reason, ssh_user, ssh_private_key, playbook, timeout,
+                via_bastion, queue) -> None:
     """Reinstall TARGET: check that playbooks/reprovision.yml can run on it (a --check run over SSH),
     queue the reinstall, then (unless --no-reboot) run the playbook through ansible-runner: it sets the
     next boot to PXE (efibootmgr --bootnext on UEFI) and reboots the machine. The playbook's result is
     labctl's exit code (10 + ansible rc on failure); a failed check queues nothing."""
     body = {"os": os_, "role": role, "reason": _v(lambda v, f: validate.text(v, f, 256), reason, "reason")}
+    if routed.check(obj, via_bastion, queue):
+        if not no_reboot:
+            raise errors.UsageError("through labd a reinstall is only queued", "add --no-reboot and power-cycle the machine")
+        result = routed.send(obj, target, "reprovision", {k: v for k, v in body.items() if v}, via_bastion, queue)
+        routed.report(obj, result, target, "queued for reinstall")
+        return
     m = targets.resolve_target(obj.client, target)
     name = m.get("hostname") or m["mac"]
     reboot = None
@@ -152,12 +168,17 @@ def _reboot(obj: Ctx, name: str, hostvars: dict, book, timeout: int, *, check_mo
 @provision.command()
 @click.argument("target", shell_complete=complete_machines)
 @click.option("--reason", default="", help="Why (recorded in the event history).")
+@routed.options
 @output_option
 @pass_ctx
-def cancel(obj: Ctx, target, reason) -> None:
+def cancel(obj: Ctx, target, reason, via_bastion, queue) -> None:
     """Withdraw TARGET's queued, running or failed install. The machine is discovered again: at its
     next PXE boot it gets the discovery image, not an installer."""
     body = {"reason": _v(lambda v, f: validate.text(v, f, 256), reason, "reason")}
+    if routed.check(obj, via_bastion, queue):
+        result = routed.send(obj, target, "cancel", {k: v for k, v in body.items() if v}, via_bastion, queue)
+        routed.report(obj, result, target, "install cancelled; it is discovered again")
+        return
     m = targets.resolve_target(obj.client, target)
     name = m.get("hostname") or m["mac"]
     result = obj.client.post(f"/api/machines/{m['mac']}/cancel", {k: v for k, v in body.items() if v})
@@ -168,10 +189,20 @@ def cancel(obj: Ctx, target, reason) -> None:
 @provision.command()
 @click.argument("target", shell_complete=complete_machines)
 @delete.ignore_not_found_option
+@routed.options
 @output_option
 @pass_ctx
-def forget(obj: Ctx, target, ignore_not_found) -> None:
+def forget(obj: Ctx, target, ignore_not_found, via_bastion, queue) -> None:
     """Remove TARGET from all of the bastion's state (same as `labctl delete machine`)."""
+    if routed.check(obj, via_bastion, queue):
+        try:
+            result = routed.send(obj, target, "forget", {}, via_bastion, queue)
+        except errors.NotFound:
+            if ignore_not_found:
+                return
+            raise
+        routed.report(obj, result, target, "forgotten by its bastion")
+        return
     delete.forget(obj, target, ignore_not_found)
 
 
@@ -179,10 +210,15 @@ def forget(obj: Ctx, target, ignore_not_found) -> None:
 @click.argument("target", shell_complete=complete_machines)
 @click.option("--mode", type=click.Choice(DEBUG_MODES), default="rescue", show_default=True,
               help="rescue: installer rescue shell with SSH; pxe: iPXE diagnostics shell.")
+@routed.options
 @output_option
 @pass_ctx
-def debug(obj: Ctx, target, mode) -> None:
+def debug(obj: Ctx, target, mode, via_bastion, queue) -> None:
     """Boot TARGET once into a debug environment at its next PXE boot, then back to normal."""
+    if routed.check(obj, via_bastion, queue):
+        result = routed.send(obj, target, "debug", {"mode": mode}, via_bastion, queue)
+        routed.report(obj, result, target, f"boots into {mode} debug once at its next PXE boot")
+        return
     m = targets.resolve_target(obj.client, target)
     result = obj.client.post("/api/debug", {"mac": m["mac"], "mode": mode})
     output.emit(result, obj.output, lambda: click.echo(

@@ -182,7 +182,7 @@ class _Printer:
 
 
 #: Environment variables that hold secrets; never handed to a playbook run (nor its artefacts).
-SECRET_ENV = ("LABCTL_TOKEN", "LAB_BASTION_TOKEN")
+SECRET_ENV = ("LABCTL_TOKEN", "LAB_BASTION_TOKEN", "LAB_BASTION_JOIN_TOKEN")
 
 
 def run_playbook(playbook: str | os.PathLike, *, inventory: dict[str, Any] | str, extravars: dict[str, Any] | None = None,

@@ -201,6 +201,10 @@ class Kind:
         """A row as its answer's JSON text (the view's fields, in the view's order)."""
         fields = [f for f in VIEWS[self.name].model_fields]
         exprs = ["kubeconfig IS NOT NULL" if f == "has_kubeconfig" else f for f in fields]
+        if self.name == "bastions":
+            from labd.link_api import BASTION_SQL
+
+            exprs = [BASTION_SQL.get(f, e) for f, e in zip(fields, exprs, strict=True)]
         return "json_build_object(" + ", ".join(f"'{f}', {e}" for f, e in zip(fields, exprs, strict=True)) + ")::text"
 
     def view(self, row: dict) -> dict:

@@ -39,7 +39,7 @@ OFFLINE_AFTER_SECONDS = 15
 #: how long a routed command waits for the bastion's answer before the request answers 504
 COMMAND_WAIT_SECONDS = 30
 #: how often the waiting request looks at the command's row
-COMMAND_POLL_SECONDS = 0.05
+COMMAND_POLL_SECONDS = 0.01
 ACTIONS = ("install", "reprovision", "cancel", "forget", "debug")
 
 
@@ -56,6 +56,29 @@ class RoutedCommand(pydantic.BaseModel):
     bastion: Annotated[str, StringConstraints(pattern=NAME_PATTERN)] | None = None
     queue: bool = False
     wait_seconds: Annotated[float, Field(ge=0, le=300)] = COMMAND_WAIT_SECONDS
+
+
+class EnrollAnswer(pydantic.BaseModel):
+    id: str
+    certificate: str
+    ca: str
+    expires_at: str
+    status: str
+    hub: str
+
+
+class CommandView(pydantic.BaseModel):
+    id: str
+    target_kind: str
+    target_id: str
+    kind: str
+    args: dict
+    state: Literal["queued", "sent", "done", "failed", "cancelled"]
+    result: dict | None
+    created_by: str
+    created_at: str
+    updated_at: str
+    deliver_after_reconnect: bool
 
 
 def _iso(t: dt.datetime | None) -> str | None:
@@ -166,12 +189,20 @@ def bastion_online(row: dict) -> bool:
             and (dt.datetime.now(dt.UTC) - seen).total_seconds() < OFFLINE_AFTER_SECONDS)
 
 
+#: the bastion view's derived fields as SQL (lists are rendered by the database: labd.api.Kind.json_sql)
+BASTION_SQL = {
+    "status": f"CASE WHEN status = 'online' AND (last_seen_at IS NULL OR last_seen_at < now() - interval "
+              f"'{OFFLINE_AFTER_SECONDS} seconds') THEN 'offline' ELSE status END",
+    "lag": "backlog",
+}
+
+
 def bastion_view(row: dict, out: dict) -> dict:
     """A bastion as the API shows it: its connection state (online only while the hub refreshes
     it), machine count and replication lag (events it holds that labd has not acknowledged)."""
     if out.get("status") == "online" and not bastion_online(row):
         out["status"] = "offline"
-    for k in ("facts", "acked_change", "revoked_at"):
+    for k in ("facts", "acked_change", "acked_event_id", "revoked_at"):
         out.pop(k, None)
     out["lag"] = out.pop("backlog", 0)
     return out

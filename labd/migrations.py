@@ -150,6 +150,8 @@ STEPS: list[tuple[str, str]] = [
         updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         PRIMARY KEY (mac, bastion))"""),
     ("0112_bastions_machines", "ALTER TABLE bastions ADD COLUMN IF NOT EXISTS machines INT NOT NULL DEFAULT 0"),
+    # the hub's poll (every 20 ms) reads only the queued commands
+    ("0113_commands_queued_idx", "CREATE INDEX IF NOT EXISTS commands_queued_idx ON commands (created_at) WHERE state = 'queued'"),
     # -- issue 18 (lab-agent): 02xx ---------------------------------------------------------------------
     ("0201_agents_facts", "ALTER TABLE agents ADD COLUMN IF NOT EXISTS facts JSONB NOT NULL DEFAULT '{}'"),
     ("0202_agents_revoked", "ALTER TABLE agents ADD COLUMN IF NOT EXISTS revoked_at TIMESTAMPTZ"),

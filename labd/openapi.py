@@ -138,6 +138,23 @@ def document() -> dict:
     paths["/api/v1/rolebindings/{ref}"] = {"delete": _op("delete a role binding", "204", params=[uuid_param],
                                                           errors=("401", "403", "404", "503"))}
     paths["/api/v1/audit"] = {"get": _op("the audit log, newest first", "200", sc.AuditList, params=_query(sc.AuditQuery))}
+    # -- bastions and agents joining, commands routed to bastions (labd/link_api.py, docs/labd-link.md)
+    from labd import link_api
+
+    paths["/api/v1/enroll"] = {"post": _op(
+        "enroll a bastion or an agent: a join token and a CSR; answers the signed certificate (every refusal audited)",
+        "201", link_api.EnrollAnswer.model_json_schema(), body={"content": {"application/json": {
+            "schema": link_api.EnrollRequest.model_json_schema()}}},
+        errors=("400", "401", "403", "422", "503"), auth=False)}
+    action_param = {"name": "action", "in": "path", "required": True, "schema": {"type": "string", "enum": list(link_api.ACTIONS)}}
+    paths["/api/v1/servers/{ref}/{action}"] = {"post": _op(
+        "send install|reprovision|cancel|forget|debug to the bastion that holds the server; answers the bastion's answer "
+        "unchanged (202 queued with queue=true while it is offline; 503 when it is offline; 504 when it does not answer)",
+        "200", {"type": "object"}, body={"content": {"application/json": {"schema": link_api.RoutedCommand.model_json_schema()}}},
+        params=[ref, action_param], errors=all_errors)}
+    paths["/api/v1/commands/{ref}"] = {"get": _op("a routed command: its state and the bastion's answer", "200",
+                                                  link_api.CommandView.model_json_schema(), params=[uuid_param],
+                                                  errors=("401", "403", "404", "503"))}
     # lab-agent (labd/agent_api.py, docs/agent.md)
     for action, what in (("approve", "accept a pending agent"), ("revoke", "revoke an agent: its certificates are refused")):
         paths[f"/api/v1/agents/{{ref}}/{action}"] = {"post": _op(what, "200", sc.AgentView, params=[ref],

@@ -64,7 +64,9 @@ def sign(data_dir: Path, csr: x509.CertificateSigningRequest, kind: str, peer_id
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, kind),
                                      x509.NameAttribute(NameOID.COMMON_NAME, f"{kind}:{peer_id}")]))
             .issuer_name(ca_cert.subject).public_key(csr.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(seconds=60)).not_valid_after(not_after)
+            # back-dated a little for clocks that lag (a tenth of a short lifetime at most: renew_due
+            # counts the lifetime from not_before)
+            .not_valid_before(now - dt.timedelta(seconds=min(60, lifetime_seconds // 10))).not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
@@ -81,6 +83,11 @@ def peer_of(cert_der: bytes) -> tuple[str, str]:
     if not m:
         raise ValueError("not a labd peer certificate")
     return m.group(1), m.group(2)
+
+
+def validity(cert_der: bytes) -> tuple[dt.datetime, dt.datetime]:
+    cert = x509.load_der_x509_certificate(cert_der)
+    return cert.not_valid_before_utc, cert.not_valid_after_utc
 
 
 def der_fingerprint(cert_der: bytes) -> str:

@@ -204,6 +204,10 @@ class BastionView(Loose):
     last_seen_at: str | None
     version: str | None
     created_at: str
+    #: machines the bastion reported (issue 17)
+    machines: int = 0
+    #: events the bastion held that labd had not acknowledged, at its last batch
+    lag: int = 0
 
 
 class AgentView(Loose):

@@ -50,7 +50,9 @@ class Store:
                 if self._pool is None or self._pid != os.getpid():
                     self._pool = ConnectionPool(self.url, min_size=1, max_size=self.max_size, open=True, timeout=10,
                                                 kwargs={"row_factory": dict_row, "autocommit": False},
-                                                configure=self._configure, name="labd")
+                                                configure=self._configure, name="labd",
+                                                # a connection the server dropped (a restart) is replaced, not handed out
+                                                check=ConnectionPool.check_connection)
                     self._pid = os.getpid()
         return self._pool
 

@@ -938,6 +938,22 @@ def pids_with(marker: str) -> list[int]:
     return out
 
 
+def bastion_join(labd_url: str, join_token: str, data_dir: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    """`lab-bastion join` of the bastion in ``data_dir`` to labd (issue 17)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "bastion_app.cli", "join", "--data-dir", str(data_dir), "--labd", labd_url,
+                           "--token", join_token, "--name", name, *extra], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+
+
+def join_token(labd: Labd, admin: requests.Session, *, uses: int | None = 1, ttl: int = 3600, scope: str = "*",
+               kind: str = "bastion") -> str:
+    """A join token (with labd's CA pin) made by the admin."""
+    r = admin.post(labd.url + "/api/v1/tokens", json={"kind": kind, "ttl_seconds": ttl, "uses": uses, "scope": scope})
+    r.raise_for_status()
+    return r.json()["token"]
+
+
 # -- schemathesis against a running server -----------------------------------------------------------
 def run_schemathesis(spec_url: str, cwd: Path, *headers: str, max_examples: int, seed: str = "1",
                      extra: tuple[str, ...] = ()) -> tuple[int, str, int]:

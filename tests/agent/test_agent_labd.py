@@ -64,11 +64,9 @@ def db(labd, sql, params=()):
         return conn.execute(sql, params).fetchall()
 
 
-def join_token(labd, admin, *, scope="*", uses=None) -> str:
-    r = admin.post(labd.url + "/api/v1/tokens", json={"kind": "agent", "ttl_seconds": 600, "uses": uses, "scope": scope})
-    assert r.status_code == 201, r.text
-    join = r.json()["token"]  # the join token carries labd's CA pin
-    assert enroll.parse_join(join)[1] == enroll.fingerprint(open(labd.ca, "rb").read())
+def agent_token(labd, admin, *, scope: str, uses: int | None = 1) -> str:
+    join = join_token(labd, admin, uses=uses, scope=scope, kind="agent")
+    assert enroll.parse_join(join)[1] == enroll.fingerprint(open(labd.ca, "rb").read())  # it pins labd's CA
     return join
 
 
@@ -103,7 +101,7 @@ def host_a(labd, admin, tmp_path_factory, journal_files):
     """An agent joined with a token scoped to its machine (accepted at once), running."""
     bindir, jfile = journal_files
     state = tmp_path_factory.mktemp("agent-a") / "state"
-    token = join_token(labd, admin, scope="lab1/dev/host-a", uses=1)
+    token = agent_token(labd, admin, scope="lab1/dev/host-a")
     out = join(labd, state, token, "host-a")
     assert "(active)" in out.stdout
     agent = start_agent(state, "--exec-user", "nobody", "--renew-check-seconds", "1", "--backoff-cap", "1",
@@ -181,7 +179,7 @@ def test_exec_timeout_and_cancel_leave_nothing_running(labd, admin, host_a):
 def test_exec_offline_pending_and_permission(labd, admin, host_a, tmp_path):
     # a reusable token: pending until approved; no command for a pending agent
     state = tmp_path / "b"
-    out = join(labd, state, join_token(labd, admin, scope="*"), "host-b")
+    out = join(labd, state, agent_token(labd, admin, scope="*", uses=None), "host-b")
     assert "(pending)" in out.stdout
     r = admin.post(labd.url + "/api/v1/agents/host-b/exec", json={"argv": ["true"]})
     assert r.status_code == 409 and "pending" in r.json()["error"]
@@ -247,7 +245,7 @@ def test_certificate_renewed_with_a_new_key(labd, admin, host_a):
 def test_an_agent_cannot_act_as_another(labd, admin, host_a, tmp_path):
     """Agent C (its own valid certificate) answers host-a's command and writes output for it: no effect."""
     state_c = tmp_path / "c"
-    join(labd, state_c, join_token(labd, admin, scope="lab1/dev/host-c", uses=1), "host-c")
+    join(labd, state_c, agent_token(labd, admin, scope="lab1/dev/host-c"), "host-c")
     c = client(labd, labd.login())
     made = c.post("/api/v1/agents/host-a/exec", {"argv": ["sleep", "3"]})
     meta = enroll.load_meta(state_c)
@@ -273,7 +271,7 @@ def test_an_agent_cannot_act_as_another(labd, admin, host_a, tmp_path):
 
 def test_revoke_closes_the_link_and_refuses_it(labd, admin, tmp_path):
     state = tmp_path / "d"
-    join(labd, state, join_token(labd, admin, scope="lab1/dev/host-d", uses=1), "host-d")
+    join(labd, state, agent_token(labd, admin, scope="lab1/dev/host-d"), "host-d")
     agent = start_agent(state, "--backoff-cap", "1")
     try:
         wait_for(lambda: agent_row(admin, labd, "host-d").get("facts"), timeout=20, what="host-d's heartbeat")
@@ -290,7 +288,7 @@ def test_revoke_closes_the_link_and_refuses_it(labd, admin, tmp_path):
 
 def test_offline_when_the_agent_stops_and_no_secret_in_logs(labd, admin, host_a, tmp_path):
     state = tmp_path / "e"
-    token = join_token(labd, admin, scope="lab1/dev/host-e", uses=1)
+    token = agent_token(labd, admin, scope="lab1/dev/host-e")
     join(labd, state, token, "host-e")
     agent = start_agent(state, "--backoff-cap", "1")
     wait_for(lambda: agent_row(admin, labd, "host-e").get("facts"), timeout=20, what="host-e's heartbeat")

@@ -32,3 +32,10 @@ def test_status_without_a_bastion_exits_3():
     r = labctl("init", "bastion", "standalone", "status", "--port", str(free_port()))
     assert r.returncode == 3, r.stdout + r.stderr
     assert "healthz: no answer" in r.stdout
+
+
+def test_labd_and_token_go_together_and_the_token_must_be_a_join_token():
+    r = labctl("init", "bastion", "standalone", "start", "--labd", "https://labd.example:8443")
+    assert r.returncode == 2 and "--labd and --token go together" in r.stderr + r.stdout
+    r = labctl("init", "bastion", "standalone", "start", "--labd", "https://labd.example:8443", "--token", "labd_bastion_x")
+    assert r.returncode == 2 and "not a join token" in r.stderr + r.stdout
