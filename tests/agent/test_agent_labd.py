@@ -27,6 +27,7 @@ from labctl.client import Client
 from tests.support import (
     REPO,
     fake_journal,
+    join_token,
     journal_append,
     lab_agent_cli,
     pids_with,
