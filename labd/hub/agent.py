@@ -199,10 +199,10 @@ class AgentHandler(PeerHandler):
                     log.warning("hub: agent %s missed %s heartbeats; closing", i, self.missed_beats)
                     self._last_beat.pop(i, None)
                     await peer.ws.close(CLOSE_SILENT, "no heartbeat")
-            try:
-                rows = await self.hub.db(lambda cur, ids=ids: cur.execute(
-                    "SELECT id, target_id FROM commands WHERE target_kind = 'agent' AND target_id = ANY(%s) "
-                    "AND state = 'cancelled' AND result IS NULL", (ids,)).fetchall())
+            try:  # no list of the connected agents in the query: recent cancels, filtered here
+                rows = await self.hub.db(lambda cur: cur.execute(
+                    "SELECT id, target_id FROM commands WHERE state = 'cancelled' AND target_kind = 'agent' "
+                    "AND result IS NULL AND updated_at > now() - interval '10 minutes'").fetchall())
             except Exception as exc:  # noqa: BLE001 - the database may be restarting
                 log.warning("hub: agent cancel poll failed: %s", exc)
                 continue
