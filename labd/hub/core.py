@@ -294,9 +294,17 @@ class Hub:
             return
         states = "state IN ('queued', 'sent')" if resend else "state = 'queued'"  # the latter: commands_queued_idx
 
+        here = set(ids)
+
         def pick(cur):
-            rows = cur.execute(f"SELECT id, target_id, kind, args FROM commands WHERE {states} AND target_id = ANY(%s) "
-                               "ORDER BY created_at LIMIT 500", (ids,)).fetchall()
+            rows = None
+            if peer is None:  # the poll: all queued commands (few), filtered here, without sending every peer's id
+                rows = cur.execute("SELECT id, target_id, kind, args FROM commands WHERE state = 'queued' "
+                                   "ORDER BY created_at LIMIT 500").fetchall()
+                rows = [r for r in rows if r["target_id"] in here] if len(rows) < 500 else None
+            if rows is None:  # a connect, or a long queue (commands for peers elsewhere must not starve ours)
+                rows = cur.execute(f"SELECT id, target_id, kind, args FROM commands WHERE {states} AND target_id = ANY(%s) "
+                                   "ORDER BY created_at LIMIT 500", (ids,)).fetchall()
             if rows:
                 cur.execute("UPDATE commands SET state = 'sent', updated_at = now() WHERE id = ANY(%s) AND state = 'queued'",
                             ([r["id"] for r in rows],))
