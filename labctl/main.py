@@ -30,6 +30,9 @@ COMMANDS = {
     "login": "labctl.login:login",
     "logout": "labctl.login:logout",
     "create": "labctl.fleet:create",
+    "agent": "labctl.agent_cmd:agent",
+    "exec": "labctl.agent_cmd:exec_",
+    "logs": "labctl.agent_cmd:logs",
 }
 
 

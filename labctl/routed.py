@@ -25,14 +25,9 @@ def options(fn):
     return bastion_option(queue_option(fn))
 
 
-def via_labd(obj) -> bool:
-    """The context names a labd and no bastion (labctl.context.Ctx.uses_labd)."""
-    return bool(getattr(obj, "uses_labd", False))
-
-
 def check(obj, via_bastion: str | None, queue: bool) -> bool:
     """True when the command goes through labd; --bastion/--queue without a labd are usage errors."""
-    if via_labd(obj):
+    if obj.uses_labd:  # the context names a labd and no bastion
         return True
     if via_bastion or queue:
         raise errors.UsageError("--bastion and --queue route a command through labd, and this context names a bastion",

@@ -13,7 +13,7 @@ def create_app(cfg: configmod.Config, test_config: dict | None = None) -> Flask:
     """Build the app. The store's pool opens on first use, in the worker: gunicorn preloads this
     app in its master and forks, and no connection may cross a fork."""
     from bastion_app import errors as bastion_errors
-    from labd import api, errors, link_api, metrics
+    from labd import agent_api, api, errors, link_api, metrics
     from labd.store import Store
 
     app = Flask(__name__)
@@ -27,6 +27,7 @@ def create_app(cfg: configmod.Config, test_config: dict | None = None) -> Flask:
     metrics.init_app(app)
     app.register_blueprint(api.public)
     app.register_blueprint(link_api.public)
+    assert agent_api.bp is api.bp  # the agent routes live on the API blueprint
     app.register_blueprint(api.bp)
     from labd import console
 

@@ -19,6 +19,9 @@ ENV = {"database_url": DATABASE_URL_ENV, "listen": "LABD_LISTEN", "workers": "LA
        "hub_listen": "LABD_HUB_LISTEN", "hub_url": "LABD_HUB_URL",
        "bastion_cert_seconds": "LABD_BASTION_CERT_SECONDS", "agent_cert_seconds": "LABD_AGENT_CERT_SECONDS"}
 INTS = {"workers", "threads", "token_ttl_seconds", "pool_size", "bastion_cert_seconds", "agent_cert_seconds"}
+# lab-agent (issue 18): the heartbeat interval labd tells agents, and the beats missed before "offline"
+ENV.update(agent_heartbeat_seconds="LABD_AGENT_HEARTBEAT_SECONDS", agent_missed_beats="LABD_AGENT_MISSED_BEATS")
+INTS |= {"agent_heartbeat_seconds", "agent_missed_beats"}
 
 
 class ConfigError(ValueError):
@@ -40,6 +43,8 @@ class Config:
     hub_url: str = ""  # the hub's URL as peers reach it; default: wss://<the host they enrolled at>:<hub port>
     bastion_cert_seconds: int = 30 * 86400  # lifetime of a bastion's client certificate
     agent_cert_seconds: int = 14 * 86400  # lifetime of an agent's
+    agent_heartbeat_seconds: int = 15
+    agent_missed_beats: int = 3
     extra: dict = field(default_factory=dict, compare=False)
 
     @property

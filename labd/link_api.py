@@ -308,6 +308,10 @@ def get_command(ref: str):
     row = api.store().transaction(lambda cur: cur.execute("SELECT * FROM commands WHERE id = %s", (cid,)).fetchone())
     if row is None:
         raise ApiError(404, "no such command", ref[:64])
+    if row["target_kind"] == "agent":  # with its output; readable by its creator (labd/agent_api.py)
+        from labd import agent_api
+
+        return agent_api.command_with_output(row, _command_view(row))
     api._global("read", "servers", f"commands/{cid}")
     return jsonify(_command_view(row))
 

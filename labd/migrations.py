@@ -155,6 +155,16 @@ STEPS: list[tuple[str, str]] = [
     # a bastion's claims (its machine count) without a scan, which under SERIALIZABLE would conflict
     # with every other bastion's batch
     ("0114_server_claims_bastion_idx", "CREATE INDEX IF NOT EXISTS server_claims_bastion_idx ON server_claims (bastion, mac)"),
+    # -- issue 18 (lab-agent): 02xx ---------------------------------------------------------------------
+    ("0201_agents_facts", "ALTER TABLE agents ADD COLUMN IF NOT EXISTS facts JSONB NOT NULL DEFAULT '{}'"),
+    ("0202_agents_revoked", "ALTER TABLE agents ADD COLUMN IF NOT EXISTS revoked_at TIMESTAMPTZ"),
+    ("0203_command_output", """CREATE TABLE IF NOT EXISTS command_output (
+        command_id UUID NOT NULL,
+        seq INT NOT NULL,
+        stream TEXT NOT NULL,
+        data JSONB NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (command_id, seq))"""),
 ]
 
 _LEDGER = """CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from labcore.schemas import ErrorBody
+from labd import agent_api
 from labd import schemas as sc
 from labd.api import KINDS, REF_PATTERN, VIEWS, AccessReview
 
@@ -18,11 +19,11 @@ ERRORS = {"400": "no JSON body", "401": "no valid token", "403": "the caller's r
           "413": "the body is larger than 2 MiB", "503": "database unavailable"}
 BODY_MODELS = [sc.ServerCreate, sc.ServerPatch, sc.BastionCreate, sc.BastionPatch, sc.AgentCreate, sc.AgentPatch,
                sc.ClusterCreate, sc.ClusterPatch, sc.TokenCreate, sc.UserCreate, sc.RoleCreate, sc.RolePatch,
-               sc.RoleBindingCreate, sc.LoginRequest]
+               sc.RoleBindingCreate, sc.LoginRequest, agent_api.ExecRequest, agent_api.LogsRequest]
 ANSWER_MODELS = [ErrorBody, sc.ServerView, sc.ServerList, sc.BastionView, sc.BastionList, sc.AgentView, sc.AgentList,
                  sc.ClusterView, sc.ClusterList, sc.TokenView, sc.TokenList, sc.TokenCreated, sc.UserView, sc.UserCreated,
                  sc.UserList, sc.RoleView, sc.RoleList, sc.RoleBindingView, sc.RoleBindingList, sc.AuditView, sc.AuditList,
-                 sc.LoginAnswer, sc.WhoAmI]
+                 sc.LoginAnswer, sc.WhoAmI, agent_api.CommandCreated, agent_api.CommandState]
 LISTS = {"servers": sc.ServerList, "bastions": sc.BastionList, "agents": sc.AgentList, "clusters": sc.ClusterList}
 
 
@@ -154,6 +155,19 @@ def document() -> dict:
     paths["/api/v1/commands/{ref}"] = {"get": _op("a routed command: its state and the bastion's answer", "200",
                                                   link_api.CommandView.model_json_schema(), params=[uuid_param],
                                                   errors=("401", "403", "404", "503"))}
+    # lab-agent (labd/agent_api.py, docs/agent.md)
+    for action, what in (("approve", "accept a pending agent"), ("revoke", "revoke an agent: its certificates are refused")):
+        paths[f"/api/v1/agents/{{ref}}/{action}"] = {"post": _op(what, "200", sc.AgentView, params=[ref],
+                                                                 errors=("401", "403", "404", "409", "503"))}
+    paths["/api/v1/agents/{ref}/exec"] = {"post": _op("run an argv on the agent's host (verb exec on servers; audited)", "202",
+                                                      agent_api.CommandCreated, body=agent_api.ExecRequest, params=[ref],
+                                                      errors=all_errors)}
+    paths["/api/v1/agents/{ref}/logs"] = {"post": _op("relay the host's journal (verb exec on servers)", "202",
+                                                      agent_api.CommandCreated, body=agent_api.LogsRequest, params=[ref],
+                                                      errors=all_errors)}
+    paths["/api/v1/commands/{ref}/cancel"] = {"post": _op("cancel an agent's command (its process group is killed)", "200",
+                                                          agent_api.CommandState, params=[uuid_param],
+                                                          errors=("401", "403", "404", "503"))}
     return {
         "openapi": "3.1.0",
         "info": {"title": "labd", "version": "1", "description": "The central daemon of a lab-platform lab (docs/labd.md)."},

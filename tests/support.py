@@ -860,6 +860,108 @@ def start_labd(data_dir: Path, database_url: str, *, workers: int = 2, timeout: 
     return server
 
 
+# -- lab-agent: a fake `journalctl` (where systemd's journal is absent) ---------------------------------
+FAKE_JOURNALCTL = r'''#!/usr/bin/env python3
+"""A fake journalctl for lab-agent's tests: entries are the JSON lines of $FAKE_JOURNAL (appended by
+the test); supports -o json, -u UNIT, -n N, --since (ignored: all), --cursor C (from C on), --after-cursor C and -f."""
+import json, os, sys, time
+
+args = sys.argv[1:]
+def opt(name):
+    return args[args.index(name) + 1] if name in args else None
+path, unit, n = os.environ["FAKE_JOURNAL"], opt("-u"), opt("-n")
+cursor, inclusive = (opt("--cursor"), 0) if "--cursor" in args else (opt("--after-cursor"), 1)
+with open(os.environ["FAKE_JOURNAL"] + ".argv", "a") as f:
+    f.write(json.dumps(args) + "\n")
+def entries():
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+def wanted(es):
+    es = [e for e in es if unit is None or e.get("_SYSTEMD_UNIT") == unit]
+    return es
+es = wanted(entries())
+if cursor is not None:
+    idx = [i for i, e in enumerate(es) if e["__CURSOR"] == cursor]
+    es = es[idx[0] + inclusive:] if idx else es
+elif n is not None:
+    es = es[-int(n):]
+seen = {e["__CURSOR"] for e in wanted(entries())} - {e["__CURSOR"] for e in es}
+for e in es:
+    print(json.dumps(e), flush=True)
+    seen.add(e["__CURSOR"])
+while "-f" in args:
+    time.sleep(0.05)
+    for e in wanted(entries()):
+        if e["__CURSOR"] not in seen:
+            print(json.dumps(e), flush=True)
+            seen.add(e["__CURSOR"])
+'''
+
+
+def fake_journal(directory: Path) -> tuple[Path, Path]:
+    """(bin directory holding a fake `journalctl`, the journal file its entries come from)."""
+    bindir = directory / "fakebin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    script = bindir / "journalctl"
+    script.write_text(FAKE_JOURNALCTL.replace("/usr/bin/env python3", sys.executable))
+    script.chmod(0o755)
+    journal = directory / "journal.jsonl"
+    journal.touch()
+    return bindir, journal
+
+
+def journal_append(journal: Path, n: int, message: str, unit: str = "demo.service") -> str:
+    """Append one entry (cursor ``s=abc;i=<n hex>``); returns its cursor."""
+    cursor = f"s=abc;i={n:x}"
+    with journal.open("a") as f:
+        f.write(json.dumps({"__CURSOR": cursor, "__REALTIME_TIMESTAMP": str(1_700_000_000_000_000 + n), "PRIORITY": "6",
+                            "_SYSTEMD_UNIT": unit, "MESSAGE": message}) + "\n")
+    return cursor
+
+
+# -- lab-agent as a subprocess -------------------------------------------------------------------------------
+def lab_agent_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lab_agent", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, cwd=REPO)
+
+
+@dataclass
+class Agent:
+    """A running `lab-agent run` (its own process group, log in ``log_path``)."""
+
+    state_dir: Path
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=10, group=True)
+
+
+def start_agent(state_dir: Path, *args: str, env: dict | None = None) -> Agent:
+    log_path = state_dir.parent / f"{state_dir.name}.log"
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "lab_agent", "run", "--state-dir", str(state_dir), *args],
+                                stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                                cwd=REPO, start_new_session=True)
+    return Agent(state_dir, proc, log_path)
+
+
+def pids_with(marker: str) -> list[int]:
+    """The processes whose command line contains ``marker`` (to prove nothing was left running)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    out.append(int(pid))
+            except OSError:
+                pass
+    return out
+
+
 def bastion_join(labd_url: str, join_token: str, data_dir: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
     """`lab-bastion join` of the bastion in ``data_dir`` to labd (issue 17)."""
     data_dir.mkdir(parents=True, exist_ok=True)

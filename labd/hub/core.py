@@ -98,6 +98,14 @@ class PeerHandler:
     async def on_disconnect(self, peer: Peer) -> None:
         pass
 
+    async def on_result(self, peer: Peer, msg: dict) -> None:
+        """A command's answer (agents override: their results carry exit codes, not HTTP statuses)."""
+        await self.hub._result(peer, msg)
+
+    def beat(self, cur, ids: list[str]) -> None:
+        """Refresh the connected peers' last_seen_at, one statement for all (agents also write facts)."""
+        cur.execute(f"UPDATE {self.table} SET last_seen_at = now(), status = 'online' WHERE id = ANY(%s)", (ids,))
+
 
 def handler_classes() -> dict[str, type[PeerHandler]]:
     from labd.hub.bastion import BastionHandler
@@ -114,7 +122,8 @@ def handler_classes() -> dict[str, type[PeerHandler]]:
 
 class Hub:
     def __init__(self, data_dir: Path, store: Store, *, host: str, port: int, cert: Path, key: Path,
-                 bastion_cert_seconds: int = 30 * 86400, agent_cert_seconds: int = 14 * 86400):
+                 bastion_cert_seconds: int = 30 * 86400, agent_cert_seconds: int = 14 * 86400, cfg=None):
+        self.cfg = cfg  # labd's configuration, for the handlers' own settings (agent heartbeats)
         self.data_dir, self.store, self.host, self.port = data_dir, store, host, port
         self.cert, self.key = cert, key
         self.lifetimes = {"bastion": bastion_cert_seconds, "agent": agent_cert_seconds}
@@ -228,7 +237,7 @@ class Hub:
                 if t == "renew" and peer.version >= 2:
                     await self._renew(peer, msg)
                 elif t == "result":
-                    await self._result(peer, msg)
+                    await handler.on_result(peer, msg)
                 else:
                     await handler.on_message(peer, msg)
         except websockets.ConnectionClosed:
@@ -285,9 +294,17 @@ class Hub:
             return
         states = "state IN ('queued', 'sent')" if resend else "state = 'queued'"  # the latter: commands_queued_idx
 
+        here = set(ids)
+
         def pick(cur):
-            rows = cur.execute(f"SELECT id, target_id, kind, args FROM commands WHERE {states} AND target_id = ANY(%s) "
-                               "ORDER BY created_at LIMIT 500", (ids,)).fetchall()
+            rows = None
+            if peer is None:  # the poll: all queued commands (few), filtered here, without sending every peer's id
+                rows = cur.execute("SELECT id, target_id, kind, args FROM commands WHERE state = 'queued' "
+                                   "ORDER BY created_at LIMIT 500").fetchall()
+                rows = [r for r in rows if r["target_id"] in here] if len(rows) < 500 else None
+            if rows is None:  # a connect, or a long queue (commands for peers elsewhere must not starve ours)
+                rows = cur.execute(f"SELECT id, target_id, kind, args FROM commands WHERE {states} AND target_id = ANY(%s) "
+                                   "ORDER BY created_at LIMIT 500", (ids,)).fetchall()
             if rows:
                 cur.execute("UPDATE commands SET state = 'sent', updated_at = now() WHERE id = ANY(%s) AND state = 'queued'",
                             ([r["id"] for r in rows],))
@@ -335,7 +352,7 @@ class Hub:
             ids = [p.id for p in peers if p.kind == kind]
             if not ids:
                 continue
-            cur.execute(f"UPDATE {h.table} SET last_seen_at = now(), status = 'online' WHERE id = ANY(%s)", (ids,))
+            h.beat(cur, ids)
             have = {str(r["id"]) for r in cur.execute(f"SELECT id FROM {h.table} WHERE id = ANY(%s)", (ids,)).fetchall()}
             bad |= {p.fingerprint for p in peers if p.kind == kind and p.id not in have}
         gone = cur.execute("SELECT fingerprint FROM certificates WHERE fingerprint = ANY(%s) AND revoked_at IS NOT NULL",
@@ -348,7 +365,7 @@ def run(cfg, stop: asyncio.Event | None = None) -> None:
     host, port = cfg.hub_address
     store = Store(cfg.require_database(), max_size=max(4, cfg.pool_size))
     hub = Hub(cfg.data_dir, store, host=host, port=port, cert=cfg.cert_path, key=cfg.key_path,
-              bastion_cert_seconds=cfg.bastion_cert_seconds, agent_cert_seconds=cfg.agent_cert_seconds)
+              bastion_cert_seconds=cfg.bastion_cert_seconds, agent_cert_seconds=cfg.agent_cert_seconds, cfg=cfg)
 
     async def go():
         nonlocal stop

@@ -1,0 +1,3 @@
+from lab_agent.cli import main
+
+main()
