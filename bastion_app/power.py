@@ -292,11 +292,15 @@ def connect(cfg, bmc: dict[str, Any], *, uefi: bool | None = None) -> Driver:
 
 
 def run(cfg, store, mac: str, action: str, *, boot: str | None = None, persistent: bool = False,
-        actor: str = "operator") -> dict[str, Any]:
+        actor: str = "operator", record=None) -> dict[str, Any]:
     """One power operation (``status``, ``on``, ``off``, ``cycle``; ``boot`` first sets the next
     boot device) on a machine's BMC, tried again on a transient error, recorded as an event
     whether it worked or not. ``on`` on a machine that is on (and ``off`` on one that is off)
-    changes nothing. Raises ApiError with the BMC's error (502/504) after recording it."""
+    changes nothing. Raises ApiError with the BMC's error (502/504) after recording it.
+
+    ``record(mac, actor, reason, data)`` records the event (default: at once, in its own
+    transaction; :func:`batch` gathers them and commits them together before answering)."""
+    record = record or (lambda *event: store.power_events([event]))
     m = store.require(mac)
     bmc = store.get_bmc(mac)
     if bmc is None:
@@ -326,9 +330,9 @@ def run(cfg, store, mac: str, action: str, *, boot: str | None = None, persisten
             power = {"on": "on", "off": "off", "cycle": "on"}.get(action, before)
             result = {"mac": mac, "driver": bmc["driver"], "action": action, "power": power, "changed": changed,
                       "boot": boot}
-            store.power_event(mac, actor=actor, reason=_reason(action, boot, power, changed),
-                              data={**result, "before": before, "result": "ok", "attempts": attempt,
-                                    "seconds": round(time.monotonic() - started, 3)})
+            record(mac, actor, _reason(action, boot, power, changed),
+                   {**result, "before": before, "result": "ok", "attempts": attempt,
+                    "seconds": round(time.monotonic() - started, 3)})
             return result
         except BmcError as exc:
             last = exc
@@ -339,9 +343,9 @@ def run(cfg, store, mac: str, action: str, *, boot: str | None = None, persisten
             if driver is not None:
                 driver.close()
     assert last is not None
-    store.power_event(mac, actor=actor, reason=f"power {action} failed: {last}",
-                      data={"action": action, "boot": boot, "driver": bmc["driver"], "result": "error", "error": str(last),
-                            "code": last.code, "attempts": attempt, "seconds": round(time.monotonic() - started, 3)})
+    record(mac, actor, f"power {action} failed: {last}",
+           {"action": action, "boot": boot, "driver": bmc["driver"], "result": "error", "error": str(last),
+            "code": last.code, "attempts": attempt, "seconds": round(time.monotonic() - started, 3)})
     raise ApiError(last.status, f"BMC {action} failed: {last}",
                    {"code": last.code, "driver": bmc["driver"], "attempts": attempt})
 
@@ -358,13 +362,33 @@ def batch(cfg, store, macs: list[str], action: str, *, boot: str | None = None, 
     """:func:`run` on several machines from a pool of at most ``max_parallel`` threads, two starts
     at least ``stagger`` seconds apart (a rack's circuits do not take every inrush at once; on the
     bastion, so no client can skip it). Every machine must be known (404 before any call). Yields
-    each result as it ends (a failure as ``{mac, error, status, detail}``), then ``{"summary"}``."""
+    each result as it ends (a failure as ``{mac, error, status, detail}``), then ``{"summary"}``.
+
+    The events are group-committed: the calls that ended while the previous commit was written are
+    recorded in one transaction, and a result is yielded only once its event is on disk (instead
+    of a sync to disk per machine)."""
     macs = list(dict.fromkeys(macs))
     for mac in macs:
         store.require(mac)
     lock = threading.Lock()
     next_start = [time.monotonic()]
     started = time.monotonic()
+    pending: list[tuple] = []
+    closed = [False]
+
+    def keep(*event) -> None:
+        with lock:
+            if not closed[0]:
+                pending.append(event)
+                return
+        store.power_events([event])  # a call that ends after its client went away is still recorded
+
+    def flush() -> None:
+        with lock:
+            events = pending[:]
+            pending.clear()
+        if events:
+            store.power_events(events)
 
     def one(mac: str) -> dict[str, Any]:
         with lock:  # the start times are handed out in order: one every `stagger` seconds
@@ -373,8 +397,8 @@ def batch(cfg, store, macs: list[str], action: str, *, boot: str | None = None, 
         time.sleep(max(0.0, start - time.monotonic()))
         try:
             if action == "status":
-                return run(cfg, store, mac, "status", actor=actor)
-            return run(cfg, store, mac, action, boot=boot, persistent=persistent, actor=actor)
+                return run(cfg, store, mac, "status", actor=actor, record=keep)
+            return run(cfg, store, mac, action, boot=boot, persistent=persistent, actor=actor, record=keep)
         except ApiError as exc:
             return {"mac": mac, "error": exc.error, "status": exc.status, "detail": exc.detail}
 
@@ -384,11 +408,15 @@ def batch(cfg, store, macs: list[str], action: str, *, boot: str | None = None, 
         try:
             for fut in as_completed([pool.submit(one, mac) for mac in macs]):
                 r = fut.result()
+                flush()  # its event, and those of the calls that ended meanwhile
                 ok += "error" not in r
                 yield r
             yield {"summary": {"total": len(macs), "ok": ok, "failed": len(macs) - ok,
                                "seconds": round(time.monotonic() - started, 3)}}
         finally:  # a client that went away: the calls not started yet are not made
             pool.shutdown(wait=False, cancel_futures=True)
+            with lock:
+                closed[0] = True
+            flush()
 
     return results()

@@ -702,12 +702,15 @@ class Store(Database):
                 raise NotFound(f"no BMC recorded for {mac}")
             self._event(c, mac, actor, "bmc_removed", row[0], row[0], "BMC removed")
 
-    def power_event(self, mac: str, *, actor: str, reason: str, data: dict[str, Any]) -> None:
-        """The result of a BMC call (bastion_app.power), on the machine's history."""
+    def power_events(self, results: list[tuple[str, str, str, dict[str, Any]]]) -> None:
+        """BMC call results ``(mac, actor, reason, data)`` (bastion_app.power) on the machines'
+        histories, in one transaction: a batch commits the calls that ended while its previous
+        commit was written together (one sync to disk)."""
         with self.tx() as c:
-            row = c.execute("SELECT state FROM machines WHERE mac=?", (mac,)).fetchone()
-            state = row[0] if row else None
-            self._event(c, mac, actor, "power", state, state, reason, data)
+            for mac, actor, reason, data in results:
+                row = c.execute("SELECT state FROM machines WHERE mac=?", (mac,)).fetchone()
+                state = row[0] if row else None
+                self._event(c, mac, actor, "power", state, state, reason, data)
 
     # -- export / import of the seed's state.json shape --------------------------------------
     def export_state(self) -> dict[str, dict[str, Any]]:
