@@ -25,14 +25,6 @@ TIMEOUT_EXIT = 124  # like timeout(1)
 TIMEOUT_MARGIN = 15.0
 
 
-def labd_client(obj: Ctx):
-    """The labd client of the context (`labctl login`)."""
-    client = getattr(obj, "labd", None)
-    if client is None:
-        raise errors.UsageError("no labd configured", "labctl login https://LABD:PORT")
-    return client
-
-
 def _agent_path(host: str) -> str:
     return f"/api/v1/agents/{quote(host, safe='')}"
 
@@ -92,7 +84,7 @@ def agent() -> None:
 @click.pass_obj
 def approve(obj: Ctx, host: str) -> None:
     """Accept a pending agent (one that joined with a reusable or unscoped token)."""
-    a = labd_client(obj).post(_agent_path(host) + "/approve")
+    a = obj.labd.post(_agent_path(host) + "/approve")
     click.echo(f"agent {a['hostname']} approved ({a['id']})")
 
 
@@ -102,7 +94,7 @@ def approve(obj: Ctx, host: str) -> None:
 def revoke(obj: Ctx, host: str) -> None:
     """Revoke an agent: its certificates are refused from now on and its link is closed; it must
     join again with a new token."""
-    a = labd_client(obj).post(_agent_path(host) + "/revoke")
+    a = obj.labd.post(_agent_path(host) + "/revoke")
     click.echo(f"agent {a['hostname']} revoked ({a['id']})")
 
 
@@ -118,7 +110,7 @@ def exec_(obj: Ctx, timeout: float | None, host: str, argv: tuple[str, ...]) -> 
     stdout and stderr arrive in order and labctl exits with the command's exit code (124 after
     --timeout, 128+N when killed by signal N, 130 after Ctrl-C, which kills the remote process).
     Needs permission `exec` on the host's scope; every exec is audited (argv, user, exit code)."""
-    client = labd_client(obj)
+    client = obj.labd
     body: dict[str, Any] = {"argv": list(argv)}
     if timeout:
         body["timeout"] = timeout
@@ -141,7 +133,7 @@ def exec_(obj: Ctx, timeout: float | None, host: str, argv: tuple[str, ...]) -> 
 def logs(obj: Ctx, host: str, unit: str | None, follow_: bool, since: str | None, lines: int | None) -> None:
     """Print HOST's journal through its lab-agent (needs permission `exec` on the host's scope).
     A follow survives reconnects of the agent: it resumes after the last entry printed."""
-    client = labd_client(obj)
+    client = obj.labd
     body = {k: v for k, v in {"unit": unit, "since": since, "follow": follow_, "lines": lines}.items() if v}
     made = client.post(_agent_path(host) + "/logs", body)
     try:

@@ -32,16 +32,19 @@ MAX_ARG = 4096
 OUTPUT_PAGE = 1000
 
 
+NO_NUL = r"^[^\x00]*$"
+
+
 class ExecRequest(Strict):
-    argv: Annotated[list[Annotated[str, pydantic.StringConstraints(min_length=0, max_length=MAX_ARG)]],
-                    pydantic.Field(min_length=1, max_length=MAX_ARGV)]
+    # the published schema says what the validator checks: no NUL anywhere, a program that is not empty
+    argv: Annotated[list[Annotated[str, pydantic.StringConstraints(max_length=MAX_ARG, pattern=NO_NUL)]],
+                    pydantic.Field(min_length=1, max_length=MAX_ARGV, json_schema_extra={
+                        "prefixItems": [{"type": "string", "minLength": 1, "maxLength": MAX_ARG, "pattern": NO_NUL}]})]
     timeout: Annotated[float, pydantic.Field(gt=0, le=24 * 3600)] | None = None
 
     @pydantic.field_validator("argv")
     @classmethod
-    def _no_nul(cls, argv: list[str]) -> list[str]:
-        if any("\x00" in a for a in argv):
-            raise ValueError("an argument may not contain NUL")
+    def _program(cls, argv: list[str]) -> list[str]:
         if not argv[0]:
             raise ValueError("the program may not be empty")
         return argv

@@ -84,9 +84,8 @@ def agent_row(admin, labd, host):
 
 
 def client(labd, token) -> Client:
-    c = Client(labd.url, token)
+    c = Client(labd.url, token, labd=True, verify=labd.ca)
     c.session.trust_env = False
-    c.session.verify = labd.ca
     return c
 
 
@@ -311,7 +310,7 @@ def test_ctrl_c_in_labctl_kills_the_remote_process(labd, admin, host_a, tmp_path
     script = tmp_path / "exec.py"
     script.write_text(
         "import sys\nfrom labctl import agent_cmd\nfrom labctl.client import Client\n"
-        f"c = Client({labd.url!r}, sys.stdin.readline().strip())\nc.session.trust_env = False\nc.session.verify = {labd.ca!r}\n"
+        f"c = Client({labd.url!r}, sys.stdin.readline().strip(), labd=True, verify={labd.ca!r})\nc.session.trust_env = False\n"
         f"made = c.post('/api/v1/agents/host-a/exec', {{'argv': ['bash', '-c', 'echo started; exec -a {marker} sleep 300']}})\n"
         "print(made['id'], flush=True)\n"
         "try:\n    agent_cmd.follow(c, made['id'], sys.stdout, sys.stderr)\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")
