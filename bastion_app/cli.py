@@ -8,7 +8,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import os
 import sys
 import urllib.parse
 from pathlib import Path
@@ -17,6 +16,7 @@ import click
 import pydantic
 
 from labcore import bastion_config as configmod
+from labcore import private
 
 data_dir_option = click.option(
     "--data-dir",
@@ -154,11 +154,7 @@ def export_cmd(data_dir, output):
     cfg = _load(data_dir)
     doc = json.dumps(Store.from_config(cfg).export_state(), indent=2, sort_keys=True) + "\n"
     if output:  # live install tokens inside: mode 0600, like state.db
-        tmp = output.with_name(output.name + ".tmp")
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(doc)
-        tmp.replace(output)
+        private.write(output, doc)
     else:
         click.echo(doc, nl=False)
 

@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from labcore import private
+
 FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{64}")
 KEY_FILE, CERT_FILE, CA_FILE, META_FILE = "key.pem", "cert.pem", "ca.pem", "identity.json"
 KINDS = ("bastion", "agent")
@@ -134,17 +136,6 @@ def enroll(labd_url: str, join: str, kind: str, name: str, facts: dict | None = 
     return out
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _b(v: bytes | str) -> bytes:
     return v.encode() if isinstance(v, str) else v
 
@@ -157,11 +148,11 @@ def store_identity(directory: Path | str, key_pem: bytes | str, cert_pem: bytes 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
-    _write_private(d / CA_FILE, _b(ca_pem))
-    _write_private(d / KEY_FILE, _b(key_pem))
-    _write_private(d / CERT_FILE, _b(cert_pem))
+    private.write(d / CA_FILE, ca_pem)
+    private.write(d / KEY_FILE, key_pem)
+    private.write(d / CERT_FILE, cert_pem)
     if meta is not None:
-        _write_private(d / META_FILE, json.dumps(meta, sort_keys=True).encode())
+        private.write(d / META_FILE, json.dumps(meta, sort_keys=True).encode())
     return d
 
 

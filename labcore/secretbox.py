@@ -11,12 +11,13 @@ Sealed form: ``v1:`` + base64url(nonce(12) + ciphertext + tag(16)), ASCII, fit f
 from __future__ import annotations
 
 import base64
-import os
 import secrets
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from labcore import private
 
 KEY_BYTES = 32
 _PREFIX = "v1:"
@@ -28,20 +29,7 @@ class SecretError(ValueError):
 
 def load_or_create_key(path: Path) -> bytes:
     """Read the key file, creating it (0600, atomically: O_EXCL) on first use; tighten a loose mode."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(KEY_BYTES))
-            f.flush()
-            os.fsync(f.fileno())
-    if path.stat().st_mode & 0o077:
-        os.chmod(path, 0o600)
-    key = path.read_bytes()
+    key = private.create_once(path, lambda: secrets.token_bytes(KEY_BYTES))
     if len(key) != KEY_BYTES:
         raise SecretError(f"{path}: a secret key must be {KEY_BYTES} bytes (found {len(key)}); "
                           "restore it from backup: without it the sealed secrets cannot be read")

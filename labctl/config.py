@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from labcore import private
 from labcore.yamlfile import YamlFileError, read_mapping
 from labctl.errors import UsageError
 
@@ -126,12 +127,7 @@ def write_doc(doc: Doc, p: Path | None = None) -> Path:
     out.update({k: doc.values[k] for k in KEYS if doc.values.get(k)})
     if doc.contexts:
         out[CONTEXTS] = {n: {k: c[k] for k in KEYS if c.get(k)} for n, c in sorted(doc.contexts.items())}
-    tmp = p.with_name(p.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(out, f, sort_keys=False)
-    os.chmod(tmp, 0o600)
-    tmp.replace(p)
+    private.write(p, yaml.safe_dump(out, sort_keys=False))
     return p
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from labcore import private
 from labd import config as configmod
 from labd.schemas import NAME_PATTERN
 
@@ -93,9 +94,7 @@ def init(data_dir, database_url, admin, san, force):
     secretbox.load_or_create_key(cfg.secret_key_path)
     yaml_path = data_dir / configmod.CONFIG_NAME
     if database_url and not yaml_path.exists():  # so that `serve` and `migrate` find it
-        fd = os.open(yaml_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"database_url: {_yaml_str(database_url)}\n")
+        private.create_once(yaml_path, lambda: f"database_url: {_yaml_str(database_url)}\n")
     click.echo(f"labd: initialised {data_dir}; CA fingerprint {tls.fingerprint(cfg.ca_path.read_bytes())}", err=True)
     click.echo(f"admin password: {password}")  # one line, whatever --admin is called: scripts read it
 

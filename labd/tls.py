@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import socket
 from pathlib import Path
 
@@ -15,12 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)
-        f.write(data)
+from labcore import private
 
 
 def _key_pem(key) -> bytes:
@@ -49,7 +43,7 @@ def make_ca(data_dir: Path) -> tuple[Path, Path]:
                                          encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256()))
-    _write_private(key_path, _key_pem(key))
+    private.write(key_path, _key_pem(key))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
 
@@ -77,6 +71,6 @@ def make_server_cert(data_dir: Path, sans: list[str] = (), days: int = 825) -> t
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
     key_path, cert_path = data_dir / "server.key", data_dir / "server.crt"
-    _write_private(key_path, _key_pem(key))
+    private.write(key_path, _key_pem(key))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + (data_dir / "ca.crt").read_bytes())
     return key_path, cert_path
