@@ -839,10 +839,10 @@ def labd_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subpr
                           env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, cwd=REPO)
 
 
-def serve_labd(postgres, tmp_path_factory, database: str):
+def serve_labd(postgres, tmp_path_factory, database: str, env: dict | None = None):
     """A fixture body: `labd serve` on a new database cloned from the session's migrated template."""
     postgres.sql(f"CREATE DATABASE {database} TEMPLATE labd_template")
-    server = start_labd(tmp_path_factory.mktemp("labd") / "data", postgres.url(database))
+    server = start_labd(tmp_path_factory.mktemp("labd") / "data", postgres.url(database), env=env)
     yield server
     server.stop()
 

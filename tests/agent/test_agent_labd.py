@@ -31,8 +31,8 @@ from tests.support import (
     journal_append,
     lab_agent_cli,
     pids_with,
+    serve_labd,
     start_agent,
-    start_labd,
     wait_for,
 )
 
@@ -42,12 +42,8 @@ CERT_SECONDS = 24  # renewal at about 16 s (2/3), so the renewal test sees one w
 
 @pytest.fixture(scope="module")
 def labd(postgres, tmp_path_factory):
-    postgres.sql("CREATE DATABASE labd_agents TEMPLATE labd_template")
-    server = start_labd(tmp_path_factory.mktemp("labd-agents") / "data", postgres.url("labd_agents"),
-                        env={"LABD_AGENT_HEARTBEAT_SECONDS": "1", "LABD_AGENT_MISSED_BEATS": "3",
-                             "LABD_AGENT_CERT_SECONDS": str(CERT_SECONDS)})
-    yield server
-    server.stop()
+    yield from serve_labd(postgres, tmp_path_factory, "labd_agents", env={
+        "LABD_AGENT_HEARTBEAT_SECONDS": "1", "LABD_AGENT_MISSED_BEATS": "3", "LABD_AGENT_CERT_SECONDS": str(CERT_SECONDS)})
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import uuid
 import psycopg
 import pytest
 
-from tests.support import Machines, bastion_join, join_token, start_bastion, start_labd, wait_for
+from tests.support import Machines, bastion_join, join_token, serve_labd, start_bastion, start_labd, wait_for
 
 N_MACHINES = 50  # per bastion (3 bastions); the 3 x 300 scale runs in bench/labd_fleet.py
 
@@ -74,10 +74,7 @@ def audit(admin, labd, action) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def labd(postgres, tmp_path_factory):
-    postgres.sql("CREATE DATABASE labd_link TEMPLATE labd_template")
-    server = start_labd(tmp_path_factory.mktemp("labd-link") / "data", postgres.url("labd_link"))
-    yield server
-    server.stop()
+    yield from serve_labd(postgres, tmp_path_factory, "labd_link")
 
 
 @pytest.fixture(scope="module")
