@@ -33,6 +33,7 @@ from pydantic import Field, StringConstraints
 
 from bastion_app.errors import ApiError
 from labcore import validate as v
+from labcore.schemas import Int
 from labd import api, auth, pki, rbac
 from labd.schemas import NAME_PATTERN, Strict
 from labd.store import audit
@@ -68,7 +69,7 @@ class RoutedCommand(pydantic.BaseModel):
 
 class LogsCommand(Strict):
     bastion: Annotated[str, StringConstraints(pattern=NAME_PATTERN)] | None = None
-    tail: Annotated[int, Field(ge=1, le=5000)] = 200
+    tail: Int(1, 5000) = 200
     follow: bool = False
 
 
