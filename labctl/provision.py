@@ -292,7 +292,7 @@ def debug(obj: Ctx, target, mode, use_power, via_bastion, queue) -> None:
 @click.option("-f", "--follow", "follow_", is_flag=True, help="Follow the install live (progress bar, then log lines).")
 @click.option("--tail", type=click.IntRange(1, 5000), default=200, show_default=True, help="Lines to show without -f.")
 @click.option("--stall-timeout", type=click.FloatRange(1), default=120, show_default=True, metavar="SECONDS",
-              help="With -f: give up when the bastion sends nothing (not even a heartbeat) for this long.")
+              help="With -f against a bastion: give up when it sends nothing (not even a heartbeat) for this long.")
 @routed.bastion_option
 @output_option
 @pass_ctx
