@@ -164,58 +164,65 @@ class Stream:
             self._release()
 
 
-def _sse(event: str, data: dict[str, Any], cursor: str | None) -> str:
+def _sse(event: str, data: dict[str, Any] | str, cursor: str | None) -> str:
+    if not event:  # a comment (an event without a timeline item, a keepalive)
+        return (f"id: {cursor}\n" if cursor else "") + f": {data}\n\n"
     head = f"id: {cursor}\n" if cursor else ""
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def _pages(store, logs: LogStore, mac: str, eid: int, lid: int) -> Iterator[tuple[int, int, str]]:
-    """Everything after (eid, lid), in time order, as SSE text, one page at a time: yields the
-    cursor after each page and the page's text."""
+#: one item of the timeline: (event, data, cursor); event "" is a comment (data is its text)
+Item = tuple[str, Any, str | None]
+
+
+def _pages(store, logs: LogStore, mac: str, eid: int, lid: int) -> Iterator[tuple[int, int, list[Item]]]:
+    """Everything after (eid, lid), in time order, one page at a time: yields the cursor after
+    each page and the page's items."""
     while True:
         lines = logs.lines(mac, since=lid, limit=_PAGE)
         events = store.events(mac, since=eid, limit=_PAGE) if mac != UNATTRIBUTED else []
         if not lines and not events:
             return
-        chunks = []
+        items: list[Item] = []
         merged = heapq.merge(((r["ts"], 1, "L", r) for r in lines), ((e["ts"], 0, "E", e) for e in events),
                              key=lambda x: (x[0], x[1]))
         for _ts, _o, src, r in merged:
             if src == "L":
                 lid = r["id"]
-                chunks.append(_sse("log", line_view(r), f"{eid}-{lid}"))
+                items.append(("log", line_view(r), f"{eid}-{lid}"))
             else:
                 eid = r["id"]
-                items = timeline_items(r)
-                for i, (etype, data) in enumerate(items):
-                    chunks.append(_sse(etype, data, f"{eid}-{lid}" if i == len(items) - 1 else None))
-                if not items:
-                    chunks.append(f"id: {eid}-{lid}\n: {r['kind']}\n\n")
-        yield eid, lid, "".join(chunks)
+                shown = timeline_items(r)
+                for i, (etype, data) in enumerate(shown):
+                    items.append((etype, data, f"{eid}-{lid}" if i == len(shown) - 1 else None))
+                if not shown:
+                    items.append(("", r["kind"], f"{eid}-{lid}"))
+        yield eid, lid, items
         if len(lines) < _PAGE and len(events) < _PAGE:
             return
 
 
-def _events(store, logs: LogStore, watcher: Watcher, mac: str, start: tuple[int, int], heartbeat: int,
-            gone: Callable[[], bool]) -> Iterator[str]:
+def _timeline(store, logs: LogStore, watcher: Watcher, mac: str, start: tuple[int, int], heartbeat: int,
+              gone: Callable[[], bool]) -> Iterator[list[Item]]:
+    """The follow of ``mac`` from ``start`` as pages of items, live, until the install ends (an
+    ``end`` item) or ``gone()``; a keepalive comment every ``heartbeat`` idle seconds."""
     ev = watcher.subscribe(mac)
     eid, lid = start
     try:
-        yield f"retry: 2000\n: following {mac} from {eid}-{lid}\n\n"
         while True:
             ev.clear()
             m = store.get(mac) if mac != UNATTRIBUTED else None
-            for page_eid, page_lid, text in _pages(store, logs, mac, eid, lid):
+            for page_eid, page_lid, items in _pages(store, logs, mac, eid, lid):
                 eid, lid = page_eid, page_lid
-                yield text
+                yield items
             if mac != UNATTRIBUTED and (m is None or m["state"] not in INSTALL_TOKEN_STATES):
                 time.sleep(END_LINGER_S)
-                for page_eid, page_lid, text in _pages(store, logs, mac, eid, lid):
+                for page_eid, page_lid, items in _pages(store, logs, mac, eid, lid):
                     eid, lid = page_eid, page_lid
-                    yield text
+                    yield items
                 end = {"state": m["state"] if m else "removed", "failure": m["failure"] if m else None,
                        "stalled": bool(m and m["failure"] == "stalled")}
-                yield _sse("end", end, f"{eid}-{lid}")
+                yield [("end", end, f"{eid}-{lid}")]
                 return
             waited = 0.0
             while not ev.wait(min(GONE_CHECK_S, heartbeat - waited)):
@@ -223,10 +230,36 @@ def _events(store, logs: LogStore, watcher: Watcher, mac: str, start: tuple[int,
                 if gone():
                     return
                 if waited >= heartbeat:
-                    yield f": keepalive {int(time.time())}\n\n"
+                    yield [("", f"keepalive {int(time.time())}", None)]
                     waited = 0.0
     finally:
         watcher.unsubscribe(mac, ev)
+
+
+def _events(timeline: Iterator[list[Item]], mac: str, start: tuple[int, int]) -> Iterator[str]:
+    """The timeline as server-sent events (one chunk per page)."""
+    try:
+        yield f"retry: 2000\n: following {mac} from {start[0]}-{start[1]}\n\n"
+        for items in timeline:
+            yield "".join(_sse(*i) for i in items)
+    finally:
+        timeline.close()  # type: ignore[attr-defined]
+
+
+def tail_start(logs: LogStore, mac: str, tail: int) -> tuple[int, int]:
+    """The cursor a follow starts from to show the last ``tail`` log lines (and every event)."""
+    newest = logs.tail(mac, tail) if tail else []
+    return (0, newest[0]["id"] - 1 if newest else 0)
+
+
+def open_timeline(store, logs: LogStore, mac: str, start: tuple[int, int], *, heartbeat: int, followers: int,
+                  gone: Callable[[], bool] = lambda: False) -> Stream | None:
+    """:func:`open_stream`'s items, not formatted (the link to labd sends them as messages): one of
+    this process's ``followers`` slots until closed; None when no slot is free."""
+    watcher, slots = _process_state(store, logs, followers)
+    if not slots.acquire(blocking=False):
+        return None
+    return Stream(_timeline(store, logs, watcher, mac, start, heartbeat, gone), slots.release)
 
 
 def open_stream(store, logs: LogStore, mac: str, start: tuple[int, int], *, heartbeat: int,
@@ -237,4 +270,4 @@ def open_stream(store, logs: LogStore, mac: str, start: tuple[int, int], *, hear
     watcher, slots = _process_state(store, logs, followers)
     if not slots.acquire(blocking=False):
         return None
-    return Stream(_events(store, logs, watcher, mac, start, heartbeat, gone), slots.release)
+    return Stream(_events(_timeline(store, logs, watcher, mac, start, heartbeat, gone), mac, start), slots.release)

@@ -11,6 +11,12 @@
   answers, 409s included), with the command id recorded in the same SQLite transaction as the
   effect (Store.applying): a command delivered twice is applied once, and the second delivery
   gets the first answer.
+- Logs (``logs`` commands, ``{"mac", "tail", "follow"}``): syslog lines and progress stay here and
+  go to labd only when asked: the last ``tail`` lines as the operator API answers them
+  (``GET /api/logs/<mac>``), or with ``follow`` the same timeline as ``GET /api/logs/<mac>/follow``
+  (bastion_app/follow.py) until the install ends; each item is an ``output`` message
+  (``{"id", "seq", "stream": log|progress|state|end, "data"}``), then a ``result``. A ``cancel``
+  from labd stops a follow. Logs are read, never applied: no at-most-once record.
 - The bastion never needs labd: this process only reads and writes state.db like any worker.
 """
 
@@ -20,9 +26,12 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 import uuid
 from typing import Any
+from urllib.parse import quote
 
+from bastion_app import follow
 from bastion_app.routes import event_view, machine_view
 from bastion_app.store import Store
 from labcore import bastion_config as configmod
@@ -36,6 +45,9 @@ BATCH = 500
 WINDOW = 4
 #: how often an idle link looks for new changes
 IDLE_POLL_SECONDS = 0.2
+
+#: a follow that sends nothing for this long sends a keepalive to itself (to notice a cancel)
+FOLLOW_HEARTBEAT_SECONDS = 5
 
 #: a command kind -> (method, path, body) of the bastion's operator API
 ROUTES = {
@@ -58,8 +70,10 @@ class BastionLink:
         self.token = self.app.config["LAB_TOKEN"]
         self.command_lock = asyncio.Lock()
         self.acked = asyncio.Event()
+        self.follows: dict[str, threading.Event] = {}  # logs command id -> its stop flag
         self.link = linkmod.Link(cfg.link_path, kind="bastion", software=linkmod.software_version(), versions=versions,
-                                 handlers={"ack": self.on_ack, "command": self.on_command}, on_connect=self.pump)
+                                 handlers={"ack": self.on_ack, "command": self.on_command,
+                                           "cancel": self.on_cancel}, on_connect=self.pump)
 
     # -- replication ---------------------------------------------------------------------------------
     def _batch(self, event_after: int, change_after: int) -> dict[str, Any]:
@@ -149,6 +163,9 @@ class BastionLink:
             cid = str(uuid.UUID(str(msg.get("id"))))
         except ValueError:
             return
+        if msg.get("kind") == "logs":
+            await self.send_logs(link, cid, msg.get("args") or {})
+            return
         async with self.command_lock:  # one at a time: the check and the apply see each other
             status, body = await asyncio.to_thread(self.apply, cid, str(msg.get("kind")), msg.get("args") or {})
             try:
@@ -156,8 +173,77 @@ class BastionLink:
             finally:
                 await asyncio.to_thread(self.keep_answer, cid, status, body)
 
+    # -- logs ----------------------------------------------------------------------------------------
+    async def send_logs(self, link: linkmod.Link, cid: str, args: dict) -> None:
+        """A ``logs`` command: the lines (and with ``follow`` the live timeline) as output messages."""
+        if cid in self.follows:  # sent again (a reconnect of labd's side): the running one goes on
+            return
+        stop = self.follows[cid] = threading.Event()
+        seq = 0
+
+        async def out(stream: str, data: Any) -> None:
+            nonlocal seq
+            seq += 1
+            await link.send({"type": "output", "id": cid, "seq": seq, "stream": stream, "data": data})
+        try:
+            mac, tail = str(args.get("mac", "")), args.get("tail", 200)
+            # the operator API's answer first: its validation and its 404, unchanged
+            r = await asyncio.to_thread(self.client.get, f"/api/logs/{quote(mac, safe='')}",
+                                        query_string={"limit": tail}, headers={"Authorization": f"Bearer {self.token}"},
+                                        environ_base={"REMOTE_ADDR": "labd"})
+            doc = r.get_json(silent=True)
+            if r.status_code != 200 or not isinstance(doc, dict):
+                await link.send({"type": "result", "id": cid, "status": r.status_code,
+                                 "body": doc if doc is not None else {"error": r.get_data(as_text=True)[:500]}})
+                return
+            if not args.get("follow"):
+                for line in doc["lines"]:
+                    await out("log", line)
+                await link.send({"type": "result", "id": cid, "status": 200,
+                                 "body": {"mac": doc["mac"], "state": doc["state"], "lines": len(doc["lines"])}})
+                return
+            logs = self.app.extensions["lab_logs"]
+            stream = await asyncio.to_thread(
+                lambda: follow.open_timeline(self.store, logs, doc["mac"], follow.tail_start(logs, doc["mac"], int(tail)),
+                                             heartbeat=FOLLOW_HEARTBEAT_SECONDS, followers=self.cfg.followers,
+                                             gone=stop.is_set))
+            if stream is None:
+                await link.send({"type": "result", "id": cid, "status": 503,
+                                 "body": {"error": "too many log followers on this bastion", "detail": "retry in a few seconds"}})
+                return
+            try:
+                ended = None
+                while not stop.is_set():
+                    page = await asyncio.to_thread(next, iter(stream), None)
+                    if page is None:
+                        break
+                    for event, data, _cursor in page:
+                        if event:  # comments (keepalives, events without a timeline item) stay here
+                            await out(event, data)
+                        if event == "end":
+                            ended = data
+            finally:
+                stop.set()
+                try:
+                    await asyncio.to_thread(stream.close)
+                except ValueError:  # cancelled while a page was being read: that thread ends at the flag
+                    pass
+            await link.send({"type": "result", "id": cid, "status": 200,
+                             "body": {"mac": doc["mac"], "end": ended, "stopped": stop.is_set()}})
+        finally:
+            self.follows.pop(cid, None)
+
+    async def on_cancel(self, link: linkmod.Link, msg: dict) -> None:
+        flag = self.follows.get(str(msg.get("id")))
+        if flag is not None:
+            flag.set()
+
     async def run(self, stop: asyncio.Event) -> None:
-        await self.link.run(stop)
+        try:
+            await self.link.run(stop)
+        finally:  # a follow's thread ends at its flag (it would hold the process's exit)
+            for flag in list(self.follows.values()):
+                flag.set()
 
 
 def main() -> None:

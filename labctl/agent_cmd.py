@@ -2,9 +2,8 @@
 `logs HOST` (docs/agent.md).
 
 A command is created with one request and then followed by polling its output
-(``GET /api/v1/commands/<id>?after=N``): no connection is held open across labd's workers, and a
-dropped request is simply sent again. Ctrl-C cancels the remote command (labd has the agent kill
-its process group) before labctl exits with 130.
+(labctl/remote.py). Ctrl-C cancels the remote command (labd has the agent kill its process group)
+before labctl exits with 130.
 """
 
 from __future__ import annotations
@@ -16,11 +15,10 @@ from urllib.parse import quote
 
 import click
 
-from labctl import errors
+from labctl import errors, remote
 from labctl.context import Ctx
 
-POLL_SECONDS = 0.2
-TIMEOUT_EXIT = 124  # like timeout(1)
+TIMEOUT_EXIT = remote.TIMEOUT_EXIT
 #: how long after --timeout labctl waits for the agent's own answer before giving up
 TIMEOUT_MARGIN = 15.0
 
@@ -29,35 +27,26 @@ def _agent_path(host: str) -> str:
     return f"/api/v1/agents/{quote(host, safe='')}"
 
 
-def follow(client: Any, cid: str, out: IO[str], err: IO[str], *, deadline: float | None = None,
-           poll: float = POLL_SECONDS) -> dict:
-    """Print a command's output as it arrives (stdout to ``out``, stderr to ``err``, journal entries as
-    lines) until it ends; returns the final command. Ctrl-C cancels the command and re-raises."""
-    after = 0
-    try:
-        while True:
-            c = client.get(f"/api/v1/commands/{cid}", after=after)
-            for row in c["output"]:
-                if row["stream"] == "journal":
-                    e = row["data"]
-                    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("time_us", 0) / 1e6))
-                    out.write(f"{stamp} {e.get('unit', '')}: {e.get('message', '')}\n")
-                else:
-                    (err if row["stream"] == "stderr" else out).write(row["data"])
+def printer(out: IO[str], err: IO[str]):
+    """An agent command's output rows as text: stdout to ``out``, stderr to ``err``, journal
+    entries as lines."""
+    def on_row(row: dict) -> None:
+        if row["stream"] == "journal":
+            e = row["data"]
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("time_us", 0) / 1e6))
+            out.write(f"{stamp} {e.get('unit', '')}: {e.get('message', '')}\n")
             out.flush()
-            err.flush()
-            after = c["next_after"]
-            if c["state"] not in ("queued", "sent") and not c["output"]:
-                return c
-            if deadline is not None and time.monotonic() > deadline:
-                client.post(f"/api/v1/commands/{cid}/cancel")
-                raise errors.LabctlError("the agent did not answer within the timeout; the command was cancelled",
-                                         exit_code=TIMEOUT_EXIT)
-            if not c["output"]:
-                time.sleep(poll)
-    except KeyboardInterrupt:
-        client.post(f"/api/v1/commands/{cid}/cancel")
-        raise
+        else:
+            stream = err if row["stream"] == "stderr" else out
+            stream.write(row["data"])
+            stream.flush()
+    return on_row
+
+
+def follow(client: Any, cid: str, out: IO[str], err: IO[str], *, deadline: float | None = None,
+           poll: float = remote.POLL_SECONDS) -> dict:
+    """Print an agent command's output until it ends (:func:`labctl.remote.follow`)."""
+    return remote.follow(client, cid, printer(out, err), deadline=deadline, poll=poll)
 
 
 def exit_code(c: dict) -> int:

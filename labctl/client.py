@@ -89,9 +89,12 @@ class Client:
             body = None
         if not isinstance(body, dict) or "error" not in body:  # every error of bastion and labd is {"error", "detail"}
             return self.not_a_bastion(resp, f"something other than {self.what}'s JSON error")
-        msg, detail = str(body.get("error") or resp.reason), body.get("detail")
-        where = f"{resp.request.method} {resp.request.path_url}"
-        code = resp.status_code
+        return self.answer_error(resp.status_code, body, f"{resp.request.method} {resp.request.path_url}", resp.reason)
+
+    def answer_error(self, code: int, body: dict, where: str, reason: str = "") -> errors.LabctlError:
+        """The error (and exit code) of an HTTP error answer ``{"error", "detail"}``: this API's own,
+        or a bastion's that labd relays (a routed command's result)."""
+        msg, detail = str(body.get("error") or reason), body.get("detail")
         if code in (401, 403) and self.labd:
             return errors.Unauthorized(f"labd refused the request ({code} {msg}{_detail(detail)}) for {where}",
                                        "log in again: labctl login URL" if code == 401 else
@@ -109,6 +112,8 @@ class Client:
                                    None if self.labd else "labctl describe machine NAME shows its state and history")
         if code in (400, 413, 422):
             return errors.UsageError(f"{self.what} rejected the request: {msg}{_detail(detail)}")
+        if code == 503 and self.labd:  # a bastion offline (routed commands), or labd's database down
+            return errors.Unreachable(f"{msg}{_detail(detail)}", "labctl get bastions shows which are online")
         return errors.LabctlError(f"{self.what} failed ({code} {msg}) on {where}",
                                   f"this is a {'labd' if self.labd else 'bastion'} bug: see its log")
 

@@ -71,6 +71,31 @@ def _outcome(state: str | None, what: str) -> None:
                                "labctl provision logs NAME shows the installer's log")
 
 
+def show_event(view: ProgressView, kind: str, data: dict[str, Any], name: str, *, show_logs: bool = True) -> str | None:
+    """One item of a machine's timeline (log|progress|state|end, docs/logs.md) on ``view``; at
+    ``end``: the final state (raises InstallFailed unless it is a success). Both follows use it:
+    the bastion's event stream and labd's rows of a logs command."""
+    if kind == "log" and show_logs:
+        view.log(str(data.get("text") or data.get("line") or ""))
+    elif kind == "progress":
+        view.update(data.get("stage"), data.get("percent"), data.get("message") or "")
+    elif kind == "state":
+        st = data.get("to") or data.get("state")
+        if st:
+            view.log(f"state: {data.get('from') or '-'} -> {st}" + (f" ({data['reason']})" if data.get("reason") else ""))
+    elif kind == "end":
+        state = data.get("state") or data.get("result") or data.get("stage")
+        if state in SUCCESS:
+            view.update("complete", 100)
+        if data.get("stalled"):
+            state = "stalled"
+        elif data.get("failure"):
+            view.log(f"failure: {data['failure']}")
+        _outcome(state, name)
+        return state
+    return None
+
+
 def follow_logs(client: Client, mac: str, name: str, *, stall_timeout: float = 120.0, show_logs: bool = True) -> str:
     """Follow GET /api/logs/<mac>/follow until its ``end`` event. Returns the final state on success;
     raises InstallFailed on failure or stall, NotFound if the bastion has no such stream."""
@@ -85,24 +110,8 @@ def follow_logs(client: Client, mac: str, name: str, *, stall_timeout: float = 1
                     failures = 0
                     if ev["id"]:
                         last_id = ev["id"]
-                    kind, data = ev["event"], _data(ev["data"])
-                    if kind == "log" and show_logs:
-                        view.log(str(data.get("text") or data.get("line") or ""))
-                    elif kind == "progress":
-                        view.update(data.get("stage"), data.get("percent"), data.get("message") or "")
-                    elif kind == "state":
-                        st = data.get("to") or data.get("state")
-                        if st:
-                            view.log(f"state: {data.get('from') or '-'} -> {st}" + (f" ({data['reason']})" if data.get("reason") else ""))
-                    elif kind == "end":
-                        state = data.get("state") or data.get("result") or data.get("stage")
-                        if state in SUCCESS:
-                            view.update("complete", 100)
-                        if data.get("stalled"):
-                            state = "stalled"
-                        elif data.get("failure"):
-                            view.log(f"failure: {data['failure']}")
-                        _outcome(state, name)
+                    state = show_event(view, ev["event"], _data(ev["data"]), name, show_logs=show_logs)
+                    if state is not None:
                         return state
                 # the server closed the stream without an end event: resume
                 failures += 1

@@ -292,12 +292,19 @@ def debug(obj: Ctx, target, mode, use_power, via_bastion, queue) -> None:
 @click.option("-f", "--follow", "follow_", is_flag=True, help="Follow the install live (progress bar, then log lines).")
 @click.option("--tail", type=click.IntRange(1, 5000), default=200, show_default=True, help="Lines to show without -f.")
 @click.option("--stall-timeout", type=click.FloatRange(1), default=120, show_default=True, metavar="SECONDS",
-              help="With -f: give up when the bastion sends nothing (not even a heartbeat) for this long.")
+              help="With -f against a bastion: give up when it sends nothing (not even a heartbeat) for this long.")
+@routed.bastion_option
 @output_option
 @pass_ctx
-def logs(obj: Ctx, target, follow_, tail, stall_timeout) -> None:
+def logs(obj: Ctx, target, follow_, tail, stall_timeout, via_bastion) -> None:
     """Show TARGET's installer log. With -f, follow the bastion's event stream until the install
-    ends: exit 0 when installed, 7 when it failed or stalled."""
+    ends: exit 0 when installed, 7 when it failed or stalled.
+
+    With a labd context the log is read on the bastion that holds TARGET (a host name or MAC),
+    through its link; Ctrl-C stops the follow there."""
+    if routed.check(obj, via_bastion, False):
+        routed.logs(obj, target, follow_, tail, via_bastion)
+        return
     m = targets.resolve_target(obj.client, target)
     name = m.get("hostname") or m["mac"]
     if follow_:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import pydantic
-from flask import current_app, g, jsonify, request
+from flask import current_app, g, jsonify
 from psycopg.types.json import Jsonb
 
 from bastion_app.errors import ApiError
@@ -29,7 +29,6 @@ from labd.store import audit
 
 MAX_ARGV = 256
 MAX_ARG = 4096
-OUTPUT_PAGE = 1000
 
 
 NO_NUL = r"^[^\x00]*$"
@@ -147,12 +146,16 @@ def _authorize_command(c: dict) -> None:
 
 
 def _own_command(cid: str) -> dict:
+    """An agent's command, or a bastion's logs command (labd/link_api.py): the ones a caller may cancel."""
     uid = api._uuid(cid, "command")
-    c = store().transaction(lambda cur: cur.execute("SELECT * FROM commands WHERE id = %s AND target_kind = 'agent'",
-                                                    (uid,)).fetchone())
+    c = store().transaction(lambda cur: cur.execute("SELECT * FROM commands WHERE id = %s AND (target_kind = 'agent' "
+                                                    "OR kind = 'logs')", (uid,)).fetchone())
     if c is None:
         raise ApiError(404, "no such command", cid)
-    _authorize_command(c)
+    if c["target_kind"] == "agent":
+        _authorize_command(c)
+    elif c["created_by"] != g.caller.user:
+        api._global("read", "servers", f"commands/{c['id']}")
     return c
 
 
@@ -160,14 +163,9 @@ def command_with_output(c: dict, view: dict):
     """``GET /api/v1/commands/<id>`` of an agent's command (labd/link_api.py's route hands it here):
     the command and its output rows after ``?after=N``."""
     _authorize_command(c)
-    try:
-        after = int(request.args.get("after", "0"))
-    except ValueError:
-        raise ApiError(422, "invalid request", [{"field": "after", "message": "an integer"}]) from None
-    rows = store().transaction(lambda cur: cur.execute(
-        "SELECT seq, stream, data FROM command_output WHERE command_id = %s AND seq > %s ORDER BY seq LIMIT %s",
-        (c["id"], after, OUTPUT_PAGE)).fetchall())
-    return jsonify({**view, "output": rows, "next_after": rows[-1]["seq"] if rows else after})
+    from labd import link_api
+
+    return link_api.with_output(c, view)
 
 
 @bp.post("/commands/<cid>/cancel")

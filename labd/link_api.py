@@ -10,7 +10,13 @@
   bastion applies it at most once and answers; this request waits for the answer (polling the
   database) and returns it unchanged (status and body). A bastion that is offline: 503 "bastion
   X offline since T", unless ``"queue": true`` (202, delivered when it reconnects).
-- ``GET /api/v1/commands/<id>``: a command's state and result.
+- ``POST /api/v1/servers/<mac|hostname>/logs {"tail": N, "follow": bool, "bastion"}``: the
+  machine's install log, which stays on its bastion: the same finding, conflict and offline rules
+  (no ``queue``: a log is read now or not at all), verb ``read`` on the server; a ``logs`` command
+  to the bastion, answered 202 with its id at once. The bastion sends the last N lines (with
+  ``follow``, then the live timeline until the install ends) as the command's output rows.
+- ``GET /api/v1/commands/<id>?after=N``: a command's state and result; for a logs command (as for
+  an agent's) also its output rows after seq N, readable by whoever made it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pydantic import Field, StringConstraints
 
 from bastion_app.errors import ApiError
 from labcore import validate as v
+from labcore.schemas import Int
 from labd import api, auth, pki, rbac
 from labd.schemas import NAME_PATTERN, Strict
 from labd.store import audit
@@ -40,7 +47,9 @@ OFFLINE_AFTER_SECONDS = 15
 COMMAND_WAIT_SECONDS = 30
 #: how often the waiting request looks at the command's row
 COMMAND_POLL_SECONDS = 0.005
-ACTIONS = ("install", "reprovision", "cancel", "forget", "debug")
+ACTIONS = ("install", "reprovision", "cancel", "forget", "debug", "logs")
+#: the most rows one GET /api/v1/commands/<id> answers (the caller asks again with ?after=)
+OUTPUT_PAGE = 1000
 
 
 class EnrollRequest(Strict):
@@ -56,6 +65,19 @@ class RoutedCommand(pydantic.BaseModel):
     bastion: Annotated[str, StringConstraints(pattern=NAME_PATTERN)] | None = None
     queue: bool = False
     wait_seconds: Annotated[float, Field(ge=0, le=300)] = COMMAND_WAIT_SECONDS
+
+
+class LogsCommand(Strict):
+    bastion: Annotated[str, StringConstraints(pattern=NAME_PATTERN)] | None = None
+    tail: Int(1, 5000) = 200
+    follow: bool = False
+
+
+class CommandStarted(pydantic.BaseModel):
+    command: str
+    state: str
+    bastion: str
+    mac: str
 
 
 class EnrollAnswer(pydantic.BaseModel):
@@ -230,12 +252,14 @@ def route(ref: str, action: str):
     if raw is None and request.get_data():
         raise ApiError(400, "the body must be JSON")
     try:
-        body = RoutedCommand.model_validate(raw or {})
+        body = (LogsCommand if action == "logs" else RoutedCommand).model_validate(raw or {})
     except pydantic.ValidationError as exc:
         raise ApiError(422, "invalid request", [{"field": ".".join(map(str, e["loc"])), "message": e["msg"]}
                                                 for e in exc.errors()]) from None
-    args = {k: val for k, val in (body.model_extra or {}).items()}
-    verb = "delete" if action == "forget" else "update"
+    if isinstance(body, LogsCommand):  # read now or not at all: never queued, the answer comes as output rows
+        args, verb, queue = {"tail": body.tail, "follow": body.follow}, "read", False
+    else:
+        args, verb, queue = dict(body.model_extra or {}), ("delete" if action == "forget" else "update"), body.queue
     cid = uuid.uuid4()
 
     def work(cur):
@@ -258,15 +282,15 @@ def route(ref: str, action: str):
         if not rbac.allowed(g.caller.grants, verb, "servers", path):
             return "forbidden", mac, b, path
         online = bastion_online(b)
-        if not online and not body.queue:
+        if not online and not queue:
             audit(cur, g.caller.user, f"servers.{action}", f"servers/{mac}", outcome="refused", status=503,
                   detail={"bastion": b["name"]})
             return "offline", mac, b, path
         cur.execute("INSERT INTO commands (id, target_kind, target_id, kind, args, created_by, deliver_after_reconnect) "
                     "VALUES (%s, 'bastion', %s, %s, %s, %s, %s)",
-                    (cid, str(b["id"]), action, Jsonb({"mac": mac, **args}), g.caller.user, body.queue))
+                    (cid, str(b["id"]), action, Jsonb({"mac": mac, **args}), g.caller.user, queue))
         audit(cur, g.caller.user, f"servers.{action}", f"servers/{mac}", status=202,
-              detail={"bastion": b["name"], "command": str(cid), "queued": body.queue})
+              detail={"bastion": b["name"], "command": str(cid), "queued": queue})
         return ("sent" if online else "queued"), mac, b, path
     outcome, mac, b, path = api.store().transaction(work)
     if outcome == "forbidden":
@@ -274,7 +298,10 @@ def route(ref: str, action: str):
     if outcome == "offline":
         since = _iso(b["last_seen_at"]) or "never (it has not connected yet)"
         raise ApiError(503, f"bastion {b['name']} offline since {since}",
+                       "the logs stay on the bastion; ask again when it is back" if action == "logs" else
                        "the command was not sent; pass --queue to deliver it when the bastion reconnects")
+    if action == "logs":  # followed with GET /api/v1/commands/<id>?after=N
+        return jsonify({"command": str(cid), "state": "sent", "bastion": b["name"], "mac": mac}), 202
     if outcome == "queued":
         return jsonify({"command": str(cid), "state": "queued", "bastion": b["name"],
                         "detail": f"bastion {b['name']} is offline; delivered when it reconnects"}), 202
@@ -312,8 +339,22 @@ def get_command(ref: str):
         from labd import agent_api
 
         return agent_api.command_with_output(row, _command_view(row))
-    api._global("read", "servers", f"commands/{cid}")
-    return jsonify(_command_view(row))
+    if row["created_by"] != g.caller.user or row["kind"] != "logs":
+        api._global("read", "servers", f"commands/{cid}")
+    return with_output(row, _command_view(row)) if row["kind"] == "logs" else jsonify(_command_view(row))
+
+
+def with_output(c: dict, view: dict):
+    """A command (its caller authorized) with its output rows after ``?after=N``, at most
+    :data:`OUTPUT_PAGE`; ``next_after`` is the ``after`` of the next request."""
+    try:
+        after = int(request.args.get("after", "0"))
+    except ValueError:
+        raise ApiError(422, "invalid request", [{"field": "after", "message": "an integer"}]) from None
+    rows = api.store().transaction(lambda cur: cur.execute(
+        "SELECT seq, stream, data FROM command_output WHERE command_id = %s AND seq > %s ORDER BY seq LIMIT %s",
+        (c["id"], after, OUTPUT_PAGE)).fetchall())
+    return jsonify({**view, "output": rows, "next_after": rows[-1]["seq"] if rows else after})
 
 
 def _command_view(row: dict) -> dict[str, Any]:

@@ -146,13 +146,21 @@ def document() -> dict:
         "201", link_api.EnrollAnswer.model_json_schema(), body={"content": {"application/json": {
             "schema": link_api.EnrollRequest.model_json_schema()}}},
         errors=("400", "401", "403", "422", "503"), auth=False)}
-    action_param = {"name": "action", "in": "path", "required": True, "schema": {"type": "string", "enum": list(link_api.ACTIONS)}}
+    action_param = {"name": "action", "in": "path", "required": True,
+                    "schema": {"type": "string", "enum": [a for a in link_api.ACTIONS if a != "logs"]}}
     paths["/api/v1/servers/{ref}/{action}"] = {"post": _op(
         "send install|reprovision|cancel|forget|debug to the bastion that holds the server; answers the bastion's answer "
         "unchanged (202 queued with queue=true while it is offline; 503 when it is offline; 504 when it does not answer)",
         "200", {"type": "object"}, body={"content": {"application/json": {"schema": link_api.RoutedCommand.model_json_schema()}}},
         params=[ref, action_param], errors=all_errors)}
-    paths["/api/v1/commands/{ref}"] = {"get": _op("a routed command: its state and the bastion's answer", "200",
+    paths["/api/v1/servers/{ref}/logs"] = {"post": _op(
+        "the server's install log, read on the bastion that holds it: the last `tail` lines, with follow=true then "
+        "the live progress until the install ends, as the command's output rows (GET /api/v1/commands/{ref}?after=N); "
+        "503 when the bastion is offline", "202", link_api.CommandStarted.model_json_schema(),
+        body={"content": {"application/json": {"schema": link_api.LogsCommand.model_json_schema()}}},
+        params=[ref], errors=all_errors)}
+    paths["/api/v1/commands/{ref}"] = {"get": _op("a routed command: its state and the bastion's answer (a logs command: "
+                                                  "also its output rows after ?after=N)", "200",
                                                   link_api.CommandView.model_json_schema(), params=[uuid_param],
                                                   errors=("401", "403", "404", "503"))}
     # lab-agent (labd/agent_api.py, docs/agent.md)
@@ -165,7 +173,7 @@ def document() -> dict:
     paths["/api/v1/agents/{ref}/logs"] = {"post": _op("relay the host's journal (verb exec on servers)", "202",
                                                       agent_api.CommandCreated, body=agent_api.LogsRequest, params=[ref],
                                                       errors=all_errors)}
-    paths["/api/v1/commands/{ref}/cancel"] = {"post": _op("cancel an agent's command (its process group is killed)", "200",
+    paths["/api/v1/commands/{ref}/cancel"] = {"post": _op("cancel an agent's command (its process group is killed) or a bastion's log follow", "200",
                                                           agent_api.CommandState, params=[uuid_param],
                                                           errors=("401", "403", "404", "503"))}
     return {

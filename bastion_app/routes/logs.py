@@ -23,7 +23,7 @@ from flask import Blueprint, Response, jsonify, request
 from bastion_app import get_logs, get_store
 from bastion_app.auth import operator_required
 from bastion_app.errors import ApiError
-from bastion_app.follow import client_gone, line_view, open_stream, timeline_items
+from bastion_app.follow import client_gone, line_view, open_stream, tail_start, timeline_items
 from bastion_app.logstore import UNATTRIBUTED, LogStore, advance, clean, keepalive_interval
 from bastion_app.routes import caller_claim, cfg, install_machine, int_arg, json_body, mac_arg
 from bastion_app.store import NOT_ACCEPTED
@@ -174,10 +174,7 @@ def follow_response(mac: str) -> Response:
              or _cursor(request.args.get("since"), "since"))
     tail = int_arg("tail", 0, 0, 100000)
     if start is None:
-        start = (0, 0)
-        if tail:
-            newest = logs.tail(mac, tail)
-            start = (0, newest[0]["id"] - 1 if newest else 0)
+        start = tail_start(logs, mac, tail)
     body = open_stream(store, logs, mac, start, heartbeat=heartbeat, followers=cfg().followers,
                        gone=client_gone(request.environ.get("gunicorn.socket")))
     if body is None:

@@ -38,13 +38,12 @@ import logging
 from psycopg.types.json import Jsonb
 
 from labd.hub.core import HEARTBEAT_SECONDS as HUB_BEAT_SECONDS
-from labd.hub.core import Peer, PeerHandler
+from labd.hub.core import Peer, PeerHandler, uuid_ok
 from labd.store import audit
 
 log = logging.getLogger("labd.hub.agent")
 
 MAX_FACTS = 8192  # bytes of JSON per heartbeat
-MAX_OUTPUT_ROW = 64 * 1024
 STREAMS = ("stdout", "stderr", "journal")
 CLOSE_SILENT = 4005
 RESULT_FIELDS = ("exit_code", "signal", "timed_out", "truncated_bytes", "user", "error")
@@ -65,6 +64,7 @@ def is_online(row: dict, heartbeat_seconds: float, missed_beats: int) -> bool:
 class AgentHandler(PeerHandler):
     kind = "agent"
     table = "agents"
+    streams = STREAMS
 
     def __init__(self, hub):
         super().__init__(hub)
@@ -131,25 +131,13 @@ class AgentHandler(PeerHandler):
                 self._facts[peer.id] = facts
                 self._last_beat[peer.id] = asyncio.get_running_loop().time()
         elif kind == "output":
-            await self._output(peer, msg)
+            await self.output(peer, msg)
         else:
             await super().on_message(peer, msg)
 
-    async def _output(self, peer: Peer, msg: dict) -> None:
-        cid, seq, stream, data = str(msg.get("id", "")), msg.get("seq"), msg.get("stream"), msg.get("data")
-        if not _uuid_ok(cid) or not isinstance(seq, int) or not 0 < seq < 2**31 or stream not in STREAMS:
-            return
-        if len(json.dumps(data)) > MAX_OUTPUT_ROW:
-            return
-        # only for a command addressed to this agent and running
-        await self.hub.db(lambda cur: cur.execute(
-            "INSERT INTO command_output (command_id, seq, stream, data) SELECT id, %s, %s, %s FROM commands "
-            "WHERE id = %s AND target_kind = 'agent' AND target_id = %s AND state IN ('sent', 'cancelled') "
-            "ON CONFLICT DO NOTHING", (seq, stream, Jsonb(data), cid, peer.id)))
-
     async def on_result(self, peer: Peer, msg: dict) -> None:
         cid, status, body = str(msg.get("id", "")), msg.get("status"), msg.get("body")
-        if not _uuid_ok(cid) or status not in ("done", "failed", "cancelled") or not isinstance(body, dict):
+        if not uuid_ok(cid) or status not in ("done", "failed", "cancelled") or not isinstance(body, dict):
             return
         body = {k: body[k] for k in RESULT_FIELDS if k in body}
 
@@ -200,25 +188,7 @@ class AgentHandler(PeerHandler):
                     self._last_beat.pop(i, None)
                     await peer.ws.close(CLOSE_SILENT, "no heartbeat")
             try:  # no list of the connected agents in the query: recent cancels, filtered here
-                rows = await self.hub.db(lambda cur: cur.execute(
-                    "SELECT id, target_id FROM commands WHERE state = 'cancelled' AND target_kind = 'agent' "
-                    "AND result IS NULL AND updated_at > now() - interval '10 minutes'").fetchall())
+                await self.send_cancels(self._cancels_sent)
             except Exception as exc:  # noqa: BLE001 - the database may be restarting
                 log.warning("hub: agent cancel poll failed: %s", exc)
-                continue
-            for r in rows:
-                cid = str(r["id"])
-                peer = self.hub.peers.get(r["target_id"])
-                if peer is not None and cid not in self._cancels_sent:
-                    self._cancels_sent.add(cid)
-                    await peer.send({"type": "cancel", "id": cid})
 
-
-def _uuid_ok(text: str) -> bool:
-    import uuid
-
-    try:
-        uuid.UUID(text)
-    except ValueError:
-        return False
-    return True

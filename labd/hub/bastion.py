@@ -14,10 +14,17 @@ Ownership: each bastion's view of a MAC is kept in ``server_claims`` (mac, basti
 server an operator made by hand, without a bastion); a bastion's rows never change a server that
 another bastion owns: the MAC is then a conflict, which labd shows (two claims) and which a
 routed command must settle with ``--bastion``.
+
+Logs (``logs`` commands, labd/link_api.py): the bastion sends the lines and progress as
+``output`` messages (streams log|progress|state|end), stored as command_output rows like an
+agent's command output; a logs command the API cancelled gets a ``cancel`` message (the bastion
+stops its follow); one still running when its bastion disconnects fails ("the bastion
+disconnected"; labctl asks again).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -66,11 +73,43 @@ def _event(raw) -> tuple | None:
     return eid, mac, str(raw.get("ts", ""))[:40], kind, json.dumps(body)[:65536]
 
 
+#: the streams of a logs command's output (bastion_app/follow.py's timeline items)
+LOG_STREAMS = ("log", "progress", "state", "end")
+
+
 class BastionHandler(PeerHandler):
     kind = "bastion"
     table = "bastions"
+    streams = LOG_STREAMS
+
+    def __init__(self, hub):
+        super().__init__(hub)
+        self._cancels_sent: set[str] = set()
+        self._watch: asyncio.Task | None = None
+
+    async def on_connect(self, peer: Peer) -> None:
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.create_task(self._watch_cancels())
+
+    def offline(self, cur, peer: Peer) -> None:
+        super().offline(cur, peer)
+        cur.execute("UPDATE commands SET state = 'failed', updated_at = now(), result = %s WHERE target_kind = 'bastion' "
+                    "AND target_id = %s AND kind = 'logs' AND state = 'sent'",
+                    (Jsonb({"status": 503, "body": {"error": f"bastion {peer.name} disconnected"}}), peer.id))
+
+    async def _watch_cancels(self, interval: float = 0.2) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if not any(p.kind == "bastion" for p in self.hub.peers.values()):
+                continue
+            try:
+                await self.send_cancels(self._cancels_sent)
+            except Exception as exc:  # noqa: BLE001 - the database may be restarting
+                log.warning("hub: bastion cancel poll failed: %s", exc)
 
     async def on_message(self, peer: Peer, msg: dict) -> None:
+        if msg.get("type") == "output":
+            return await self.output(peer, msg)
         if msg.get("type") != "replicate":
             return await super().on_message(peer, msg)
         events = [e for e in map(_event, (msg.get("events") or [])[:MAX_BATCH]) if e]

@@ -102,9 +102,49 @@ class PeerHandler:
         """A command's answer (agents override: their results carry exit codes, not HTTP statuses)."""
         await self.hub._result(peer, msg)
 
+    #: the streams of ``output`` messages this kind of peer may send (command_output rows)
+    streams: tuple[str, ...] = ()
+    MAX_OUTPUT_ROW = 64 * 1024
+
+    async def output(self, peer: Peer, msg: dict) -> None:
+        """One ``output`` message: a row of command_output, only for a command addressed to this
+        peer and running (or cancelled and not yet ended); a sequence number is stored once."""
+        cid, seq, stream, data = str(msg.get("id", "")), msg.get("seq"), msg.get("stream"), msg.get("data")
+        if not uuid_ok(cid) or not isinstance(seq, int) or not 0 < seq < 2**31 or stream not in self.streams:
+            return
+        if len(json.dumps(data)) > self.MAX_OUTPUT_ROW:
+            return
+        await self.hub.db(lambda cur: cur.execute(
+            "INSERT INTO command_output (command_id, seq, stream, data) SELECT id, %s, %s, %s FROM commands "
+            "WHERE id = %s AND target_kind = %s AND target_id = %s AND state IN ('sent', 'cancelled') "
+            "ON CONFLICT DO NOTHING", (seq, stream, Jsonb(data), cid, self.kind, peer.id)))
+
+    async def send_cancels(self, sent: set[str]) -> None:
+        """Send ``cancel`` to connected peers of this kind for their running commands the API
+        cancelled (``sent``: those already told, kept by the caller)."""
+        rows = await self.hub.db(lambda cur: cur.execute(
+            "SELECT id, target_id FROM commands WHERE state = 'cancelled' AND target_kind = %s "
+            "AND result IS NULL AND updated_at > now() - interval '10 minutes'", (self.kind,)).fetchall())
+        for r in rows:
+            cid = str(r["id"])
+            peer = self.hub.peers.get(r["target_id"])
+            if peer is not None and cid not in sent:
+                sent.add(cid)
+                await peer.send({"type": "cancel", "id": cid})
+
     def beat(self, cur, ids: list[str]) -> None:
         """Refresh the connected peers' last_seen_at, one statement for all (agents also write facts)."""
         cur.execute(f"UPDATE {self.table} SET last_seen_at = now(), status = 'online' WHERE id = ANY(%s)", (ids,))
+
+
+def uuid_ok(text: str) -> bool:
+    import uuid
+
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 def handler_classes() -> dict[str, type[PeerHandler]]:
