@@ -978,6 +978,48 @@ def join_token(labd: Labd, admin: requests.Session, *, uses: int | None = 1, ttl
     return r.json()["token"]
 
 
+# -- labd and its clients in tests -------------------------------------------------------------------
+def labctl(env, *args, input=None):
+    """labctl as a user types it (the real click command tree) with the environment ``env``."""
+    from click.testing import CliRunner
+
+    from labctl.main import cli
+
+    return CliRunner().invoke(cli, list(args), env=env, input=input, catch_exceptions=False)
+
+
+def ca_fp(labd) -> str:
+    from labctl.login import fingerprint
+
+    with open(labd.ca) as f:
+        return fingerprint(f.read())
+
+
+def logged_in(home, labd) -> dict:
+    """``home`` (a labctl environment) after `labctl login` to labd as its admin."""
+    r = labctl(home, "login", labd.url, "--username", "admin", "--password-stdin", "--ca-fingerprint", ca_fp(labd),
+               input=labd.admin_password + "\n")
+    assert r.exit_code == 0, r.output
+    return home
+
+
+def fleet_mac(b: int, i: int) -> str:
+    """Machine ``i`` of bastion ``b`` in the labd fleet tests."""
+    return f"52:54:{b:02x}:00:{i // 256:02x}:{i % 256:02x}"
+
+
+def labd_bastion_join(labd, admin, data_dir, name, *, uses=1, ttl=3600, scope="*", extra=()) -> subprocess.CompletedProcess:
+    """`lab-bastion join` with a new join token the admin made."""
+    return bastion_join(labd.url, join_token(labd, admin, uses=uses, ttl=ttl, scope=scope), data_dir, name, *extra)
+
+
+def labd_sql(labd):
+    """A connection to labd's database (autocommit)."""
+    import psycopg
+
+    return psycopg.connect(labd.database_url, autocommit=True)
+
+
 # -- schemathesis against a running server -----------------------------------------------------------
 def run_schemathesis(spec_url: str, cwd: Path, *headers: str, max_examples: int, seed: str = "1",
                      extra: tuple[str, ...] = ()) -> tuple[int, str, int]:

@@ -16,14 +16,11 @@ import stat
 import pytest
 import requests
 import yaml
-from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from labctl.login import fingerprint
-from labctl.main import cli
-from tests.support import BIN, ansible_env, inventory_list, run, serve_labd, unsafe
+from tests.support import BIN, ansible_env, ca_fp, inventory_list, labctl, logged_in, run, serve_labd, unsafe
 from tests.vm.ansible import collections_path
 
 SERVERS = [
@@ -62,22 +59,6 @@ def home(tmp_path):
     """A user with no labctl settings at all."""
     return {"LABCTL_HOME": str(tmp_path / "labctl"), "LABCTL_CONFIG": str(tmp_path / "labctl" / "config.yaml"),
             "LABCTL_BASTION_URL": "", "LABCTL_TOKEN": "", "LABCTL_OUTPUT": "", "LABCTL_CONTEXT": "", "LABCTL_LABD_URL": ""}
-
-
-def labctl(env, *args, input=None):
-    return CliRunner().invoke(cli, list(args), env=env, input=input, catch_exceptions=False)
-
-
-def ca_fp(labd) -> str:
-    with open(labd.ca) as f:
-        return fingerprint(f.read())
-
-
-def logged_in(home, labd) -> dict:
-    r = labctl(home, "login", labd.url, "--username", "admin", "--password-stdin", "--ca-fingerprint", ca_fp(labd),
-               input=labd.admin_password + "\n")
-    assert r.exit_code == 0, r.output
-    return home
 
 
 def test_login_pins_the_ca_and_stores_the_token_0600(labd, home):

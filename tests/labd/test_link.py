@@ -18,20 +18,14 @@ import subprocess
 import time
 import uuid
 
-import psycopg
 import pytest
 
 from tests.support import Machines, bastion_join, join_token, serve_labd, start_bastion, start_labd, wait_for
+from tests.support import fleet_mac as mac
+from tests.support import labd_bastion_join as join
+from tests.support import labd_sql as db
 
 N_MACHINES = 50  # per bastion (3 bastions); the 3 x 300 scale runs in bench/labd_fleet.py
-
-
-def mac(b: int, i: int) -> str:
-    return f"52:54:{b:02x}:00:{i // 256:02x}:{i % 256:02x}"
-
-
-def join(labd, admin, data_dir, name, *, uses=1, ttl=3600, scope="*", extra=()) -> subprocess.CompletedProcess:
-    return bastion_join(labd.url, join_token(labd, admin, uses=uses, ttl=ttl, scope=scope), data_dir, name, *extra)
 
 
 def servers(admin, labd, **params) -> list[dict]:
@@ -43,10 +37,6 @@ def servers(admin, labd, **params) -> list[dict]:
         cursor = r.json()["next"]
         if not cursor:
             return out
-
-
-def db(labd):
-    return psycopg.connect(labd.database_url, autocommit=True)
 
 
 def bastion_rows(labd, name) -> dict:

@@ -17,9 +17,10 @@ import time
 
 import pytest
 
-from tests.labd.test_labd_clients import labctl, logged_in
-from tests.labd.test_link import db, join, mac
-from tests.support import Machines, serve_labd, start_bastion, wait_for
+from tests.support import Machines, labctl, logged_in, serve_labd, start_bastion, wait_for
+from tests.support import fleet_mac as mac
+from tests.support import labd_bastion_join as join
+from tests.support import labd_sql as db
 
 PER_BASTION = 8
 SHARED = mac(1, 7)  # b1's, and b2 sees it too
