@@ -15,7 +15,16 @@ import requests
 from psycopg.rows import dict_row
 
 from bastion_app.agent_install import REQUIREMENTS, WHEELS_PATH
-from tests.support import bastion_join, call_from, installing, join_token, lab_agent_cli, start_bastion, start_labd, wait_for
+from tests.support import (
+    bastion_join,
+    call_from,
+    installing,
+    join_token,
+    lab_agent_cli,
+    start_bastion,
+    start_labd,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 WHEELS = ("lab_platform-0.1.0-py3-none-any.whl", "pip-23.2.1-py3-none-any.whl", "click-8.1.7-py3-none-any.whl")
