@@ -156,6 +156,8 @@ def context(store, m: dict, cfg) -> dict | None:
     names = wheels(cfg.images_path)
     if not names or not _token(store, m, cfg) or not _labd_url(cfg):
         return None
+    wanted = {r.replace("_", "-") for r in REQUIREMENTS} | {"pip"}
+    names = [n for n in names if n.split("-", 1)[0].lower().replace("_", "-") in wanted]  # only what pip will install
     s = role_settings()
     return {"wheels": names, "wheels_path": WHEELS_PATH,
             "pip_wheel": next(n for n in names if n.startswith("pip-")), "requirements": REQUIREMENTS,
