@@ -156,6 +156,11 @@ def context(store, m: dict, cfg) -> dict | None:
     names = wheels(cfg.images_path)
     if not names or not _token(store, m, cfg) or not _labd_url(cfg):
         return None
+    return script_context(names, m["hostname"])
+
+
+def script_context(names: list[str], hostname: str) -> dict:
+    """The template's values for a machine named ``hostname``, with the wheels ``names`` served."""
     wanted = {r.replace("_", "-") for r in REQUIREMENTS} | {"pip"}
     names = [n for n in names if n.split("-", 1)[0].lower().replace("_", "-") in wanted]  # only what pip will install
     s = role_settings()
@@ -163,4 +168,4 @@ def context(store, m: dict, cfg) -> dict | None:
             "pip_wheel": next(n for n in names if n.startswith("pip-")), "requirements": REQUIREMENTS,
             "install_dir": s["lab_agent_install_dir"], "venv": s["_lab_agent_venv"], "state_dir": s["lab_agent_state_dir"],
             "exec_user": s["lab_agent_exec_user"], "exec_home": s["_lab_agent_exec_home"],
-            "unit": unit_text(s), "join_dropin": join_dropin(s, m["hostname"])}
+            "unit": unit_text(s), "join_dropin": join_dropin(s, hostname)}
