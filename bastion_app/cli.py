@@ -272,6 +272,24 @@ def build_os_cmd(data_dir, os_names, cache_dir, force):
         raise click.ClickException(str(exc)) from None
 
 
+@images.command("agent-wheels")
+@data_dir_option
+@click.argument("wheelhouse", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def images_agent_wheels_cmd(data_dir, wheelhouse):
+    """Serve lab-agent to the machines this bastion installs: copy a wheelhouse (`labctl init
+    bastion wheelhouse DIR`; pip's wheel is added from this Python when missing) to
+    <data>/images/lab-agent. Installs carry the agent once the bastion is enrolled in labd
+    (`lab-bastion join`; docs/agent.md)."""
+    from bastion_app.agent_install import AgentWheelsError, install_wheels
+
+    cfg = _load(data_dir)
+    try:
+        names = install_wheels(wheelhouse, cfg.images_path)
+    except AgentWheelsError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{cfg.images_path / 'lab-agent'}: {len(names)} wheel(s)")
+
+
 @images.command("list")
 @data_dir_option
 def images_list_cmd(data_dir):

@@ -90,8 +90,9 @@ def syslog_target(base: str, port: int) -> str:
     return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
 
 
-def kickstart(m: dict, *, base: str, syslog_port: int, manifest: dict) -> str:
-    """The Fedora 43 kickstart for machine record ``m`` (both fresh and reprovision paths)."""
+def kickstart(m: dict, *, base: str, syslog_port: int, manifest: dict, agent: dict | None = None) -> str:
+    """The Fedora 43 kickstart for machine record ``m`` (both fresh and reprovision paths);
+    ``agent``: lab-agent's part of %post (bastion_app.agent_install.context), None for none."""
     v = _machine_values(m)
     repos = manifest.get(v["os"], {}).get("repos") or []
     if not repos:
@@ -99,7 +100,7 @@ def kickstart(m: dict, *, base: str, syslog_port: int, manifest: dict) -> str:
     return render(
         "kickstart/install.ks.j2", ks=ks, **v, base=base, syslog_host=_host(base), syslog_port=int(syslog_port),
         repos=repos, k3s=v["role"] in domain.K3S_ROLES, **layout_context(v["role"]),
-        other_efi_dirs=_other_efi_dirs(v["os"]),
+        other_efi_dirs=_other_efi_dirs(v["os"]), agent=agent,
     )
 
 
@@ -107,14 +108,15 @@ UBUNTU_PACKAGES = ("chrony", "curl", "efibootmgr", "lvm2", "xfsprogs")
 UBUNTU_K3S_PACKAGES = ("conntrack", "iptables")
 
 
-def autoinstall_user_data(m: dict, *, base: str, manifest: dict) -> str:
+def autoinstall_user_data(m: dict, *, base: str, manifest: dict, agent: dict | None = None) -> str:
     """The Ubuntu autoinstall (cloud-init NoCloud user-data) for machine record ``m``."""
     v = _machine_values(m)
     mirror = manifest.get(v["os"], {}).get("mirror")
     if not mirror:
         raise ImageError(f"no Ubuntu archive mirror for {v['os']} in the images manifest")
     k3s = v["role"] in domain.K3S_ROLES
-    ctx = dict(ks=ks, **v, base=base, k3s=k3s, **layout_context(v["role"]), other_efi_dirs=_other_efi_dirs(v["os"]))
+    ctx = dict(ks=ks, **v, base=base, k3s=k3s, **layout_context(v["role"]), other_efi_dirs=_other_efi_dirs(v["os"]),
+               agent=agent)
     return render(
         "autoinstall/user-data.j2", **ctx, mirror=mirror,
         packages=UBUNTU_PACKAGES + (UBUNTU_K3S_PACKAGES if k3s else ()),
@@ -125,7 +127,8 @@ def autoinstall_user_data(m: dict, *, base: str, manifest: dict) -> str:
     )
 
 
-def image_install_script(m: dict, *, base: str, image: dict | None, kernel_args: str = "") -> str:
+def image_install_script(m: dict, *, base: str, image: dict | None, kernel_args: str = "",
+                         agent: dict | None = None) -> str:
     """The image deploy's install script for machine record ``m`` (run by the installer
     environment). ``image`` is the OS image's manifest (``images/<os>/rootfs.json``); without one
     the script reports at once that the bastion has no image (nothing is written to the disk)."""
@@ -145,7 +148,7 @@ def image_install_script(m: dict, *, base: str, image: dict | None, kernel_args:
     return render("image/install.sh.j2", ks=ks, **v, base=base, k3s=v["role"] in domain.K3S_ROLES, **ctx,
                   other_efi_dirs=_other_efi_dirs(v["os"]), efi_dir=o.efi_dir,
                   image_url=f"{base}/images/{v['os']}/{bastion_files.ROOTFS}", image_sha256=sha,
-                  image_bytes=int(image.get("size_bytes") or 0), kernel_args=kernel_args)
+                  image_bytes=int(image.get("size_bytes") or 0), kernel_args=kernel_args, agent=agent)
 
 
 def autoinstall_meta_data(m: dict) -> str:

@@ -17,12 +17,17 @@
   (bastion_app/follow.py) until the install ends; each item is an ``output`` message
   (``{"id", "seq", "stream": log|progress|state|end, "data"}``), then a ``result``. A ``cancel``
   from labd stops a follow. Logs are read, never applied: no at-most-once record.
+- Agent join tokens: for each install labd knows of (its machine row acknowledged), the link asks
+  labd for a join token scoped to that machine (``agent_token``, labd/hub/bastion.py) and keeps it
+  with the install (Store.agent_token*); the install script carries it (docs/agent.md). Asked
+  again after AGENT_TOKEN_RETRY_SECONDS while labd has not given one.
 - The bastion never needs labd: this process only reads and writes state.db like any worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import signal
@@ -35,6 +40,7 @@ from bastion_app import follow
 from bastion_app.routes import event_view, machine_view
 from bastion_app.store import Store
 from labcore import bastion_config as configmod
+from labcore import enroll
 from labcore import link as linkmod
 
 log = logging.getLogger("bastion_app.link")
@@ -48,6 +54,10 @@ IDLE_POLL_SECONDS = 0.2
 
 #: a follow that sends nothing for this long sends a keepalive to itself (to notice a cancel)
 FOLLOW_HEARTBEAT_SECONDS = 5
+#: how often the link looks for installs that need an agent join token, and how long it waits for
+#: labd's answer before asking again
+AGENT_TOKEN_POLL_SECONDS = 0.5
+AGENT_TOKEN_RETRY_SECONDS = 30.0
 
 #: a command kind -> (method, path, body) of the bastion's operator API
 ROUTES = {
@@ -73,7 +83,8 @@ class BastionLink:
         self.follows: dict[str, threading.Event] = {}  # logs command id -> its stop flag
         self.link = linkmod.Link(cfg.link_path, kind="bastion", software=linkmod.software_version(), versions=versions,
                                  handlers={"ack": self.on_ack, "command": self.on_command,
-                                           "cancel": self.on_cancel}, on_connect=self.pump)
+                                           "cancel": self.on_cancel, "agent_token": self.on_agent_token},
+                                  on_connect=self.pump)
 
     # -- replication ---------------------------------------------------------------------------------
     def _batch(self, event_after: int, change_after: int) -> dict[str, Any]:
@@ -83,7 +94,15 @@ class BastionLink:
                 "events": [event_view(e) for e in events]}
 
     async def pump(self, link: linkmod.Link, welcome: dict) -> None:
-        """Per connection: send everything above the acknowledged marks, then what comes."""
+        """Per connection: replicate, and ask for the agent join tokens of installs."""
+        asker = asyncio.create_task(self.ask_agent_tokens(link))
+        try:
+            await self.replicate(link)
+        finally:
+            asker.cancel()
+
+    async def replicate(self, link: linkmod.Link) -> None:
+        """Send everything above the acknowledged marks, then what comes."""
         state = await asyncio.to_thread(self.store.link_state)
         sent_event, sent_change = state["acked_event"], state["acked_change"]
         in_flight: list[tuple[int, int]] = []
@@ -122,6 +141,31 @@ class BastionLink:
             return
         await asyncio.to_thread(self.store.link_ack, event, change)
         self.acked.set()
+
+    # -- agent join tokens ---------------------------------------------------------------------------
+    @staticmethod
+    def agent_token_ref(mac: str, install_token: str) -> str:
+        """The request's reference: names the install to labd without its install token."""
+        return hashlib.sha256(f"{mac} {install_token}".encode()).hexdigest()[:32]
+
+    async def ask_agent_tokens(self, link: linkmod.Link) -> None:
+        while True:
+            wanted = await asyncio.to_thread(self.store.agent_tokens_wanted, retry_s=AGENT_TOKEN_RETRY_SECONDS)
+            for w in wanted:
+                ref = self.agent_token_ref(w["mac"], w["install_token"])
+                await asyncio.to_thread(self.store.agent_token_asked, w["mac"], w["install_token"], ref)
+                await link.send({"type": "agent_token", "mac": w["mac"], "hostname": w["hostname"], "ref": ref})
+            await asyncio.sleep(AGENT_TOKEN_POLL_SECONDS)
+
+    async def on_agent_token(self, link: linkmod.Link, msg: dict) -> None:
+        token, error = msg.get("token"), msg.get("error")
+        try:
+            enroll.parse_join(token if isinstance(token, str) and len(token) < 300 else "")
+        except enroll.EnrollError:
+            token = None
+            log.warning("labd gave no agent join token for %s: %s", str(msg.get("mac"))[:32], str(error)[:200])
+        await asyncio.to_thread(self.store.agent_token_answer, str(msg.get("mac", "")), str(msg.get("ref", "")),
+                                token=token, error=None if token else str(error))
 
     # -- commands --------------------------------------------------------------------------------------
     def apply(self, command_id: str, kind: str, args: dict) -> tuple[int, Any]:

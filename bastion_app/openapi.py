@@ -14,7 +14,7 @@ from labcore.lifecycle import STORED_STATES
 SPEC = Path(__file__).with_name("openapi.yaml")
 
 MODELS = [
-    schemas.DiscoverRequest, schemas.InstallRequest, schemas.ReprovisionRequest, schemas.ProgressRequest,
+    schemas.DiscoverRequest, schemas.InstallRequest, schemas.ReprovisionRequest, schemas.ProgressRequest, schemas.InstallIdentity,
     schemas.LogRequest, schemas.DebugRequest, schemas.ReasonRequest,
     schemas.ErrorBody, schemas.MachineView, schemas.MachineList, schemas.MachineDetail, schemas.EventView,
     schemas.EventList, schemas.StateReply,

@@ -127,6 +127,24 @@ MIGRATIONS: list[list[str]] = [
                 VALUES (OLD.mac, (SELECT value FROM link_state WHERE name = 'change_seq')); END""",
         "CREATE TABLE link_commands (id TEXT PRIMARY KEY, ts REAL NOT NULL, status INTEGER, body TEXT)",
     ],
+    [
+        # the join token labd made for the agent of a machine being installed (docs/agent.md): one
+        # per install (keyed by its install token), asked for by the link, put into the install
+        # script; gone with the install token (the install ended, was cancelled or queued again)
+        """CREATE TABLE agent_tokens (
+            mac TEXT PRIMARY KEY,
+            install_token TEXT NOT NULL,
+            ref TEXT NOT NULL,
+            asked_at REAL NOT NULL,
+            token TEXT,
+            error TEXT
+        )""",
+        """CREATE TRIGGER agent_tokens_install_end AFTER UPDATE OF install_token ON machines
+            WHEN NEW.install_token IS NOT OLD.install_token BEGIN
+            DELETE FROM agent_tokens WHERE mac = NEW.mac; END""",
+        """CREATE TRIGGER agent_tokens_machine_gone AFTER DELETE ON machines BEGIN
+            DELETE FROM agent_tokens WHERE mac = OLD.mac; END""",
+    ],
 ]
 
 _JSON_COLUMNS = ("ssh_keys", "hardware")
@@ -251,6 +269,38 @@ class Store(Database):
         finally:
             c.execute("COMMIT")
         return rows, gone
+
+    # -- agent join tokens for installs (bastion_app/link.py asks labd; installers.py uses them) ----
+    def agent_tokens_wanted(self, *, retry_s: float, limit: int = 50, now: float | None = None) -> list[dict[str, Any]]:
+        """Installs (queued or running, with a host name) labd knows of (their row acknowledged)
+        that have no agent token yet and were not asked for within ``retry_s``: mac, hostname,
+        install_token."""
+        now = time.time() if now is None else now
+        rows = self.conn().execute(
+            "SELECT m.mac, m.hostname, m.install_token FROM machines m LEFT JOIN agent_tokens a ON a.mac = m.mac "
+            "WHERE m.state IN (?, ?) AND m.hostname IS NOT NULL AND m.install_token IS NOT NULL "
+            "AND m.change_seq <= (SELECT value FROM link_state WHERE name = 'acked_change') "
+            "AND (a.mac IS NULL OR a.install_token != m.install_token OR (a.token IS NULL AND a.asked_at < ?)) "
+            "ORDER BY m.change_seq LIMIT ?",
+            (State.INSTALL_QUEUED.value, State.INSTALLING.value, now - retry_s, limit)).fetchall()
+        return [{"mac": r[0], "hostname": r[1], "install_token": r[2]} for r in rows]
+
+    def agent_token_asked(self, mac: str, install_token: str, ref: str) -> None:
+        with self.tx() as c:
+            c.execute("INSERT OR REPLACE INTO agent_tokens(mac, install_token, ref, asked_at) VALUES (?, ?, ?, ?)",
+                      (mac, install_token, ref, time.time()))
+
+    def agent_token_answer(self, mac: str, ref: str, *, token: str | None, error: str | None) -> bool:
+        """labd's answer to the request ``ref``; False when that install is gone or asked again."""
+        with self.tx() as c:
+            return c.execute("UPDATE agent_tokens SET token = ?, error = ? WHERE mac = ? AND ref = ?",
+                             (token, None if token else (error or "no token")[:500], mac, ref)).rowcount == 1
+
+    def agent_token(self, mac: str, install_token: str) -> str | None:
+        """The agent join token of this install, if labd gave one."""
+        row = self.conn().execute("SELECT token FROM agent_tokens WHERE mac = ? AND install_token = ?",
+                                  (mac, install_token)).fetchone()
+        return row[0] if row else None
 
     @classmethod
     def from_config(cls, cfg) -> Store:

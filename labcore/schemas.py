@@ -272,6 +272,12 @@ class ProgressRequest(Strict):
     message: Message = ""
 
 
+class InstallIdentity(Strict):
+    """An install's own credentials (the MAC and its install token), e.g. for POST /api/agent-join."""
+    mac: Mac
+    token: Token
+
+
 class LogRequest(Strict):
     mac: Mac
     token: Token

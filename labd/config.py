@@ -22,6 +22,9 @@ INTS = {"workers", "threads", "token_ttl_seconds", "pool_size", "bastion_cert_se
 # lab-agent (issue 18): the heartbeat interval labd tells agents, and the beats missed before "offline"
 ENV.update(agent_heartbeat_seconds="LABD_AGENT_HEARTBEAT_SECONDS", agent_missed_beats="LABD_AGENT_MISSED_BEATS")
 INTS |= {"agent_heartbeat_seconds", "agent_missed_beats"}
+# the join token a bastion asks for, for a machine it installs (labd/hub/bastion.py): its lifetime
+ENV.update(install_agent_token_seconds="LABD_INSTALL_AGENT_TOKEN_SECONDS")
+INTS |= {"install_agent_token_seconds"}
 
 
 class ConfigError(ValueError):
@@ -45,6 +48,7 @@ class Config:
     agent_cert_seconds: int = 14 * 86400  # lifetime of an agent's
     agent_heartbeat_seconds: int = 15
     agent_missed_beats: int = 3
+    install_agent_token_seconds: int = 4 * 3600  # from the install's queueing to the agent's first join
     extra: dict = field(default_factory=dict, compare=False)
 
     @property

@@ -789,10 +789,16 @@ class Labd:
     hub_port: int = 0
     workers: int = 2
     env: dict = field(default_factory=dict)
+    #: where `labd serve` listens when that is not ``url``'s address (e.g. inside the e2e lab's
+    #: network namespace, ``url`` being a forwarder on loopback), and the command's prefix there
+    listen_host: str = ""
+    prefix: tuple[str, ...] = ()
 
     @property
     def hub_url(self) -> str:
         return f"wss://127.0.0.1:{self.hub_port}"
+
+    api_port: int = 0
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -809,10 +815,11 @@ class Labd:
         """(Re)start `labd serve` on this data directory and ports; wait for /readyz."""
         port = int(self.url.rsplit(":", 1)[1])
         self.log_path = self.data_dir.parent / f"labd-{port}.log"
+        host = self.listen_host or "127.0.0.1"
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "labd", "serve", "--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{port}",
-                 "--workers", str(self.workers), "--hub-listen", f"127.0.0.1:{self.hub_port}"],
+                [*self.prefix, sys.executable, "-m", "labd", "serve", "--data-dir", str(self.data_dir), "--listen",
+                 f"{host}:{self.api_port}", "--workers", str(self.workers), "--hub-listen", f"{host}:{self.hub_port}"],
                 stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO), **self.env}, cwd=REPO,
                 start_new_session=True)
 
@@ -847,15 +854,21 @@ def serve_labd(postgres, tmp_path_factory, database: str, env: dict | None = Non
     server.stop()
 
 
-def start_labd(data_dir: Path, database_url: str, *, workers: int = 2, timeout: float = 30.0, env: dict | None = None) -> Labd:
+def start_labd(data_dir: Path, database_url: str, *, workers: int = 2, timeout: float = 30.0, env: dict | None = None,
+               url: str | None = None, listen: str | None = None, prefix: tuple[str, ...] = ()) -> Labd:
     """`labd init` (keeps the printed admin password) then `labd serve` on a free loopback port
-    (and its hub on another); waits for /readyz over HTTPS, trusting labd's own CA."""
-    r = labd_cli("init", "--data-dir", str(data_dir), "--database-url", database_url)
+    (and its hub on another); waits for /readyz over HTTPS, trusting labd's own CA. Elsewhere:
+    ``listen`` HOST:PORT (the hub on PORT + 1; HOST also in the server certificate), run with
+    ``prefix`` (e.g. `ip netns exec NS`), reached by this process at ``url``."""
+    host, port = listen.rsplit(":", 1) if listen else ("", "0")
+    r = labd_cli("init", "--data-dir", str(data_dir), "--database-url", database_url, *(("--san", host) if host else ()))
     if r.returncode:
         raise RuntimeError(f"labd init failed:\n{r.stdout}{r.stderr}")
     password = re.search(r"^admin password: (\S+)$", r.stdout, re.M).group(1)
-    server = Labd(f"https://127.0.0.1:{free_port()}", data_dir, database_url, password, None, None,  # type: ignore[arg-type]
-                  hub_port=free_port(), workers=workers, env=dict(env or {}))
+    api_port = int(port) if listen else free_port()
+    server = Labd(url or f"https://127.0.0.1:{api_port}", data_dir, database_url, password, None, None,  # type: ignore[arg-type]
+                  hub_port=api_port + 1 if listen else free_port(), workers=workers, env=dict(env or {}),
+                  listen_host=host, prefix=tuple(prefix), api_port=api_port)
     server.start(timeout)
     return server
 

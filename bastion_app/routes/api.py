@@ -73,6 +73,20 @@ def progress():
     return jsonify({"mac": m["mac"], "state": m["state"], "stage": m["stage"], "percent": m["percent"]})
 
 
+@bp.post("/agent-join")
+def agent_join():
+    """The join step of lab-agent on the machine being installed (bastion_app.agent_install)."""
+    from bastion_app import agent_install
+
+    req = json_body(schemas.InstallIdentity)
+    m = install_machine(req.mac, req.token)
+    env = agent_install.join_env(get_store(), m, cfg())
+    if env is None:
+        raise ApiError(404, "no lab-agent join token for this install",
+                       "the bastion is not enrolled in labd, or labd has not given one (yet)")
+    return Response(env, mimetype="text/plain", headers={"Cache-Control": "no-store"})
+
+
 # -- operator ------------------------------------------------------------------------------------
 @bp.post("/install")
 @operator_required

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, request
 
-from bastion_app import get_store
+from bastion_app import agent_install, get_store
 from bastion_app.errors import ApiError
 from bastion_app.images.osimage import read_manifest
 from bastion_app.images.sync import ImageError, load_manifest
@@ -58,20 +58,23 @@ def _manifest() -> dict:
 @bp.get("/ks")
 def ks_route():
     m = _install_machine(request.args.get("mac"), request.args.get("token"), "kickstart")
-    return text_response(kickstart(m, base=base_url(), syslog_port=cfg().syslog_port, manifest=_manifest()))
+    return text_response(kickstart(m, base=base_url(), syslog_port=cfg().syslog_port, manifest=_manifest(),
+                                   agent=agent_install.context(get_store(), m, cfg())))
 
 
 @bp.get("/install.sh")
 def image_install_route():
     m = _install_machine(request.args.get("mac"), request.args.get("token"), "image")
     return text_response(image_install_script(m, base=base_url(), image=read_manifest(cfg().images_path, m["os"]),
-                                              kernel_args=cfg().kernel_args), "text/x-shellscript")
+                                              kernel_args=cfg().kernel_args,
+                                              agent=agent_install.context(get_store(), m, cfg())), "text/x-shellscript")
 
 
 @bp.get("/autoinstall/<mac>/<token>/user-data")
 def autoinstall_user_data_route(mac: str, token: str):
     m = _install_machine(mac, token, "autoinstall")
-    return text_response(autoinstall_user_data(m, base=base_url(), manifest=_manifest()), "text/cloud-config")
+    return text_response(autoinstall_user_data(m, base=base_url(), manifest=_manifest(),
+                                               agent=agent_install.context(get_store(), m, cfg())), "text/cloud-config")
 
 
 @bp.get("/autoinstall/<mac>/<token>/meta-data")

@@ -9,6 +9,12 @@ answers ``{"type": "ack", "event": <highest event id stored>, "change": <highest
 Idempotent: an event is stored once per (bastion, id) (ON CONFLICT DO NOTHING); a machine row only
 replaces an older version of itself (change counter); a batch sent twice changes nothing.
 
+Agent join tokens: ``{"type": "agent_token", "mac": M, "hostname": H, "ref": R}`` asks for a join
+token of kind agent for a machine the bastion installs (docs/agent.md, "Installed machines"):
+scoped to ``<the bastion's cloud>/<environment>/H``, one use, ``install_agent_token_seconds`` of
+life, with labd's CA pin; only for a MAC this bastion has replicated under that host name.
+Answer ``{"type": "agent_token", "mac", "ref", "token"}`` or ``{..., "error"}``; an audit row each.
+
 Ownership: each bastion's view of a MAC is kept in ``server_claims`` (mac, bastion). The row in
 ``servers`` belongs to one bastion (``servers.bastion``), the first that reported the MAC (or a
 server an operator made by hand, without a bastion); a bastion's rows never change a server that
@@ -25,8 +31,10 @@ disconnected"; labctl asks again).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
+import re
 
 import pydantic
 from psycopg.types.json import Jsonb
@@ -110,6 +118,8 @@ class BastionHandler(PeerHandler):
     async def on_message(self, peer: Peer, msg: dict) -> None:
         if msg.get("type") == "output":
             return await self.output(peer, msg)
+        if msg.get("type") == "agent_token":
+            return await self.on_agent_token(peer, msg)
         if msg.get("type") != "replicate":
             return await super().on_message(peer, msg)
         events = [e for e in map(_event, (msg.get("events") or [])[:MAX_BATCH]) if e]
@@ -196,3 +206,39 @@ class BastionHandler(PeerHandler):
             sets = ", ".join(f"{c} = %s" for c in cols)
             cur.executemany(f"UPDATE servers SET {sets}, bastion = %s, bastion_version = %s WHERE mac = %s "
                             "AND (bastion IS NULL OR bastion = %s)", updates)
+
+    # -- join tokens for the agents of machines the bastion installs ----------------------------------
+    async def on_agent_token(self, peer: Peer, msg: dict) -> None:
+        ref = str(msg.get("ref", ""))
+        if not re.fullmatch(r"[0-9a-f]{1,64}", ref):
+            return
+        try:
+            mac, hostname = v.mac(str(msg.get("mac", ""))), v.hostname(str(msg.get("hostname", "")))
+        except v.ValidationError as exc:
+            await peer.send({"type": "agent_token", "ref": ref, "mac": str(msg.get("mac", ""))[:32],
+                             "error": exc.message})
+            return
+        out = await self.hub.db(lambda cur: self.make_agent_token(cur, peer, mac, hostname))
+        await peer.send({"type": "agent_token", "ref": ref, "mac": mac, **out})
+
+    def make_agent_token(self, cur, peer: Peer, mac: str, hostname: str) -> dict:
+        from labcore.enroll import fingerprint, format_join
+        from labd import auth
+
+        claim = cur.execute("SELECT row FROM server_claims WHERE mac = %s AND bastion = %s", (mac, peer.name)).fetchone()
+        actor, target = f"bastion:{peer.id}", f"servers/{mac}"
+        if claim is None or (claim["row"] or {}).get("hostname") != hostname:
+            error = (f"bastion {peer.name} has not reported {mac} as {hostname} (yet)" if claim else
+                     f"bastion {peer.name} has not reported {mac}")
+            audit(cur, actor, "tokens.create", target, outcome="denied", status=404, detail={"reason": error, "kind": "agent"})
+            return {"error": error}
+        scope = f"{peer.cloud}/{peer.environment}/{hostname}"
+        secret = auth.new_token("agent")
+        expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.hub.cfg.install_agent_token_seconds)
+        row = cur.execute("INSERT INTO tokens (kind, hash, username, scope, uses_left, expires_at, created_by) VALUES "
+                          "('agent', %s, NULL, %s, 1, %s, %s) RETURNING id",
+                          (auth.token_hash(secret), scope, expires, actor)).fetchone()
+        audit(cur, actor, "tokens.create", target, status=201,
+              detail={"token": str(row["id"]), "kind": "agent", "scope": scope, "for": "install"})
+        return {"token": format_join(secret, fingerprint(self.hub.cfg.ca_path.read_bytes())),
+                "expires_at": expires.isoformat().replace("+00:00", "Z")}

@@ -388,13 +388,19 @@ class Lab:
         env = {"LAB_BASTION_ACCESS_LOG": str(self.access_log), "LAB_BASTION_SERVER_IP": BASTION_IP,
                "LAB_BASTION_KERNEL_ARGS": "console=ttyS0,115200",
                "LAB_BASTION_SUBNET": f"{SUBNET}.0/24", "PYTHONPATH": str(REPO)}
-        self._spawn("bastion", ["ip", "netns", "exec", self.ns, *serve], self.bastion_log, env)
+        self._bastion_cmd = (["ip", "netns", "exec", self.ns, *serve], env)
+        self._spawn("bastion", self._bastion_cmd[0], self.bastion_log, env)
         port = _free_port()
         self._spawn("forward", [sys.executable, "-m", "tests.e2e.lab", "forward", self.ns,
                                 f"127.0.0.1:{port}", f"{BASTION_IP}:{BASTION_PORT}"], self.root / "forward.log",
                     {"PYTHONPATH": str(REPO)})
         self.api_url = f"http://127.0.0.1:{port}"
         self.save()
+        self._wait_bastion(timeout)
+        self.token = (self.data / "token").read_text().strip()
+        return self
+
+    def _wait_bastion(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -405,8 +411,13 @@ class Lab:
             if not _alive(self.pids["bastion"]) or time.monotonic() > deadline:
                 raise LabError(f"the bastion did not come up:\n{self.bastion_log.read_text(errors='replace')[-3000:]}")
             time.sleep(0.2)
-        self.token = (self.data / "token").read_text().strip()
-        return self
+
+    def restart_bastion(self, *, timeout: float = 60) -> None:
+        """Stop `lab-bastion serve` and start it again with the same arguments (e.g. after
+        `lab-bastion join`: the link child starts with the bastion)."""
+        stop_pid(self.pids["bastion"], str(self.root), grace=15)
+        self._spawn("bastion", self._bastion_cmd[0], self.bastion_log, self._bastion_cmd[1])
+        self._wait_bastion(timeout)
 
     # -- machines
     def machine(self, name: str, *, firmware: str = "bios", mac: str | None = None, cpus: int = 1,

@@ -14,17 +14,21 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 import requests
 
 from bastion_app.images.osimage import MANIFEST, ROOTFS
-from tests.e2e.lab import Lab, Machine
-from tests.support import BIN, E2E_TIMES, REPO, console_login
+from labcore import enroll
+from labctl.init_cmd import build_wheelhouse
+from tests.e2e.lab import BASTION_IP, Lab, Machine
+from tests.support import BIN, E2E_TIMES, REPO, console_login, free_port, join_token, start_labd, wait_for
 
 # the first test also builds the images when the cache is cold (debootstrap: several minutes)
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -32,6 +36,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(3600)]
 INSTALL_TIMEOUT = 1500
 BOOT_TIMEOUT = 600
 GIB = 1 << 30
+labd_stopped: list[float] = []  # when the deployed fixture stopped labd
 
 
 def q(mac: str) -> str:
@@ -143,13 +148,73 @@ def test_bad_input_fails_before_anything_is_written(lab, machines, key, tmp_path
 
 
 # --------------------------------------------------------------------------------------------------
+# labd: the lab's bastion joined to it; stopped while the machines install (issues 17 and 18)
+
+LABD_LISTEN = f"{BASTION_IP}:8443"  # inside the lab's namespace: the bastion and the machines reach it there
+
+
+@pytest.fixture(scope="module")
+def labd(lab, postgres, tmp_path_factory):
+    """`labd serve` inside the lab's namespace (its API at 10.77.0.1:8443, its hub at :8444) on the
+    session's PostgreSQL (its unix socket works from inside a namespace), reached from this host
+    through a loopback forwarder (as the bastion's API is); the lab's bastion joined to it and
+    restarted (its link starts), and serving lab-agent's wheels (`lab-bastion images agent-wheels`)."""
+    started = time.monotonic()
+    root = tmp_path_factory.mktemp("labd-e2e")
+    postgres.sql("CREATE DATABASE labd_e2e TEMPLATE labd_template")
+    port = free_port()
+    fwd = subprocess.Popen([sys.executable, "-m", "tests.e2e.lab", "forward", lab.ns, f"127.0.0.1:{port}", LABD_LISTEN],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)},
+                           cwd=REPO, start_new_session=True)
+    server = None
+    try:
+        server = start_labd(root / "data", postgres.url("labd_e2e"), url=f"https://127.0.0.1:{port}", listen=LABD_LISTEN,
+                            prefix=("ip", "netns", "exec", lab.ns))
+        admin = server.session(server.login())
+        token = join_token(server, admin)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        r = lab.ns_exec(str(BIN / "lab-bastion"), "join", "--data-dir", str(lab.data), "--labd", f"https://{LABD_LISTEN}",
+                        "--token", token, "--name", "e2e-bastion", "--cloud", "lab", "--environment", "e2e", env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wheels = build_wheelhouse(root / "wheelhouse")
+        r = subprocess.run([str(BIN / "lab-bastion"), "images", "agent-wheels", "--data-dir", str(lab.data), str(wheels)],
+                           capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        lab.restart_bastion()
+        E2E_TIMES.append(("labd in the lab: start, bastion join, agent wheels, bastion restart", time.monotonic() - started,
+                          "added by the labd scenario"))
+        yield server
+    finally:
+        if server is not None and server.proc.poll() is None:
+            server.stop()
+        fwd.kill()
+        fwd.wait(10)
+
+
+def _agent_token_given(lab: Lab, mac: str) -> bool:
+    with sqlite3.connect(lab.data / "state.db") as c:
+        row = c.execute("SELECT token FROM agent_tokens WHERE mac = ?", (mac,)).fetchone()
+    return bool(row and row[0])
+
+
+def labctl_labd(home: Path, *args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The real `labctl` with a context of its own (``home``): after `labctl login`, labd's."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LABCTL_HOME": str(home), "LABCTL_CONFIG": str(home / "config.yaml"),
+           "LABCTL_BASTION_URL": "", "LABCTL_TOKEN": "", "LABCTL_CONTEXT": "", "LABCTL_LABD_URL": "", "LABCTL_OUTPUT": ""}
+    return subprocess.run([str(BIN / "labctl"), *args], capture_output=True, text=True, timeout=timeout, env=env, input=stdin)
+
+
+# --------------------------------------------------------------------------------------------------
 # the install, BIOS and UEFI at once
 
 
 @pytest.fixture(scope="module")
-def deployed(lab, key, tmp_path_factory):
+def deployed(lab, key, labd, tmp_path_factory):
     """A BIOS machine (discovered for real, then queued with labctl) and a UEFI machine (queued
-    through the API) installing debian-12 at the same time; both installed and answering SSH."""
+    through the API) installing debian-12 at the same time; both installed and answering SSH.
+    The bastion is joined to labd: once labd gave each install its agent's join token, labd is
+    STOPPED, and stays stopped while both machines install (the bastion dispatches and installs
+    on its own); `test_labd_catches_up_and_the_agent_enrolls_by_itself` starts it again."""
     pub = key.with_suffix(".pub")
     made: dict[str, Machine] = {}
     times: dict[str, dict[str, float]] = {}
@@ -166,6 +231,10 @@ def deployed(lab, key, tmp_path_factory):
         while bios.running() and time.monotonic() < deadline:
             time.sleep(0.5)
         queue(lab, bios.mac, "e2e-img-bios", pub, role="worker")
+        for m in made.values():
+            wait_for(lambda m=m: _agent_token_given(lab, m.mac), timeout=60, what=f"labd's agent join token for {m.name}")
+        labd.stop()
+        labd_stopped.append(time.monotonic())
         lab.start(bios)
         for name, m in made.items():
             got = lab.wait_state(m.mac, "installed", INSTALL_TIMEOUT, m)
@@ -185,6 +254,72 @@ def _sh(lab: Lab, m: Machine, key: Path, command: str) -> str:
     r = lab.ssh(ip, key, command)
     assert r.returncode == 0, f"{command}: {r.stdout}{r.stderr}"
     return r.stdout
+
+
+def test_labd_catches_up_and_the_agent_enrolls_by_itself(lab, deployed, labd, key, tmp_path):
+    """Issue 17 (labd stopped, bastions keep installing, then catch up) and issue 18 (the agent of
+    an installed machine enrolls by itself; `labctl exec` runs there), through the real labctl."""
+    made, _ = deployed
+    m = made["bios"]
+    assert labd.proc.poll() is not None, "labd should have been stopped during the installs"
+    down_s = time.monotonic() - labd_stopped[0]
+    started = time.monotonic()
+    labd.start()
+    home = tmp_path / "labctl"
+    fp = enroll.fingerprint(Path(labd.ca).read_text())
+    r = labctl_labd(home, "login", labd.url, "--username", "admin", "--password-stdin", "--ca-fingerprint", fp,
+                    stdin=labd.admin_password + "\n")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    def servers() -> dict:
+        r = labctl_labd(home, "get", "servers", "-o", "json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        doc = json.loads(r.stdout)
+        return {s["hostname"]: s for s in (doc["servers"] if isinstance(doc, dict) else doc)}
+
+    # everything the bastion did while labd was down arrives: both machines installed, their events
+    wait_for(lambda: all(servers().get(f"e2e-img-{f}", {}).get("state") == "installed" for f in made),
+             timeout=120, interval=1, what="the installs in labd after its restart")
+    caught_up_s = time.monotonic() - started
+    row = servers()["e2e-img-bios"]
+    assert row["bastion"] == "e2e-bastion" and row["mac"] == m.mac, row
+    # the install's events: each of the bastion's, stored once by labd (with their ids)
+    def event_ids() -> tuple[list[int], list[int]]:
+        with sqlite3.connect(lab.data / "state.db") as c:
+            on_bastion = [r[0] for r in c.execute("SELECT id FROM events WHERE mac = ? ORDER BY id", (m.mac,))]
+        with psycopg.connect(labd.database_url, autocommit=True) as conn:
+            in_labd = [r[0] for r in conn.execute("SELECT event_id FROM bastion_events WHERE bastion = 'e2e-bastion' "
+                                                  "AND mac = %s ORDER BY event_id", (m.mac,))]
+        return on_bastion, in_labd
+
+    wait_for(lambda: event_ids()[0] == event_ids()[1], timeout=30, interval=0.5, what="the install's events in labd")
+    assert len(event_ids()[1]) >= 3 and "installed" in [r for r in servers()["e2e-img-bios"].values()]
+    for name in made:
+        assert servers()[f"e2e-img-{name}"]["state"] == "installed"
+
+    # the machines' agents (their join retried every 5 s while labd was down) enroll by themselves
+    def online() -> bool:
+        r = labctl_labd(home, "get", "agents", "-o", "json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        doc = json.loads(r.stdout)
+        return any(a["hostname"] == "e2e-img-bios" and a["status"] == "active" and a["last_seen_at"]
+                   for a in (doc["agents"] if isinstance(doc, dict) else doc))
+
+    wait_for(online, timeout=240, interval=2, what="e2e-img-bios's agent online in labd")
+    enrolled_s = time.monotonic() - started
+    r = labctl_labd(home, "exec", "e2e-img-bios", "--", "uname", "-a")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("Linux e2e-img-bios ") and "x86_64" in r.stdout, r.stdout
+    kernel = _sh(lab, m, key, "uname -a").strip()
+    assert r.stdout.strip() == kernel
+    # the agent runs under roles/lab_agent's hardened unit; its join token is gone from the machine
+    unit = _sh(lab, m, key, "systemctl show lab-agent -p NoNewPrivileges -p ProtectSystem -p ActiveState")
+    assert "NoNewPrivileges=yes" in unit and "ProtectSystem=strict" in unit and "ActiveState=active" in unit, unit
+    assert _sh(lab, m, key, "sudo -n test -e /var/lib/lab-agent/join.env && echo left || echo gone").strip() == "gone"
+    E2E_TIMES.append(("labd stopped during the installs, then started: catch-up / agent enrolled + labctl exec",
+                      caught_up_s + (time.monotonic() - started - caught_up_s),
+                      f"labd down {down_s:.0f} s; servers caught up {caught_up_s:.1f} s after its start; agent online "
+                      f"{enrolled_s:.1f} s after; `uname -a` through labctl exec: {r.stdout.strip()[:60]}"))
 
 
 @pytest.mark.parametrize("firmware", ["bios", "uefi"])
