@@ -41,7 +41,7 @@ def test_service_runs_enabled_and_hardened(host):
     svc = host.service("lab-agent")
     assert svc.is_running and svc.is_enabled
     unit = host.file("/etc/systemd/system/lab-agent.service").content_string
-    for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", "CacheDirectory=lab-agent"):
+    for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_KILL"):
         assert line in unit, line
 
 
