@@ -991,6 +991,35 @@ def join_token(labd: Labd, admin: requests.Session, *, uses: int | None = 1, ttl
     return r.json()["token"]
 
 
+# -- installer content in unit tests ------------------------------------------------------------------
+INSTALL_BASE = "http://10.0.0.1:8080"  # the bastion URL the rendered installers name
+IMAGE_SHA = "ab" * 32
+IMAGE = {"sha256": IMAGE_SHA, "size_bytes": 255_000_000}  # a debian-12 image manifest's figures
+
+
+def image_machine(role="worker", disk="", os_name="debian-12", keys=(KEY,)):
+    """A queued machine row as the image deploy's install script gets it."""
+    return {"mac": MAC, "hostname": "node1", "role": role, "os": os_name, "disk": disk, "ssh_keys": list(keys),
+            "install_token": TOKEN}
+
+
+def ksvalidator() -> str:
+    """pykickstart's ksvalidator of the virtualenv."""
+    import shutil
+
+    exe = shutil.which("ksvalidator") or str(Path(sys.executable).with_name("ksvalidator"))
+    need(Path(exe).exists(), "needs pykickstart's ksvalidator (pip install -e '.[test]')")
+    return exe
+
+
+def validate_f43(tmp_path: Path, text: str, name: str = "ks.cfg") -> None:
+    """The real `ksvalidator -v F43` passes ``text``."""
+    f = tmp_path / name
+    f.write_text(text)
+    res = subprocess.run([ksvalidator(), "-v", "F43", str(f)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, f"ksvalidator -v F43 failed:\n{res.stdout}\n{res.stderr}"
+
+
 # -- labd and its clients in tests -------------------------------------------------------------------
 def labctl(env, *args, input=None):
     """labctl as a user types it (the real click command tree) with the environment ``env``."""

@@ -15,9 +15,9 @@ from bastion_app import agent_install
 from bastion_app.images.sync import DEFAULT_MANIFEST
 from bastion_app.installers import image_install_script, kickstart
 from bastion_app.store import Store
-from tests.support import MAC, TOKEN, install_params, need_binary
-from tests.unit.test_image_install import BASE, IMAGE, machine
-from tests.unit.test_kickstart import validate_f43
+from tests.support import IMAGE, MAC, TOKEN, install_params, need_binary, validate_f43
+from tests.support import INSTALL_BASE as BASE
+from tests.support import image_machine as machine
 
 WHEELS = ["lab_platform-0.1.0-py3-none-any.whl", "pip-23.2.1-py3-none-any.whl", "click-8.5.1-py3-none-any.whl",
           "cryptography-50.0.2-cp311-abi3-manylinux_2_34_x86_64.whl", "ansible_core-2.19.14-py3-none-any.whl",

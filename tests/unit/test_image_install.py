@@ -11,17 +11,12 @@ import pytest
 from bastion_app.installers import UnsafeValue, image_install_script
 from bastion_app.render import render
 from labcore import domain, layout
-from tests.support import KEY, MAC, TOKEN, FakeMachine, need_binary, queue_install
+from tests.support import IMAGE, KEY, FakeMachine, need_binary, queue_install
+from tests.support import IMAGE_SHA as SHA
+from tests.support import INSTALL_BASE as BASE
+from tests.support import image_machine as machine
 
-BASE = "http://10.0.0.1:8080"
 BASE_TEST = "http://localhost"  # the Flask test client's base URL
-SHA = "ab" * 32
-IMAGE = {"sha256": SHA, "size_bytes": 255_000_000}
-
-
-def machine(role="worker", disk="", os_name="debian-12", keys=(KEY,)):
-    return {"mac": MAC, "hostname": "node1", "role": role, "os": os_name, "disk": disk, "ssh_keys": list(keys),
-            "install_token": TOKEN}
 
 
 @pytest.mark.parametrize("role", domain.ROLE_NAMES)

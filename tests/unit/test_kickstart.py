@@ -4,32 +4,26 @@ role sections, SSH, logging and the seed's known issues are checked on the parse
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from bastion_app.images.sync import DEFAULT_MANIFEST
 from bastion_app.installers import debug_kickstart, debug_setup_script, discovery_kickstart, kickstart
-from tests.support import KEY, MAC, NVME_PARTS, TOKEN, FakeMachine, install_params, need, script, sections
+from tests.support import (
+    KEY,
+    MAC,
+    NVME_PARTS,
+    TOKEN,
+    FakeMachine,
+    install_params,
+    script,
+    sections,
+    validate_f43,
+)
 
 ROLES = ["vanilla", "worker", "infra", "labcontroller"]
 BASE = "http://10.0.0.1:8080"
-
-
-def ksvalidator() -> str:
-    exe = shutil.which("ksvalidator") or str(Path(sys.executable).with_name("ksvalidator"))
-    need(Path(exe).exists(), "needs pykickstart's ksvalidator (pip install -e '.[test]')")
-    return exe
-
-
-def validate_f43(tmp_path: Path, text: str, name: str = "ks.cfg") -> None:
-    f = tmp_path / name
-    f.write_text(text)
-    res = subprocess.run([ksvalidator(), "-v", "F43", str(f)], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, f"ksvalidator -v F43 failed:\n{res.stdout}\n{res.stderr}"
 
 
 def render(role="worker", disk=""):
