@@ -90,25 +90,27 @@ def fleet(labd, admin, tmp_path_factory):
     its own API, 250 of them then installed (queued, booted, progress to complete)."""
     root = tmp_path_factory.mktemp("fleet")
     started = {}
-    for i in (1, 2, 3):
-        d = root / f"b{i}"
-        r = join(labd, admin, d, f"b{i}", extra=("--cloud", "lab1", "--environment", "dev" if i < 3 else "prod"))
-        assert r.returncode == 0, r.stderr
-        # 300 machines from one address (this test) in a few seconds: past the per-host discovery limit
-        started[f"b{i}"] = start_bastion(d, workers=1, env={"LAB_BASTION_DISCOVER_RATE": "100000",
-                                                             "LAB_BASTION_DISCOVER_BURST": "100000"})
+
     def populate(i, b):
         m = Machines(b)
         for j in range(N_MACHINES):
             m.discover(mac(i, j))
         _install_some(b, i, range(N_DISCOVERED, N_MACHINES), "node")
 
-    with ThreadPoolExecutor(3) as pool:  # the three bastions at once, as three sites would
-        list(pool.map(lambda ib: populate(*ib), enumerate(started.values(), 1)))
-    yield started
-    for b in started.values():
-        b.stop()
-
+    try:  # the bastions are stopped even when the setup fails half-way
+        for i in (1, 2, 3):
+            d = root / f"b{i}"
+            r = join(labd, admin, d, f"b{i}", extra=("--cloud", "lab1", "--environment", "dev" if i < 3 else "prod"))
+            assert r.returncode == 0, r.stderr
+            # 300 machines from one address (this test) in a few seconds: past the per-host discovery limit
+            started[f"b{i}"] = start_bastion(d, workers=1, env={"LAB_BASTION_DISCOVER_RATE": "100000",
+                                                                 "LAB_BASTION_DISCOVER_BURST": "100000"})
+        with ThreadPoolExecutor(3) as pool:  # the three bastions at once, as three sites would
+            list(pool.map(lambda ib: populate(*ib), enumerate(started.values(), 1)))
+        yield started
+    finally:
+        for b in started.values():
+            b.stop()
 
 # -- enrollment ----------------------------------------------------------------------------------------
 def test_join_makes_the_key_on_the_bastion_and_stores_it_0600(labd, admin, tmp_path):

@@ -43,23 +43,25 @@ def fleet(labd, admin, tmp_path_factory):
     each, SHARED also on b2; everything replicated to labd."""
     root = tmp_path_factory.mktemp("cli-fleet")
     started = {}
-    for i, env in ((1, "dev"), (2, "prod")):
-        r = join(labd, admin, root / f"b{i}", f"b{i}", extra=("--cloud", "lab1", "--environment", env))
-        assert r.returncode == 0, r.stderr
-        started[f"b{i}"] = start_bastion(root / f"b{i}", workers=1)
-    for i, b in enumerate(started.values(), 1):
-        m = Machines(b)
-        for j in range(PER_BASTION):
-            m.discover(mac(i, j))
-    Machines(started["b2"]).discover(SHARED)
+    try:  # the bastions are stopped even when the setup fails half-way
+        for i, env in ((1, "dev"), (2, "prod")):
+            r = join(labd, admin, root / f"b{i}", f"b{i}", extra=("--cloud", "lab1", "--environment", env))
+            assert r.returncode == 0, r.stderr
+            started[f"b{i}"] = start_bastion(root / f"b{i}", workers=1)
+        for i, b in enumerate(started.values(), 1):
+            m = Machines(b)
+            for j in range(PER_BASTION):
+                m.discover(mac(i, j))
+        Machines(started["b2"]).discover(SHARED)
 
-    def replicated():
-        with db(labd) as c:
-            return c.execute("SELECT count(*) FROM server_claims").fetchone()[0] == 2 * PER_BASTION + 1
-    wait_for(replicated, timeout=60, what="both bastions replicated")
-    yield started
-    for b in started.values():
-        b.stop()
+        def replicated():
+            with db(labd) as c:
+                return c.execute("SELECT count(*) FROM server_claims").fetchone()[0] == 2 * PER_BASTION + 1
+        wait_for(replicated, timeout=60, what="both bastions replicated")
+        yield started
+    finally:
+        for b in started.values():
+            b.stop()
 
 
 @pytest.fixture(scope="module")
