@@ -357,6 +357,35 @@ def _reason(action: str, boot: str | None, power: str, changed: bool) -> str:
     return f"{first}power {action}: {power}" + ("" if changed else " (already)")
 
 
+class _EventBuffer:
+    """The `power` events of one batch, group-committed: kept until the next :meth:`flush`; once
+    closed (the client went away), each event is written as it comes."""
+
+    def __init__(self, store):
+        self.store = store
+        self.lock = threading.Lock()
+        self.pending: list[tuple] = []
+        self.closed = False
+
+    def keep(self, *event) -> None:
+        with self.lock:
+            if not self.closed:
+                self.pending.append(event)
+                return
+        self.store.power_events([event])  # a call that ends after its client went away is still recorded
+
+    def flush(self) -> None:
+        with self.lock:
+            events, self.pending = self.pending, []
+        if events:
+            self.store.power_events(events)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+        self.flush()
+
+
 def batch(cfg, store, macs: list[str], action: str, *, boot: str | None = None, persistent: bool = False,
           max_parallel: int = 10, stagger: float = 0.0, actor: str = "operator") -> Iterator[dict[str, Any]]:
     """:func:`run` on several machines from a pool of at most ``max_parallel`` threads, two starts
@@ -373,22 +402,7 @@ def batch(cfg, store, macs: list[str], action: str, *, boot: str | None = None, 
     lock = threading.Lock()
     next_start = [time.monotonic()]
     started = time.monotonic()
-    pending: list[tuple] = []
-    closed = [False]
-
-    def keep(*event) -> None:
-        with lock:
-            if not closed[0]:
-                pending.append(event)
-                return
-        store.power_events([event])  # a call that ends after its client went away is still recorded
-
-    def flush() -> None:
-        with lock:
-            events = pending[:]
-            pending.clear()
-        if events:
-            store.power_events(events)
+    events = _EventBuffer(store)
 
     def one(mac: str) -> dict[str, Any]:
         with lock:  # the start times are handed out in order: one every `stagger` seconds
@@ -397,8 +411,8 @@ def batch(cfg, store, macs: list[str], action: str, *, boot: str | None = None, 
         time.sleep(max(0.0, start - time.monotonic()))
         try:
             if action == "status":
-                return run(cfg, store, mac, "status", actor=actor, record=keep)
-            return run(cfg, store, mac, action, boot=boot, persistent=persistent, actor=actor, record=keep)
+                return run(cfg, store, mac, "status", actor=actor, record=events.keep)
+            return run(cfg, store, mac, action, boot=boot, persistent=persistent, actor=actor, record=events.keep)
         except ApiError as exc:
             return {"mac": mac, "error": exc.error, "status": exc.status, "detail": exc.detail}
 
@@ -408,15 +422,13 @@ def batch(cfg, store, macs: list[str], action: str, *, boot: str | None = None, 
         try:
             for fut in as_completed([pool.submit(one, mac) for mac in macs]):
                 r = fut.result()
-                flush()  # its event, and those of the calls that ended meanwhile
+                events.flush()  # its event, and those of the calls that ended meanwhile
                 ok += "error" not in r
                 yield r
             yield {"summary": {"total": len(macs), "ok": ok, "failed": len(macs) - ok,
                                "seconds": round(time.monotonic() - started, 3)}}
         finally:  # a client that went away: the calls not started yet are not made
             pool.shutdown(wait=False, cancel_futures=True)
-            with lock:
-                closed[0] = True
-            flush()
+            events.close()
 
     return results()

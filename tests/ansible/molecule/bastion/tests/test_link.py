@@ -1,0 +1,40 @@
+"""The bastion joined to labd by role lab.platform.bastion (bastion_labd_url and a one-use join
+token): its link identity is its own and private, and labd sees it online with its machines
+(pytest-testinfra)."""
+
+import json
+
+PROBE = r"""
+import json, ssl, sys, time, urllib.request
+base = "https://127.0.0.1:8443"
+ctx = ssl.create_default_context(cafile="/var/lib/labd/ca.crt")
+def call(path, body=None, token=None):
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": "Bearer " + token} if token else {})})
+    return json.load(urllib.request.urlopen(req, context=ctx, timeout=20))
+token = call("/api/v1/login", {"username": "admin", "password": open(sys.argv[1]).read().strip()})["token"]
+deadline = time.monotonic() + 120
+while True:  # the one bastion there is: this VM's, joined at converge
+    bs = call("/api/v1/bastions", token=token)["bastions"]
+    if len(bs) == 1 and bs[0]["status"] == "online" and bs[0].get("last_seen_at"):
+        break
+    assert time.monotonic() < deadline, bs
+    time.sleep(1)
+b = bs[0]
+print(json.dumps({"name": b["name"], "status": b["status"], "version": bool(b.get("version"))}))
+"""
+
+
+def test_link_identity_is_the_bastions_own(host):
+    d = host.file("/var/lib/lab-bastion/link")
+    assert d.is_directory and d.user == "lab-bastion" and d.mode == 0o700
+    key = host.file("/var/lib/lab-bastion/link/key.pem")
+    assert key.exists and key.user == "lab-bastion" and key.mode == 0o600
+
+
+def test_labd_sees_the_bastion_online(host):
+    r = host.run("python3 -c %s /var/lib/labd/admin-password", PROBE)
+    assert r.rc == 0, r.stdout + r.stderr
+    got = json.loads(r.stdout)
+    assert got["name"] == "labvm-bastion" and got["status"] == "online" and got["version"], got
