@@ -461,6 +461,16 @@ def _uuid(ref: str, what: str) -> uuid.UUID:
         raise ApiError(404, f"no such {what}", ref[:64]) from None
 
 
+def _get_named(table: str, columns: str, ref: str, what: str) -> dict:
+    """One row of a global resource named *ref* (users, roles), read access checked; 404 if none.
+    *table* and *columns* are constants of the callers, never input."""
+    _global("read", table, f"{table}/{ref}")
+    row = store().transaction(lambda cur: cur.execute(f"SELECT {columns} FROM {table} WHERE name = %s", (ref,)).fetchone())
+    if row is None:
+        raise ApiError(404, f"no such {what}", ref[:64])
+    return row
+
+
 @bp.get("/tokens")
 def list_tokens():
     return _simple_list("tokens", "SELECT * FROM tokens", [], _token_view)
@@ -509,11 +519,7 @@ def list_users():
 
 @bp.get("/users/<ref>")
 def get_user(ref):
-    _global("read", "users", f"users/{ref}")
-    row = store().transaction(lambda cur: cur.execute("SELECT id, name, created_at FROM users WHERE name = %s", (ref,)).fetchone())
-    if row is None:
-        raise ApiError(404, "no such user", ref[:64])
-    return jsonify(_user_view(row))
+    return jsonify(_user_view(_get_named("users", "id, name, created_at", ref, "user")))
 
 
 @bp.post("/users")
@@ -558,11 +564,7 @@ def list_roles():
 
 @bp.get("/roles/<ref>")
 def get_role(ref):
-    _global("read", "roles", f"roles/{ref}")
-    row = store().transaction(lambda cur: cur.execute("SELECT * FROM roles WHERE name = %s", (ref,)).fetchone())
-    if row is None:
-        raise ApiError(404, "no such role", ref[:64])
-    return jsonify(_role_view(row))
+    return jsonify(_role_view(_get_named("roles", "*", ref, "role")))
 
 
 @bp.post("/roles")
