@@ -37,6 +37,23 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m|\x1b\]8;;[^\x1b]*\x1b\\")
 TIMEOUT_S = 2300
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below *pid* (children first found, grandchildren after), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 class MoleculeRun:
     """`molecule test -s SCENARIO`, its output copied to a time-stamped log as it runs."""
 
@@ -85,7 +102,13 @@ class MoleculeRun:
             self.stop()
 
     def kill(self) -> None:
-        """molecule and its ansible-playbook children (they hold the output pipe open too)."""
+        """molecule and everything it started (ansible-playbook and its workers hold the output pipe
+        open too, and some run in a session of their own, out of reach of killpg)."""
+        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
