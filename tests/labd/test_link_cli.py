@@ -248,6 +248,35 @@ def test_a_cancelled_follow_stops_on_the_bastion(labd, admin, fleet):
 
 
 # -- offline bastions (last: it restarts b1) -------------------------------------------------------------
+def test_a_follow_whose_bastion_goes_away_ends_with_its_error(labd, fleet, home):
+    """`labctl provision logs -f` via labd while the bastion streaming it stops: the hub fails the
+    logs command ("bastion b1 disconnected", 503) and labctl exits with that error, not hanging."""
+    b = fleet["b1"]
+    token = installing(b, 1, 3, "cli-gone")
+    Machines(b).log(mac(1, 3), token, "before the bastion goes")
+    got = {}
+    t = threading.Thread(target=lambda: got.update(r=labctl(home, "provision", "logs", mac(1, 3), "-f")))
+    started = time.monotonic()
+    t.start()
+    try:
+        def streaming():
+            with db(labd) as c:
+                return c.execute("SELECT count(*) FROM command_output o JOIN commands c ON c.id = o.command_id "
+                                 "WHERE c.kind = 'logs' AND c.state = 'sent' AND o.data->>'text' = %s",
+                                 ("before the bastion goes",)).fetchone()[0] > 0
+        wait_for(streaming, timeout=30, what="the follow streaming")
+        b.stop()
+        t.join(timeout=60)
+        assert not t.is_alive(), "labctl still following a bastion that went away"
+        r = got["r"]
+        assert r.exit_code != 0 and "bastion b1 disconnected" in r.output, r.output
+        assert "before the bastion goes" in r.output
+        assert time.monotonic() - started < 60
+    finally:
+        if b.proc.poll() is not None:
+            fleet["b1"] = start_bastion(b.data_dir, workers=1)
+
+
 def test_an_offline_bastion_is_refused_unless_queue_then_delivered_at_reconnect(labd, fleet, home):
     b = fleet["b1"]
     b.stop()
