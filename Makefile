@@ -29,9 +29,10 @@ $(STAMPS)/venv-%: pyproject.toml
 
 venv: $(STAMPS)/venv-$(shell sha1sum pyproject.toml | cut -c1-12)
 
+# the molecule scenarios run beside the other tests (scripts/test.sh says why)
 test: deps
 	$(PY) -m ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	scripts/test.sh $(PY) $(PYTEST_ARGS)
 
 unit: deps
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

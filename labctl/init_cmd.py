@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import email.parser
+import fcntl
 import hashlib
 import importlib.metadata
 import os
@@ -83,7 +84,10 @@ def lab_platform_wheel(dest: Path, source: Path = REPO) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     if not (source / "pyproject.toml").is_file():
         return repack_installed(dest)
-    _pip("wheel", "--no-deps", "--wheel-dir", str(dest), str(source))
+    # setuptools builds in the tree (build/, *.egg-info): one build of a checkout at a time
+    with open(cache_dir() / ".source-build.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _pip("wheel", "--no-deps", "--wheel-dir", str(dest), str(source))
     return next(dest.glob("lab_platform-*.whl"))
 
 
