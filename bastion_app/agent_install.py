@@ -15,6 +15,7 @@ from __future__ import annotations
 import ensurepip
 import re
 import shutil
+import sysconfig
 from pathlib import Path
 
 import jinja2
@@ -105,18 +106,30 @@ def wheels(images_path: Path) -> list[str] | None:
     return names
 
 
+def python_pip_wheel() -> Path | None:
+    """The pip wheel this Python ships: ensurepip's own copy (python.org builds), or the
+    distribution's (Debian's python3-pip-whl and Fedora's python3-pip-wheel put it in the
+    ``WHEEL_PKG_DIR`` their ensurepip reads, /usr/share/python-wheels)."""
+    dirs = [Path(ensurepip.__file__).parent / "_bundled"]
+    if sysconfig.get_config_var("WHEEL_PKG_DIR"):
+        dirs.append(Path(sysconfig.get_config_var("WHEEL_PKG_DIR")))
+    found = [p for d in dirs for p in sorted(d.glob("pip-*.whl")) if _WHEEL.fullmatch(p.name)]
+    return found[-1] if found else None
+
+
 def install_wheels(source: Path, images_path: Path) -> list[str]:
     """Copy a wheelhouse (`labctl init bastion wheelhouse DIR`) to <images>/lab-agent, adding pip's
-    wheel from this Python's ensurepip when the wheelhouse has none. The old wheels are replaced."""
+    wheel from this Python when the wheelhouse has none (:func:`python_pip_wheel`). The old wheels
+    are replaced."""
     found = sorted(p for p in Path(source).glob("*.whl") if _WHEEL.fullmatch(p.name))
     if not any(p.name.startswith("lab_platform-") for p in found):
         raise AgentWheelsError(f"{source} has no lab_platform-*.whl: build it with `labctl init bastion wheelhouse {source}`")
     if not any(p.name.startswith("pip-") for p in found):
-        bundled = sorted((Path(ensurepip.__file__).parent / "_bundled").glob("pip-*.whl"))
-        if not bundled:
-            raise AgentWheelsError(f"{source} has no pip-*.whl and this Python has no ensurepip wheel: add pip's wheel "
-                                   f"(`pip download --no-deps -d {source} pip`)")
-        found.append(bundled[-1])
+        bundled = python_pip_wheel()
+        if bundled is None:
+            raise AgentWheelsError(f"{source} has no pip-*.whl and this Python has no pip wheel of its own: add pip's "
+                                   f"wheel (`pip download --no-deps -d {source} pip`)")
+        found.append(bundled)
     dest = Path(images_path) / WHEELS_PATH
     tmp = dest.with_name(dest.name + ".new")
     shutil.rmtree(tmp, ignore_errors=True)

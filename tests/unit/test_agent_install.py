@@ -100,6 +100,30 @@ def test_wheels_need_lab_platform_and_pip(tmp_path):
     assert agent_install.wheels(images) == sorted(names)
 
 
+def test_pip_wheel_from_the_distributions_wheel_dir(tmp_path, monkeypatch):
+    """Debian's and Fedora's Python have no ensurepip/_bundled: their pip wheel is in WHEEL_PKG_DIR."""
+    fake = tmp_path / "ensurepip"
+    (fake / "_bundled").mkdir(parents=True)
+    distro = tmp_path / "python-wheels"
+    distro.mkdir()
+    monkeypatch.setattr(agent_install.ensurepip, "__file__", str(fake / "__init__.py"))
+    real = agent_install.sysconfig.get_config_var
+    monkeypatch.setattr(agent_install.sysconfig, "get_config_var",
+                        lambda name: str(distro) if name == "WHEEL_PKG_DIR" else real(name))
+    assert agent_install.python_pip_wheel() is None
+    src = tmp_path / "wheelhouse"
+    src.mkdir()
+    (src / "lab_platform-0.1.0-py3-none-any.whl").write_bytes(b"PK")
+    with pytest.raises(agent_install.AgentWheelsError, match="no pip wheel of its own"):
+        agent_install.install_wheels(src, tmp_path / "images")
+    assert not (tmp_path / "images").exists()  # nothing half-written
+    (distro / "pip-23.0.1-py3-none-any.whl").write_bytes(b"PK")
+    (distro / "setuptools-66.1.1-py3-none-any.whl").write_bytes(b"PK")
+    assert agent_install.python_pip_wheel() == distro / "pip-23.0.1-py3-none-any.whl"
+    names = agent_install.install_wheels(src, tmp_path / "images")
+    assert names == ["lab_platform-0.1.0-py3-none-any.whl", "pip-23.0.1-py3-none-any.whl"]
+
+
 def test_the_store_keeps_one_token_per_install_and_forgets_it_with_the_install(tmp_path):
     store = Store(tmp_path / "state.db")
     store.discover(MAC, {}, ip="10.0.0.5")
