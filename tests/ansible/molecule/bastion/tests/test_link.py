@@ -38,3 +38,13 @@ def test_labd_sees_the_bastion_online(host):
     assert r.rc == 0, r.stdout + r.stderr
     got = json.loads(r.stdout)
     assert got["name"] == "labvm-bastion" and got["status"] == "online" and got["version"], got
+
+
+def test_the_bastion_serves_lab_agents_wheels(host):
+    """Role bastion ran `lab-bastion images agent-wheels` (bastion_agent_wheels): lab-platform's wheel
+    and pip's (from Debian's python3-pip-whl: this Python has no ensurepip copy of its own)."""
+    d = host.file("/var/lib/lab-bastion/images")
+    assert d.is_directory and d.user == "lab-bastion"
+    names = host.run("ls /var/lib/lab-bastion/images/lab-agent").stdout.split()
+    assert any(n.startswith("lab_platform-") for n in names), names
+    assert any(n.startswith("pip-") and n.endswith(".whl") for n in names), names
