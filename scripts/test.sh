@@ -37,4 +37,5 @@ cat "$log"
 # 5: no test selected (PYTEST_ARGS chose others), not a failure of its own
 if [ "$mrc" -eq 5 ] && [ "$rc" -ne 5 ]; then mrc=0; fi
 if [ "$rc" -eq 5 ] && [ "$mrc" -ne 5 ]; then rc=0; fi
-exit $(( rc != 0 ? rc : mrc ))
+if [ "$rc" -ne 0 ]; then exit "$rc"; fi
+exit "$mrc"
