@@ -3,18 +3,11 @@ to the host): enrolled, active in labd, and running a command through labd (pyte
 
 import json
 
+from labd_probe import LOGIN
+
 # As an operator: log in to labd (verified with labd's CA), see the agent, run `uname -a` on it and
 # read the command's output and exit code (labctl exec's polling, in a few lines of stdlib).
-EXEC = r"""
-import json, ssl, sys, time, urllib.request
-base = "https://127.0.0.1:8443"
-ctx = ssl.create_default_context(cafile="/var/lib/labd/ca.crt")
-def call(path, body=None, token=None):
-    req = urllib.request.Request(base + path, data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json",
-                                          **({"Authorization": "Bearer " + token} if token else {})})
-    return json.load(urllib.request.urlopen(req, context=ctx, timeout=20))
-token = call("/api/v1/login", {"username": "admin", "password": open(sys.argv[1]).read().strip()})["token"]
+EXEC = LOGIN + r"""
 host = sys.argv[2]
 deadline = time.monotonic() + 120
 while True:  # enrolled at converge; connected to the hub once it has beaten

@@ -4,16 +4,9 @@ token): its link identity is its own and private, and labd sees it online with i
 
 import json
 
-PROBE = r"""
-import json, ssl, sys, time, urllib.request
-base = "https://127.0.0.1:8443"
-ctx = ssl.create_default_context(cafile="/var/lib/labd/ca.crt")
-def call(path, body=None, token=None):
-    req = urllib.request.Request(base + path, data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json",
-                                          **({"Authorization": "Bearer " + token} if token else {})})
-    return json.load(urllib.request.urlopen(req, context=ctx, timeout=20))
-token = call("/api/v1/login", {"username": "admin", "password": open(sys.argv[1]).read().strip()})["token"]
+from labd_probe import LOGIN
+
+PROBE = LOGIN + r"""
 deadline = time.monotonic() + 120
 while True:  # the one bastion there is: this VM's, joined at converge
     bs = call("/api/v1/bastions", token=token)["bastions"]
