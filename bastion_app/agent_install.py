@@ -110,9 +110,8 @@ def python_pip_wheel() -> Path | None:
     """The pip wheel this Python ships: ensurepip's own copy (python.org builds), or the
     distribution's (Debian's python3-pip-whl and Fedora's python3-pip-wheel put it in the
     ``WHEEL_PKG_DIR`` their ensurepip reads, /usr/share/python-wheels)."""
-    dirs = [Path(ensurepip.__file__).parent / "_bundled"]
-    if sysconfig.get_config_var("WHEEL_PKG_DIR"):
-        dirs.append(Path(sysconfig.get_config_var("WHEEL_PKG_DIR")))
+    wheel_dir = sysconfig.get_config_var("WHEEL_PKG_DIR")
+    dirs = [Path(ensurepip.__file__).parent / "_bundled", *([Path(wheel_dir)] if wheel_dir else [])]
     found = [p for d in dirs for p in sorted(d.glob("pip-*.whl")) if _WHEEL.fullmatch(p.name)]
     return found[-1] if found else None
 
